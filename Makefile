@@ -1,0 +1,40 @@
+# Two commands do all set-up on a fresh machine: `make demo` and `make test`.
+SHELL := /bin/bash
+VENV = $(shell scripts/venv.sh)
+PY = .venv/bin/python
+NX = .venv/bin/nextaction
+export NEXTACTION_DATA_DIR ?= $(CURDIR)/var
+PYTEST_ARGS ?=
+
+.PHONY: venv test test-unit test-integration demo kafka-start kafka-stop bench quality clean
+
+venv:
+	@echo "venv: $(VENV)"
+
+test: venv
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+test-unit: venv
+	$(PY) -m pytest -m "not integration" $(PYTEST_ARGS)
+
+test-integration: venv
+	$(PY) -m pytest -m integration $(PYTEST_ARGS)
+
+kafka-start: venv
+	$(NX) kafka start
+
+kafka-stop: venv
+	$(NX) kafka stop
+
+demo: venv
+	$(NX) demo
+
+bench: venv
+	$(PY) benchmarks/e2e_throughput.py
+
+quality: venv
+	$(PY) benchmarks/quality.py
+
+clean:
+	-$(NX) kafka stop
+	rm -rf var .pytest_cache

@@ -1,0 +1,1 @@
+"""The next-action models: encoding, Transformer, training, evaluation, baselines."""

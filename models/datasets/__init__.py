@@ -1,0 +1,1 @@
+"""Dataset loaders: real logs to per-user EventSeq."""

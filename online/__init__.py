@@ -1,0 +1,1 @@
+"""Online learning: outcomes to incremental updates, drift detection, guardrails, model registry."""

@@ -1,0 +1,13 @@
+"""nextaction's stream processor. ``faust -A stream_app worker`` finds :data:`app` here.
+
+The Faust app is imported lazily, so the pure modules of this package (settings, events,
+history, errors) can be used without starting Faust's machinery.
+"""
+
+
+def __getattr__(name: str):
+    if name == "app":
+        from stream_app.app import app
+
+        return app
+    raise AttributeError(f"module 'stream_app' has no attribute {name!r}")

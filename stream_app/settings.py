@@ -1,0 +1,114 @@
+"""One settings object for the whole product, read once at start.
+
+Every field can be set with an environment variable ``NEXTACTION_<FIELD>`` (upper case), e.g.
+``NEXTACTION_BROKER_URL=kafka://broker:9092``. The CLI passes its options through
+:func:`get_settings` overrides; nothing else reads the environment.
+
+>>> s = Settings(window_events=20)
+>>> s.window_events, s.topic_events, s.broker_url
+(20, 'events', 'kafka://127.0.0.1:9092')
+>>> Settings(window_events=0)
+Traceback (most recent call last):
+...
+stream_app.errors.ConfigError: setting 'window_events' = 0: must be >= 1
+"""
+
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from stream_app.errors import ConfigError
+
+CACHE_ROOT = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "nextaction"
+
+
+class _Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="NEXTACTION_", extra="forbid", frozen=True)
+
+    # --- Kafka ---------------------------------------------------------------------------------
+    broker_url: str = "kafka://127.0.0.1:9092"
+    app_id: str = "nextaction"
+    topic_events: str = "events"
+    topic_dlq: str = "events.dlq"
+    topic_predictions: str = "predictions"
+    topic_outcomes: str = "outcomes"
+    topic_model_updates: str = "model-updates"
+    partitions: int = 4
+    # --- embedded broker (``nextaction kafka start``) -------------------------------------------
+    kafka_version: str = "3.9.1"
+    kafka_port: int = 9092
+    kafka_controller_port: int = 9093
+    kafka_home: Path = CACHE_ROOT / "kafka"  # jars, outside the clone, shared by every checkout
+    # --- state ---------------------------------------------------------------------------------
+    data_dir: Path = Path("var")
+    window_events: int = 50  # per-user history bound by count ...
+    window_ttl_s: int = 7 * 24 * 3600  # ... and by age, relative to the user's newest event
+    activity_window_s: int = 3600  # tumbling window of the per-user activity counts
+    # --- validation ----------------------------------------------------------------------------
+    max_event_bytes: int = 16_384
+    max_future_skew_s: int = 300  # events stamped further ahead of the worker clock are rejected
+    max_event_age_s: int = 0  # 0 = accept any past timestamp (replays of old logs)
+    # --- prediction ----------------------------------------------------------------------------
+    top_k: int = 10
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    checkpoint: Path | None = None
+    max_batch: int = 256
+    max_wait_ms: float = 5.0
+    predict_queue: int = 4096
+    # --- operations ----------------------------------------------------------------------------
+    web_bind: str = "127.0.0.1"
+    web_port: int = 6066
+    log_level: str = "info"
+
+    @field_validator("partitions", "window_events", "window_ttl_s", "activity_window_s", "max_event_bytes",
+                     "top_k", "max_batch", "predict_queue", "kafka_port", "kafka_controller_port")
+    @classmethod
+    def _positive(cls, v: int) -> int:
+        if v < 1:
+            raise ValueError("must be >= 1")
+        return v
+
+    @field_validator("max_future_skew_s", "max_event_age_s", "max_wait_ms")
+    @classmethod
+    def _non_negative(cls, v):
+        if v < 0:
+            raise ValueError("must be >= 0")
+        return v
+
+    @field_validator("broker_url")
+    @classmethod
+    def _url(cls, v: str) -> str:
+        if not v.startswith(("kafka://", "aiokafka://")) or len(v.split("://", 1)[1]) == 0:
+            raise ValueError("must look like kafka://host:port[;host:port]")
+        return v
+
+    @property
+    def bootstrap_servers(self) -> str:
+        """``host:port[,host:port]`` for plain aiokafka clients."""
+        return self.broker_url.split("://", 1)[1].replace(";", ",")
+
+
+def Settings(**overrides) -> _Settings:  # noqa: N802 - reads like a class at call sites
+    """Build settings from env + ``overrides``, turning pydantic errors into :class:`ConfigError`."""
+    try:
+        return _Settings(**overrides)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        name = ".".join(str(p) for p in err["loc"]) or "?"
+        msg = err["msg"].removeprefix("Value error, ")
+        raise ConfigError(name, err.get("input"), msg) from None
+
+
+SettingsType = _Settings
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> _Settings:
+    """The process-wide settings, read from the environment once."""
+    return Settings()
