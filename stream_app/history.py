@@ -9,7 +9,7 @@ the user's newest event time, not the wall clock, so replays of old logs keep th
 >>> h.items
 ['i1', 'i2', 'i3']
 >>> add_event(h, "late", "click", 2_500, max_events=3, ttl_ms=10_000).items  # out of order: slotted in
-['i2', 'late', 'i3']
+['late', 'i2', 'i3']
 >>> add_event(h, "far", "view", 20_000, max_events=3, ttl_ms=10_000).items   # older ones age out
 ['far']
 """
