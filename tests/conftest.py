@@ -1,0 +1,121 @@
+"""Shared fixtures.
+
+Integration tests (``@pytest.mark.integration``) ask for :func:`kafka_broker`: one real Apache
+Kafka broker per test session, started through :mod:`stream_app.kafka_local` on non-default ports
+(19092/19093, or two free ports when another session holds those) with its data in a pytest temp
+dir, and stopped when the session ends. Unit tests never request it, so they never start a broker.
+
+Set ``NEXTACTION_TEST_BROKER_URL=kafka://host:port`` to run the integration tests against a broker
+you already run (it is then neither started nor stopped).
+
+Per-test isolation on the shared broker: :func:`app_settings` gives each test its own app id
+(consumer group, changelog prefix), topic names, data dir and web port; :func:`app_env` is the
+same as environment variables for a worker subprocess.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from stream_app.settings import Settings, SettingsType
+
+TEST_KAFKA_PORT = 19092
+TEST_CONTROLLER_PORT = 19093
+
+
+def _free(port: int) -> bool:
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _broker_ports() -> tuple[int, int]:
+    if _free(TEST_KAFKA_PORT) and _free(TEST_CONTROLLER_PORT):
+        return TEST_KAFKA_PORT, TEST_CONTROLLER_PORT
+    # Another test session (a colleague in the same checkout) holds them: take two free ports.
+    with socket.socket() as a, socket.socket() as b:
+        a.bind(("127.0.0.1", 0))
+        b.bind(("127.0.0.1", 0))
+        return a.getsockname()[1], b.getsockname()[1]
+
+
+def settings_env(settings: SettingsType) -> dict[str, str]:
+    """``os.environ`` plus ``NEXTACTION_*`` variables that reproduce ``settings`` in a subprocess."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("NEXTACTION_")}
+    for name, value in settings.model_dump().items():
+        if value is not None:
+            env[f"NEXTACTION_{name.upper()}"] = str(value)
+    return env
+
+
+@pytest.fixture(scope="session")
+def kafka_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SettingsType]:
+    """Settings of a running broker for this test session (``broker_url``, ports, its data dir)."""
+    from stream_app import kafka_local
+
+    external = os.environ.get("NEXTACTION_TEST_BROKER_URL")
+    if external:
+        settings = Settings(broker_url=external)
+        kafka_local.require_broker(settings)
+        yield settings
+        return
+    port, cport = _broker_ports()
+    settings = Settings(broker_url=f"kafka://127.0.0.1:{port}", kafka_port=port, kafka_controller_port=cport,
+                        data_dir=tmp_path_factory.mktemp("kafka-broker"))
+    kafka_local.start(settings, timeout=120)
+    try:
+        yield settings
+    finally:
+        kafka_local.stop(settings)
+
+
+@pytest.fixture
+def unique_id(request: pytest.FixtureRequest) -> str:
+    """A short id unique to this test run, usable in topic names and app ids."""
+    name = re.sub(r"[^A-Za-z0-9]+", "-", request.node.name).strip("-").lower()[:24]
+    return f"{name}-{uuid.uuid4().hex[:8]}"
+
+
+@pytest.fixture
+def app_settings(kafka_broker: SettingsType, unique_id: str, tmp_path: Path) -> SettingsType:
+    """Settings for one test on the session broker: own app id, topics, data dir and web port.
+
+    Topics are not created here; call ``kafka_local.ensure_topics(app_settings)`` when needed.
+    """
+    return Settings(
+        broker_url=kafka_broker.broker_url,
+        kafka_port=kafka_broker.kafka_port,
+        kafka_controller_port=kafka_broker.kafka_controller_port,
+        app_id=f"nx-{unique_id}",
+        topic_events=f"{unique_id}.events",
+        topic_dlq=f"{unique_id}.events.dlq",
+        topic_predictions=f"{unique_id}.predictions",
+        topic_outcomes=f"{unique_id}.outcomes",
+        topic_model_updates=f"{unique_id}.model-updates",
+        data_dir=tmp_path / "data",
+        web_port=free_port(),
+    )
+
+
+@pytest.fixture
+def app_env(app_settings: SettingsType) -> dict[str, str]:
+    """Environment for a subprocess (e.g. a Faust worker) that must see :func:`app_settings`."""
+    return settings_env(app_settings)
