@@ -61,20 +61,27 @@ class _Settings(BaseSettings):
     max_batch: int = 256
     max_wait_ms: float = 5.0
     predict_queue: int = 4096
+    serve_threads: int = 0  # intra-op threads for CPU inference; 0 = cores - 1 (the event loop keeps one)
+    serve_compile: bool = False  # torch.compile the model (CUDA nodes)
+    kv_cache_users: int = 100_000  # per-user attention key/value cache: at most this many users ...
+    kv_cache_mb: int = 1024  # ... and this many MiB
+    kv_overflow: Literal["exact", "evict"] = "exact"  # at max_len: rebuild (exact) or drop oldest token
+    kv_refresh_every: int = 16  # with "evict": rebuild after this many dropped tokens
     # --- operations ----------------------------------------------------------------------------
     web_bind: str = "127.0.0.1"
     web_port: int = 6066
     log_level: str = "info"
 
     @field_validator("partitions", "window_events", "window_ttl_s", "activity_window_s", "max_event_bytes",
-                     "top_k", "max_batch", "predict_queue", "kafka_port", "kafka_controller_port")
+                     "top_k", "max_batch", "predict_queue", "kafka_port", "kafka_controller_port",
+                     "kv_cache_users", "kv_cache_mb", "kv_refresh_every")
     @classmethod
     def _positive(cls, v: int) -> int:
         if v < 1:
             raise ValueError("must be >= 1")
         return v
 
-    @field_validator("max_future_skew_s", "max_event_age_s", "max_wait_ms")
+    @field_validator("max_future_skew_s", "max_event_age_s", "max_wait_ms", "serve_threads")
     @classmethod
     def _non_negative(cls, v):
         if v < 0:

@@ -1,0 +1,652 @@
+"""The Transformer as the stream's production :class:`~models.predictor.Predictor`.
+
+:class:`TransformerPredictor` serves a verified checkpoint on CPU or CUDA, batched, with an
+**incremental per-user attention cache**: each event appends one token to the user's cached keys
+and values (:meth:`~models.model.NextActionModel.step`) instead of re-encoding the whole window.
+
+Call contract (what :mod:`stream_app.batcher` calls, from its single executor thread):
+
+* ``predict(histories, k, users=None) -> list[Prediction]`` — the :class:`Predictor` protocol plus an
+  optional ``users`` list (one user id per history). It is **optional**: the cache is keyed by the
+  content of each history's window, so the plain protocol call already gets incremental inference
+  (see *Cache keys* below). Passing ``users`` additionally keeps at most one entry per user and
+  enables :meth:`TransformerPredictor.forget_user` (privacy deletion of the in-memory state).
+* ``observe(history)`` — a no-op (the online trainer learns; this predictor does not).
+* ``version`` — the checkpoint's content-hash prefix (12 hex digits); also stamped on every
+  prediction as ``Prediction.extra["model_version"]``.
+* Hot swap: ``new = current.successor(path)`` loads and verifies the next checkpoint with the same
+  serving options and an **empty cache** (cached keys/values belong to the model that made them),
+  then ``Batcher.swap(new)`` switches between batches. ``successor`` raises
+  :class:`~stream_app.errors.CheckpointError` on a bad checkpoint, so the old model keeps serving.
+* :func:`load_predictor` (worker start): the checkpoint's model, or — when the checkpoint is
+  missing, corrupt, or does not run — a loud ``log.warning`` and the baseline
+  :class:`~online.baseline.PopularityMarkovPredictor`. It never raises for a checkpoint problem, so a
+  bad checkpoint cannot put the worker into a crash loop.
+
+Cache keys and consistency. An entry holds the state of one *window* (the last ``max_len`` events,
+what :func:`models.encoding.encode` turns into tokens) and is stored under a digest of that window's
+events (ts, item, action, device, location, and the predecessor's ts that the first token's gap
+feature uses). A request with history ``h`` (``n`` events) looks up the digest of the window of
+``h[:n-1]``: a hit means the cached state is *exactly* the state full recomputation would build for
+the previous event, so one :meth:`step` gives the new event's outputs. Everything else — a first
+sight, an LRU eviction, a model swap (new predictor, empty cache), an out-of-order event (inserted
+before the end, so the prefix differs), events dropped by the TTL, a retry of a history already
+stepped — is a miss and is rebuilt from the history with :meth:`prefill`. No stale state can be used
+because a state is addressed by the events it encodes.
+
+Window overflow. While a user's window is not full, incremental equals full recomputation. Once it
+holds ``max_len`` events every new event pushes the oldest one out, which changes every cached
+token's attention context, so exact incremental inference is impossible there. ``overflow``
+chooses: ``"exact"`` (default) re-prefills at the cap (identical to full recomputation; users at the
+cap are not cached at all, saving memory), ``"evict"`` (``llama`` backbone only) drops the oldest
+cached token — sliding-window attention, an approximation — and re-prefills after
+``refresh_every`` such evicting steps to bound the drift.
+
+Batching. One ``predict`` call is split into *rounds* so that a user's consecutive events in the
+same batch see each other (event ``n+1`` steps from the state event ``n`` just produced); the
+rounds are bounded by ``max_rounds`` (deeper chains are prefilled). Within a round the cached users'
+single-token steps are stacked into one batch per length bucket, the misses go through prefill per
+length bucket, and rows are chunked so the ``[rows, n_items]`` score matrix stays within
+``score_budget`` elements. Full-catalogue top-K runs on the device (``torch.topk``); only the K ids
+and scores, the 5 action probabilities and the gap come back to the host.
+
+Device. ``device='auto'`` → ``cuda`` if available, else ``cpu``. CUDA: bf16 autocast, pinned host
+memory and non-blocking copies, ``inference_mode``, sequence lengths padded to a few buckets, and
+optional ``torch.compile`` of the full-recomputation scorer. CPU: fp32 and an intra-op thread count
+chosen deliberately (default: all cores but one, which is left to the Faust event loop).
+
+Thread safety: none by design — the batcher calls ``predict`` from one executor thread.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.nn.utils.rnn import pad_sequence
+
+from models.encoding import ItemVocab, collate, encode, encode_last
+from models.model import KVState, NextActionModel
+from models.predictor import Prediction, Predictor
+from models.schema import EventSeq
+from stream_app.errors import CheckpointError, ConfigError
+
+log = logging.getLogger(__name__)
+
+OVERFLOW_MODES = ("exact", "evict")
+#: Score-matrix elements per model call (rows × n_items): 8M fp32 = 32 MiB on CPU (cache-friendly), 512M on CUDA.
+DEFAULT_SCORE_BUDGET = {"cpu": 1 << 23, "cuda": 1 << 29}
+_GAP_LOG_CLIP = 30.0  # expm1(30) s ≈ 340 years: the gap head's output is clipped to [0, 30] in log space
+
+
+def available_cores() -> int:
+    """CPU cores this process may run on (affinity-aware)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - non-Linux
+        return os.cpu_count() or 1
+
+
+def default_cpu_threads() -> int:
+    """All cores but one (the Faust event loop needs a core), at least 1."""
+    return max(1, available_cores() - 1)
+
+
+def length_buckets(max_len: int) -> tuple[int, ...]:
+    """Padded sequence lengths: powers of two from 8 below ``max_len``, then ``max_len``.
+
+    >>> length_buckets(50), length_buckets(200), length_buckets(4)
+    ((8, 16, 32, 50), (8, 16, 32, 64, 128, 200), (4,))
+    """
+    out, b = [], 8
+    while b < max_len:
+        out.append(b)
+        b *= 2
+    out.append(max_len)
+    return tuple(out)
+
+
+def _bucket(n: int, buckets: Sequence[int]) -> int:
+    for b in buckets:
+        if n <= b:
+            return b
+    return buckets[-1]
+
+
+def window_key(history: EventSeq, end: int, max_len: int) -> int:
+    """Digest of the window :func:`~models.encoding.encode` builds from ``history[:end]``: its last
+    ``max_len`` events and, when the window does not start at the user's first event, the
+    predecessor's timestamp (the first token's gap feature depends on it). Equal digests ⇒ equal
+    model input, so a state cached under this digest is valid for any history that produces it."""
+    start = max(0, end - max_len)
+    prev = int(history.ts[start - 1]) if start else None
+    return hash((end - start, prev, history.ts[start:end].tobytes(), history.actions[start:end].tobytes(),
+                 tuple(history.items[start:end]), tuple(history.devices[start:end]),
+                 tuple(history.locations[start:end])))
+
+
+# ----------------------------------------------------------------------------------------------
+# the per-user KV cache
+# ----------------------------------------------------------------------------------------------
+@dataclass(slots=True)
+class CacheEntry:
+    """One user's cached window. ``kv``: ``[n, F]`` — per token, the keys and values of every layer
+    (``H * dh`` each) followed by the repeat-head key (``d`` or 0), in the model's compute dtype and on
+    its device; ``items``: ``[n]`` vocabulary indices of the window's events."""
+
+    kv: torch.Tensor  # (n, F)
+    items: torch.Tensor  # (n,) int64
+    n: int  # cached tokens
+    position: int  # position id the next token gets (== n unless tokens were evicted)
+    since_prefill: int  # evicting (approximate) steps since the state was rebuilt from the history
+    user: str | None
+    nbytes: int
+
+
+class KVCache:
+    """LRU of :class:`CacheEntry` keyed by window digest, bounded by entries and by bytes.
+
+    With user ids (``put(..., user=...)``) a user holds at most one entry: storing a new one drops
+    the user's previous entry, and :meth:`forget_user` drops it on request.
+    """
+
+    def __init__(self, max_entries: int, max_bytes: int) -> None:
+        if max_entries < 0:
+            raise ConfigError("kv_cache_users", max_entries, "must be >= 0 (0 disables the cache)")
+        if max_bytes < 0:
+            raise ConfigError("kv_cache_bytes", max_bytes, "must be >= 0 (0 disables the cache)")
+        self.max_entries, self.max_bytes = int(max_entries), int(max_bytes)
+        self._d: OrderedDict[int, CacheEntry] = OrderedDict()
+        self._by_user: dict[str, int] = {}
+        self.nbytes = 0
+        self.stats = {"hits": 0, "misses": 0, "evictions": 0, "stores": 0}
+
+    @property
+    def enabled(self) -> bool:
+        return self.max_entries > 0 and self.max_bytes > 0
+
+    def __len__(self) -> int:
+        return len(self._d)
+
+    def __contains__(self, key: int) -> bool:
+        return key in self._d
+
+    def get(self, key: int) -> CacheEntry | None:
+        """The entry (marked most recently used) or None; counts a hit or a miss."""
+        e = self._d.get(key)
+        if e is None:
+            self.stats["misses"] += 1
+            return None
+        self._d.move_to_end(key)
+        self.stats["hits"] += 1
+        return e
+
+    def pop(self, key: int) -> CacheEntry | None:
+        e = self._d.pop(key, None)
+        if e is not None:
+            self.nbytes -= e.nbytes
+            if e.user is not None and self._by_user.get(e.user) == key:
+                del self._by_user[e.user]
+        return e
+
+    def put(self, key: int, entry: CacheEntry) -> None:
+        if not self.enabled or entry.nbytes > self.max_bytes:
+            return
+        if entry.user is not None:
+            old = self._by_user.get(entry.user)
+            if old is not None and old != key:
+                self.pop(old)
+        self.pop(key)
+        self._d[key] = entry
+        self.nbytes += entry.nbytes
+        if entry.user is not None:
+            self._by_user[entry.user] = key
+        self.stats["stores"] += 1
+        while len(self._d) > self.max_entries or self.nbytes > self.max_bytes:
+            k, _ = next(iter(self._d.items()))
+            self.pop(k)
+            self.stats["evictions"] += 1
+
+    def forget_user(self, user: str) -> bool:
+        """Drop ``user``'s entry (privacy deletion); True if there was one."""
+        key = self._by_user.get(user)
+        return key is not None and self.pop(key) is not None
+
+    def clear(self) -> None:
+        self._d.clear()
+        self._by_user.clear()
+        self.nbytes = 0
+
+
+def _flatten_state(state: KVState) -> torch.Tensor:
+    """``KVState`` → ``[B, T, F]``: per token, layer keys, layer values (``H*dh`` each), repeat key."""
+    parts = [k.transpose(1, 2).flatten(2) for k in state.keys]  # each (B, T, H*dh)
+    parts += [v.transpose(1, 2).flatten(2) for v in state.values]
+    if state.rep_k.shape[-1]:
+        parts.append(state.rep_k.to(parts[0].dtype))  # (B, T, d)
+    return torch.cat(parts, dim=-1)
+
+
+# ----------------------------------------------------------------------------------------------
+# the predictor
+# ----------------------------------------------------------------------------------------------
+class TransformerPredictor:
+    """A :class:`~models.model.NextActionModel` served with batching, device top-K and a KV cache.
+
+    Arguments:
+        model: the model (moved to ``device`` and put in eval mode).
+        vocab: its item vocabulary (top-K ranks the vocabulary's known items only).
+        version: stamped on every prediction (the checkpoint's content-hash prefix).
+        device: ``auto`` | ``cpu`` | ``cuda`` (``auto`` → cuda when available).
+        num_threads: CPU intra-op threads (default: all cores but one). Ignored on CUDA.
+        compile: ``torch.compile`` the full-recomputation scorer (CUDA mostly; first calls are slow).
+        incremental: use the KV cache (False: full recomputation for every request).
+        cache_users / cache_bytes: LRU bounds (entries ≈ users; bytes of cached tensors).
+        overflow: ``exact`` | ``evict`` — what happens when a window is full (module docstring).
+        refresh_every: ``evict`` mode: rebuild a user's state after this many evicting steps.
+        max_rounds: most sequential rounds per ``predict`` for a user's consecutive events.
+        score_budget: most ``rows × n_items`` score elements per model call (bounds memory).
+        buckets: padded sequence lengths (default :func:`length_buckets` of ``max_len``).
+    """
+
+    #: ``predict`` takes the optional ``users=`` keyword (for callers that check before passing it).
+    accepts_users = True
+
+    def __init__(self, model: NextActionModel, vocab: ItemVocab, *, version: str, device: str = "auto",
+                 num_threads: int | None = None, compile: bool = False, incremental: bool = True,
+                 cache_users: int = 100_000, cache_bytes: int = 1 << 30, overflow: str = "exact",
+                 refresh_every: int = 16, max_rounds: int = 4, score_budget: int | None = None,
+                 buckets: Sequence[int] | None = None, path: str | Path | None = None) -> None:
+        from models.config import resolve_device
+
+        cfg = model.cfg
+        if len(vocab) != cfg.n_items:
+            raise CheckpointError(f"vocabulary has {len(vocab)} entries but the model has n_items={cfg.n_items}")
+        if overflow not in OVERFLOW_MODES:
+            raise ConfigError("kv_overflow", overflow, f"must be one of {OVERFLOW_MODES}")
+        if overflow == "evict" and cfg.backbone != "llama":
+            raise ConfigError("kv_overflow", overflow, f"'evict' needs the llama backbone (relative positions), "
+                                                       f"this model uses {cfg.backbone!r}")
+        for name, v, lo in (("refresh_every", refresh_every, 1), ("max_rounds", max_rounds, 1)):
+            if not isinstance(v, int) or v < lo:
+                raise ConfigError(name, v, f"must be an integer >= {lo}")
+        self.device = torch.device(resolve_device(device))
+        self.cuda = self.device.type == "cuda"
+        if self.cuda:
+            self.num_threads = torch.get_num_threads()
+        else:
+            n = default_cpu_threads() if num_threads is None else num_threads
+            if not isinstance(n, int) or n < 1:
+                raise ConfigError("num_threads", num_threads, "must be an integer >= 1")
+            self.num_threads = n
+            torch.set_num_threads(n)
+        self.model = model.to(self.device).eval()
+        self.vocab, self.cfg, self.version = vocab, cfg, str(version)
+        self.path = Path(path) if path is not None else None
+        self.incremental, self.overflow, self.refresh_every = bool(incremental), overflow, refresh_every
+        self.max_rounds = max_rounds
+        self.buckets = tuple(sorted(buckets)) if buckets else length_buckets(cfg.max_len)
+        if self.buckets[-1] < cfg.max_len:
+            raise ConfigError("buckets", self.buckets, f"the largest bucket must be >= max_len ({cfg.max_len})")
+        budget = DEFAULT_SCORE_BUDGET[self.device.type] if score_budget is None else int(score_budget)
+        if budget < 1:
+            raise ConfigError("score_budget", score_budget, "must be >= 1")
+        self.max_rows = max(1, budget // cfg.n_items)
+        self.cache = KVCache(cache_users if self.incremental else 0, cache_bytes if self.incremental else 0)
+        self._options = dict(device=device, num_threads=num_threads, compile=compile, incremental=incremental,
+                             cache_users=cache_users, cache_bytes=cache_bytes, overflow=overflow,
+                             refresh_every=refresh_every, max_rounds=max_rounds, score_budget=score_budget,
+                             buckets=buckets)
+        self.compiled = bool(compile)
+        self._score_last = torch.compile(model.score_last, dynamic=True) if compile else model.score_last
+        p = next(model.parameters())
+        self._kv_dtype = torch.bfloat16 if self.cuda else p.dtype
+        self._hd = cfg.n_heads * cfg.head_dim
+        self._rep_dim = cfg.d_model if cfg.repeat_head else 0
+        self.stats = {"requests": 0, "steps": 0, "prefills": 0, "full": 0, "model_calls": 0}
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_checkpoint(cls, path: str | Path, **options: Any) -> "TransformerPredictor":
+        """Load and verify (content hash) a checkpoint; raise CheckpointError naming the problem."""
+        from models.checkpoint import load_checkpoint
+        from models.config import resolve_device
+
+        dev = resolve_device(options.get("device", "auto"))
+        ck = load_checkpoint(path, device=dev)
+        return cls(ck.model, ck.vocab, version=ck.version, path=path, **options)
+
+    def successor(self, path: str | Path) -> "TransformerPredictor":
+        """The next model version with the same serving options and an empty cache (for
+        ``Batcher.swap``). Raises CheckpointError, leaving the current predictor serving."""
+        return type(self).from_checkpoint(path, **self._options)
+
+    def warm_up(self) -> None:
+        """Run every code path once (full, prefill, step) on a synthetic user; raise CheckpointError if
+        the model produces non-finite outputs (a checkpoint that loads but does not work)."""
+        names = self.vocab.items[:3] or ["__warmup__"]
+        n = min(3, self.cfg.max_len)
+        h = EventSeq.from_columns([names[i % len(names)] for i in range(n)], ["view"] * n,
+                                  1_700_000_000_000 + 60_000 * np.arange(n))
+        preds = self.predict_full([h], k=5)
+        if self.cache.enabled:
+            preds += self.predict([h[:1]], k=5)  # prefill
+            preds += self.predict([h[:2]], k=5)  # step (when max_len >= 2)
+            self.cache.clear()
+        for p in preds:
+            vals = [*p.action_probs, p.next_gap_s, *(s for _, s in p.top_items)]
+            if not all(math.isfinite(v) for v in vals):
+                raise CheckpointError(f"checkpoint {self.path} (version {self.version}) produces non-finite "
+                                      f"outputs on a warm-up history: {vals[:8]}")
+        self.stats = dict.fromkeys(self.stats, 0)
+        self.cache.stats = dict.fromkeys(self.cache.stats, 0)
+
+    # ------------------------------------------------------------------ Predictor protocol
+    def observe(self, history: EventSeq) -> None:
+        """No-op: this predictor serves a fixed checkpoint (online/ learns and publishes new ones)."""
+
+    def predict(self, histories: Sequence[EventSeq], k: int, users: Sequence[str] | None = None
+                ) -> list[Prediction]:
+        """One prediction per history, in input order (the triggering event is each history's last).
+
+        ``users`` (optional, same length): the user id of each history — keeps one cache entry
+        per user and enables :meth:`forget_user`. Without it, the cache still works (content keys).
+        """
+        k = self._check_k(k)
+        n = len(histories)
+        if users is not None and len(users) != n:
+            raise ValueError(f"users has {len(users)} entries for {n} histories")
+        if n == 0:
+            return []
+        self.stats["requests"] += n
+        if not self.cache.enabled:
+            return self.predict_full(histories, k)
+        self._ensure_threads()
+        W = self.cfg.max_len
+        lens = [len(h) for h in histories]
+        prev_keys = [window_key(h, m - 1, W) if m >= 2 else None for h, m in zip(histories, lens)]
+        cur_keys = [window_key(h, m, W) if m >= 1 else None for h, m in zip(histories, lens)]
+        # rounds: a request whose previous window is produced by an earlier request of this batch
+        # (the same user's previous event) runs one round after it, so it can step from its state.
+        rounds: list[list[int]] = [[] for _ in range(self.max_rounds)]
+        round_of: dict[int, int] = {}
+        for j in range(n):
+            r = min(round_of.get(prev_keys[j], -1) + 1, self.max_rounds - 1) if prev_keys[j] is not None else 0
+            if cur_keys[j] is not None:
+                round_of[cur_keys[j]] = r
+            rounds[r].append(j)
+        out: list[Prediction | None] = [None] * n
+        with torch.inference_mode(), self._autocast():
+            for members in rounds:
+                if not members:
+                    continue
+                steps: list[tuple[int, CacheEntry]] = []
+                prefills: list[int] = []
+                for j in members:
+                    e = self.cache.get(prev_keys[j]) if prev_keys[j] is not None else None
+                    if e is not None and self._can_step(e):
+                        steps.append((j, e))
+                    else:
+                        prefills.append(j)
+                if steps:
+                    self._run_steps(steps, histories, prev_keys, cur_keys, users, k, out)
+                if prefills:
+                    self._run_prefills(prefills, histories, cur_keys, users, k, out)
+        return out  # type: ignore[return-value]
+
+    def predict_full(self, histories: Sequence[EventSeq], k: int) -> list[Prediction]:
+        """Full recomputation (no cache): encode every window, ``score_last``, device top-K."""
+        k = self._check_k(k)
+        n = len(histories)
+        if n == 0:
+            return []
+        self._ensure_threads()
+        out: list[Prediction | None] = [None] * n
+        enc = [encode(h, self.vocab, self.cfg) for h in histories]
+        with torch.inference_mode(), self._autocast():
+            for T, rows in self._group_by_bucket([len(e["item"]) for e in enc]):
+                for s in range(0, len(rows), self.max_rows):
+                    chunk = rows[s: s + self.max_rows]
+                    batch = self._to_device(collate([enc[j] for j in chunk], pad_to=T))  # (B, T) each
+                    o = self._score_last(batch)
+                    self.stats["full"] += len(chunk)
+                    self.stats["model_calls"] += 1
+                    self._emit(o, chunk, k, out, incremental=False)
+        return out  # type: ignore[return-value]
+
+    # ------------------------------------------------------------------ cache management
+    def forget_user(self, user: str) -> bool:
+        """Drop a user's cached state (privacy deletion). Needs ``users`` passed to :meth:`predict`."""
+        return self.cache.forget_user(user)
+
+    def clear_cache(self) -> None:
+        self.cache.clear()
+
+    def cache_info(self) -> dict:
+        """Entries, bytes, and hit/miss/eviction counters of the KV cache, plus request counters."""
+        return {"entries": len(self.cache), "bytes": self.cache.nbytes, "max_entries": self.cache.max_entries,
+                "max_bytes": self.cache.max_bytes, **self.cache.stats, **self.stats}
+
+    def bytes_per_token(self) -> int:
+        """Cached bytes per event token: keys + values of every layer, the repeat key, the item id."""
+        f = 2 * self.cfg.n_layers * self._hd + self._rep_dim
+        return f * torch.tensor([], dtype=self._kv_dtype).element_size() + 8
+
+    # ------------------------------------------------------------------ internals
+    @staticmethod
+    def _check_k(k: int) -> int:
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+            raise ValueError(f"k must be an integer >= 1 (got {k!r})")
+        return int(k)
+
+    def _ensure_threads(self) -> None:
+        # intra-op threads are process-wide; re-assert ours in the executor thread that runs us
+        if not self.cuda and torch.get_num_threads() != self.num_threads:
+            torch.set_num_threads(self.num_threads)
+
+    def _autocast(self):
+        return torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.cuda)
+
+    def _to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        if not self.cuda:
+            return batch
+        # pinned staging (PyTorch's caching host allocator reuses the blocks) + async H2D copies
+        return {key: t.pin_memory().to(self.device, non_blocking=True) for key, t in batch.items()}
+
+    def _group_by_bucket(self, lengths: Sequence[int], min_group: int = 16) -> list[tuple[int, list[int]]]:
+        """Indices grouped by padded length bucket; groups smaller than ``min_group`` join the next
+        larger bucket (fewer, fuller model calls). Returns ``[(T, indices)]``, T ascending."""
+        groups: dict[int, list[int]] = {}
+        for j, m in enumerate(lengths):
+            groups.setdefault(_bucket(max(m, 1), self.buckets), []).append(j)
+        out: list[tuple[int, list[int]]] = []
+        carry: list[int] = []
+        for T in sorted(groups):
+            carry = carry + groups[T]
+            if len(carry) >= min_group or T == max(groups):
+                out.append((T, carry))
+                carry = []
+        return out
+
+    def _can_step(self, e: CacheEntry) -> bool:
+        if e.n < self.cfg.max_len:
+            return True  # the window grows: stepping is exact
+        # full window: evict mode drops the oldest token (approximate) until refresh_every evictions
+        return self.overflow == "evict" and e.since_prefill < self.refresh_every
+
+    def _cacheable(self, n_tokens: int) -> bool:
+        # exact mode: a full window can never be stepped (the next event re-prefills) — don't store it
+        return n_tokens >= 1 and (self.overflow == "evict" or n_tokens < self.cfg.max_len)
+
+    def _run_prefills(self, rows: list[int], histories, cur_keys, users, k: int, out: list) -> None:
+        enc = [encode(histories[j], self.vocab, self.cfg) for j in rows]
+        lens = [len(e["item"]) for e in enc]
+        for T, idx in self._group_by_bucket(lens):
+            for s in range(0, len(idx), self.max_rows):
+                part = idx[s: s + self.max_rows]
+                chunk = [rows[i] for i in part]
+                batch = collate([enc[i] for i in part], pad_to=T)  # (B, T) per feature; lengths (B,)
+                if bool((batch["lengths"] == 0).any()):  # empty history: one padding token
+                    batch["lengths"] = batch["lengths"].clamp(min=1)
+                o, state = self.model.prefill(self._to_device(batch))
+                self.stats["prefills"] += len(chunk)
+                self.stats["model_calls"] += 1
+                self._emit(o, chunk, k, out, incremental=False)
+                self._store(state, chunk, [lens[i] for i in part], None, cur_keys, users, since=0)
+
+    def _run_steps(self, steps: list[tuple[int, CacheEntry]], histories, prev_keys, cur_keys, users, k: int,
+                   out: list) -> None:
+        evict = self.overflow == "evict"
+        for T, idx in self._group_by_bucket([e.n for _, e in steps]):
+            for s in range(0, len(idx), self.max_rows):
+                part = [steps[i] for i in idx[s: s + self.max_rows]]
+                chunk = [j for j, _ in part]
+                entries = [e for _, e in part]
+                state = self._stack(entries, T)
+                tokens = collate([encode_last(histories[j], self.vocab, self.cfg) for j in chunk])  # (B, 1)
+                o, new_state = self.model.step(self._to_device(tokens), state, evict=evict)
+                self.stats["steps"] += len(chunk)
+                self.stats["model_calls"] += 1
+                self._emit(o, chunk, k, out, incremental=True)
+                for j in chunk:
+                    self.cache.pop(prev_keys[j])
+                self._store(new_state, chunk, [min(e.n + 1, self.cfg.max_len) for e in entries], entries,
+                            cur_keys, users)
+
+    def _stack(self, entries: list[CacheEntry], T: int) -> KVState:
+        """Per-user entries → one right-padded batch state with ``T`` cached columns."""
+        cfg, hd, L = self.cfg, self._hd, self.cfg.n_layers
+        buf = pad_sequence([e.kv for e in entries], batch_first=True)  # (B, T', F)
+        items = pad_sequence([e.items for e in entries], batch_first=True)  # (B, T')
+        if buf.shape[1] < T:
+            buf = F.pad(buf, (0, 0, 0, T - buf.shape[1]))
+            items = F.pad(items, (0, T - items.shape[1]))
+        B = buf.shape[0]
+
+        def heads(i: int) -> torch.Tensor:  # (B, H, T, dh)
+            return buf[:, :, i * hd:(i + 1) * hd].unflatten(2, (cfg.n_heads, cfg.head_dim)).transpose(1, 2)
+
+        keys = [heads(i) for i in range(L)]
+        values = [heads(L + i) for i in range(L)]
+        rep_k = buf[:, :, 2 * L * hd:] if self._rep_dim else buf.new_zeros(B, T, 0)  # (B, T, d | 0)
+        lengths = torch.tensor([e.n for e in entries], dtype=torch.long, device=buf.device)  # (B,)
+        positions = torch.tensor([e.position for e in entries], dtype=torch.long, device=buf.device)  # (B,)
+        return KVState(keys, values, rep_k, items, lengths, positions)
+
+    def _store(self, state: KVState, rows: list[int], n_tokens: list[int], prev: list[CacheEntry] | None,
+               cur_keys, users, since: int | None = None) -> None:
+        if not self.cache.enabled:
+            return
+        keep = [b for b, m in enumerate(n_tokens) if self._cacheable(m) and cur_keys[rows[b]] is not None]
+        if not keep:
+            return
+        flat = _flatten_state(state).to(self._kv_dtype)  # (B, T, F)
+        per_tok = flat.shape[-1] * flat.element_size() + state.items.element_size()
+        lengths = state.lengths.tolist()
+        positions = state.positions.tolist()
+        for b in keep:
+            m = int(lengths[b])
+            j = rows[b]
+            if since is not None:
+                sp = since
+            else:  # count the approximate (evicting) steps since the state was rebuilt
+                sp = prev[b].since_prefill + int(prev[b].n >= self.cfg.max_len)  # type: ignore[index]
+            entry = CacheEntry(flat[b, :m].clone(), state.items[b, :m].clone(), m, int(positions[b]), sp,
+                               users[j] if users is not None else None, m * per_tok)
+            self.cache.put(cur_keys[j], entry)
+
+    def _emit(self, o: dict[str, torch.Tensor], rows: list[int], k: int, out: list, incremental: bool) -> None:
+        """Device top-K over the known items; copy only K ids/scores, action probs and gap back."""
+        first = self.vocab.first_item
+        scores = o["item_scores"][:, first:]  # (B, n_known): no padding / mask / hash buckets
+        k_eff = min(k, scores.shape[1])
+        if k_eff > 0:
+            top_s, top_i = torch.topk(scores, k_eff, dim=1)  # (B, k) each
+            top_s, top_i = top_s.float().cpu().numpy(), top_i.cpu().numpy()
+        probs = o["action_probs"].float().cpu().numpy().astype(np.float64)  # (B, 5)
+        probs /= probs.sum(axis=1, keepdims=True)
+        gaps = np.expm1(np.clip(o["gap_log_s"].float().cpu().numpy().astype(np.float64), 0.0, _GAP_LOG_CLIP))
+        names = self.vocab.items
+        extra_base = {"model_version": self.version, "incremental": incremental}
+        plist, glist = probs.tolist(), gaps.tolist()
+        if k_eff > 0:
+            ids, vals = top_i.tolist(), top_s.tolist()
+        for b, j in enumerate(rows):
+            tops = [(names[i], v) for i, v in zip(ids[b], vals[b])] if k_eff > 0 else []
+            out[j] = Prediction(action_probs=plist[b], top_items=tops, next_gap_s=glist[b], extra=dict(extra_base))
+
+
+# ----------------------------------------------------------------------------------------------
+# worker start
+# ----------------------------------------------------------------------------------------------
+#: ``Settings`` field → (TransformerPredictor option, conversion). Fields the settings object does not
+#: have (yet) keep the predictor's defaults.
+SETTINGS_FIELDS: dict[str, tuple[str, Any]] = {
+    "serve_threads": ("num_threads", int),  # 0 = default (all cores but one)
+    "serve_compile": ("compile", bool),
+    "kv_cache_users": ("cache_users", int),
+    "kv_cache_mb": ("cache_bytes", lambda mb: int(mb) << 20),
+    "kv_overflow": ("overflow", str),
+    "kv_refresh_every": ("refresh_every", int),
+}
+
+
+def serving_options(settings: Any) -> dict[str, Any]:
+    """:class:`TransformerPredictor` options from ``settings`` (see :data:`SETTINGS_FIELDS`).
+
+    >>> from types import SimpleNamespace
+    >>> serving_options(SimpleNamespace(device="cpu", kv_cache_mb=64, serve_threads=0))
+    {'device': 'cpu', 'cache_bytes': 67108864}
+    """
+    opts: dict[str, Any] = {"device": getattr(settings, "device", "auto")}
+    for name, (opt, conv) in SETTINGS_FIELDS.items():
+        v = getattr(settings, name, None)
+        if v is None or (name == "serve_threads" and int(v) == 0):
+            continue
+        opts[opt] = conv(v)
+    return opts
+
+
+def load_predictor(settings: Any, **overrides: Any) -> Predictor:
+    """The predictor a worker serves: ``settings.checkpoint``'s Transformer (hash-verified and
+    warmed up), or — with a loud warning naming the path and the problem — the baseline
+    :class:`~online.baseline.PopularityMarkovPredictor`. Never raises for a checkpoint problem.
+
+    A wrong *setting* (e.g. ``device='cuda'`` on a machine without a GPU) raises ConfigError.
+    """
+    from models.config import resolve_device
+    from online.baseline import PopularityMarkovPredictor
+
+    opts = serving_options(settings)
+    opts.update(overrides)
+    resolve_device(opts.get("device", "auto"))  # a wrong device setting is a config error, not a fallback
+    path = getattr(settings, "checkpoint", None)
+    if path is None:
+        log.warning("!!! no model checkpoint configured (setting 'checkpoint' / NEXTACTION_CHECKPOINT is "
+                    "unset): serving the BASELINE predictor (popularity + Markov), not the Transformer")
+        return PopularityMarkovPredictor()
+    t0 = time.perf_counter()
+    try:
+        if not Path(path).exists():
+            raise CheckpointError(f"checkpoint directory {str(path)!r} does not exist")
+        pred = TransformerPredictor.from_checkpoint(path, **opts)
+        pred.warm_up()
+    except Exception as exc:  # noqa: BLE001 - any failure to load must not crash-loop the worker
+        log.warning("!!! model checkpoint %s is unusable (%s: %s): FALLING BACK to the BASELINE predictor "
+                    "(popularity + Markov); fix or replace the checkpoint", path, type(exc).__name__, exc,
+                    exc_info=not isinstance(exc, CheckpointError))
+        return PopularityMarkovPredictor()
+    log.info("serving Transformer %s from %s on %s (threads=%d, incremental=%s, overflow=%s, cache=%d users / "
+             "%d MiB, compile=%s) — loaded in %.1f s", pred.version, path, pred.device, pred.num_threads,
+             pred.incremental, pred.overflow, pred.cache.max_entries, pred.cache.max_bytes >> 20, pred.compiled,
+             time.perf_counter() - t0)
+    return pred
