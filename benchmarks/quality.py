@@ -1,0 +1,173 @@
+"""Quality bars: baselines (and the Transformer, once it exists) on every dataset, same protocol.
+
+Writes the section "## Quality" of ``benchmarks/RESULTS.md`` (other sections are left alone):
+one row per (dataset, protocol, metric) with the Transformer ("ours"), every baseline and the
+published figure for that protocol.
+
+    .venv/bin/python -m benchmarks.quality                      # all datasets
+    .venv/bin/python -m benchmarks.quality --datasets ml-100k taobao --max-cases 2000
+
+Protocols: leave-one-out test split (yoochoose: session-rec next-click), ``full`` ranking with
+history items allowed and masked, and ``sampled100`` (SASRec paper) as an extra. Baselines are
+fitted on train + history (every event but the test targets; see ``models.datasets.fit_sequences``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from models.baselines import make_baseline
+from models.datasets import datasets_root, fit_sequences, leave_one_out, load, yoochoose_split
+from models.evaluate import evaluate
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "RESULTS.md"
+
+DATASETS = ("beauty", "games", "ml-100k", "taobao", "yoochoose")
+ITEM_BASELINES = ("popularity", "recent_popularity", "recent_items", "markov", "item_knn")
+#: (dataset, protocol key) -> metric -> (figure, source)
+PUBLISHED = {
+    ("beauty", "full/allowed"): {"NDCG@10": (0.0327, "SASRec+"), "HR@10": (0.0533, "SASRec+")},
+    ("beauty", "full/masked"): {"NDCG@10": (0.0611, "BSARec")},
+    ("beauty", "sampled100/allowed"): {"HR@10": (0.4854, "SASRec"), "NDCG@10": (0.3219, "SASRec")},
+    ("games", "sampled100/allowed"): {"HR@10": (0.7410, "SASRec"), "NDCG@10": (0.5360, "SASRec")},
+    ("yoochoose", "session/allowed"): {"HR@20": (0.68, "GRU4Rec, full rsc15"),
+                                       "MRR@20": (0.30, "GRU4Rec, full rsc15")},
+    ("taobao", "full/allowed"): {"purchase_session_auc": (0.85, "RecSys'15 winner, other data")},
+}
+#: independent cross-check figures of the baselines themselves (full, allowed)
+CROSSCHECK = {
+    ("beauty", "popularity"): (0.0114, 0.0054), ("beauty", "markov"): (0.0753, 0.0492),
+    ("beauty", "item_knn"): (0.0618, 0.0340), ("games", "popularity"): (0.0210, 0.0121),
+    ("games", "markov"): (0.0814, 0.0491), ("ml-100k", "popularity"): (0.0498, 0.0224),
+    ("ml-100k", "markov"): (0.1113, 0.0583), ("taobao", "popularity"): (0.0025, 0.0009),
+    ("taobao", "item_knn"): (0.0883, 0.0504),
+}
+
+
+def _transformer(name, ds, sp, args):
+    """The Transformer scorer: ``--checkpoints DIR/<dataset>`` if it exists, else trained there
+    with the default configs when ``--train`` is given, else None (baselines only)."""
+    if not args.checkpoints:
+        return None
+    try:
+        from models.scorer import TransformerScorer
+    except ImportError as e:
+        print(f"  (Transformer skipped: {e})", file=sys.stderr)
+        return None
+    ck = Path(args.checkpoints) / name
+    if not ck.exists() and args.train:
+        from models.config import TrainConfig
+        from models.train import train
+
+        ck, _ = train(ds, None, TrainConfig(), ck, split=sp, eval_test=False)
+    if not Path(ck).exists():
+        print(f"  (no checkpoint at {ck}; Transformer skipped)", file=sys.stderr)
+        return None
+    return TransformerScorer.from_checkpoint(ck, ds)
+
+
+def run_dataset(name: str, args) -> list[dict]:
+    t0 = time.perf_counter()
+    if name == "yoochoose":
+        ds, sp = yoochoose_split(args.root)
+        cases, fit = sp.test, sp.train
+        protos = [("session/allowed", "full", False)]
+        baselines = ("popularity", "recent_items", "markov", "item_knn", "session_knn")
+        metrics = ("HR@20", "MRR@20", "NDCG@10")
+    else:
+        ds = load(name, args.root)
+        sp = leave_one_out(ds)
+        cases, fit = sp.test, fit_sequences(sp, "test")
+        protos = [("full/allowed", "full", False), ("full/masked", "full", True),
+                  ("sampled100/allowed", "sampled100", False)]
+        baselines = ITEM_BASELINES + (("last_action_markov", "majority_action") if ds.has_actions else ())
+        metrics = ("HR@10", "NDCG@10")
+    if args.max_cases and len(cases) > args.max_cases:
+        cases = cases[: args.max_cases]
+    scorers = {b: make_baseline(b, ds, fit) for b in baselines if b in args.baselines or not args.baselines}
+    ours = _transformer(name, ds, sp, args)
+    if ours is not None:
+        scorers = {"ours": ours, **scorers}
+    rows = []
+    for key, protocol, masked in protos:
+        res = {n: evaluate(s, ds, cases, protocol=protocol, mask_history=masked, seed=0, beyond_accuracy=False)
+               for n, s in scorers.items()}
+        extra = ("action/log_loss", "purchase_session_auc") if key == "full/allowed" and ds.has_actions else ()
+        for m in metrics + extra:
+            pub = PUBLISHED.get((name, key), {}).get(m)
+            rows.append({"dataset": name, "protocol": key, "metric": m, "n": len(cases),
+                         "values": {n: r.get(m) for n, r in res.items()},
+                         "published": f"{pub[0]:.4f} ({pub[1]})" if pub else ""})
+        print(f"  {name} {key}: done ({time.perf_counter() - t0:.0f} s)", file=sys.stderr)
+    return rows
+
+
+def render(rows: list[dict], seconds: float) -> str:
+    cols: list[str] = []
+    for r in rows:
+        cols += [c for c in r["values"] if c not in cols and c != "ours"]
+    out = ["## Quality", "",
+           "Leave-one-out test split (users with >= 3 events; YOOCHOOSE: session-rec next-click on the test "
+           "file), full ranking over all items with history items allowed / masked, and 100 sampled "
+           "negatives as an extra. Ties broken by popularity. Baselines fitted on train + history. "
+           f"Produced by `benchmarks/quality.py` in {seconds:.0f} s.", "",
+           "| dataset | protocol | metric | cases | ours | " + " | ".join(cols) + " | published |",
+           "|---|---|---|---:|---:|" + "---:|" * len(cols) + "---|"]
+    for r in rows:
+        v = r["values"]
+        cell = [f"{v[c]:.4f}" if isinstance(v.get(c), float) else "" for c in cols]
+        ours = f"{v['ours']:.4f}" if isinstance(v.get("ours"), float) else "—"
+        out.append(f"| {r['dataset']} | {r['protocol']} | {r['metric']} | {r['n']} | {ours} | "
+                   + " | ".join(cell) + f" | {r['published']} |")
+    out += ["", "Independent cross-check of the evaluator (full, history allowed; HR@10 / NDCG@10): "
+            + "; ".join(f"{d} {b} {h:.4f}/{n:.4f}" for (d, b), (h, n) in CROSSCHECK.items())
+            + " — reproduced by `tests/unit/test_baselines_crosscheck.py`.", ""]
+    return "\n".join(out)
+
+
+def write_section(text: str, path: Path = RESULTS) -> None:
+    """Replace the ``## Quality`` section of RESULTS.md (or append it), keeping other sections."""
+    old = path.read_text() if path.exists() else "# Benchmark results\n"
+    lines = old.splitlines()
+    start = next((i for i, ln in enumerate(lines) if ln.strip() == "## Quality"), None)
+    if start is None:
+        new = old.rstrip("\n") + "\n\n" + text
+    else:
+        end = next((j for j in range(start + 1, len(lines)) if lines[j].startswith("## ")), len(lines))
+        new = "\n".join(lines[:start] + text.splitlines() + lines[end:])
+    tmp = path.with_suffix(".md.tmp")
+    tmp.write_text(new.rstrip("\n") + "\n")
+    tmp.replace(path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--datasets", nargs="*", default=list(DATASETS))
+    ap.add_argument("--baselines", nargs="*", default=[], help="subset of baselines (default: all relevant)")
+    ap.add_argument("--root", type=Path, default=None)
+    ap.add_argument("--max-cases", type=int, default=None, help="evaluate only the first N test cases")
+    ap.add_argument("--checkpoints", type=Path, default=None,
+                    help="folder with one Transformer checkpoint per dataset (DIR/<dataset>)")
+    ap.add_argument("--train", action="store_true", help="train missing checkpoints with default configs")
+    ap.add_argument("--dry-run", action="store_true", help="print the table, do not write RESULTS.md")
+    args = ap.parse_args(argv)
+    if not datasets_root(args.root).is_dir():
+        print(f"datasets not found at {datasets_root(args.root)}", file=sys.stderr)
+        return 2
+    t0 = time.perf_counter()
+    rows = []
+    for name in args.datasets:
+        rows += run_dataset(name, args)
+    text = render(rows, time.perf_counter() - t0)
+    print(text)
+    if not args.dry_run:
+        write_section(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,218 @@
+"""Baselines and the evaluator on tiny hand-made and synthetic data."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from models.baselines import (BASELINES, ItemKNN, LastActionMarkov, MajorityAction, Markov, Popularity,
+                              RecentItems, RecentPopularity, SessionKNN, make_baseline)
+from models.datasets import Case, fit_sequences, leave_one_out, synthetic
+from models.datasets.core import dataset_from_columns
+from models.evaluate import evaluate, format_table, purchase_session_cases, run_evaluate
+from models.schema import ACTION_INDEX, EventSeq
+from stream_app.errors import ConfigError
+
+
+@pytest.fixture(scope="module")
+def toy():
+    # a -> b is the dominant transition; c is the most popular item
+    users = ["u1"] * 4 + ["u2"] * 4 + ["u3"] * 3
+    items = ["a", "b", "c", "c", "a", "b", "c", "d", "c", "c", "a"]
+    ds = dataset_from_columns("toy", users, items, None)
+    return ds
+
+
+@pytest.fixture(scope="module")
+def syn():
+    ds = synthetic(n_users=150, n_items=150, seed=0)
+    return ds, leave_one_out(ds)
+
+
+def _hist(*items):
+    return EventSeq.from_columns(list(items), [0] * len(items), list(range(len(items))))
+
+
+def test_popularity_and_markov(toy):
+    ix = toy.item_index
+    p = Popularity().fit(toy, toy.sequences)
+    s = p.score_items([_hist("a")])
+    assert s.shape == (1, len(toy.items)) and s[0, ix["c"]] == 5 and s[0, ix["a"]] == 3
+    m = Markov().fit(toy, toy.sequences)
+    s = m.score_items([_hist("c", "a"), _hist("zzz"), _hist()])
+    assert s[0].argmax() == ix["b"]  # a -> b twice
+    assert s[1].argmax() == ix["c"] and s[2].argmax() == ix["c"]  # unknown / empty: popularity
+
+
+def test_recent_items_and_recent_popularity(toy):
+    r = RecentItems().fit(toy, toy.sequences)
+    s = r.score_items([_hist("a", "d", "b")])[0]
+    ix = toy.item_index
+    assert s[ix["b"]] > s[ix["d"]] > s[ix["a"]] > s[ix["c"]]
+    rp = RecentPopularity(last_n=1).fit(toy, toy.sequences)  # last events: c, d, a
+    s = rp.score_items([_hist("a")])[0]
+    assert s[ix["b"]] < 1 and s[ix["a"]] >= 1 and s[ix["d"]] >= 1
+
+
+def test_item_knn_cosine(toy):
+    k = ItemKNN(window=1).fit(toy, toy.sequences)
+    ix = toy.item_index
+    # users: u1 {a,b,c}, u2 {a,b,c,d}, u3 {a,c}; cos(a,b) = 2/sqrt(3*2), cos(a,d) = 1/sqrt(3)
+    assert k.S[ix["a"], ix["b"]] == pytest.approx(2 / np.sqrt(6))
+    assert k.S[ix["a"], ix["d"]] == pytest.approx(1 / np.sqrt(3))
+    assert k.S[ix["a"], ix["a"]] == 0  # include_self=False
+    s = k.score_items([_hist("d", "a")])[0]
+    assert s[ix["c"]] > s[ix["b"]] > s[ix["d"]] > s[ix["a"]]
+    k2 = ItemKNN(window=1, include_self=True).fit(toy, toy.sequences)
+    s2 = k2.score_items([_hist("a")])[0]
+    assert s2[ix["a"]] == pytest.approx(1.0, abs=1e-5) and s2[ix["a"]] > s2[ix["b"]]  # cos(a, a) = 1
+
+
+def test_session_knn_uses_last_session():
+    ds = dataset_from_columns("s", ["s1"] * 3 + ["s2"] * 2 + ["s3"] * 2, list("xyzxqab"),
+                              [0, 1, 2, 3, 4, 5, 6])
+    k = SessionKNN(k=5).fit(ds, ds.sequences)
+    ix = ds.item_index
+    h = EventSeq.from_columns(["a", "x"], [0, 0], [0, 10_000_000])  # 'a' is in an older session
+    s = k.score_items([h])[0]
+    assert s[ix["y"]] > s[ix["b"]] and s[ix["z"]] > s[ix["b"]]
+
+
+def test_action_baselines(syn):
+    ds, sp = syn
+    maj = MajorityAction().fit(ds, sp.train)
+    hists = [c.history for c in sp.test[:8]]
+    P = maj.score_actions(hists)
+    assert P.shape == (8, 5) and np.allclose(P.sum(1), 1) and (P == P[0]).all()
+    lam = LastActionMarkov().fit(ds, sp.train)
+    P = lam.score_actions(hists)
+    assert np.allclose(P.sum(1), 1)
+    cart = EventSeq.from_columns(["i1"], ["cart"], [0])
+    assert lam.score_actions([cart])[0].argmax() == ACTION_INDEX["purchase"]
+    assert (lam.predict_gap_s(hists) > 0).all()
+
+
+def test_registry(syn):
+    ds, sp = syn
+    for name in BASELINES:
+        b = make_baseline(name, ds, sp.train)
+        s = b.score_items([c.history for c in sp.test[:3]])
+        assert s.shape == (3, len(ds.items)) and np.isfinite(s).all(), name
+    with pytest.raises(ConfigError):
+        make_baseline("nope", ds, sp.train)
+
+
+# ----------------------------------------------------------------------------- evaluator
+
+class Oracle:
+    """Scores the true target highest: every metric at its maximum."""
+
+    def __init__(self, ds, cases):
+        self.ds, self.t = ds, {id(c.history): ds.item_index[c.target_item] for c in cases}
+
+    def score_items(self, hists):
+        s = np.zeros((len(hists), len(self.ds.items)))
+        for b, h in enumerate(hists):
+            s[b, self.t[id(h)]] = 1.0
+        return s
+
+
+def test_oracle_and_constant_scorers(syn):
+    ds, sp = syn
+    r = evaluate(Oracle(ds, sp.test), ds, sp.test)
+    assert r["HR@5"] == r["NDCG@10"] == r["MRR"] == 1.0
+    r = evaluate(Oracle(ds, sp.test), ds, sp.test, protocol="sampled100")
+    assert r["HR@5"] == 1.0
+
+    class Const:
+        def score_items(self, hists):
+            return np.zeros((len(hists), len(ds.items)))
+
+    pess = evaluate(Const(), ds, sp.test, ties="pessimistic")
+    assert pess["HR@20"] == 0.0 and pess["MRR"] == pytest.approx(1 / len(ds.items))
+    popt = evaluate(Const(), ds, sp.test, ties="popularity")  # = popularity ranking
+    pop = evaluate(Popularity().fit(ds, fit_sequences(sp)), ds, sp.test)
+    assert popt["HR@10"] == pytest.approx(pop["HR@10"])
+
+
+def test_markov_beats_popularity_and_metrics_present(syn):
+    ds, sp = syn
+    fit = fit_sequences(sp)
+    pop = evaluate(Popularity().fit(ds, fit), ds, sp.test)
+    mk = evaluate(LastActionMarkov().fit(ds, fit), ds, sp.test)
+    assert mk["NDCG@10"] > pop["NDCG@10"] + 0.2
+    for key in ("HR@5", "HR@20", "NDCG@5", "MRR", "MRR@20", "coverage@10", "novelty@10", "action/accuracy",
+                "action/macro_f1", "action/auc/purchase", "action/log_loss", "action/ece", "gap/log_mae",
+                "purchase_session_auc"):
+        assert key in mk, key
+    assert mk["coverage@10"] > pop["coverage@10"]
+    assert 0 <= mk["action/ece"] <= 1 and mk["action/log_loss"] > 0
+    assert "action/accuracy" not in pop  # no score_actions
+
+
+def test_mask_history(syn):
+    ds, sp = syn
+    r = RecentItems().fit(ds, sp.train)
+    allowed = evaluate(r, ds, sp.test, mask_history=False)
+    masked = evaluate(r, ds, sp.test, mask_history=True)
+    assert allowed["target_in_history"] > 0
+    # masking removes the user's own items (targets included, as in S3-Rec's code): RecentItems
+    # becomes popularity restricted to new items
+    pop = evaluate(Popularity().fit(ds, sp.train), ds, sp.test, mask_history=True)
+    assert masked["HR@10"] == pytest.approx(pop["HR@10"])
+    leaky = evaluate(r, ds, sp.test, mask_history=True, mask_target=False)
+    assert leaky["HR@10"] >= masked["HR@10"]
+
+
+def test_sampled_protocol_is_seeded(syn):
+    ds, sp = syn
+    m = Markov().fit(ds, sp.train)
+    a = evaluate(m, ds, sp.test, protocol="sampled100", seed=1)
+    b = evaluate(m, ds, sp.test, protocol="sampled100", seed=1)
+    c = evaluate(m, ds, sp.test, protocol="sampled100", seed=1, negatives="popularity")
+    assert a["HR@10"] == b["HR@10"] and a["NDCG@10"] == b["NDCG@10"]
+    assert a["HR@10"] >= evaluate(m, ds, sp.test)["HR@10"]  # easier than full ranking
+    assert 0 <= c["HR@10"] <= 1
+    with pytest.raises(ConfigError):
+        evaluate(m, ds, sp.test, protocol="sampled100", n_negatives=10_000)
+
+
+def test_bad_scorer_output(syn):
+    ds, sp = syn
+
+    class Bad:
+        def score_items(self, hists):
+            return np.zeros((len(hists), 3))
+
+    class NaNs:
+        def score_items(self, hists):
+            return np.full((len(hists), len(ds.items)), np.nan)
+
+    with pytest.raises(ConfigError, match="shape"):
+        evaluate(Bad(), ds, sp.test)
+    with pytest.raises(ConfigError, match="NaN"):
+        evaluate(NaNs(), ds, sp.test)
+    with pytest.raises(ConfigError):
+        evaluate(Popularity().fit(ds, sp.train), ds, sp.test, protocol="nope")
+
+
+def test_purchase_session_cases():
+    # session 1 (t 0, 60 s), 2 h gap, session 2: view, view, purchase
+    e = EventSeq.from_columns(list("abcde"), ["view", "purchase", "view", "view", "view"],
+                              [0, 60_000, 7_260_000, 7_320_000, 7_380_000])
+    c1 = Case("u", e[:4], "e", ACTION_INDEX["purchase"], 7_380_000)
+    c2 = Case("v", e[:4], "e", ACTION_INDEX["view"], 7_380_000)
+    c3 = Case("w", e[:2], "c", ACTION_INDEX["view"], 7_260_000)  # last session is the target alone
+    hs, y = purchase_session_cases([c1, c2, c3])
+    assert [h.items for h in hs] == [["a", "b", "c"], ["a", "b", "c"]] and y == [1, 0]
+
+
+def test_run_evaluate_and_table():
+    res = run_evaluate("synthetic", None, ["popularity", "markov", "last_action_markov"],
+                       dataset_opts={"n_users": 60, "n_items": 150})
+    assert set(res["results"]) == {"popularity", "markov", "last_action_markov"}
+    table = format_table(res)
+    assert "| markov |" in table and "NDCG@10" in table
+    res = run_evaluate("synthetic", None, ["popularity"], protocol="sampled100", mask_history=True,
+                       split="valid", dataset_opts={"n_users": 30, "n_items": 150}, fit_on="train")
+    assert res["results"]["popularity"]["n_cases"] == 30
