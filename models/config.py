@@ -1,0 +1,212 @@
+"""Model and training configuration: plain dataclasses with validation and a JSON round trip.
+
+Every field is validated in :meth:`ModelConfig.validate` / :meth:`TrainConfig.validate`; a bad value
+raises :class:`~stream_app.errors.ConfigError` naming the field and the value.
+
+>>> cfg = ModelConfig(n_items=2000)
+>>> cfg.d_model, cfg.n_layers, cfg.n_heads, cfg.max_len, cfg.backbone
+(64, 2, 2, 50, 'llama')
+>>> ModelConfig.from_json(cfg.to_json()) == cfg
+True
+>>> ModelConfig(d_model=63, n_heads=2)
+Traceback (most recent call last):
+...
+stream_app.errors.ConfigError: setting 'd_model' = 63: must be divisible by n_heads (2)
+>>> ModelConfig.from_dict({"d_model": 32, "colour": "red"})
+Traceback (most recent call last):
+...
+stream_app.errors.ConfigError: setting 'ModelConfig.colour' = 'red': unknown field
+>>> TrainConfig(lr=-1.0)
+Traceback (most recent call last):
+...
+stream_app.errors.ConfigError: setting 'lr' = -1.0: must be > 0
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from stream_app.errors import ConfigError
+
+BACKBONES = ("llama", "gpt2", "bert")
+OBJECTIVES = ("causal", "masked_then_causal")
+DEVICES = ("auto", "cpu", "cuda")
+#: Token features :func:`models.encoding.encode` can produce (``item`` is always on).
+FEATURES = ("item", "action", "gap", "hour", "dow", "device", "location")
+
+
+class _JsonMixin:
+    """``to_dict``/``from_dict``/``to_json``/``from_json`` for a flat dataclass."""
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]):
+        names = {f.name: f for f in dataclasses.fields(cls)}
+        for k, v in d.items():
+            if k not in names:
+                raise ConfigError(f"{cls.__name__}.{k}", v, "unknown field")
+        kw = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
+        return cls(**kw)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str):
+        try:
+            d = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(cls.__name__, text[:60], f"not valid JSON: {exc}") from None
+        if not isinstance(d, dict):
+            raise ConfigError(cls.__name__, d, "must be a JSON object")
+        return cls.from_dict(d)
+
+    def replace(self, **changes):
+        return dataclasses.replace(self, **changes)
+
+
+def _check(cond: bool, name: str, value: object, problem: str) -> None:
+    if not cond:
+        raise ConfigError(name, value, problem)
+
+
+def _int(name: str, value: object, lo: int | None = None) -> None:
+    _check(isinstance(value, int) and not isinstance(value, bool), name, value, "must be an integer")
+    if lo is not None:
+        _check(value >= lo, name, value, f"must be >= {lo}")
+
+
+def _num(name: str, value: object) -> None:
+    _check(isinstance(value, (int, float)) and not isinstance(value, bool), name, value, "must be a number")
+
+
+@dataclass(frozen=True)
+class ModelConfig(_JsonMixin):
+    """Shape of the model. ``n_items`` is the full item vocabulary size, i.e. ``len(ItemVocab)``
+    (padding + mask token + hash buckets + known items), not the number of known items."""
+
+    n_items: int = 0  # 0 = not set yet (train.model_config_for sets it from the dataset)
+    d_model: int = 64
+    n_layers: int = 2
+    n_heads: int = 2
+    ffn_mult: int = 2  # feed-forward width = ffn_mult * d_model
+    max_len: int = 50  # events per window (the last max_len events of a history)
+    dropout: float = 0.3  # embeddings, hidden states and attention
+    backbone: str = "llama"  # llama: RoPE + causal + KV cache; gpt2: learned positions; bert (is_decoder)
+    objective: str = "causal"  # or masked_then_causal (BERT4Rec-style pretraining, then causal)
+    # --- token features -------------------------------------------------------------------------
+    n_hash_buckets: int = 1024  # item ids not in the vocabulary hash into these
+    n_gap_buckets: int = 32  # log2-scale buckets of the gap to the previous event
+    n_device_buckets: int = 64
+    n_location_buckets: int = 1024
+    features: tuple[str, ...] = FEATURES  # which token features are summed into the embedding
+    # --- heads ----------------------------------------------------------------------------------
+    repeat_head: bool = True  # learned copy score over the user's own history items
+    action_head: bool = True
+    gap_head: bool = True  # regression on log1p(seconds to next event); needs timestamps
+    # --- loss -----------------------------------------------------------------------------------
+    n_negatives: int = 0  # 0 = full-softmax CE over the catalogue; >0 = sampled softmax (huge catalogues)
+    action_loss_weight: float = 0.5
+    gap_loss_weight: float = 0.1
+    mask_prob: float = 0.2  # masked pretraining: fraction of items replaced by the mask token
+    label_smoothing: float = 0.0
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        _int("n_items", self.n_items, 0)
+        _check(self.n_items == 0 or self.n_items >= self.n_hash_buckets + 3, "n_items", self.n_items,
+               f"must be 0 (unset) or len(ItemVocab) >= n_hash_buckets + 3 = {self.n_hash_buckets + 3}")
+        for name in ("d_model", "n_layers", "n_heads", "ffn_mult", "max_len", "n_hash_buckets", "n_gap_buckets",
+                     "n_device_buckets", "n_location_buckets"):
+            _int(name, getattr(self, name), 1)
+        _check(self.d_model % self.n_heads == 0, "d_model", self.d_model,
+               f"must be divisible by n_heads ({self.n_heads})")
+        _check(self.n_gap_buckets >= 4, "n_gap_buckets", self.n_gap_buckets, "must be >= 4")
+        for name in ("n_device_buckets", "n_location_buckets"):
+            _check(getattr(self, name) >= 2, name, getattr(self, name), "must be >= 2")
+        _num("dropout", self.dropout)
+        _check(0.0 <= self.dropout < 1.0, "dropout", self.dropout, "must be in [0, 1)")
+        _check(self.backbone in BACKBONES, "backbone", self.backbone, f"must be one of {BACKBONES}")
+        _check(self.objective in OBJECTIVES, "objective", self.objective, f"must be one of {OBJECTIVES}")
+        _check(isinstance(self.features, tuple) and all(f in FEATURES for f in self.features), "features",
+               self.features, f"must be a subset of {FEATURES}")
+        _check("item" in self.features, "features", self.features, "must include 'item'")
+        _int("n_negatives", self.n_negatives, 0)
+        for name in ("action_loss_weight", "gap_loss_weight", "label_smoothing"):
+            _num(name, getattr(self, name))
+            _check(getattr(self, name) >= 0, name, getattr(self, name), "must be >= 0")
+        _num("mask_prob", self.mask_prob)
+        _check(0.0 < self.mask_prob < 1.0, "mask_prob", self.mask_prob, "must be in (0, 1)")
+        _check(self.label_smoothing < 1.0, "label_smoothing", self.label_smoothing, "must be < 1")
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    def uses(self, feature: str) -> bool:
+        return feature in self.features
+
+
+@dataclass(frozen=True)
+class TrainConfig(_JsonMixin):
+    """How to train. ``budget_min`` bounds wall-clock time (0 = no bound)."""
+
+    lr: float = 1e-3
+    warmup_steps: int = 100
+    schedule: str = "cosine"  # cosine | linear | constant (after warm-up)
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    epochs: int = 200
+    pretrain_epochs: int = 0  # masked_then_causal: epochs of masked pretraining (0 = 25% of epochs)
+    batch_size: int = 128
+    patience: int = 5  # evaluations without validation NDCG@10 improvement before stopping
+    eval_every: int = 1  # epochs between validation passes
+    seed: int = 42
+    device: str = "auto"
+    budget_min: float = 0.0
+    num_threads: int = 0  # CPU intra-op threads (0 = leave torch's default)
+    eval_protocol: str = "masked"  # passed to models.evaluate (history 'masked' or 'allowed')
+    max_eval_users: int = 5000  # validate on a fixed sample of this many users (0 = all)
+    window_stride: int = 0  # long histories: extra training windows every stride events (0 = last only)
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        for name in ("lr", "weight_decay", "grad_clip", "budget_min"):
+            _num(name, getattr(self, name))
+        _check(self.lr > 0, "lr", self.lr, "must be > 0")
+        _check(self.weight_decay >= 0, "weight_decay", self.weight_decay, "must be >= 0")
+        _check(self.grad_clip >= 0, "grad_clip", self.grad_clip, "must be >= 0 (0 = off)")
+        _check(self.budget_min >= 0, "budget_min", self.budget_min, "must be >= 0 (0 = no budget)")
+        for name in ("warmup_steps", "pretrain_epochs", "num_threads", "max_eval_users", "window_stride"):
+            _int(name, getattr(self, name), 0)
+        for name in ("epochs", "batch_size", "patience", "eval_every"):
+            _int(name, getattr(self, name), 1)
+        _int("seed", self.seed)
+        _check(self.schedule in ("cosine", "linear", "constant"), "schedule", self.schedule,
+               "must be one of ('cosine', 'linear', 'constant')")
+        _check(self.device in DEVICES, "device", self.device, f"must be one of {DEVICES}")
+        _check(self.eval_protocol in ("masked", "allowed"), "eval_protocol", self.eval_protocol,
+               "must be 'masked' or 'allowed'")
+
+
+def resolve_device(name: str) -> str:
+    """``auto`` → ``cuda`` when available, else ``cpu``; ``cuda`` without a GPU is a ConfigError."""
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device", name, "CUDA requested but torch.cuda.is_available() is False")
+    _check(name in DEVICES, "device", name, f"must be one of {DEVICES}")
+    return name

@@ -1,0 +1,266 @@
+"""THE encoding: a user's :class:`~models.schema.EventSeq` → model input arrays.
+
+Training, serving (the stream) and benchmarks all call :func:`encode`; nothing else turns events into
+model input. Properties the rest of the system relies on:
+
+* **Window**: the last ``max_len`` events, **left-aligned** (position ``i`` = the ``i``-th event of the
+  window; batches are right-padded by :func:`collate`).
+* **Token-local features**: token ``i``'s features depend only on event ``i`` and its predecessor
+  (for the time gap), never on later events and never on where the window starts. So the features
+  of an event are the same whether it is encoded in a full window or alone with
+  :func:`encode_last`, which is what lets the stream cache attention keys/values per user and
+  encode one new token per event.
+* **Index 0 is padding** in every integer feature.
+
+Token features (all ``int64`` arrays of length ``L``):
+``item`` (vocabulary index; unknown items → a hashed bucket), ``action`` (1 + action index),
+``gap`` (1 = first event of the user's history, else ``2 + floor(log2(1 + gap_s))``, capped),
+``hour`` (1..24, UTC), ``dow`` (1..7, Monday = 1), ``device`` and ``location`` (0 = unknown,
+else a stable crc32 hash bucket). ``gap_log`` (``float32``) is ``log1p`` of the gap in seconds to the
+previous event (0 for the first) and is the regression target of the time head. Features switched
+off in ``cfg.features`` are all zeros (the padding embedding contributes nothing).
+
+>>> from models.config import ModelConfig
+>>> from models.schema import EventSeq
+>>> vocab = ItemVocab(["a", "b", "c"], n_hash_buckets=4)
+>>> len(vocab), vocab.index("a"), vocab.index("c"), vocab.index("zzz") in range(2, 6)
+(9, 6, 8, True)
+>>> cfg = ModelConfig(n_items=len(vocab), n_hash_buckets=4, max_len=3)
+>>> h = EventSeq.from_columns(["a", "b", "a", "c"], ["view", "view", "cart", "purchase"],
+...                           [0, 1_000, 61_000, 3_661_000], devices=["ios", "ios", "", "web"])
+>>> x = encode(h, vocab, cfg)
+>>> x["item"].tolist(), x["action"].tolist()
+([7, 6, 8], [1, 3, 5])
+>>> x["gap"].tolist()  # 1 s, 60 s, 3600 s to the previous event: log2 buckets
+[3, 7, 13]
+>>> x["hour"].tolist(), x["dow"].tolist()  # 1970-01-01 was a Thursday (dow 4)
+([1, 1, 2], [4, 4, 4])
+>>> x["device"].tolist()[1], x["device"].tolist()[0] > 0
+(0, True)
+>>> {k: v[-1].item() for k, v in encode_last(h, vocab, cfg).items()} == {k: v[-1].item() for k, v in x.items()}
+True
+>>> b = collate([x, encode(h[0:1], vocab, cfg)])
+>>> b["item"].shape, b["lengths"].tolist(), b["item"][1].tolist()
+(torch.Size([2, 3]), [3, 1], [6, 0, 0])
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import zlib
+from functools import lru_cache
+from typing import TYPE_CHECKING, Iterable, Sequence
+
+import numpy as np
+
+from models.schema import EventSeq
+from stream_app.errors import CheckpointError
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+
+    from models.config import ModelConfig
+
+PAD = 0
+MASK = 1
+#: Integer token features, in a fixed order (all int64; 0 = padding).
+INT_FEATURES = ("item", "action", "gap", "hour", "dow", "device", "location")
+_MS_HOUR = 3_600_000
+_MS_DAY = 86_400_000
+
+
+@lru_cache(maxsize=1 << 16)
+def stable_hash(text: str) -> int:
+    """A process-independent 32-bit hash (crc32 of UTF-8; never Python's salted ``hash``).
+
+    >>> stable_hash("ios")
+    2469297747
+    """
+    return zlib.crc32(text.encode("utf-8"))
+
+
+def hash_bucket(text: str, n_buckets: int) -> int:
+    """0 for ``""`` (unknown), else ``1 + crc32 % (n_buckets - 1)``.
+
+    >>> hash_bucket("", 64), hash_bucket("ios", 64) == hash_bucket("ios", 64) != 0
+    (0, True)
+    """
+    if not text:
+        return 0
+    return 1 + stable_hash(text) % (n_buckets - 1)
+
+
+class ItemVocab:
+    """Item id ↔ index. Layout: ``0`` padding, ``1`` mask token, ``2 .. 2+H-1`` hash buckets for
+    unknown items, then the known items in the given order (``first_item`` onwards).
+
+    The hash buckets come *before* the items so that growing the vocabulary (:meth:`extended`)
+    appends rows at the end and every existing index — and so every trained embedding row — stays
+    where it was.
+
+    >>> v = ItemVocab(["x", "y"], n_hash_buckets=2)
+    >>> v.first_item, len(v), v.item_at(4), v.item_at(1)
+    (4, 6, 'x', None)
+    >>> ItemVocab.from_json(v.to_json()) == v
+    True
+    >>> w = v.extended(["z", "x"])
+    >>> len(w), w.index("x"), w.index("z")
+    (7, 4, 6)
+    """
+
+    def __init__(self, items: Iterable[str], n_hash_buckets: int = 1024) -> None:
+        if n_hash_buckets < 1:
+            raise ValueError(f"n_hash_buckets must be >= 1, got {n_hash_buckets}")
+        self.items: list[str] = [str(i) for i in items]
+        self.n_hash_buckets = int(n_hash_buckets)
+        self.first_item = 2 + self.n_hash_buckets
+        self._index = {item: self.first_item + k for k, item in enumerate(self.items)}
+        if len(self._index) != len(self.items):
+            seen: set[str] = set()
+            dup = next(i for i in self.items if i in seen or seen.add(i))
+            raise ValueError(f"duplicate item id in vocabulary: {dup!r}")
+
+    def __len__(self) -> int:
+        return self.first_item + len(self.items)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, ItemVocab) and (self.items, self.n_hash_buckets) == (other.items,
+                                                                                      other.n_hash_buckets)
+
+    def __contains__(self, item: str) -> bool:
+        return item in self._index
+
+    def index(self, item: str) -> int:
+        """Vocabulary index; unknown ids map to ``2 + crc32(id) % n_hash_buckets``."""
+        idx = self._index.get(item)
+        if idx is None:
+            return 2 + stable_hash(item) % self.n_hash_buckets
+        return idx
+
+    def indices(self, items: Sequence[str]) -> np.ndarray:
+        get, first, nb = self._index.get, 2, self.n_hash_buckets
+        return np.fromiter((get(i) or first + stable_hash(i) % nb for i in items), np.int64, len(items))
+
+    def item_at(self, index: int) -> str | None:
+        """The item id at ``index`` or ``None`` for padding / mask / hash buckets."""
+        k = int(index) - self.first_item
+        return self.items[k] if 0 <= k < len(self.items) else None
+
+    def extended(self, new_items: Iterable[str]) -> "ItemVocab":
+        """A vocabulary with ``new_items`` (not yet known) appended; existing indices unchanged."""
+        extra = [i for i in dict.fromkeys(map(str, new_items)) if i not in self._index]
+        return ItemVocab(self.items + extra, self.n_hash_buckets)
+
+    def to_json(self) -> str:
+        return json.dumps({"format": "nextaction-vocab/1", "n_hash_buckets": self.n_hash_buckets,
+                           "items": self.items})
+
+    @classmethod
+    def from_json(cls, text: str) -> "ItemVocab":
+        try:
+            d = json.loads(text)
+            if d.get("format") != "nextaction-vocab/1":
+                raise CheckpointError(f"vocab.json: unknown format {d.get('format')!r} "
+                                      f"(expected 'nextaction-vocab/1')")
+            return cls(d["items"], d["n_hash_buckets"])
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError, ValueError) as exc:
+            if isinstance(exc, CheckpointError):
+                raise
+            raise CheckpointError(f"vocab.json is not a valid vocabulary: {exc}") from None
+
+
+def _gap_buckets(gap_s: np.ndarray, n_buckets: int) -> np.ndarray:
+    """``2 + floor(log2(1 + gap_s))`` capped at ``n_buckets - 1`` (vectorised)."""
+    b = 2 + np.floor(np.log2(1.0 + np.maximum(gap_s, 0.0))).astype(np.int64)
+    return np.minimum(b, n_buckets - 1)
+
+
+def encode(history: EventSeq, vocab: ItemVocab, cfg: "ModelConfig", max_len: int | None = None
+           ) -> dict[str, np.ndarray]:
+    """Encode the last ``max_len`` (default ``cfg.max_len``) events of ``history``, left-aligned.
+
+    Returns ``{feature: int64[L]}`` for :data:`INT_FEATURES` plus ``gap_log`` (float32[L]),
+    ``L = min(len(history), max_len)``. Pure: same input, same output, in every process.
+    """
+    n_all = len(history)
+    max_len = cfg.max_len if max_len is None else max_len
+    L = min(n_all, max_len)
+    start = n_all - L
+    ev = history[start:] if start else history
+    out: dict[str, np.ndarray] = {"item": vocab.indices(ev.items)}
+    zeros = np.zeros(L, np.int64)
+    out["action"] = ev.actions.astype(np.int64) + 1 if cfg.uses("action") else zeros
+    ts = ev.ts.astype(np.int64)
+    prev = np.empty(L, np.int64)
+    if L:
+        prev[1:] = ts[:-1]
+        prev[0] = history.ts[start - 1] if start else ts[0]
+    gap_s = (ts - prev).astype(np.float64) / 1000.0
+    gap_log = np.log1p(np.maximum(gap_s, 0.0)).astype(np.float32)
+    if cfg.uses("gap"):
+        gap = _gap_buckets(gap_s, cfg.n_gap_buckets)
+        if L and start == 0:
+            gap[0] = 1  # the user's first event: no predecessor
+        out["gap"] = gap
+    else:
+        out["gap"] = zeros
+    out["hour"] = (ts // _MS_HOUR) % 24 + 1 if cfg.uses("hour") else zeros
+    out["dow"] = (ts // _MS_DAY + 3) % 7 + 1 if cfg.uses("dow") else zeros
+    if cfg.uses("device"):
+        out["device"] = np.fromiter((hash_bucket(d, cfg.n_device_buckets) for d in ev.devices), np.int64, L)
+    else:
+        out["device"] = zeros
+    if cfg.uses("location"):
+        out["location"] = np.fromiter((hash_bucket(d, cfg.n_location_buckets) for d in ev.locations), np.int64, L)
+    else:
+        out["location"] = zeros
+    if L and start == 0:
+        gap_log[0] = 0.0
+    out["gap_log"] = gap_log
+    return out
+
+
+def encode_last(history: EventSeq, vocab: ItemVocab, cfg: "ModelConfig", n: int = 1) -> dict[str, np.ndarray]:
+    """The features of the last ``n`` events only — identical to ``encode(history)[-n:]`` (it *is*
+    :func:`encode`, on the last ``n + 1`` events so the first of them still sees its predecessor)."""
+    enc = encode(history.tail(n + 1), vocab, cfg, max_len=n + 1)
+    if len(history) > n:
+        return {k: v[1:] for k, v in enc.items()}
+    return enc
+
+
+def collate(encoded: Sequence[dict[str, np.ndarray]], pad_to: int | None = None) -> dict[str, "torch.Tensor"]:
+    """Right-pad a list of :func:`encode` outputs into a batch.
+
+    Returns ``{feature: LongTensor[B, T]}``, ``gap_log: FloatTensor[B, T]`` and
+    ``lengths: LongTensor[B]``, with ``T = max(lengths)`` (or ``pad_to``).
+    """
+    import torch
+
+    B = len(encoded)
+    lengths = np.fromiter((len(e["item"]) for e in encoded), np.int64, B)
+    T = int(lengths.max(initial=0)) if pad_to is None else int(pad_to)
+    out: dict[str, torch.Tensor] = {}
+    for key in (*INT_FEATURES, "gap_log"):
+        arr = np.zeros((B, T), np.float32 if key == "gap_log" else np.int64)
+        for r, e in enumerate(encoded):
+            v = e[key]
+            arr[r, : len(v)] = v[:T]
+        out[key] = torch.from_numpy(arr)
+    out["lengths"] = torch.from_numpy(np.minimum(lengths, T))
+    return out
+
+
+def encode_batch(histories: Sequence[EventSeq], vocab: ItemVocab, cfg: "ModelConfig") -> dict[str, "torch.Tensor"]:
+    """``collate([encode(h) for h in histories])`` — the serving entry point."""
+    return collate([encode(h, vocab, cfg) for h in histories])
+
+
+def gap_bucket_upper_s(bucket: int) -> float:
+    """Upper bound in seconds of gap bucket ``bucket`` (>= 2), for reports.
+
+    >>> gap_bucket_upper_s(2), gap_bucket_upper_s(7)
+    (1.0, 63.0)
+    """
+    return math.pow(2.0, bucket - 1) - 1.0

@@ -1,0 +1,503 @@
+"""The next-action Transformer: our embeddings and heads around a `transformers` backbone.
+
+Token embedding = LayerNorm(sum of item / action / gap / hour / dow / device / location embeddings),
+positions come from the backbone (RoPE in ``llama``, learned in ``gpt2``/``bert``). The backbone is
+built from a config (never downloaded) and fed ``inputs_embeds``. Heads, on every position ``t``
+(each predicts event ``t + 1``):
+
+* next item: ``h_t · E_item`` (the item table is tied to the input) + a per-item bias + a **repeat
+  score** added to the items of the user's own history: ``q(h_t) · k(h_j) / sqrt(d) + recency(t - j)``
+  summed over ``j <= t`` with item ``i_j`` — so the model can learn to favour (or suppress) repeat
+  consumption, which first-order Markov / recent-items baselines exploit. Trained with full-softmax
+  cross-entropy (SASRec+/gSASRec), or sampled softmax for huge catalogues.
+* next action: 5-way softmax.  * time to next event: regression on ``log1p(seconds)`` (Huber).
+
+Serving: :meth:`NextActionModel.score_last` on a batch, or incrementally :meth:`prefill` once per
+user then :meth:`step` with one new token per event (:class:`KVState` holds the per-user attention
+keys/values plus the repeat keys). Incremental outputs equal full recomputation while the user's
+window is not full (``length < max_len``); after that :meth:`step` either asks for a re-prefill
+or, with ``evict=True`` (``llama`` only), drops the oldest token (sliding-window attention: RoPE
+keeps relative positions exact; the remaining cached states still remember the evicted token, a
+small approximation — re-prefill every few events to bound it).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from models.config import ModelConfig
+from models.encoding import INT_FEATURES, MASK, PAD
+from models.schema import ACTIONS
+
+N_ACTIONS = len(ACTIONS)
+_N_SPECIAL = 2  # padding and mask rows are never scored
+
+
+class _DropFirst(nn.Module):
+    """Dropout on a module's output (first element when it returns a tuple): residual dropout
+    for backbones such as Llama that have none of their own."""
+
+    def __init__(self, inner: nn.Module, p: float) -> None:
+        super().__init__()
+        self.inner, self.drop = inner, nn.Dropout(p)
+
+    def forward(self, *args, **kwargs):
+        return self.drop(self.inner(*args, **kwargs))
+
+
+def build_backbone(cfg: ModelConfig) -> nn.Module:
+    """A freshly initialised `transformers` backbone for ``cfg`` (no hub access)."""
+    d, ff = cfg.d_model, cfg.ffn_mult * cfg.d_model
+    if cfg.backbone == "llama":
+        from transformers import LlamaConfig, LlamaModel
+
+        hf = LlamaConfig(vocab_size=1, hidden_size=d, intermediate_size=ff, num_hidden_layers=cfg.n_layers,
+                         num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.n_heads,
+                         max_position_embeddings=max(4 * cfg.max_len, 512), attention_dropout=cfg.dropout,
+                         rms_norm_eps=1e-6, pad_token_id=None, bos_token_id=None, eos_token_id=None,
+                         tie_word_embeddings=False, use_cache=False, attn_implementation="sdpa")
+        model = LlamaModel(hf)
+        if cfg.dropout > 0:
+            for layer in model.layers:
+                layer.mlp = _DropFirst(layer.mlp, cfg.dropout)
+                layer.self_attn.o_proj = _DropFirst(layer.self_attn.o_proj, cfg.dropout)
+        return model
+    if cfg.backbone == "gpt2":
+        from transformers import GPT2Config, GPT2Model
+
+        hf = GPT2Config(vocab_size=1, n_positions=cfg.max_len, n_embd=d, n_layer=cfg.n_layers, n_head=cfg.n_heads,
+                        n_inner=ff, resid_pdrop=cfg.dropout, embd_pdrop=cfg.dropout, attn_pdrop=cfg.dropout,
+                        bos_token_id=None, eos_token_id=None, pad_token_id=None,
+                        use_cache=False, attn_implementation="sdpa")
+        return GPT2Model(hf)
+    if cfg.backbone == "bert":
+        from transformers import BertConfig, BertModel
+
+        hf = BertConfig(vocab_size=1, hidden_size=d, num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads,
+                        intermediate_size=ff, hidden_dropout_prob=cfg.dropout,
+                        attention_probs_dropout_prob=cfg.dropout, max_position_embeddings=cfg.max_len,
+                        type_vocab_size=1, is_decoder=True, use_cache=False, attn_implementation="sdpa")
+        return BertModel(hf, add_pooling_layer=False)
+    raise ValueError(f"unknown backbone {cfg.backbone!r}")
+
+
+@dataclass
+class KVState:
+    """Per-user incremental state for a batch of users (right-padded along ``T``).
+
+    ``keys``/``values``: one ``[B, H, T, dh]`` tensor per layer; ``rep_k``: ``[B, T, d]`` repeat-head
+    keys; ``items``: ``[B, T]`` vocabulary indices of the cached events (0 = empty slot);
+    ``lengths``: ``[B]`` cached tokens per user; ``positions``: ``[B]`` the position id the next
+    token gets (equals ``lengths`` until tokens are evicted).
+    """
+
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+    rep_k: torch.Tensor
+    items: torch.Tensor
+    lengths: torch.Tensor
+    positions: torch.Tensor
+
+    @property
+    def batch_size(self) -> int:
+        return int(self.lengths.shape[0])
+
+    def split(self) -> list["KVState"]:
+        """One state per user, trimmed to its own length (for a per-user LRU cache)."""
+        out = []
+        for b in range(self.batch_size):
+            n = int(self.lengths[b])
+            out.append(KVState([k[b:b + 1, :, :n].clone() for k in self.keys],
+                               [v[b:b + 1, :, :n].clone() for v in self.values],
+                               self.rep_k[b:b + 1, :n].clone(), self.items[b:b + 1, :n].clone(),
+                               self.lengths[b:b + 1].clone(), self.positions[b:b + 1].clone()))
+        return out
+
+    @staticmethod
+    def stack(states: list["KVState"]) -> "KVState":
+        """Right-pad and concatenate single- or multi-user states into one batch state."""
+        T = max(int(s.lengths.max()) for s in states)
+
+        def pad(t: torch.Tensor, dim: int) -> torch.Tensor:
+            extra = T - t.shape[dim]
+            if extra == 0:
+                return t
+            shape = list(t.shape)
+            shape[dim] = extra
+            return torch.cat([t, t.new_zeros(shape)], dim=dim)
+
+        n_layers = len(states[0].keys)
+        return KVState([torch.cat([pad(s.keys[i], 2) for s in states]) for i in range(n_layers)],
+                       [torch.cat([pad(s.values[i], 2) for s in states]) for i in range(n_layers)],
+                       torch.cat([pad(s.rep_k, 1) for s in states]), torch.cat([pad(s.items, 1) for s in states]),
+                       torch.cat([s.lengths for s in states]), torch.cat([s.positions for s in states]))
+
+    def to(self, device: torch.device | str) -> "KVState":
+        return KVState([k.to(device) for k in self.keys], [v.to(device) for v in self.values],
+                       self.rep_k.to(device), self.items.to(device), self.lengths.to(device),
+                       self.positions.to(device))
+
+    def nbytes(self) -> int:
+        ts = [*self.keys, *self.values, self.rep_k, self.items, self.lengths, self.positions]
+        return sum(t.numel() * t.element_size() for t in ts)
+
+
+class NextActionModel(nn.Module):
+    """See the module docstring. ``forward(batch) -> (outputs, loss)``; ``score_last(batch)`` for serving."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        if cfg.n_items == 0:
+            from stream_app.errors import ConfigError
+
+            raise ConfigError("n_items", 0, "set it to len(ItemVocab) (models.train.model_config_for does)")
+        self.cfg = cfg
+        d = cfg.d_model
+        self.first_item = _N_SPECIAL + cfg.n_hash_buckets  # ItemVocab layout: pad, mask, buckets, items
+        self.item_emb = nn.Embedding(cfg.n_items, d, padding_idx=PAD)
+        sizes = {"action": N_ACTIONS + 1, "gap": cfg.n_gap_buckets, "hour": 25, "dow": 8,
+                 "device": cfg.n_device_buckets, "location": cfg.n_location_buckets}
+        self.feat_emb = nn.ModuleDict({f: nn.Embedding(n, d, padding_idx=0) for f, n in sizes.items()
+                                       if cfg.uses(f)})
+        self.emb_norm = nn.LayerNorm(d)
+        self.emb_drop = nn.Dropout(cfg.dropout)
+        self.backbone = build_backbone(cfg)
+        self.out_drop = nn.Dropout(cfg.dropout)
+        self.item_bias = nn.Parameter(torch.zeros(cfg.n_items))
+        if cfg.repeat_head:
+            self.rep_q = nn.Linear(d, d)
+            self.rep_k = nn.Linear(d, d)
+            self.rep_recency = nn.Embedding(cfg.max_len + 1, 1)
+        self.action_head = nn.Linear(d, N_ACTIONS) if cfg.action_head else None
+        self.gap_head = nn.Linear(d, 1) if cfg.gap_head else None
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        nn.init.normal_(self.item_emb.weight, std=0.05)
+        for emb in self.feat_emb.values():
+            nn.init.normal_(emb.weight, std=0.05)
+        with torch.no_grad():
+            self.item_emb.weight[PAD].zero_()
+            for emb in self.feat_emb.values():
+                emb.weight[0].zero_()
+        if self.cfg.repeat_head:
+            nn.init.normal_(self.rep_q.weight, std=0.02)
+            nn.init.normal_(self.rep_k.weight, std=0.02)
+            nn.init.zeros_(self.rep_q.bias)
+            nn.init.zeros_(self.rep_k.bias)
+            nn.init.zeros_(self.rep_recency.weight)
+
+    @torch.no_grad()
+    def init_item_bias(self, counts) -> None:
+        """Start the per-item bias at centred ``log(1 + count)`` of the training events (``counts``
+        indexed by vocabulary): the model starts at the popularity prior instead of uniform, which
+        saves the first epoch(s) of full-softmax training."""
+        c = torch.as_tensor(counts, dtype=torch.float32, device=self.item_bias.device)
+        b = torch.log1p(c)
+        known = b[self.first_item:]
+        b = b - (known.mean() if known.numel() else 0.0)
+        b[: self.first_item] = b[self.first_item:].min() if known.numel() else 0.0
+        self.item_bias.copy_(b)
+
+    # ------------------------------------------------------------------------------------------
+    # building blocks
+    # ------------------------------------------------------------------------------------------
+    def embed(self, batch: dict[str, torch.Tensor], items: torch.Tensor | None = None) -> torch.Tensor:
+        """Token embeddings ``[B, T, d]`` (``items`` overrides ``batch['item']``, e.g. masked)."""
+        x = self.item_emb(batch["item"] if items is None else items)  # (B, T, d)
+        for f, emb in self.feat_emb.items():
+            x = x + emb(batch[f])
+        return self.emb_drop(self.emb_norm(x))
+
+    def _run_backbone(self, x: torch.Tensor, attention_mask=None, position_ids=None, past_key_values=None,
+                      use_cache: bool = False):
+        kw = {}
+        if position_ids is not None:
+            kw["position_ids"] = position_ids
+        out = self.backbone(inputs_embeds=x, attention_mask=attention_mask, past_key_values=past_key_values,
+                            use_cache=use_cache, **kw)
+        return out.last_hidden_state, out.past_key_values
+
+    def hidden(self, batch: dict[str, torch.Tensor], bidirectional: bool = False,
+               items: torch.Tensor | None = None) -> torch.Tensor:
+        """Backbone output ``[B, T, d]``. Causal: right padding needs no mask (padding only
+        follows valid tokens). Bidirectional: a 4-D padding mask is passed as-is."""
+        x = self.embed(batch, items)  # (B, T, d)
+        mask = None
+        if bidirectional:
+            T = x.shape[1]
+            valid = torch.arange(T, device=x.device)[None, :] < batch["lengths"].to(x.device)[:, None]  # (B, T)
+            mask = valid[:, None, None, :].expand(-1, 1, T, T)  # (B, 1, T, T) True = attend
+        h, _ = self._run_backbone(x, attention_mask=mask)
+        return self.out_drop(h)
+
+    def _repeat_scores(self, h: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """``r[b, t, j]`` for ``j <= t < length`` else 0: ``[B, T, T]``."""
+        B, T, d = h.shape
+        q, k = self.rep_q(h), self.rep_k(h)  # (B, T, d)
+        r = q @ k.transpose(1, 2) / math.sqrt(d)  # (B, T, T)
+        ar = torch.arange(T, device=h.device)
+        dist = (ar[:, None] - ar[None, :]).clamp(0, self.cfg.max_len)  # (T, T)
+        r = r + self.rep_recency(dist).squeeze(-1)
+        keep = (ar[None, :] <= ar[:, None])[None] & (ar[None, None, :] < lengths[:, None, None])  # (B, T, T)
+        return r.masked_fill(~keep, 0.0)
+
+    def item_logits(self, h: torch.Tensor, rep: torch.Tensor | None = None,
+                    hist_items: torch.Tensor | None = None) -> torch.Tensor:
+        """Scores over the whole vocabulary ``[N, V]`` for hidden states ``h [N, d]``; ``rep [N, T]``
+        and ``hist_items [N, T]`` add the repeat scores onto the history items. Padding and mask
+        rows are ``-inf``."""
+        logits = torch.addmm(self.item_bias, h, self.item_emb.weight.T)  # (N, V)
+        if rep is not None:
+            logits.scatter_add_(1, hist_items, rep.to(logits.dtype))
+        logits[:, :_N_SPECIAL] = float("-inf")
+        return logits
+
+    # ------------------------------------------------------------------------------------------
+    # training
+    # ------------------------------------------------------------------------------------------
+    def forward(self, batch: dict[str, torch.Tensor], objective: str = "causal"):
+        """Train/eval pass over all positions. ``batch`` is a :func:`models.encoding.collate` output.
+
+        ``objective='causal'``: position ``t`` predicts event ``t + 1`` (item, action, gap).
+        ``objective='masked'``: BERT4Rec-style — random items replaced by the mask token,
+        bidirectional attention, predict the masked items.
+        Returns ``(outputs, loss)`` with ``outputs = {hidden [B,T,d], action_logits [B,T,5],
+        gap_pred [B,T], n_targets}`` and ``loss`` a scalar (with per-part values in ``outputs``).
+        """
+        if objective == "masked":
+            return self._forward_masked(batch)
+        items, lengths = batch["item"], batch["lengths"]
+        inp, T = _inputs(batch, self.cfg.max_len)  # a window of max_len + 1 events: max_len inputs
+        h = self.hidden(inp)  # (B, T, d)
+        ar = torch.arange(T, device=items.device)
+        tmask = ar[None, :] < (lengths[:, None] - 1)  # (B, T): positions with a next event
+        rows, cols = tmask.nonzero(as_tuple=True)  # N target positions
+        h_n = h[rows, cols]  # (N, d)
+        tgt_item = items[rows, cols + 1]  # (N,)
+        rep = hist = None
+        if self.cfg.repeat_head:
+            rep = self._repeat_scores(h, inp["lengths"])[rows, cols]  # (N, T)
+            hist = inp["item"][rows]  # (N, T); entries past the position carry rep = 0
+        outputs: dict[str, torch.Tensor] = {"hidden": h, "n_targets": torch.tensor(len(rows))}
+        loss_item = self._item_loss(h_n, tgt_item, rep, hist)
+        loss = loss_item
+        outputs["loss_item"] = loss_item.detach()
+        if self.action_head is not None:
+            a_logits = self.action_head(h)  # (B, T, 5)
+            outputs["action_logits"] = a_logits
+            tgt_action = batch["action"][rows, cols + 1] - 1  # (N,)
+            if bool((tgt_action >= 0).all()):  # actions present (feature on)
+                loss_a = F.cross_entropy(a_logits[rows, cols], tgt_action)
+                loss = loss + self.cfg.action_loss_weight * loss_a
+                outputs["loss_action"] = loss_a.detach()
+        if self.gap_head is not None:
+            g = self.gap_head(h).squeeze(-1)  # (B, T)
+            outputs["gap_pred"] = g
+            loss_g = F.huber_loss(g[rows, cols], batch["gap_log"][rows, cols + 1].to(g.dtype))
+            loss = loss + self.cfg.gap_loss_weight * loss_g
+            outputs["loss_gap"] = loss_g.detach()
+        return outputs, loss
+
+    def _item_loss(self, h_n, tgt, rep, hist) -> torch.Tensor:
+        cfg = self.cfg
+        if len(tgt) == 0:
+            return h_n.sum() * 0.0
+        if cfg.n_negatives <= 0:
+            # softmax over the known-item rows only (targets are always known items: padding, mask
+            # and hash-bucket rows are skipped), computed without copying the (N, V) matrix
+            first = self.first_item
+            logits = torch.addmm(self.item_bias[first:], h_n, self.item_emb.weight[first:].T)  # (N, n_known)
+            if rep is not None:
+                known = hist >= first
+                logits.scatter_add_(1, (hist - first).clamp(min=0), rep.masked_fill(~known, 0.0).to(logits.dtype))
+            y = torch.where(tgt >= first, tgt - first, torch.full_like(tgt, -100))  # unknown targets ignored
+            if bool((y < 0).all()):
+                return logits.sum() * 0.0
+            return F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
+        # sampled softmax: the target + K negatives shared by the batch (uniform over real rows)
+        neg = torch.randint(self.first_item, cfg.n_items, (cfg.n_negatives,), device=h_n.device)  # (K,)
+        cand = torch.cat([tgt[:, None], neg[None, :].expand(len(tgt), -1)], dim=1)  # (N, 1+K)
+        logits = (h_n[:, None, :] * self.item_emb(cand)).sum(-1) + self.item_bias[cand]  # (N, 1+K)
+        if rep is not None:
+            logits = logits + torch.einsum("nt,ntk->nk", rep, (hist[:, :, None] == cand[:, None, :]).to(rep.dtype))
+        logits[:, 1:] = logits[:, 1:].masked_fill(cand[:, 1:] == tgt[:, None], float("-inf"))
+        return F.cross_entropy(logits.float(), torch.zeros_like(tgt))
+
+    def _forward_masked(self, batch):
+        batch, _ = _inputs(batch, self.cfg.max_len)
+        items, lengths = batch["item"], batch["lengths"]
+        B, T = items.shape
+        valid = torch.arange(T, device=items.device)[None, :] < lengths[:, None]  # (B, T)
+        m = (torch.rand(B, T, device=items.device) < self.cfg.mask_prob) & valid
+        # always mask the last event of some sequences, as the fine-tune/serving task predicts the end
+        last = torch.zeros_like(m)
+        last[torch.arange(B), (lengths - 1).clamp(min=0)] = torch.rand(B, device=items.device) < 0.5
+        m = m | (last & valid)
+        h = self.hidden(batch, bidirectional=True, items=items.masked_fill(m, MASK))  # (B, T, d)
+        rows, cols = m.nonzero(as_tuple=True)
+        loss = self._item_loss(h[rows, cols], items[rows, cols], None, None)
+        return {"hidden": h, "n_targets": torch.tensor(len(rows)), "loss_item": loss.detach()}, loss
+
+    # ------------------------------------------------------------------------------------------
+    # serving
+    # ------------------------------------------------------------------------------------------
+    def _heads_last(self, h_last: torch.Tensor, rep: torch.Tensor | None, hist: torch.Tensor | None) -> dict:
+        out = {"hidden": h_last, "item_scores": self.item_logits(h_last, rep, hist)}  # (B, V)
+        if self.action_head is not None:
+            out["action_probs"] = torch.softmax(self.action_head(h_last).float(), dim=-1)  # (B, 5)
+        else:
+            out["action_probs"] = torch.full((h_last.shape[0], N_ACTIONS), 1.0 / N_ACTIONS, device=h_last.device)
+        if self.gap_head is not None:
+            out["gap_log_s"] = self.gap_head(h_last).squeeze(-1).float()  # (B,)
+        else:
+            out["gap_log_s"] = torch.zeros(h_last.shape[0], device=h_last.device)
+        return out
+
+    def score_last(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Serving outputs for the last event of each history: ``action_probs [B, 5]``,
+        ``item_scores [B, V]`` (whole vocabulary, ``-inf`` on padding/mask rows; higher = more
+        likely next), ``gap_log_s [B]`` (predicted ``log1p`` seconds to the next event)."""
+        items, lengths = batch["item"], batch["lengths"]
+        B, T = items.shape
+        h = self.hidden(batch)  # (B, T, d)
+        last = (lengths - 1).clamp(min=0)
+        ar = torch.arange(B, device=items.device)
+        h_last = h[ar, last]  # (B, d)
+        rep = None
+        if self.cfg.repeat_head:
+            rep = self._repeat_scores(h, lengths)[ar, last]  # (B, T)
+        return self._heads_last(h_last, rep, items if rep is not None else None)
+
+    @torch.no_grad()
+    def prefill(self, batch: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], KVState]:
+        """:meth:`score_last` plus the :class:`KVState` to continue each user with :meth:`step`."""
+        items, lengths = batch["item"], batch["lengths"]
+        B, T = items.shape
+        x = self.embed(batch)
+        h, cache = self._run_backbone(x, use_cache=True)
+        h = self.out_drop(h)
+        ar = torch.arange(B, device=items.device)
+        last = (lengths - 1).clamp(min=0)
+        rep = rep_k = None
+        if self.cfg.repeat_head:
+            rep = self._repeat_scores(h, lengths)[ar, last]
+            rep_k = self.rep_k(h)  # (B, T, d)
+        else:
+            rep_k = h.new_zeros(B, T, 0)
+        keys, values = _cache_tensors(cache)
+        valid = torch.arange(T, device=items.device)[None, :] < lengths[:, None]
+        state = KVState(keys, values, rep_k, items.masked_fill(~valid, PAD), lengths.clone(), lengths.clone())
+        return self._heads_last(h[ar, last], rep, items if rep is not None else None), state
+
+    @torch.no_grad()
+    def step(self, tokens: dict[str, torch.Tensor], state: KVState, evict: bool = False
+             ) -> tuple[dict[str, torch.Tensor], KVState]:
+        """Append one new event per user (``tokens``: a collate of :func:`models.encoding.encode_last`
+        outputs, ``[B, 1]``) to ``state``; return the serving outputs for it and the new state.
+
+        Raises ``ValueError`` if a user's window is full (``length == max_len``) unless ``evict``.
+        """
+        cfg = self.cfg
+        B = tokens["item"].shape[0]
+        dev = tokens["item"].device
+        lengths, positions = state.lengths.to(dev), state.positions.to(dev)
+        full = lengths >= cfg.max_len
+        if bool(full.any()):
+            if not evict:
+                raise ValueError(f"{int(full.sum())} user window(s) already hold max_len={cfg.max_len} tokens: "
+                                 "re-prefill from the history or call step(..., evict=True)")
+            if cfg.backbone != "llama":
+                raise ValueError(f"evict=True needs relative positions (llama backbone), not {cfg.backbone!r}")
+            state = _evict_oldest(state, full)
+            lengths = state.lengths
+        T = state.keys[0].shape[2]
+        x = self.embed(tokens)  # (B, 1, d)
+        from transformers import DynamicCache
+
+        cache = DynamicCache()
+        for i, (k, v) in enumerate(zip(state.keys, state.values)):
+            cache.update(k, v, i)
+        ar_t = torch.arange(T, device=dev)
+        attn = torch.cat([(ar_t[None, :] < lengths[:, None]), torch.ones(B, 1, dtype=torch.bool, device=dev)], 1)
+        pos_ids = positions[:, None]
+        if cfg.backbone != "llama":
+            pos_ids = lengths[:, None]  # learned absolute positions = window index
+        h, cache = self._run_backbone(x, attention_mask=attn.long(), position_ids=pos_ids, past_key_values=cache,
+                                      use_cache=True)
+        h = self.out_drop(h)[:, 0]  # (B, d)
+        new_k, new_v = _cache_tensors(cache)  # each (B, H, T+1, dh); the new token sits at index T
+        ar_b = torch.arange(B, device=dev)
+        keys, values = [], []
+        for k, v in zip(new_k, new_v):
+            k2, v2 = k.clone(), v.clone()
+            k2[ar_b, :, lengths] = k[:, :, T]
+            v2[ar_b, :, lengths] = v[:, :, T]
+            keys.append(k2)
+            values.append(v2)
+        items = torch.cat([state.items.to(dev), state.items.new_zeros(B, 1).to(dev)], 1)
+        items[ar_b, lengths] = tokens["item"][:, 0]
+        rep = None
+        if cfg.repeat_head:
+            rk = torch.cat([state.rep_k.to(dev), state.rep_k.new_zeros(B, 1, state.rep_k.shape[2]).to(dev)], 1)
+            rk[ar_b, lengths] = self.rep_k(h)
+            q = self.rep_q(h)  # (B, d)
+            rep = (rk @ q[:, :, None]).squeeze(-1) / math.sqrt(cfg.d_model)  # (B, T+1)
+            ar_t1 = torch.arange(T + 1, device=dev)
+            dist = (lengths[:, None] - ar_t1[None, :]).clamp(0, cfg.max_len)
+            rep = rep + self.rep_recency(dist).squeeze(-1)
+            rep = rep.masked_fill(ar_t1[None, :] > lengths[:, None], 0.0)
+        else:
+            rk = state.rep_k.new_zeros(B, T + 1, 0)
+        new_state = KVState(keys, values, rk, items, lengths + 1, positions + 1)
+        new_state = _trim(new_state)
+        return self._heads_last(h, rep, items if rep is not None else None), new_state
+
+
+def _inputs(batch: dict[str, torch.Tensor], max_len: int) -> tuple[dict[str, torch.Tensor], int]:
+    """The first ``min(T, max_len)`` columns of a batch (training windows hold max_len + 1 events;
+    the last one is only a target)."""
+    T = batch["item"].shape[1]
+    if T <= max_len:
+        return batch, T
+    inp = {k: (v[:, :max_len] if k != "lengths" else v.clamp(max=max_len)) for k, v in batch.items()}
+    return inp, max_len
+
+
+def _cache_tensors(cache) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Per-layer key and value tensors ``[B, H, T, dh]`` of a `transformers` cache."""
+    if hasattr(cache, "layers"):
+        return [lay.keys for lay in cache.layers], [lay.values for lay in cache.layers]
+    if hasattr(cache, "self_attention_cache"):  # encoder-decoder wrapper (bert as decoder)
+        return _cache_tensors(cache.self_attention_cache)
+    raise TypeError(f"unsupported cache type {type(cache).__name__}")
+
+
+def _evict_oldest(state: KVState, rows: torch.Tensor) -> KVState:
+    """Drop the first cached token of the users in ``rows`` (bool ``[B]``), shifting left."""
+    T = state.keys[0].shape[2]
+    dev = state.lengths.device
+    idx = torch.arange(T, device=dev)[None, :] + rows.long()[:, None]  # (B, T)
+    idx = idx.clamp(max=T - 1)
+
+    def shift(t: torch.Tensor, dim: int) -> torch.Tensor:
+        shape = [t.shape[0]] + [1] * (t.dim() - 1)
+        shape[dim] = T
+        return torch.gather(t, dim, idx.view(shape).expand_as(t))
+
+    lengths = state.lengths - rows.long()
+    return KVState([shift(k, 2) for k in state.keys], [shift(v, 2) for v in state.values], shift(state.rep_k, 1)
+                   if state.rep_k.shape[-1] else state.rep_k, shift(state.items, 1), lengths, state.positions)
+
+
+def _trim(state: KVState) -> KVState:
+    T = int(state.lengths.max())
+    if T == state.keys[0].shape[2]:
+        return state
+    return KVState([k[:, :, :T] for k in state.keys], [v[:, :, :T] for v in state.values], state.rep_k[:, :T],
+                   state.items[:, :T], state.lengths, state.positions)

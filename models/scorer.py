@@ -1,0 +1,150 @@
+"""The trained Transformer as a scorer (offline evaluator contract) and a stream ``Predictor``.
+
+>>> from models.config import ModelConfig
+>>> from models.encoding import ItemVocab
+>>> from models.model import NextActionModel
+>>> from models.schema import EventSeq
+>>> vocab = ItemVocab(["a", "b", "c"], n_hash_buckets=4)
+>>> s = TransformerScorer(NextActionModel(ModelConfig(n_items=len(vocab), n_hash_buckets=4, d_model=16)), vocab)
+>>> h = EventSeq.from_columns(["a", "b"], ["view", "cart"], [0, 60_000])
+>>> s.score_items([h]).shape, s.score_actions([h]).shape, s.predict_gap_s([h]).shape
+((1, 3), (1, 5), (1,))
+>>> p = s.predict([h, EventSeq.empty()], k=2)[0]
+>>> len(p.top_items), abs(sum(p.action_probs) - 1) < 1e-6, {i for i, _ in p.top_items} <= {"a", "b", "c"}
+(2, True, True)
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from models.encoding import ItemVocab, collate, encode
+from models.predictor import Prediction
+from models.schema import EventSeq
+
+
+class TransformerScorer:
+    """Wraps a :class:`~models.model.NextActionModel` + vocabulary.
+
+    * evaluator contract: ``score_items(histories) -> [B, len(items)]`` aligned to ``items``
+      (default: the vocabulary's known items; pass a dataset's ``items`` to align to it — ids the
+      vocabulary does not know are scored through their hash bucket), ``score_actions`` ``[B, 5]``,
+      ``predict_gap_s`` ``[B]``;
+    * :class:`~models.predictor.Predictor`: ``version``, ``predict(histories, k)``, ``observe``.
+
+    Histories are encoded with :func:`models.encoding.encode` (the one encoding) and run in batches
+    of ``batch_size`` under ``torch.inference_mode`` (bf16 autocast on CUDA).
+    """
+
+    name = "transformer"
+
+    def __init__(self, model, vocab: ItemVocab, items: Sequence[str] | None = None, *, version: str = "untrained",
+                 device: str | None = None, batch_size: int = 512, metadata: dict | None = None) -> None:
+        import torch
+
+        self.model = model
+        self.vocab = vocab
+        self.cfg = model.cfg
+        self.version = version
+        self.batch_size = int(batch_size)
+        self.metadata = dict(metadata or {})
+        self.device = torch.device(device) if device else next(model.parameters()).device
+        self.model.to(self.device).eval()
+        self._cache: tuple[list[EventSeq], dict] | None = None
+        self.align(items if items is not None else vocab.items)
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_checkpoint(cls, path: str | Path, items=None, device: str = "auto", **kw) -> "TransformerScorer":
+        """Load (and verify) a checkpoint. ``items``: a Dataset (its ``items``) or an item-id list."""
+        from models.checkpoint import load_checkpoint
+        from models.config import resolve_device
+
+        ck = load_checkpoint(path, device=resolve_device(device))
+        if items is not None and hasattr(items, "items") and not isinstance(items, (list, tuple)):
+            items = items.items
+        return cls(ck.model, ck.vocab, items, version=ck.version, metadata=ck.metadata, **kw)
+
+    load = from_checkpoint
+
+    def align(self, items: Sequence[str]) -> "TransformerScorer":
+        """Set the item list (and order) that ``score_items`` columns follow."""
+        self.items = list(items)
+        self._cols = self.vocab.indices(self.items)
+        return self
+
+    # ------------------------------------------------------------------ core
+    def encode_batch(self, histories: Sequence[EventSeq]) -> dict:
+        """The model input for ``histories`` — exactly what training would build for the same prefix
+        (``collate`` of ``encode``); empty histories become one padding token."""
+        enc = [encode(h, self.vocab, self.cfg) for h in histories]
+        batch = collate(enc)
+        if batch["item"].shape[1] == 0 or bool((batch["lengths"] == 0).any()):
+            import torch
+
+            if batch["item"].shape[1] == 0:
+                batch = {k: (v.new_zeros(len(enc), 1) if k != "lengths" else v) for k, v in batch.items()}
+            batch["lengths"] = torch.clamp(batch["lengths"], min=1)
+        return batch
+
+    def run(self, histories: Sequence[EventSeq]) -> dict[str, np.ndarray]:
+        """``{item_scores [B, V], action_probs [B, 5], gap_log_s [B]}`` as numpy (memoised for the
+        last list of histories, so the evaluator's three calls cost one forward pass)."""
+        import torch
+
+        if self._cache is not None and len(self._cache[0]) == len(histories) and all(
+                a is b for a, b in zip(self._cache[0], histories)):
+            return self._cache[1]
+        outs: dict[str, list[np.ndarray]] = {"item_scores": [], "action_probs": [], "gap_log_s": []}
+        cuda = self.device.type == "cuda"
+        # run similar lengths together (less padding), then restore the input order
+        order = np.argsort([min(len(h), self.cfg.max_len) for h in histories], kind="stable")
+        with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
+            for s in range(0, len(histories), self.batch_size):
+                batch = self.encode_batch([histories[i] for i in order[s: s + self.batch_size]])
+                batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+                o = self.model.score_last(batch)
+                for k in outs:
+                    outs[k].append(o[k].float().cpu().numpy())
+        inv = np.empty(len(order), np.int64)
+        inv[order] = np.arange(len(order))
+        res = {k: (np.concatenate(v)[inv] if v else np.zeros((0,))) for k, v in outs.items()}
+        self._cache = (list(histories), res)
+        return res
+
+    # ------------------------------------------------------------------ evaluator contract
+    def score_items(self, histories: Sequence[EventSeq]) -> np.ndarray:
+        return self.run(histories)["item_scores"][:, self._cols]
+
+    def score_actions(self, histories: Sequence[EventSeq]) -> np.ndarray:
+        return self.run(histories)["action_probs"].astype(np.float64)
+
+    def predict_gap_s(self, histories: Sequence[EventSeq]) -> np.ndarray:
+        return np.expm1(np.clip(self.run(histories)["gap_log_s"].astype(np.float64), 0.0, 30.0))
+
+    # ------------------------------------------------------------------ Predictor protocol
+    def predict(self, histories: Sequence[EventSeq], k: int) -> list[Prediction]:
+        r = self.run(histories)
+        first = self.vocab.first_item
+        scores = r["item_scores"][:, first:]  # known items only (no padding / mask / hash buckets)
+        k_eff = min(int(k), scores.shape[1])
+        out: list[Prediction] = []
+        if k_eff > 0:
+            top = np.argpartition(-scores, k_eff - 1, axis=1)[:, :k_eff]
+            top_s = np.take_along_axis(scores, top, 1)
+            order = np.argsort(-top_s, axis=1, kind="stable")
+            top, top_s = np.take_along_axis(top, order, 1), np.take_along_axis(top_s, order, 1)
+        probs = r["action_probs"].astype(np.float64)
+        probs = probs / probs.sum(axis=1, keepdims=True)
+        gaps = self.predict_gap_s(histories)
+        items = self.vocab.items
+        for b in range(len(histories)):
+            tops = [(items[int(i)], float(s)) for i, s in zip(top[b], top_s[b])] if k_eff > 0 else []
+            out.append(Prediction(action_probs=probs[b].tolist(), top_items=tops, next_gap_s=float(gaps[b])))
+        return out
+
+    def observe(self, history: EventSeq) -> None:
+        """No-op: the offline model does not learn from the stream (online/ does)."""

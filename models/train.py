@@ -1,0 +1,296 @@
+"""Offline training: ``train(ds, model_cfg, train_cfg, out_dir) -> (checkpoint_path, history)``.
+
+* Examples: every training sequence (``Split.train``) is cut into windows of up to ``max_len + 1``
+  events with :func:`models.encoding.encode` (``max_len`` inputs, each predicting its successor);
+  long histories give several windows (``window_stride``). Batches group similar lengths and pad
+  only to the longest in the batch.
+* AdamW, linear warm-up then cosine/linear decay (fitted to the time budget after the first epoch),
+  gradient clipping, seeded; bf16 autocast on CUDA, fp32 on CPU.
+* Validation NDCG@10 (full ranking, :func:`models.evaluate.evaluate`) every ``eval_every`` epochs,
+  early stopping with ``patience``; the best epoch is checkpointed (atomically) to ``out_dir``.
+* ``objective='masked_then_causal'``: BERT4Rec-style masked pretraining first, then causal.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from models.config import ModelConfig, TrainConfig, resolve_device
+from models.encoding import ItemVocab, collate, encode
+from models.schema import EventSeq
+
+
+def model_config_for(ds, base: ModelConfig | None = None, **overrides) -> tuple[ModelConfig, ItemVocab]:
+    """A model config fitted to ``ds``: vocabulary size from its items; time features and the time
+    head off when the dataset has no real timestamps; the action feature/head off without actions."""
+    base_kw = base.to_dict() if base is not None else {}
+    base_kw.update(overrides)
+    n_hash = int(base_kw.get("n_hash_buckets", ModelConfig.__dataclass_fields__["n_hash_buckets"].default))
+    vocab = ItemVocab(ds.items, n_hash_buckets=n_hash)
+    feats = list(base_kw.get("features", ModelConfig.__dataclass_fields__["features"].default))
+    if not ds.has_time:
+        feats = [f for f in feats if f not in ("gap", "hour", "dow")]
+        base_kw["gap_head"] = False
+    if not ds.has_actions:
+        feats = [f for f in feats if f != "action"]
+        base_kw["action_head"] = False
+    base_kw["features"] = tuple(feats)
+    base_kw["n_items"] = len(vocab)
+    return ModelConfig.from_dict(base_kw), vocab
+
+
+def training_windows(seq: EventSeq, max_len: int, stride: int) -> list[EventSeq]:
+    """Windows of up to ``max_len + 1`` events ending at the sequence end, then every ``stride``
+    events earlier (``stride == 0``: the last window only). Windows with < 2 events are dropped.
+
+    >>> s = EventSeq.from_columns(list("abcdefg"), [0] * 7, range(7))
+    >>> [w.items for w in training_windows(s, 3, 3)]  # encode keeps the last 4 of each
+    [['a', 'b', 'c', 'd', 'e', 'f', 'g'], ['a', 'b', 'c', 'd']]
+    """
+    n = len(seq)
+    ends = [n] if stride <= 0 else list(range(n, 1, -stride))
+    return [seq[:e] for e in ends if e >= 2] or ([seq] if n else [])
+
+
+def build_examples(train: dict[str, EventSeq], vocab: ItemVocab, cfg: ModelConfig, stride: int
+                   ) -> list[dict[str, np.ndarray]]:
+    """Encoded training windows (``encode(prefix, max_len=cfg.max_len + 1)``)."""
+    out = []
+    for seq in train.values():
+        if len(seq) < 2:
+            continue
+        for w in training_windows(seq, cfg.max_len, stride):
+            if len(w) >= 2:
+                out.append(encode(w, vocab, cfg, max_len=cfg.max_len + 1))
+    return out
+
+
+def _batches(examples: list[dict], batch_size: int, rng: np.random.Generator, bucket: int = 50):
+    """Shuffled batches of similar length: shuffle, sort chunks of ``bucket`` batches by length."""
+    order = rng.permutation(len(examples))
+    chunk = batch_size * bucket
+    groups = []
+    for s in range(0, len(order), chunk):
+        part = order[s: s + chunk]
+        part = part[np.argsort([len(examples[i]["item"]) for i in part], kind="stable")]
+        groups += [part[i: i + batch_size] for i in range(0, len(part), batch_size)]
+    rng.shuffle(groups)
+    return groups
+
+
+def _local_ndcg(scorer, cases, mask_history: bool, k: int = 10) -> dict:
+    """Fallback metric (full ranking) when :mod:`models.evaluate` is unavailable."""
+    cols = {it: i for i, it in enumerate(scorer.items)}
+    ranks = []
+    for s in range(0, len(cases), 512):
+        part = cases[s: s + 512]
+        S = scorer.score_items([c.history for c in part]).astype(np.float64)
+        for b, c in enumerate(part):
+            t = cols.get(c.target_item, -1)
+            if t < 0:
+                ranks.append(10 ** 9)
+                continue
+            if mask_history:
+                h = [cols[i] for i in c.history.items if i in cols and cols[i] != t]
+                S[b, h] = -np.inf
+            ranks.append(int((S[b] > S[b, t]).sum()) + 1)
+    r = np.asarray(ranks)
+    return {f"NDCG@{k}": float(np.where(r <= k, 1 / np.log2(r + 1), 0).mean()), f"HR@{k}": float((r <= k).mean())}
+
+
+def evaluate_cases(scorer, ds, cases, mask_history: bool) -> dict:
+    try:
+        from models.evaluate import evaluate
+    except ImportError:  # pragma: no cover - the shared evaluator is part of the repo
+        return _local_ndcg(scorer, cases, mask_history)
+    return evaluate(scorer, ds, cases, protocol="full", mask_history=mask_history)
+
+
+def _lr_lambda(state: dict):
+    def f(step: int) -> float:
+        warm, total, kind = state["warmup"], max(state["total"], 1), state["schedule"]
+        if step < warm:
+            return (step + 1) / warm
+        if kind == "constant":
+            return 1.0
+        p = min((step - warm) / max(total - warm, 1), 1.0)
+        return 0.5 * (1 + math.cos(math.pi * p)) if kind == "cosine" else 1.0 - p
+    return f
+
+
+def train(ds, model_cfg: ModelConfig | None, train_cfg: TrainConfig, out_dir: str | Path, *, split=None,
+          eval_test: bool = True) -> tuple[Path, list[dict[str, Any]]]:
+    """Train on ``ds`` (leave-one-out split unless ``split`` is given) and checkpoint the best
+    validation epoch to ``out_dir``. Returns ``(checkpoint_path, history)`` where ``history`` has
+    one dict per epoch (phase, loss, seconds, sequences/s, validation metrics)."""
+    import torch
+    from tqdm.auto import tqdm
+
+    from models.checkpoint import save_checkpoint
+    from models.model import NextActionModel
+    from models.scorer import TransformerScorer
+
+    t_start = time.perf_counter()
+    budget_s = train_cfg.budget_min * 60.0 if train_cfg.budget_min > 0 else float("inf")
+    if train_cfg.num_threads:
+        torch.set_num_threads(train_cfg.num_threads)
+    torch.manual_seed(train_cfg.seed)
+    rng = np.random.default_rng(train_cfg.seed)
+    device = torch.device(resolve_device(train_cfg.device))
+    cuda = device.type == "cuda"
+    if split is None:
+        from models.datasets import leave_one_out
+
+        split = leave_one_out(ds)
+    cfg, vocab = model_config_for(ds, model_cfg)
+    stride = train_cfg.window_stride or cfg.max_len
+    examples = build_examples(split.train, vocab, cfg, stride)
+    if not examples:
+        from stream_app.errors import DatasetError
+
+        raise DatasetError(f"{ds.name}: no training sequence has 2 or more events")
+    valid = list(split.valid)
+    if train_cfg.max_eval_users and len(valid) > train_cfg.max_eval_users:
+        pick = np.sort(np.random.default_rng(train_cfg.seed).choice(len(valid), train_cfg.max_eval_users, False))
+        valid = [valid[i] for i in pick]
+    mask_history = train_cfg.eval_protocol == "masked"
+
+    model = NextActionModel(cfg)
+    counts = np.zeros(cfg.n_items, np.float64)
+    for seq in split.train.values():
+        np.add.at(counts, vocab.indices(seq.items), 1.0)
+    model.init_item_bias(counts)  # start from the popularity prior
+    model = model.to(device)
+    scorer = TransformerScorer(model, vocab, ds.items, version="training", device=str(device))
+    out_dir = Path(out_dir)
+    history: list[dict[str, Any]] = []
+    best = {"metric": -1.0, "epoch": -1, "metrics": {}}
+    steps_per_epoch = math.ceil(len(examples) / train_cfg.batch_size)
+
+    phases: list[tuple[str, int]] = []
+    if cfg.objective == "masked_then_causal":
+        pre = train_cfg.pretrain_epochs or max(1, train_cfg.epochs // 4)
+        phases.append(("masked", pre))
+    phases.append(("causal", train_cfg.epochs))
+
+    epoch_global = 0
+    stop_all = False
+    for phase, n_epochs in phases:
+        decay, no_decay = [], []
+        for n, p in model.named_parameters():
+            (decay if p.dim() >= 2 else no_decay).append(p)
+        opt = torch.optim.AdamW([{"params": decay, "weight_decay": train_cfg.weight_decay},
+                                 {"params": no_decay, "weight_decay": 0.0}], lr=train_cfg.lr, betas=(0.9, 0.98),
+                                fused=cuda or None)
+        sched_state = {"warmup": min(train_cfg.warmup_steps, steps_per_epoch),  # warm-up: at most one epoch
+                       "total": n_epochs * steps_per_epoch, "schedule": train_cfg.schedule}
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(sched_state))
+        phase_budget = budget_s * (0.25 if phase == "masked" and len(phases) > 1 else 1.0)
+        t_phase = time.perf_counter()
+        bad_evals = 0
+        for ep in range(n_epochs):
+            model.train()
+            t0 = time.perf_counter()
+            groups = _batches(examples, train_cfg.batch_size, rng)
+            bar = tqdm(groups, desc=f"{phase} epoch {ep + 1}", leave=False, disable=not train_cfg.progress)
+            tot, n_seq, n_tok = 0.0, 0, 0
+            out_of_time = False
+            for g in bar:
+                batch = collate([examples[i] for i in g])
+                batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+                with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
+                    out, loss = model(batch, objective=phase)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                if train_cfg.grad_clip > 0:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), train_cfg.grad_clip)
+                opt.step()
+                sched.step()
+                lv = float(loss.detach())
+                if not math.isfinite(lv):
+                    raise FloatingPointError(f"loss became {lv} at {phase} epoch {ep + 1}")
+                tot += lv * len(g)
+                n_seq += len(g)
+                n_tok += int(out["n_targets"])
+                bar.set_postfix(loss=f"{tot / n_seq:.4f}", best_ndcg10=f"{max(best['metric'], 0):.4f}")
+                if time.perf_counter() - t_phase > phase_budget or time.perf_counter() - t_start > budget_s:
+                    out_of_time = True
+                    break
+            bar.close()
+            dt = time.perf_counter() - t0
+            epoch_global += 1
+            rec: dict[str, Any] = {"epoch": epoch_global, "phase": phase, "loss": tot / max(n_seq, 1),
+                                   "train_s": round(dt, 2), "seq_per_s": round(n_seq / max(dt, 1e-9), 1),
+                                   "targets_per_s": round(n_tok / max(dt, 1e-9), 1), "lr": sched.get_last_lr()[0]}
+            if phase == "causal" and ((ep + 1) % train_cfg.eval_every == 0 or out_of_time or ep + 1 == n_epochs):
+                model.eval()
+                scorer._cache = None
+                te = time.perf_counter()
+                m = evaluate_cases(scorer, ds, valid, mask_history)
+                rec["eval_s"] = round(time.perf_counter() - te, 2)
+                rec["valid"] = {k: m[k] for k in ("NDCG@10", "HR@10") if k in m}
+                score = float(m["NDCG@10"])
+                if score > best["metric"]:
+                    best = {"metric": score, "epoch": epoch_global, "metrics": rec["valid"]}
+                    bad_evals = 0
+                    save_checkpoint(out_dir, model, vocab, train_cfg, {
+                        "dataset": ds.name, "epoch": epoch_global, "valid": rec["valid"],
+                        "valid_protocol": f"full, history {train_cfg.eval_protocol}", "device": str(device),
+                        "n_train_examples": len(examples)})
+                else:
+                    bad_evals += 1
+            history.append(rec)
+            if train_cfg.progress:
+                tqdm.write(_fmt(rec))
+            if math.isfinite(phase_budget):  # re-fit the decay to what the rest of the budget allows
+                elapsed = time.perf_counter() - t_phase
+                per_epoch = elapsed / (ep + 1)
+                left = int(max(phase_budget - elapsed, 0.0) // per_epoch)
+                sched_state["total"] = min(n_epochs, ep + 1 + max(left, 1)) * steps_per_epoch
+            if out_of_time or time.perf_counter() - t_start > budget_s:
+                stop_all = phase == "causal" or time.perf_counter() - t_start > budget_s
+                break
+            if phase == "causal" and bad_evals >= train_cfg.patience:
+                break
+        if stop_all:
+            break
+    if best["epoch"] < 0:  # no causal evaluation happened (tiny budget): save what we have
+        save_checkpoint(out_dir, model, vocab, train_cfg, {"dataset": ds.name, "epoch": epoch_global})
+    meta_extra = {"best_epoch": best["epoch"], "train_seconds": round(time.perf_counter() - t_start, 1),
+                  "history": history}
+    if eval_test and best["epoch"] >= 0 and split.test:
+        from models.checkpoint import load_checkpoint
+
+        ck = load_checkpoint(out_dir, device=str(device))
+        s2 = TransformerScorer(ck.model, ck.vocab, ds.items, version=ck.version, device=str(device))
+        res = evaluate_cases(s2, ds, list(split.test), mask_history)
+        meta_extra["test"] = {k: v for k, v in res.items() if isinstance(v, (int, float))}
+        meta_extra["test_protocol"] = f"full, history {train_cfg.eval_protocol}"
+        history.append({"phase": "test", "test": {k: meta_extra["test"].get(k) for k in ("NDCG@10", "HR@10")}})
+        _update_metadata(out_dir, ck, meta_extra, train_cfg)
+    elif best["epoch"] >= 0:
+        from models.checkpoint import load_checkpoint
+
+        _update_metadata(out_dir, load_checkpoint(out_dir), meta_extra, train_cfg)
+    return out_dir, history
+
+
+def _update_metadata(out_dir: Path, ck, extra: dict, train_cfg: TrainConfig) -> None:
+    from models.checkpoint import save_checkpoint
+
+    meta = dict(ck.metadata)
+    meta.update(extra)
+    save_checkpoint(out_dir, ck.model, ck.vocab, train_cfg, meta)
+
+
+def _fmt(rec: dict) -> str:
+    parts = [f"{rec['phase']} ep {rec['epoch']}", f"loss {rec['loss']:.4f}", f"{rec['seq_per_s']:.0f} seq/s",
+             f"{rec['train_s']:.1f}s"]
+    if "valid" in rec:
+        parts.append("valid " + " ".join(f"{k} {v:.4f}" for k, v in rec["valid"].items()))
+    return " | ".join(parts)
