@@ -1,0 +1,366 @@
+"""The agents: validate → state → (batch → predict) → outcome + prediction → publish → ack.
+
+One agent, ``process_events`` (concurrency 1), reads ``events`` with manual acks. Per message:
+
+1. :func:`~stream_app.events.parse_event`; a bad message goes to ``events.dlq`` (original bytes,
+   reason, source topic/partition/offset) and is acked. Nothing raised by one message stops the
+   worker: an unexpected error while updating state dead-letters that message with reason
+   ``processing_failed``.
+2. State, per event in the agent (never inside ``take()``, Faust issue #497): the user's history
+   (``histories``) and the activity count of the current event-time window (``activity``).
+   An event already in the history (same time, item and action: a redelivery after a restart, or
+   a producer retry) is not added or counted again, so replays are idempotent for state.
+3. A :class:`~stream_app.batcher.Request` with the history *as of that event* goes to the
+   micro-batcher; the agent awaits while its queue is full (backpressure).
+
+The batcher's deliverer (:meth:`Pipeline.deliver`, on the event loop, in event order per user):
+
+4. if the user has a previous prediction (``last_prediction``), publishes an ``outcomes`` record:
+   that prediction's summary and version, what happened next (action, item, gap, the rank the
+   item had, the probability the action had) and a compact history tail for the online trainer;
+5. publishes the prediction (or dead-letters the event with reason ``predict_failed``);
+6. records the prediction in ``last_prediction`` and only then acks the event.
+
+Delivery guarantee: at-least-once. An offset is committed only after its event is acked, and Faust
+flushes the producer before it commits, so every event's prediction or DLQ record is written
+before its offset is. After a crash, events after the last commit are processed again: their
+state updates are skipped (see 2), their outcome is not emitted again when ``last_prediction``
+already covers them, but their prediction is published again (a duplicate with the same
+``partition``/``offset``, which consumers can drop). A graceful stop (SIGTERM) waits until every
+in-flight event is delivered and acked (``stream_wait_empty``), then commits: no duplicates.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import weakref
+from dataclasses import dataclass
+from typing import Any, Callable, Protocol
+
+import numpy as np
+import orjson
+
+from models.predictor import Predictor
+from models.schema import ACTION_INDEX, ACTIONS, EventSeq
+from stream_app import metrics
+from stream_app.batcher import PREDICT_FAILED, Batcher, Request, Result
+from stream_app.errors import CheckpointError, EventRejected
+from stream_app.events import Event, dlq_record, parse_event
+from stream_app.history import add_event, decode_value, encode_value
+from stream_app.settings import SettingsType
+
+log = logging.getLogger(__name__)
+
+#: DLQ reason of a message whose state update raised unexpectedly (a bug or a storage error).
+PROCESSING_FAILED = "processing_failed"
+#: Events of history sent with each outcome record (the trainer's context).
+OUTCOME_TAIL = 32
+
+
+class Publisher(Protocol):
+    """Where the pipeline's outputs go: ``kind`` is ``predictions``, ``outcomes`` or ``dlq``."""
+
+    async def send(self, kind: str, key: bytes | None, value: bytes) -> None: ...
+
+
+class KafkaPublisher:
+    """Publishes through the Faust app's producer (flushed by Faust before every offset commit)."""
+
+    def __init__(self, app: Any, topics: dict[str, str]) -> None:
+        self.app, self.topics = app, topics
+
+    async def send(self, kind: str, key: bytes | None, value: bytes) -> None:
+        await self.app.producer.send(self.topics[kind], key, value, partition=None, timestamp=None, headers=None)
+
+
+def default_predictor(settings: SettingsType) -> Predictor:
+    """The predictor served at start: the checkpoint's model if one loads, else the baseline.
+
+    A missing or bad checkpoint never stops the worker: it logs a loud warning and serves
+    :class:`~online.baseline.PopularityMarkovPredictor` (which learns from the stream).
+    """
+    from online.baseline import PopularityMarkovPredictor
+
+    if settings.checkpoint is not None:
+        try:
+            from models.serving import load_predictor  # the Transformer's serving entry point (issue 5)
+
+            return load_predictor(settings)
+        except (ImportError, CheckpointError, OSError, ValueError) as exc:
+            log.warning("!!! checkpoint %s could not be served (%s: %s); FALLING BACK to the baseline "
+                        "predictor", settings.checkpoint, type(exc).__name__, exc)
+    return PopularityMarkovPredictor()
+
+
+@dataclass(slots=True, eq=False)
+class Source:
+    """What the deliverer needs about the event behind a request (``Request.ref``)."""
+
+    event: Any  # the Faust event (acked after delivery; its partition routes table writes)
+    stream: Any
+    topic: str
+    partition: int
+    offset: int
+    raw: bytes
+    key: bytes | None
+    item_id: str
+    action: str
+    activity: int
+    duplicate: bool
+
+
+@contextlib.contextmanager
+def current_event(event: Any):
+    """Make ``event`` Faust's current event, so table writes go to that event's partition.
+
+    The deliverer writes ``last_prediction`` outside the agent's iteration (after inference), where
+    Faust would otherwise refuse ("Cannot modify table outside of agent/stream") or pick the wrong
+    partition. This restores exactly the per-event context Faust's own stream iterator sets.
+    """
+    from faust.streams import _current_event
+
+    token = _current_event.set(weakref.ref(event))
+    try:
+        yield
+    finally:
+        _current_event.reset(token)
+
+
+def history_contains(history: EventSeq, ev: Event) -> bool:
+    """Is this exact event (time, item, action) already in the history?
+
+    >>> h = EventSeq.from_columns(["a", "b"], ["view", "cart"], [1, 2])
+    >>> history_contains(h, Event("u", "b", "cart", 2)), history_contains(h, Event("u", "b", "view", 2))
+    (True, False)
+    """
+    lo = int(np.searchsorted(history.ts, ev.ts, side="left"))
+    hi = int(np.searchsorted(history.ts, ev.ts, side="right"))
+    a = ACTION_INDEX[ev.action]
+    return any(history.items[i] == ev.item_id and int(history.actions[i]) == a for i in range(lo, hi))
+
+
+def history_as_of(history: EventSeq, ts: int) -> EventSeq:
+    """The events up to and including time ``ts`` (the context a prediction for that event sees)."""
+    end = int(np.searchsorted(history.ts, ts, side="right"))
+    return history if end == len(history) else history[:end]
+
+
+def history_json(h: EventSeq) -> dict:
+    """The ``EventSeq.pack()`` layout as a JSON object (``EventSeq.unpack(orjson.dumps(d))`` reads it)."""
+    return {"i": h.items, "a": h.actions.tolist(), "t": h.ts.tolist(), "d": h.devices, "l": h.locations,
+            "c": h.categories}
+
+
+class Pipeline:
+    """Per-event processing and batched delivery for one app (see the module docstring)."""
+
+    def __init__(self, app: Any, topology: Any, predictor_factory: Callable[[SettingsType], Predictor],
+                 publisher: Publisher | None) -> None:
+        self.app, self.t, self.settings = app, topology, topology.settings
+        s = self.settings
+        self.predictor_factory = predictor_factory
+        self.publisher = publisher or KafkaPublisher(app, {"predictions": s.topic_predictions,
+                                                            "outcomes": s.topic_outcomes, "dlq": s.topic_dlq})
+        self.batcher: Batcher | None = None
+        self._verified_topics: set[str] = set()
+        self._watch: asyncio.Task | None = None
+        self.ttl_ms = s.window_ttl_s * 1000
+        self.parse_kw = dict(max_bytes=s.max_event_bytes, max_future_skew_ms=s.max_future_skew_s * 1000,
+                             max_age_ms=s.max_event_age_s * 1000)
+
+    # --- lifecycle ----------------------------------------------------------------------------------
+    async def start_batcher(self) -> Batcher:
+        if self.batcher is None:
+            s = self.settings
+            predictor = self.predictor_factory(s)
+            log.info("serving predictor %s (max_batch=%d, max_wait_ms=%s, queue=%d)", predictor.version,
+                     s.max_batch, s.max_wait_ms, s.predict_queue)
+            self.batcher = Batcher(predictor, self.deliver, k=s.top_k, max_batch=s.max_batch,
+                                   max_wait_ms=s.max_wait_ms, max_queue=s.predict_queue)
+            await self.batcher.start()
+            self._watch = asyncio.ensure_future(self._watch_batcher(self.batcher))
+        return self.batcher
+
+    async def _watch_batcher(self, batcher: Batcher) -> None:
+        try:
+            await batcher.wait_closed()
+        except asyncio.CancelledError:
+            return
+        except BaseException as exc:  # publishing failed: crash, restart from committed offsets
+            log.critical("batcher failed, crashing the worker (events since the last commit will be "
+                         "processed again): %r", exc)
+            await self.app.crash(exc)
+
+    async def stop_batcher(self) -> None:
+        if self.batcher is not None:
+            batcher, self.batcher = self.batcher, None
+            if self._watch is not None:
+                self._watch.cancel()
+            await batcher.stop(drain=True)
+
+    # --- per event (agent) --------------------------------------------------------------------------
+    async def handle(self, event: Any, stream: Any) -> str:
+        """Process one message; returns what happened (``queued``, ``duplicate``, ``rejected:<reason>``)."""
+        arrival = time.time()
+        metrics.EVENTS_IN.inc()
+        msg = event.message
+        raw, key = event.value, event.key
+        try:
+            ev = parse_event(raw, now_ms=int(arrival * 1000), key=key if key is not None else b"", **self.parse_kw)
+        except EventRejected as exc:
+            await self.dead_letter(raw, key, exc.reason, str(exc), msg)
+            await stream.ack(event)
+            return f"rejected:{exc.reason}"
+        if msg.topic not in self._verified_topics:
+            await self._wait_for_changelogs(msg.topic)
+        try:
+            history, activity, duplicate = self.update_state(ev)
+        except Exception as exc:  # noqa: BLE001 - dead-letter, keep the worker alive
+            log.exception("state update failed for %s[%s]@%s", msg.topic, msg.partition, msg.offset)
+            await self.dead_letter(raw, key, PROCESSING_FAILED, f"{type(exc).__name__}: {exc}", msg)
+            await stream.ack(event)
+            return f"rejected:{PROCESSING_FAILED}"
+        src = Source(event, stream, msg.topic, msg.partition, msg.offset, raw, key, ev.item_id, ev.action,
+                     activity, duplicate)
+        await self.batcher.submit(Request(ev.user_id, history, ev.ts, arrival, observe=not duplicate, ref=src))
+        return "duplicate" if duplicate else "queued"
+
+    async def _wait_for_changelogs(self, source_topic: str, timeout: float = 60.0) -> None:
+        """Check once per source topic that every table's changelog has the source's partition count.
+
+        Faust does this check itself on a table's first write, but reads the partition counts from
+        the consumer's subscription snapshot, which can keep a changelog topic that Faust created a
+        moment earlier at 0 partitions for the whole run ("Ignoring missing topic" at start). The
+        first write then raises ``PartitionsMismatch``, which would dead-letter valid events or stop
+        the batcher. So the counts are read here from the producer's cluster metadata (refreshed
+        on demand) and the tables marked as verified; a real mismatch still raises.
+        """
+        from faust.exceptions import PartitionsMismatch
+
+        tables = (self.t.histories, self.t.activity.table, self.t.last_prediction)
+        if self.app.consumer.topic_partitions(source_topic) is None:  # no broker (agent.test_context())
+            self._verified_topics.add(source_topic)
+            return
+        producer = self.app.producer._ensure_producer()  # the aiokafka producer: public partitions_for()
+        source_n = len(await asyncio.wait_for(producer.partitions_for(source_topic), timeout))
+        for table in tables:
+            name = table.changelog_topic_name
+            n = len(await asyncio.wait_for(producer.partitions_for(name), timeout))
+            if n != source_n:
+                raise PartitionsMismatch(f"table {table.name!r}: changelog topic {name!r} has {n} partitions, "
+                                         f"source topic {source_topic!r} has {source_n}; they must be equal")
+            table._verified_source_topics_for_partitions.add(source_topic)
+        self._verified_topics.add(source_topic)
+
+    def update_state(self, ev: Event) -> tuple[EventSeq, int, bool]:
+        """Add the event to the user's history and activity count; return (history as of it, count, dup)."""
+        s = self.settings
+        history = decode_value(self.t.histories.get(ev.user_id))
+        duplicate = history_contains(history, ev)
+        window = self.t.activity[ev.user_id]
+        if duplicate:
+            metrics.EVENTS_DUPLICATE.inc()
+        else:
+            history = add_event(history, ev.item_id, ev.action, ev.ts, max_events=s.window_events,
+                                ttl_ms=self.ttl_ms, device=ev.device, location=ev.location, category=ev.category)
+            self.t.histories[ev.user_id] = encode_value(history)
+            window += 1
+        return history_as_of(history, ev.ts), int(window.value()), duplicate
+
+    async def dead_letter(self, raw: bytes | None, key: bytes | None, reason: str, detail: str, msg: Any) -> None:
+        metrics.EVENTS_REJECTED.labels(reason).inc()
+        await self.publisher.send("dlq", key, dlq_record(raw, reason, detail, topic=msg.topic,
+                                                         partition=msg.partition, offset=msg.offset, key=key))
+
+    # --- per batch (batcher's deliverer) --------------------------------------------------------------
+    async def deliver(self, results: list[Result]) -> None:
+        for r in results:
+            src: Source = r.request.ref
+            with current_event(src.event):
+                await self._deliver_one(r, src)
+            await src.stream.ack(src.event)
+
+    async def _deliver_one(self, r: Result, src: Source) -> None:
+        req, user = r.request, r.request.user_id
+        key = user.encode()
+        raw_last = self.t.last_prediction.get(user)
+        last = orjson.loads(raw_last) if raw_last is not None else None
+        # A redelivered event that the stored prediction already covers: no outcome, no state change.
+        replay = last is not None and last["partition"] == src.partition and last["offset"] >= src.offset
+        if last is not None and not replay:
+            await self.publisher.send("outcomes", key, self.outcome_record(last, req, src))
+            metrics.OUTCOMES_OUT.inc()
+        p = r.prediction
+        if p is None:
+            await self.dead_letter(src.raw, src.key, PREDICT_FAILED, r.error or "prediction failed",
+                                   src.event.message)
+            if not replay and last is not None:
+                self.t.last_prediction.pop(user, None)  # the next outcome must not pair with an older one
+            return
+        now = time.time()
+        latency = now - req.arrival
+        record = {
+            "user_id": user, "event_ts": req.event_ts, "model_version": r.version,
+            "action_probs": p.action_dict(), "top_items": [[i, s] for i, s in p.top_items],
+            "next_gap_s": p.next_gap_s, "latency_ms": round(latency * 1000.0, 3),
+            "history_len": len(req.history), "activity": src.activity,
+            "partition": src.partition, "offset": src.offset, "duplicate": src.duplicate,
+            "published_ms": int(now * 1000),
+        }
+        if p.explanation:
+            record["explanation"] = p.explanation
+        await self.publisher.send("predictions", key, orjson.dumps(record))
+        metrics.PREDICTIONS_OUT.labels(r.version).inc()
+        metrics.EVENT_TO_PREDICTION.observe(latency)
+        if not replay:
+            self.t.last_prediction[user] = orjson.dumps({
+                "v": r.version, "event_ts": req.event_ts, "partition": src.partition, "offset": src.offset,
+                "p": p.action_probs, "top": [[i, s] for i, s in p.top_items], "gap": p.next_gap_s})
+
+    @staticmethod
+    def outcome_record(last: dict, req: Request, src: Source) -> bytes:
+        """The previous prediction (context) and what the user did next (target)."""
+        ranks = {item: n for n, (item, _) in enumerate(last["top"], start=1)}
+        action_i = ACTION_INDEX[src.action]
+        return orjson.dumps({
+            "user_id": req.user_id,
+            "context": {"model_version": last["v"], "event_ts": last["event_ts"],
+                        "action_probs": dict(zip(ACTIONS, last["p"])), "top_items": last["top"],
+                        "next_gap_s": last["gap"], "partition": last["partition"], "offset": last["offset"]},
+            "happened": {"action": src.action, "item_id": src.item_id, "ts": req.event_ts,
+                         "gap_s": (req.event_ts - last["event_ts"]) / 1000.0,
+                         "item_rank": ranks.get(src.item_id), "action_prob": last["p"][action_i]},
+            "history_len": len(req.history),
+            "history_tail": history_json(req.history.tail(OUTCOME_TAIL)),
+            "partition": src.partition, "offset": src.offset,
+        })
+
+
+def install(app: Any, topology: Any, *, predictor_factory: Callable[[SettingsType], Predictor] | None = None,
+             publisher: Publisher | None = None) -> Pipeline:
+    """Register the agent, the ``/metrics`` page and the shutdown hook on ``app``."""
+    pipeline = Pipeline(app, topology, predictor_factory or default_predictor, publisher)
+    app.pipeline = pipeline
+
+    @app.agent(topology.events, name="process_events", concurrency=1)
+    async def process_events(stream):
+        """Validate, update state, queue for prediction. Yields what happened to each message."""
+        await pipeline.start_batcher()
+        manual = stream.noack()
+        async for event in manual.events():
+            yield await pipeline.handle(event, manual)
+
+    @app.page("/metrics")
+    async def prometheus_metrics(web, request):
+        body, content_type = metrics.render()
+        return web.bytes(body, content_type=content_type)
+
+    @app.on_before_shutdown.connect
+    async def _stop_batcher(app_, **kwargs):  # after Faust waited for in-flight events (stream_wait_empty)
+        await pipeline.stop_batcher()
+
+    pipeline.agent = process_events
+    return pipeline

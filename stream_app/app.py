@@ -1,0 +1,139 @@
+"""The Faust app: topics and tables, declared top-down. Behaviour lives in :mod:`stream_app.agents`.
+
+``faust -A stream_app worker -l info`` imports :data:`app`, built once from the process settings
+by :func:`create_app`. Tests build their own apps with :func:`create_app` (other settings, a temp
+data dir, a test predictor), since one Faust app is bound to one set of topic/table names.
+
+State, all keyed by user id (so the ``events`` partition, the table partitions and the worker
+that owns a user line up), all RocksDB with a changelog topic (recovered after a restart or a
+rebalance):
+
+``histories``        user → ``EventSeq.pack()`` bytes: the last ``window_events`` events within
+                     ``window_ttl_s`` (see :mod:`stream_app.history`). Written per event by the agent.
+``activity``         (user, tumbling window) → event count, windows on *event time*
+                     (``activity_window_s``; kept for 24 windows).
+``last_prediction``  user → a small orjson summary of the user's latest published prediction
+                     (model version, action probabilities, top items, next gap, event time,
+                     source partition/offset). Written by the batcher's deliverer when it publishes a
+                     prediction and read when it publishes the user's next result, to build the
+                     ``outcomes`` record.
+
+``last_prediction`` is a table of its own, not part of the history value: it is written later and
+by another task (after inference, in event order) than the history, and it is small, so keeping it
+apart avoids re-serialising and re-logging the whole history twice per event.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any, Callable
+
+import faust
+import orjson
+
+from models.predictor import Predictor
+from stream_app.settings import SettingsType, get_settings
+
+#: Activity windows kept per user (older windows expire, on event time).
+ACTIVITY_WINDOWS_KEPT = 24
+
+
+def event_time_s(event: Any) -> float:
+    """Event time (seconds) of a *validated* raw event: the windowed table's time-relativity.
+
+    The ``events`` topic carries raw bytes (validation must see the original message), so
+    Faust's ``relative_to_field`` (which reads an attribute of a Record value) cannot be used; this
+    handler reads the same ``ts`` field instead. Only called for events that passed validation.
+    """
+    return orjson.loads(event.value)["ts"] / 1000.0
+
+
+@dataclass
+class Topology:
+    """Everything :func:`create_app` declared, for the agents and for tests."""
+
+    settings: SettingsType
+    events: faust.TopicT
+    dlq: faust.TopicT
+    predictions: faust.TopicT
+    outcomes: faust.TopicT
+    model_updates: faust.TopicT
+    histories: Any  # faust.Table[str, bytes]
+    activity: Any  # windowed faust.Table[str, int] (a WindowWrapper)
+    last_prediction: Any  # faust.Table[str, bytes]
+
+
+def create_app(settings: SettingsType | None = None, *, predictor_factory: Callable[[SettingsType], Predictor]
+               | None = None, store: str = "rocksdb://", publisher: Any = None) -> faust.App:
+    """Build the Faust app, its topics and tables, and register the agents.
+
+    Arguments:
+        settings: defaults to :func:`~stream_app.settings.get_settings`.
+        predictor_factory: builds the predictor served at start (default:
+            :func:`stream_app.agents.default_predictor`).
+        store: Faust table store (``rocksdb://`` in production and in tests).
+        publisher: where outputs go (default: the app's Kafka producer); tests pass a recorder,
+            since ``agent.test_context()`` runs without a broker.
+    """
+    settings = settings or get_settings()
+    data_dir = settings.data_dir.expanduser().absolute() / settings.app_id
+    app = faust.App(
+        settings.app_id,
+        broker=settings.broker_url,
+        store=store,
+        datadir=str(data_dir),
+        topic_partitions=settings.partitions,
+        topic_replication_factor=1,
+        key_serializer="raw",
+        value_serializer="raw",
+        web_bind=settings.web_bind,
+        web_port=settings.web_port,
+        web_host=settings.web_bind,
+        autodiscover=False,
+        stream_wait_empty=True,  # rebalance/shutdown waits until the batcher acked in-flight events
+        table_standby_replicas=0,
+        broker_commit_interval=1.0,
+        producer_linger=0.005,
+        producer_max_batch_size=256 * 1024,
+    )
+
+    # --- topics (names from settings; JSON bodies are encoded/decoded with orjson by hand) -------
+    events = app.topic(settings.topic_events, key_serializer="raw", value_serializer="raw",
+                       partitions=settings.partitions)
+    dlq = app.topic(settings.topic_dlq, key_serializer="raw", value_serializer="raw")
+    predictions = app.topic(settings.topic_predictions, key_serializer="raw", value_serializer="raw",
+                            partitions=settings.partitions)
+    outcomes = app.topic(settings.topic_outcomes, key_serializer="raw", value_serializer="raw",
+                         partitions=settings.partitions)
+    model_updates = app.topic(settings.topic_model_updates, key_serializer="raw", value_serializer="raw")
+
+    # --- tables ------------------------------------------------------------------------------------
+    histories = app.Table("histories", partitions=settings.partitions, key_type=bytes, value_type=bytes,
+                          help="user -> packed EventSeq (bounded window)")
+    activity = (
+        app.Table("activity", default=int, partitions=settings.partitions,
+                  help="per-user event count per tumbling window (event time)")
+        .tumbling(timedelta(seconds=settings.activity_window_s),
+                  expires=timedelta(seconds=settings.activity_window_s * ACTIVITY_WINDOWS_KEPT))
+        .relative_to(event_time_s)
+    )
+    last_prediction = app.Table("last_prediction", partitions=settings.partitions, key_type=bytes, value_type=bytes,
+                                help="user -> summary of the latest prediction")
+
+    @app.on_worker_init.connect
+    def _make_data_dir(sender, **kwargs):  # Faust creates the datadir itself, but not its parents
+        data_dir.mkdir(parents=True, exist_ok=True)
+
+    app.topology = Topology(settings, events, dlq, predictions, outcomes, model_updates, histories, activity,
+                            last_prediction)
+
+    # --- behaviour ---------------------------------------------------------------------------------
+    from stream_app import agents  # noqa: PLC0415 - agents need the declarations above
+
+    agents.install(app, app.topology, predictor_factory=predictor_factory, publisher=publisher)
+    return app
+
+
+app = create_app()
+topology: Topology = app.topology

@@ -1,0 +1,47 @@
+"""Prometheus metrics of the stream worker, served at ``/metrics`` on the worker's web server.
+
+The metrics live in one module-level registry (not prometheus-client's global default one), so
+importing this module twice, or building several Faust apps in one test process, never
+registers a name twice.
+
+>>> EVENTS_IN.inc()
+>>> b"nextaction_events_in_total" in render()[0]
+True
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+REGISTRY = CollectorRegistry(auto_describe=True)
+
+_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+_BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
+
+EVENTS_IN = Counter("nextaction_events_in", "Messages read from the events topic", registry=REGISTRY)
+EVENTS_REJECTED = Counter("nextaction_events_rejected", "Messages dead-lettered, by reason", ["reason"],
+                          registry=REGISTRY)
+EVENTS_DUPLICATE = Counter("nextaction_events_duplicate",
+                           "Events already in the user's history (redelivery after a restart)", registry=REGISTRY)
+PREDICTIONS_OUT = Counter("nextaction_predictions_out", "Predictions published", ["model_version"],
+                          registry=REGISTRY)
+OUTCOMES_OUT = Counter("nextaction_outcomes_out", "Outcome records published", registry=REGISTRY)
+PREDICT_ERRORS = Counter("nextaction_predict_errors", "Predictor calls that raised (before retries)",
+                         registry=REGISTRY)
+OBSERVE_ERRORS = Counter("nextaction_observe_errors", "predictor.observe() calls that raised", registry=REGISTRY)
+BATCH_SIZE = Histogram("nextaction_batch_size", "Requests per inference batch", buckets=_BATCH_BUCKETS,
+                       registry=REGISTRY)
+PREDICT_LATENCY = Histogram("nextaction_predict_latency_seconds", "Wall time of one batch in the executor",
+                            buckets=_LATENCY_BUCKETS, registry=REGISTRY)
+EVENT_TO_PREDICTION = Histogram("nextaction_event_to_prediction_latency_seconds",
+                                "Event arrival at the worker to prediction publish", buckets=_LATENCY_BUCKETS,
+                                registry=REGISTRY)
+QUEUE_DEPTH = Gauge("nextaction_queue_depth", "Prediction requests waiting for a batch", registry=REGISTRY)
+MODEL_SWAPS = Counter("nextaction_model_swaps", "Predictor hot swaps", registry=REGISTRY)
+
+CONTENT_TYPE = "text/plain"  # aiohttp refuses a charset inside content_type; version param is optional
+
+
+def render() -> tuple[bytes, str]:
+    """The exposition text and its content type."""
+    return generate_latest(REGISTRY), CONTENT_TYPE

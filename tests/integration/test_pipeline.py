@@ -1,0 +1,303 @@
+"""The whole pipeline through a real broker: a Faust worker subprocess, synthetic replays, exact accounting.
+
+Every input message (identified by its ``events`` partition and offset) must come out as exactly
+one prediction (valid events) or one dead-letter record (invalid ones), matched also by user id
+and event time; predictions must be well formed. The restart test SIGTERMs the worker mid-stream,
+starts it again and checks that nothing is unaccounted, that duplicates are exactly the ones
+at-least-once allows, and that user histories survived (``history_len`` keeps counting).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from collections import Counter, defaultdict
+from pathlib import Path
+
+import orjson
+import pytest
+
+from models.schema import ACTIONS
+from stream_app import kafka_local
+from stream_app.errors import EventRejected
+from stream_app.events import parse_event
+from stream_app.replay import encode, produce, synthetic
+from tests.conftest import settings_env
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
+
+REPO = Path(__file__).resolve().parents[2]
+FAUST = Path(sys.executable).parent / "faust"
+N_EVENTS = 10_000
+N_USERS = 400
+BAD_FRACTION = 0.02
+
+
+# --- helpers -------------------------------------------------------------------------------------------
+class Worker:
+    """``faust -A stream_app worker`` in a subprocess, configured only through NEXTACTION_* env."""
+
+    def __init__(self, settings, log_path: Path) -> None:
+        self.settings, self.log_path = settings, log_path
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, timeout: float = 120.0) -> None:
+        log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(
+            [str(FAUST), "-A", "stream_app", "worker", "-l", "info", "--web-bind", "127.0.0.1",
+             "--web-port", str(self.settings.web_port)],
+            cwd=REPO, env=settings_env(self.settings), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        log.close()
+        deadline = time.monotonic() + timeout
+        url = f"http://127.0.0.1:{self.settings.web_port}/metrics"
+        while time.monotonic() < deadline:  # the web server starts after table recovery
+            if self.proc.poll() is not None:
+                raise AssertionError(f"worker exited with {self.proc.returncode}:\n{self.tail()}")
+            try:
+                with urllib.request.urlopen(url, timeout=1) as resp:
+                    if resp.status == 200 and b"nextaction_events_in_total" in resp.read():
+                        return
+            except OSError:
+                pass
+            time.sleep(0.3)
+        raise AssertionError(f"worker not ready after {timeout} s:\n{self.tail()}")
+
+    def metrics(self) -> str:
+        url = f"http://127.0.0.1:{self.settings.web_port}/metrics"
+        with urllib.request.urlopen(url, timeout=5) as resp:
+            return resp.read().decode()
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 60.0) -> int:
+        if self.proc is None or self.proc.poll() is not None:
+            return self.proc.returncode if self.proc else 0
+        self.proc.send_signal(sig)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(10)
+            raise AssertionError(f"worker ignored {sig!r} for {timeout} s:\n{self.tail()}") from None
+
+    def tail(self, lines: int = 60) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+
+async def _read_topics(settings, topics: list[str], until, timeout: float) -> dict[str, list]:
+    """Read ``topics`` from the beginning until ``until(records)`` is true (or the timeout)."""
+    from aiokafka import AIOKafkaConsumer, TopicPartition
+
+    consumer = AIOKafkaConsumer(bootstrap_servers=settings.bootstrap_servers, enable_auto_commit=False,
+                                auto_offset_reset="earliest")
+    await consumer.start()
+    try:
+        tps = [TopicPartition(t, p) for t in topics for p in (consumer.partitions_for_topic(t) or
+                                                               await _partitions(consumer, t))]
+        consumer.assign(tps)
+        await consumer.seek_to_beginning(*tps)
+        out: dict[str, list] = {t: [] for t in topics}
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            batch = await consumer.getmany(timeout_ms=500, max_records=10_000)
+            for tp, msgs in batch.items():
+                out[tp.topic].extend(msgs)
+            if until(out):
+                break
+        return out
+    finally:
+        await consumer.stop()
+
+
+async def _partitions(consumer, topic: str) -> set[int]:
+    for _ in range(50):
+        await consumer._client.force_metadata_update()
+        parts = consumer.partitions_for_topic(topic)
+        if parts:
+            return parts
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"topic {topic!r} has no partitions")
+
+
+def read_outputs(settings, n_inputs: int, timeout: float = 240.0) -> dict[str, list]:
+    """Inputs, predictions, DLQ records and outcomes, once every input has an output."""
+    s = settings
+
+    def done(out):
+        if len(out[s.topic_events]) < n_inputs:
+            return False
+        covered = {(m["partition"], m["offset"]) for m in map(_json, out[s.topic_predictions])}
+        covered |= {(d["source"]["partition"], d["source"]["offset"]) for d in map(_json, out[s.topic_dlq])}
+        return len(covered) >= n_inputs
+
+    return asyncio.run(_read_topics(s, [s.topic_events, s.topic_predictions, s.topic_dlq, s.topic_outcomes],
+                                    done, timeout))
+
+
+def _json(msg):
+    return orjson.loads(msg.value)
+
+
+def replay(settings, events, rate=None) -> int:
+    return asyncio.run(produce(settings, events, rate=rate, progress=False))
+
+
+def account(settings, out) -> dict:
+    """The exact account; returns counts. Asserts everything the pipeline promises."""
+    s = settings
+    inputs = {(m.partition, m.offset): m for m in out[s.topic_events]}
+    preds = defaultdict(list)
+    for m in out[s.topic_predictions]:
+        p = _json(m)
+        preds[(p["partition"], p["offset"])].append((m, p))
+    dlq = defaultdict(list)
+    for m in out[s.topic_dlq]:
+        d = _json(m)
+        dlq[(d["source"]["partition"], d["source"]["offset"])].append(d)
+    assert set(preds) | set(dlq) == set(inputs), "outputs for unknown inputs, or inputs without output"
+    now_ms = int(time.time() * 1000)
+    n_valid = n_invalid = duplicates = 0
+    by_user = defaultdict(dict)
+    for po, m in inputs.items():
+        try:
+            ev = parse_event(m.value, now_ms=now_ms, key=m.key if m.key is not None else b"")
+        except EventRejected as exc:
+            n_invalid += 1
+            assert po not in preds, f"invalid input {po} got a prediction"
+            (d,) = dlq[po]  # exactly one DLQ record
+            assert d["reason"] == exc.reason and d["original"].encode() == m.value
+            assert d["source"]["topic"] == s.topic_events
+            continue
+        n_valid += 1
+        assert po not in dlq, f"valid input {po} was dead-lettered: {dlq[po]}"
+        records = preds[po]
+        assert records, f"valid input {po} has no prediction"
+        fresh = [p for _, p in records if not p["duplicate"]]
+        assert len(fresh) == 1, f"input {po}: {len(fresh)} first-time predictions"
+        duplicates += len(records) - 1
+        for km, p in records:  # matched by user and event time too, keyed by user
+            assert (p["user_id"], p["event_ts"]) == (ev.user_id, ev.ts) and km.key == ev.user_id.encode()
+            check_prediction_record(p, s.top_k)
+        by_user[ev.user_id][ev.ts] = fresh[0]
+    for user, events in by_user.items():  # history_len counts the user's events: state is intact
+        lens = [events[ts]["history_len"] for ts in sorted(events)]
+        assert lens == list(range(1, len(lens) + 1)), f"user {user}: history lengths {lens}"
+    return {"inputs": len(inputs), "valid": n_valid, "invalid": n_invalid, "duplicates": duplicates,
+            "users": len(by_user)}
+
+
+def check_prediction_record(p: dict, k: int) -> None:
+    assert isinstance(p["model_version"], str) and p["model_version"]
+    assert list(p["action_probs"]) == list(ACTIONS)
+    assert all(0 <= x <= 1 for x in p["action_probs"].values())
+    assert math.isclose(sum(p["action_probs"].values()), 1.0, abs_tol=1e-9)
+    assert isinstance(p["top_items"], list) and len(p["top_items"]) <= k
+    assert all(isinstance(i, str) and isinstance(sc, float) and math.isfinite(sc) for i, sc in p["top_items"])
+    assert math.isfinite(p["next_gap_s"]) and p["next_gap_s"] >= 0
+    assert p["latency_ms"] >= 0 and p["history_len"] >= 1 and p["activity"] >= 1
+
+
+def metric(text: str, name: str) -> float:
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith(name) and not line.startswith("#"))
+
+
+@pytest.fixture
+def pipeline_settings(app_settings):
+    s = app_settings.model_copy(update={"window_events": 1000, "window_ttl_s": 10 * 365 * 86400})
+    kafka_local.ensure_topics(s)
+    return s
+
+
+def _events():
+    evs = list(synthetic(N_EVENTS, N_USERS, seed=11, bad_fraction=BAD_FRACTION))
+    n_bad = 0
+    for e in evs:
+        key, value = encode(e)
+        try:
+            parse_event(value, now_ms=int(time.time() * 1000), key=key)
+        except EventRejected:
+            n_bad += 1
+    assert 100 < n_bad < 400
+    return evs
+
+
+# --- tests -----------------------------------------------------------------------------------------------
+def test_every_event_yields_one_prediction_or_one_dlq_record(pipeline_settings, tmp_path):
+    s = pipeline_settings
+    evs = _events()
+    worker = Worker(s, tmp_path / "worker.log")
+    worker.start()
+    try:
+        t0, t0_wall = time.monotonic(), time.time()
+        assert replay(s, evs) == N_EVENTS
+        t_produced = time.monotonic() - t0
+        out = read_outputs(s, N_EVENTS)
+        t_all = time.monotonic() - t0
+        counts = account(s, out)
+        assert counts["inputs"] == N_EVENTS and counts["duplicates"] == 0
+        # outcomes: one per valid event of a user that already had a prediction
+        n_outcomes = counts["valid"] - counts["users"]
+        deadline = time.monotonic() + 30
+        while len(out[s.topic_outcomes]) < n_outcomes and time.monotonic() < deadline:
+            out = read_outputs(s, N_EVENTS, timeout=5)
+        outcomes = [_json(m) for m in out[s.topic_outcomes]]
+        assert len(outcomes) == n_outcomes
+        o = outcomes[-1]
+        assert set(o) >= {"user_id", "context", "happened", "history_tail", "history_len"}
+        assert o["happened"]["gap_s"] >= 0 and o["context"]["model_version"]
+        text = worker.metrics()
+        assert metric(text, "nextaction_events_in_total") == N_EVENTS
+        assert metric(text, "nextaction_events_rejected_total") == counts["invalid"]
+        assert metric(text, "nextaction_predictions_out_total") == counts["valid"]
+        latencies = sorted(_json(m)["latency_ms"] for m in out[s.topic_predictions])
+        hit = sum(_json(m)["happened"]["item_rank"] is not None for m in out[s.topic_outcomes])
+        last_publish = max(_json(m)["published_ms"] for m in out[s.topic_predictions]) / 1000.0
+        worker_s = last_publish - t0_wall  # first event produced -> last prediction published
+        report = {**counts, "produce_s": round(t_produced, 2), "all_outputs_s": round(t_all, 2),
+                  "worker_s": round(worker_s, 2), "events_per_s": round(N_EVENTS / worker_s), "latency_ms_p50": latencies[len(latencies) // 2],
+                  "latency_ms_p99": latencies[int(len(latencies) * 0.99)],
+                  "outcome_hit_rate_at_k": round(hit / max(1, len(outcomes)), 3)}
+        print("\nPIPELINE", json.dumps(report))
+    finally:
+        rc = worker.stop()
+    assert rc == 0, worker.tail()
+
+
+def test_sigterm_restart_resumes_from_committed_offsets_with_state(pipeline_settings, tmp_path):
+    s = pipeline_settings
+    evs = _events()
+    worker = Worker(s, tmp_path / "worker.log")
+    worker.start()
+    produced: list[int] = []
+    # produce at a steady rate in the background, so the worker is stopped mid-stream
+    producer = threading.Thread(target=lambda: produced.append(replay(s, evs, rate=2500)), daemon=True)
+    producer.start()
+    try:
+        def outputs_seen(out):
+            return len(out[s.topic_predictions]) + len(out[s.topic_dlq]) >= N_EVENTS // 3
+
+        asyncio.run(_read_topics(s, [s.topic_predictions, s.topic_dlq], outputs_seen, 120))
+        rc = worker.stop(signal.SIGTERM)
+        assert rc == 0, f"SIGTERM exit code {rc}:\n{worker.tail()}"
+        stopped_log = worker.log_path.read_text(errors="replace")
+        worker.start()  # same data dir: RocksDB + changelog offsets; resumes from committed offsets
+        producer.join(120)
+        assert produced == [N_EVENTS]
+        out = read_outputs(s, N_EVENTS)
+        counts = account(s, out)
+        print("\nRESTART", json.dumps(counts))
+        # a graceful stop drains in-flight events and commits, so a restart re-delivers nothing
+        assert counts["duplicates"] == 0, counts
+        assert "Wait for streams" in stopped_log
+    finally:
+        worker.stop()

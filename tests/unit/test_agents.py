@@ -1,0 +1,159 @@
+"""The agent end to end inside Faust's ``agent.test_context()``, with real RocksDB tables in a temp dir.
+
+``test_context`` has no broker, so outputs go to a recording publisher instead of the producer;
+everything else (Faust streams, acks, tables, the batcher thread, the baseline) is the real thing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import math
+import time
+
+import orjson
+import pytest
+
+from models.schema import ACTIONS, EventSeq
+from stream_app import metrics
+from stream_app.app import create_app
+from stream_app.history import decode_value
+from stream_app.settings import Settings
+
+_ids = itertools.count()
+
+
+class Recorder:
+    def __init__(self):
+        self.sent: list[tuple[str, bytes | None, dict]] = []
+
+    async def send(self, kind, key, value):
+        self.sent.append((kind, key, orjson.loads(value)))
+
+    def of(self, kind):
+        return [v for k, _, v in self.sent if k == kind]
+
+
+class Exploding:
+    version = "exploding-1"
+
+    def predict(self, histories, k):
+        raise RuntimeError("model on fire")
+
+    def observe(self, history):
+        pass
+
+
+@pytest.fixture
+def make_app(tmp_path):
+    def make(**kw):
+        factory = kw.pop("predictor_factory", None)
+        s = Settings(app_id=f"test-agents-{next(_ids)}", data_dir=tmp_path, max_wait_ms=1, partitions=1,
+                     window_events=5, **kw)
+        rec = Recorder()
+        app = create_app(s, publisher=rec, predictor_factory=factory)
+        app.finalize()
+        app.flow_control.resume()
+        return app, rec
+
+    return make
+
+
+def ev(user="u1", item="i1", action="view", ts=None, **extra):
+    ts = ts if ts is not None else int(time.time() * 1000)
+    return orjson.dumps({"user_id": user, "item_id": item, "action": action, "ts": ts, **extra})
+
+
+async def put_all(app, messages):
+    async with app.pipeline.agent.test_context() as agent:
+        out = []
+        for key, value, *offset in messages:
+            if offset:
+                agent.sent_offset = offset[0]
+            out.append(await agent.put(value, key=key))
+            await app.pipeline.batcher.drain()  # one event at a time: deterministic learning order
+        history = {k: decode_value(app.topology.histories.get(k)) for k in ("u1", "u2")}
+        return agent.results, history
+
+
+def test_valid_event_yields_prediction_and_updates_history(make_app):
+    app, rec = make_app()
+    t = int(time.time() * 1000) - 5_000
+    results, hist = asyncio.run(put_all(app, [(b"u2", ev(user="u2", item="i0", ts=t - 1)),
+                                              (b"u1", ev(ts=t, device="ios", category="c1"))]))
+    assert results == {0: "queued", 1: "queued"}
+    first, p = rec.of("predictions")
+    assert first["top_items"] == []  # predict before learning: the very first prediction knows nothing
+    assert p["user_id"] == "u1" and p["event_ts"] == t and p["model_version"] == "baseline-markov-1"
+    assert set(p["action_probs"]) == set(ACTIONS) and math.isclose(sum(p["action_probs"].values()), 1.0)
+    assert p["top_items"] and all(isinstance(i, str) and isinstance(s, float) for i, s in p["top_items"])
+    assert p["next_gap_s"] >= 0 and 0 <= p["latency_ms"] < 10_000
+    assert (p["partition"], p["offset"], p["history_len"], p["activity"]) == (0, 1, 1, 1)
+    assert hist["u1"].items == ["i1"] and hist["u1"].devices == ["ios"] and hist["u1"].categories == ["c1"]
+    assert rec.of("outcomes") == [] and rec.of("dlq") == []
+
+
+def test_invalid_events_go_to_dlq_with_reason_and_source(make_app):
+    app, rec = make_app()
+    msgs = [(b"u1", b"{broken"), (b"u1", ev(action="teleport")), (b"u2", ev(user="u1")), (None, ev()),
+            (b"u1", ev(ts=int(time.time() * 1000) + 3_600_000))]
+    before = metrics.EVENTS_REJECTED.labels("bad_action")._value.get()
+    results, hist = asyncio.run(put_all(app, msgs))
+    assert list(results.values()) == ["rejected:not_json", "rejected:bad_action", "rejected:key_mismatch",
+                                      "rejected:key_mismatch", "rejected:clock_skew"]
+    dlq = rec.of("dlq")
+    assert [d["reason"] for d in dlq] == ["not_json", "bad_action", "key_mismatch", "key_mismatch", "clock_skew"]
+    assert dlq[0]["original"] == "{broken" and dlq[0]["source"] == {"topic": "events", "partition": 0, "offset": 0}
+    assert [d["source"]["offset"] for d in dlq] == [0, 1, 2, 3, 4]
+    assert "teleport" in dlq[1]["detail"]
+    assert rec.of("predictions") == [] and len(hist["u1"]) == 0
+    assert metrics.EVENTS_REJECTED.labels("bad_action")._value.get() == before + 1
+
+
+def test_outcome_pairs_previous_prediction_with_what_happened(make_app):
+    app, rec = make_app()
+    t = int(time.time() * 1000) - 60_000
+    msgs = [(b"u1", ev(item=f"i{n}", ts=t + n * 10_000, action=a)) for n, a in enumerate(["view", "cart", "purchase"])]
+    msgs.append((b"u2", ev(user="u2", ts=t)))
+    results, hist = asyncio.run(put_all(app, msgs))
+    preds, outs = rec.of("predictions"), rec.of("outcomes")
+    assert [p["history_len"] for p in preds] == [1, 2, 3, 1]
+    assert len(outs) == 2  # u1's 2nd and 3rd events; u2 had no previous prediction
+    o = outs[1]
+    assert o["context"]["event_ts"] == t + 10_000 and o["context"]["model_version"] == preds[1]["model_version"]
+    assert o["context"]["top_items"] == preds[1]["top_items"]
+    assert o["context"]["action_probs"] == pytest.approx(preds[1]["action_probs"])
+    assert o["happened"] == {"action": "purchase", "item_id": "i2", "ts": t + 20_000, "gap_s": 10.0,
+                             "item_rank": o["happened"]["item_rank"], "action_prob": preds[1]["action_probs"]["purchase"]}
+    tail = EventSeq.unpack(orjson.dumps(o["history_tail"]))
+    assert tail.items == ["i0", "i1", "i2"] and o["history_len"] == 3
+    assert hist["u1"].items == ["i0", "i1", "i2"] and hist["u2"].items == ["i1"]
+
+
+def test_history_is_bounded_and_redelivery_is_idempotent(make_app):
+    app, rec = make_app()
+    t = int(time.time() * 1000) - 100_000
+    msgs = [(b"u1", ev(item=f"i{n}", ts=t + n * 1000)) for n in range(7)]
+    msgs.append((b"u1", ev(item="i6", ts=t + 6000), 6))  # offset 6 again: a redelivery after a restart
+    results, hist = asyncio.run(put_all(app, msgs))
+    assert results[7] == "duplicate"
+    assert hist["u1"].items == ["i2", "i3", "i4", "i5", "i6"]  # window_events=5, no duplicate entry
+    preds = rec.of("predictions")
+    assert len(preds) == 8 and preds[-1]["duplicate"] is True and preds[-1]["offset"] == 6
+    assert len(rec.of("outcomes")) == 6  # not re-emitted for the redelivered event
+
+
+def test_predictor_failure_dead_letters_with_reason_and_keeps_worker_alive(make_app):
+    app, rec = make_app(predictor_factory=lambda s: Exploding())
+    results, hist = asyncio.run(put_all(app, [(b"u1", ev(item="a")), (b"u1", ev(item="b"))]))
+    assert list(results.values()) == ["queued", "queued"]
+    dlq = rec.of("dlq")
+    assert [d["reason"] for d in dlq] == ["predict_failed", "predict_failed"]
+    assert "model on fire" in dlq[0]["detail"] and orjson.loads(dlq[1]["original"])["item_id"] == "b"
+    assert hist["u1"].items == ["a", "b"] and rec.of("predictions") == []
+
+
+def test_metrics_render_prometheus_text():
+    body, ctype = metrics.render()
+    assert b"nextaction_events_in_total" in body and b"nextaction_batch_size_bucket" in body
+    assert ctype.startswith("text/plain")
