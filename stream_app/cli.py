@@ -626,7 +626,7 @@ def _spawn_worker(settings: SettingsType, web_port: int, log_path: Path,
                                 stderr=subprocess.STDOUT, start_new_session=True, env=env)
 
 
-def _demo_train(settings: SettingsType) -> Path | None:
+def _demo_train(settings: SettingsType, budget_min: float = 1.0) -> Path | None:
     """Train a small model on synthetic data with ``nextaction train``; None (with a note) if not possible."""
     import importlib.util
 
@@ -638,7 +638,7 @@ def _demo_train(settings: SettingsType) -> Path | None:
         console.print("[yellow]skipped training:[/] models/cli.py is not in this checkout")
         return None
     out = Path(settings.data_dir).absolute() / "demo" / "model"
-    args = ["--dataset", "synthetic", "--out", str(out)]
+    args = ["--dataset", "synthetic", "--out", str(out), "--budget-min", str(budget_min), "--threads", "1"]
     console.print(f"[dim]nextaction train {' '.join(args)}[/]")
     try:
         _forward_to_models("train", args)

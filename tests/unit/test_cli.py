@@ -11,7 +11,7 @@ import typer
 from typer.testing import CliRunner
 
 from stream_app import cli
-from stream_app.settings import get_settings
+from stream_app.settings import Settings, get_settings
 
 runner = CliRunner()
 
@@ -233,39 +233,22 @@ def test_broken_models_cli_shows_the_error(monkeypatch):
     assert "Traceback" in res.output
 
 
-@pytest.fixture
-def fake_models_cli(monkeypatch):
-    calls = {}
-    mod = types.ModuleType("models.cli")
-
-    def train(epochs: int = typer.Option(1, help="Training epochs."), dataset: str = typer.Option("synthetic")):
-        """Train a model."""
-        calls["train"] = (epochs, dataset)
-
-    def evaluate(checkpoint: str = typer.Argument(...)):
-        """Evaluate a checkpoint."""
-        calls["evaluate"] = checkpoint
-
-    mod.train, mod.evaluate = train, evaluate
-    monkeypatch.setitem(sys.modules, "models.cli", mod)
-    return calls
-
-
-def test_train_and_evaluate_forward_their_options(fake_models_cli):
-    res = _invoke("train", "--epochs", "3", "--dataset", "beauty")
+def test_train_and_evaluate_run_the_real_models_cli(tmp_path):
+    out = tmp_path / "ckpt"
+    res = _invoke("train", "--dataset", "synthetic", "--out", str(out), "--epochs", "1", "--budget-min", "0.2",
+                  "--threads", "1")
     assert res.exit_code == 0, res.output
-    assert fake_models_cli["train"] == (3, "beauty")
-    res = _invoke("evaluate", "ckpt/v1")
-    assert res.exit_code == 0, res.output
-    assert fake_models_cli["evaluate"] == "ckpt/v1"
+    assert (out / "manifest.json").exists() and (out / "model.safetensors").exists()
+    res = _invoke("evaluate", "--help")
+    assert res.exit_code == 0 and "nextaction evaluate" in res.output
 
 
-def test_train_help_and_bad_values_come_from_models_cli(fake_models_cli):
+def test_train_help_and_bad_values_come_from_models_cli(tmp_path):
     res = _invoke("train", "--help")
-    assert res.exit_code == 0 and "Training epochs" in res.output and "nextaction train" in res.output
-    res = _invoke("train", "--epochs", "lots")
-    assert res.exit_code == 2 and "Invalid value for '--epochs': Input should be a valid integer" in _flat(res.output)
-    assert "train" not in fake_models_cli
+    assert res.exit_code == 0 and "Checkpoint directory" in _flat(res.output) and "nextaction train" in res.output
+    res = _invoke("train", "--dataset", "synthetic", "--out", str(tmp_path / "x"), "--epochs", "lots")
+    assert res.exit_code == 2 and "'--epochs'" in _flat(res.output)
+    assert not (tmp_path / "x").exists()
 
 
 def test_replay_csv_through_the_real_csv_reader(monkeypatch, tmp_path):
@@ -294,16 +277,10 @@ def test_demo_training_is_skipped_with_a_note_without_models_cli(monkeypatch):
     assert cli._demo_train(get_settings()) is None
 
 
-def test_demo_trains_on_synthetic_data_when_models_cli_exists(fake_models_cli, monkeypatch, tmp_path):
-    import importlib.machinery
+def test_demo_trains_a_real_model_on_synthetic_data(monkeypatch, tmp_path):
+    from models.checkpoint import load_checkpoint
 
-    calls = {}
-
-    def train(dataset: str = typer.Option(...), out: str = typer.Option(...)):
-        calls["train"] = (dataset, out)
-
-    mod = sys.modules["models.cli"]
-    mod.train, mod.__spec__ = train, importlib.machinery.ModuleSpec("models.cli", None)
-    out = cli._demo_train(get_settings())
+    monkeypatch.setenv("NEXTACTION_DATA_DIR", str(tmp_path / "var"))
+    out = cli._demo_train(Settings(), budget_min=0.1)
     assert out == tmp_path / "var" / "demo" / "model"
-    assert calls["train"] == ("synthetic", str(out))
+    assert load_checkpoint(out).version  # a real, hash-verified checkpoint
