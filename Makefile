@@ -1,6 +1,5 @@
 # Two commands do all set-up on a fresh machine: `make demo` and `make test`.
 SHELL := /bin/bash
-VENV = $(shell scripts/venv.sh)
 PY = .venv/bin/python
 NX = .venv/bin/nextaction
 export NEXTACTION_DATA_DIR ?= $(CURDIR)/var
@@ -9,7 +8,7 @@ PYTEST_ARGS ?=
 .PHONY: venv test test-unit test-integration demo kafka-start kafka-stop bench quality clean
 
 venv:
-	@echo "venv: $(VENV)"
+	@scripts/venv.sh >/dev/null
 
 test: venv
 	$(PY) -m pytest $(PYTEST_ARGS)
