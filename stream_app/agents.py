@@ -21,6 +21,17 @@ The batcher's deliverer (:meth:`Pipeline.deliver`, on the event loop, in event o
 5. publishes the prediction (or dead-letters the event with reason ``predict_failed``);
 6. records the prediction in ``last_prediction`` and only then acks the event.
 
+A second agent, ``model_updates`` (concurrency 1), reads ``model-updates`` records
+``{"version", "path", "sha256"}`` (``sha256`` = the checkpoint manifest's ``content_hash``; the
+served ``version`` is its first 12 hex digits) and hot-swaps the predictor: the new model is
+loaded, verified and warmed up in the batcher's inference thread, then swapped in between batches,
+so every prediction carries exactly one version. A bad update is logged (``!!!``), counted
+(``nextaction_model_updates_total{result="rejected"}``) and the current model keeps serving.
+Limits: the topic is consumed by the app's consumer group, so with several workers each record
+reaches one worker (a broadcast needs a per-worker group or a global table); and after a restart
+the worker serves ``settings.checkpoint`` again (the registry should point that at the newest
+version), since committed updates are not replayed.
+
 Delivery guarantee: at-least-once. An offset is committed only after its event is acked, and Faust
 flushes the producer before it commits, so every event's prediction or DLQ record is written
 before its offset is. After a crash, events after the last commit are processed again: their
@@ -34,6 +45,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import time
 import weakref
@@ -58,6 +70,9 @@ log = logging.getLogger(__name__)
 PROCESSING_FAILED = "processing_failed"
 #: Events of history sent with each outcome record (the trainer's context).
 OUTCOME_TAIL = 32
+#: Attribute set on each validated Faust event: its event time in seconds, read by
+#: :func:`stream_app.app.event_time_s` (the activity window's time, on every table access).
+EVENT_TS_ATTR = "nextaction_ts_s"
 
 
 class Publisher(Protocol):
@@ -77,22 +92,26 @@ class KafkaPublisher:
 
 
 def default_predictor(settings: SettingsType) -> Predictor:
-    """The predictor served at start: the checkpoint's model if one loads, else the baseline.
+    """The predictor served at start: :func:`models.serving.load_predictor`.
 
-    A missing or bad checkpoint never stops the worker: it logs a loud warning and serves
-    :class:`~online.baseline.PopularityMarkovPredictor` (which learns from the stream).
+    That is the checkpoint's Transformer (hash-verified, warmed up) when ``settings.checkpoint``
+    loads; a missing, unset or bad checkpoint never stops the worker: ``load_predictor`` logs a loud
+    ``!!!`` warning and serves the baseline :class:`~online.baseline.PopularityMarkovPredictor`
+    (which learns from the stream). A wrong *setting* (``device=cuda`` without a GPU) raises
+    :class:`~stream_app.errors.ConfigError`.
     """
-    from online.baseline import PopularityMarkovPredictor
+    from online.baseline import PopularityMarkovPredictor  # noqa: PLC0415
 
-    if settings.checkpoint is not None:
-        try:
-            from models.serving import load_predictor  # the Transformer's serving entry point (issue 5)
-
-            return load_predictor(settings)
-        except (ImportError, CheckpointError, OSError, ValueError) as exc:
-            log.warning("!!! checkpoint %s could not be served (%s: %s); FALLING BACK to the baseline "
-                        "predictor", settings.checkpoint, type(exc).__name__, exc)
-    return PopularityMarkovPredictor()
+    if settings.checkpoint is None:  # load_predictor's own answer, without importing torch (start-up -5 s)
+        log.warning("!!! no model checkpoint configured (setting 'checkpoint' / NEXTACTION_CHECKPOINT is unset): "
+                    "serving the BASELINE predictor (popularity + Markov), not the Transformer")
+        return PopularityMarkovPredictor()
+    try:
+        from models.serving import load_predictor  # noqa: PLC0415 - imports torch
+    except ImportError as exc:  # a worker without torch still serves the baseline
+        log.warning("!!! models.serving cannot be imported (%s): FALLING BACK to the BASELINE predictor", exc)
+        return PopularityMarkovPredictor()
+    return load_predictor(settings)
 
 
 @dataclass(slots=True, eq=False)
@@ -154,6 +173,56 @@ def history_json(h: EventSeq) -> dict:
             "c": h.categories}
 
 
+def reset_root_log_level(level_name: str) -> None:
+    """Undo Faust's root logger at DEBUG when the worker runs with ``-l warn``/``error``/``crit``.
+
+    With a level of WARN or above, Faust keeps its terminal spinner and sets the *root* logger to
+    DEBUG, so every ``log.debug`` in aiokafka/faust builds a LogRecord: measured +28 % worker CPU
+    per event. Unless the configured level is ``debug``, the root logger is raised to at least INFO.
+    """
+    root = logging.getLogger()
+    if str(level_name).lower() != "debug" and root.level < logging.INFO:
+        root.setLevel(logging.INFO)
+
+
+def freeze_heap() -> None:
+    """Move everything allocated during start-up (Faust, aiokafka, the model, torch) out of the
+    garbage collector's reach (``gc.freeze``): the per-event garbage is young and short-lived, but
+    every full collection would otherwise traverse the whole start-up heap again."""
+    gc.collect()
+    gc.freeze()
+
+
+def _same_version(predictor: Any, sha256: str) -> bool:
+    version = str(getattr(predictor, "version", ""))
+    return len(version) >= 8 and sha256.lower().startswith(version.lower())
+
+
+def build_successor(current: Any, path: str, sha256: str | None, settings: SettingsType) -> Predictor:
+    """Load, verify and warm up the checkpoint at ``path`` (runs in the inference thread).
+
+    A Transformer already serving builds its successor with the same serving options
+    (:meth:`~models.serving.TransformerPredictor.successor`, empty KV cache); the baseline builds a
+    Transformer from the settings' serving options. Raises on any problem; the caller keeps
+    ``current``.
+    """
+    from models.checkpoint import read_manifest  # noqa: PLC0415 - torch only when a model is used
+    from models.serving import TransformerPredictor, serving_options  # noqa: PLC0415
+
+    if sha256 is not None:
+        actual = str(read_manifest(path)["content_hash"])  # files are hash-checked by the load below
+        if actual.lower() != sha256.lower():
+            raise CheckpointError(f"checkpoint {path!r} has content hash {actual}, the update announced {sha256}")
+    if hasattr(current, "successor"):
+        new = current.successor(path)
+    else:
+        new = TransformerPredictor.from_checkpoint(path, **serving_options(settings))
+    if sha256 is not None and not sha256.lower().startswith(str(new.version).lower()):  # changed while loading
+        raise CheckpointError(f"checkpoint {path!r} loaded as version {new.version}, the update announced {sha256}")
+    new.warm_up()
+    return new
+
+
 class Pipeline:
     """Per-event processing and batched delivery for one app (see the module docstring)."""
 
@@ -175,12 +244,15 @@ class Pipeline:
     async def start_batcher(self) -> Batcher:
         if self.batcher is None:
             s = self.settings
+            reset_root_log_level(s.log_level)
             predictor = self.predictor_factory(s)
             log.info("serving predictor %s (max_batch=%d, max_wait_ms=%s, queue=%d)", predictor.version,
                      s.max_batch, s.max_wait_ms, s.predict_queue)
             self.batcher = Batcher(predictor, self.deliver, k=s.top_k, max_batch=s.max_batch,
                                    max_wait_ms=s.max_wait_ms, max_queue=s.predict_queue)
             await self.batcher.start()
+            if s.gc_freeze:
+                freeze_heap()
             self._watch = asyncio.ensure_future(self._watch_batcher(self.batcher))
         return self.batcher
 
@@ -195,11 +267,56 @@ class Pipeline:
             await self.app.crash(exc)
 
     async def stop_batcher(self) -> None:
+        gc.unfreeze()  # let shutdown free the start-up heap again (rocksdict/nanobind objects included)
         if self.batcher is not None:
             batcher, self.batcher = self.batcher, None
             if self._watch is not None:
                 self._watch.cancel()
             await batcher.stop(drain=True)
+
+    # --- model updates (agent ``model_updates``) -------------------------------------------------------
+    async def handle_model_update(self, value: bytes | None) -> str:
+        """Hot-swap to the checkpoint a ``model-updates`` record names; returns what happened.
+
+        The record is ``{"version", "path", "sha256"}`` (orjson). The new predictor is loaded,
+        hash-verified and warmed up **in the batcher's inference thread** (never on the event loop,
+        and never concurrently with a batch: one thread owns the model), then
+        :meth:`Batcher.swap` serves it from the next batch on. Any problem (malformed record,
+        missing or corrupt checkpoint, a content hash other than the record's ``sha256``, a model
+        that produces non-finite outputs) is logged and counted, and the current predictor keeps
+        serving. A record for the version already served is skipped (a redelivery).
+        """
+        try:
+            rec = orjson.loads(value) if value is not None else None
+            if not isinstance(rec, dict) or not isinstance(rec.get("path"), str) or not rec["path"]:
+                raise ValueError("expected a JSON object with a non-empty string 'path'")
+            version = None if rec.get("version") is None else str(rec["version"])
+            sha = rec.get("sha256")
+            if sha is not None and (not isinstance(sha, str) or not sha):
+                raise ValueError(f"'sha256' must be a hex string (got {sha!r})")
+        except (orjson.JSONDecodeError, ValueError) as exc:
+            log.error("model update rejected: bad record %r: %s", (value or b"")[:200], exc)
+            metrics.MODEL_UPDATES.labels("rejected").inc()
+            return "rejected:bad_record"
+        batcher = await self.start_batcher()
+        current = batcher.predictor
+        if sha is not None and _same_version(current, sha):
+            log.info("model update %s (%s): already serving %s, skipped", version, rec["path"], current.version)
+            metrics.MODEL_UPDATES.labels("skipped").inc()
+            return "skipped"
+        t0 = time.perf_counter()
+        try:
+            new = await batcher.run_in_executor(build_successor, current, rec["path"], sha, self.settings)
+        except Exception as exc:  # noqa: BLE001 - a bad update must never stop the worker
+            log.error("!!! model update %s (%s) rejected, still serving %s: %s: %s", version, rec["path"],
+                      current.version, type(exc).__name__, exc)
+            metrics.MODEL_UPDATES.labels("rejected").inc()
+            return "rejected:" + type(exc).__name__
+        batcher.swap(new)
+        metrics.MODEL_UPDATES.labels("applied").inc()
+        log.info("model update %s applied: %s -> %s from %s (loaded in %.2f s)", version, current.version,
+                 new.version, rec["path"], time.perf_counter() - t0)
+        return f"swapped:{new.version}"
 
     # --- per event (agent) --------------------------------------------------------------------------
     async def handle(self, event: Any, stream: Any) -> str:
@@ -214,6 +331,7 @@ class Pipeline:
             await self.dead_letter(raw, key, exc.reason, str(exc), msg)
             await stream.ack(event)
             return f"rejected:{exc.reason}"
+        setattr(event, EVENT_TS_ATTR, ev.ts / 1000.0)  # the activity window's event time, parsed once
         if msg.topic not in self._verified_topics:
             await self._wait_for_changelogs(msg.topic)
         try:
@@ -353,6 +471,12 @@ def install(app: Any, topology: Any, *, predictor_factory: Callable[[SettingsTyp
         async for event in manual.events():
             yield await pipeline.handle(event, manual)
 
+    @app.agent(topology.model_updates, name="model_updates", concurrency=1)
+    async def model_updates(stream):
+        """Hot-swap the served model on each ``{"version", "path", "sha256"}`` record."""
+        async for value in stream:
+            yield await pipeline.handle_model_update(value)
+
     @app.page("/metrics")
     async def prometheus_metrics(web, request):
         body, content_type = metrics.render()
@@ -363,4 +487,5 @@ def install(app: Any, topology: Any, *, predictor_factory: Callable[[SettingsTyp
         await pipeline.stop_batcher()
 
     pipeline.agent = process_events
+    pipeline.model_updates_agent = model_updates
     return pipeline

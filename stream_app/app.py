@@ -33,6 +33,7 @@ import faust
 import orjson
 
 from models.predictor import Predictor
+from stream_app.agents import EVENT_TS_ATTR  # set by the agent on each validated event (see event_time_s)
 from stream_app.settings import SettingsType, get_settings
 
 #: Activity windows kept per user (older windows expire, on event time).
@@ -46,6 +47,9 @@ def event_time_s(event: Any) -> float:
     Faust's ``relative_to_field`` (which reads an attribute of a Record value) cannot be used; this
     handler reads the same ``ts`` field instead. Only called for events that passed validation.
     """
+    ts = getattr(event, EVENT_TS_ATTR, None)
+    if ts is not None:  # stamped by the agent after validation: no second JSON parse per access
+        return ts
     return orjson.loads(event.value)["ts"] / 1000.0
 
 
@@ -93,9 +97,11 @@ def create_app(settings: SettingsType | None = None, *, predictor_factory: Calla
         autodiscover=False,
         stream_wait_empty=True,  # rebalance/shutdown waits until the batcher acked in-flight events
         table_standby_replicas=0,
-        broker_commit_interval=1.0,
-        producer_linger=0.005,
+        broker_commit_interval=settings.commit_interval_s,
+        producer_linger=settings.producer_linger_ms / 1000.0,
         producer_max_batch_size=256 * 1024,
+        stream_buffer_maxsize=settings.stream_buffer_maxsize,
+        **({"broker_max_poll_records": settings.max_poll_records} if settings.max_poll_records else {}),
     )
 
     # --- topics (names from settings; JSON bodies are encoded/decoded with orjson by hand) -------

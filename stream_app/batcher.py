@@ -22,6 +22,9 @@ in halves and each half retried, down to single requests; a single request is tr
 still fails comes back as a :class:`Result` with ``prediction=None`` and the error, for the
 deliverer to dead-letter with reason :data:`PREDICT_FAILED`. No request is ever dropped.
 
+Users: a predictor with ``accepts_users = True`` (the Transformer, for its per-user KV cache) is
+called as ``predict(histories, k, users=[user_id, ...])``; others get the plain protocol call.
+
 Model swap: :meth:`Batcher.swap` replaces the predictor; the infer loop reads the predictor once
 per batch, so a swap takes effect atomically between batches and every :class:`Result` carries
 the ``version`` of the predictor that made it.
@@ -180,6 +183,11 @@ class Batcher:
         metrics.MODEL_SWAPS.inc()
         log.info("predictor swap: %s -> %s (from the next batch)", old.version, predictor.version)
 
+    async def run_in_executor(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """Run ``fn(*args)`` in the inference thread, between batches (e.g. loading the next model:
+        one thread owns the model, and the event loop keeps serving meanwhile)."""
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
     async def start(self) -> None:
         """Start the infer and deliver loops on the running event loop."""
         if self._tasks:
@@ -306,7 +314,8 @@ class Batcher:
     def _infer(self, predictor: Predictor, batch: list[Request]) -> list[Result]:
         """observe + predict one batch (runs in the executor thread)."""
         t0 = time.perf_counter()
-        preds, errors = self._predict_robust(predictor, [r.history for r in batch])
+        users = [r.user_id for r in batch] if getattr(predictor, "accepts_users", False) else None
+        preds, errors = self._predict_robust(predictor, [r.history for r in batch], users)
         # Learn only after predicting: a prediction must not see events later than its own, which
         # observing the whole batch first would leak (prequential order: predict, then learn).
         for r in batch:
@@ -331,14 +340,17 @@ class Batcher:
             out.append(Result(r, p, version, e))
         return out
 
-    def _predict_robust(self, predictor: Predictor, histories: Sequence[EventSeq]
-                        ) -> tuple[list[Prediction | None], list[str | None]]:
+    def _predict_robust(self, predictor: Predictor, histories: Sequence[EventSeq],
+                        users: Sequence[str] | None = None) -> tuple[list[Prediction | None], list[str | None]]:
         preds: list[Prediction | None] = [None] * len(histories)
         errors: list[str | None] = [None] * len(histories)
 
         def attempt(ids: list[int], tries: int) -> None:
             try:
-                got = predictor.predict([histories[i] for i in ids], self.k)
+                if users is not None:
+                    got = predictor.predict([histories[i] for i in ids], self.k, users=[users[i] for i in ids])
+                else:
+                    got = predictor.predict([histories[i] for i in ids], self.k)
                 if len(got) != len(ids):
                     raise PredictorError(f"predict() returned {len(got)} predictions for {len(ids)} histories")
             except Exception as exc:  # noqa: BLE001 - any predictor failure is isolated, then reported

@@ -38,6 +38,8 @@ EVENT_TO_PREDICTION = Histogram("nextaction_event_to_prediction_latency_seconds"
                                 registry=REGISTRY)
 QUEUE_DEPTH = Gauge("nextaction_queue_depth", "Prediction requests waiting for a batch", registry=REGISTRY)
 MODEL_SWAPS = Counter("nextaction_model_swaps", "Predictor hot swaps", registry=REGISTRY)
+MODEL_UPDATES = Counter("nextaction_model_updates", "model-updates records, by result (applied, rejected, skipped)",
+                        ["result"], registry=REGISTRY)
 
 CONTENT_TYPE = "text/plain"  # aiohttp refuses a charset inside content_type; version param is optional
 

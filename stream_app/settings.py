@@ -40,6 +40,22 @@ class _Settings(BaseSettings):
     topic_outcomes: str = "outcomes"
     topic_model_updates: str = "model-updates"
     partitions: int = 4
+    # Producer linger (ms): how long the producer waits to fill a batch (every event makes ~5 Kafka
+    # messages: 3 changelog records + prediction + outcome). Up to this much latency is added per
+    # publish at low rates. 5 vs 20 ms (and commit 1 vs 2 s, gc_freeze) measured within noise on
+    # the shared 2-core box (benchmarks/RESULTS.md, e2e-analysis), so the defaults stay as they were.
+    producer_linger_ms: float = 5.0
+    # Offset commit interval (s). A commit first flushes the producer. At-least-once either way: a
+    # crash reprocesses at most about this much input.
+    commit_interval_s: float = 1.0
+    # Faust: messages buffered per partition stream and records per consumer poll (0 = Faust default).
+    # The buffer also bounds how long a ``model-updates`` record can wait behind an ``events`` backlog
+    # (Faust's conductor hands messages over in fetch order): about stream_buffer_maxsize / events/s.
+    stream_buffer_maxsize: int = 4096
+    max_poll_records: int = 0
+    # gc.freeze() the start-up heap once the worker serves (fewer, cheaper full collections);
+    # no gain measured on the baseline pipeline, so off by default.
+    gc_freeze: bool = False
     # --- embedded broker (``nextaction kafka start``) -------------------------------------------
     kafka_version: str = "3.9.1"
     kafka_port: int = 9092
@@ -74,18 +90,26 @@ class _Settings(BaseSettings):
 
     @field_validator("partitions", "window_events", "window_ttl_s", "activity_window_s", "max_event_bytes",
                      "top_k", "max_batch", "predict_queue", "kafka_port", "kafka_controller_port",
-                     "kv_cache_users", "kv_cache_mb", "kv_refresh_every")
+                     "kv_cache_users", "kv_cache_mb", "kv_refresh_every", "stream_buffer_maxsize")
     @classmethod
     def _positive(cls, v: int) -> int:
         if v < 1:
             raise ValueError("must be >= 1")
         return v
 
-    @field_validator("max_future_skew_s", "max_event_age_s", "max_wait_ms", "serve_threads")
+    @field_validator("max_future_skew_s", "max_event_age_s", "max_wait_ms", "serve_threads", "producer_linger_ms",
+                     "max_poll_records")
     @classmethod
     def _non_negative(cls, v):
         if v < 0:
             raise ValueError("must be >= 0")
+        return v
+
+    @field_validator("commit_interval_s")
+    @classmethod
+    def _positive_float(cls, v: float) -> float:
+        if not v > 0:
+            raise ValueError("must be > 0")
         return v
 
     @field_validator("broker_url")

@@ -301,3 +301,67 @@ def test_sigterm_restart_resumes_from_committed_offsets_with_state(pipeline_sett
         assert "Wait for streams" in stopped_log
     finally:
         worker.stop()
+
+
+def _produce_one(settings, topic: str, value: bytes) -> None:
+    from aiokafka import AIOKafkaProducer
+
+    async def main():
+        p = AIOKafkaProducer(bootstrap_servers=settings.bootstrap_servers)
+        await p.start()
+        try:
+            await p.send_and_wait(topic, value)
+        finally:
+            await p.stop()
+
+    asyncio.run(main())
+
+
+def test_model_update_through_the_topic_hot_swaps(pipeline_settings, tmp_path):
+    """A ``model-updates`` record between two halves of a stream: the worker swaps models between
+    batches, nothing is lost, every prediction names exactly one of the two versions, the first half
+    is served by v1 and the second by v2, and per partition the version switches once. (The swap
+    under concurrent load, at a batch boundary, is tested in tests/unit/test_batcher.py.)"""
+    from models.checkpoint import read_manifest
+    from tests.unit.test_batcher import _tiny_checkpoint
+
+    v1, v2 = _tiny_checkpoint(tmp_path / "v1", 0), _tiny_checkpoint(tmp_path / "v2", 1)
+    ver1, sha2 = read_manifest(v1)["content_hash"][:12], read_manifest(v2)["content_hash"]
+    ver2 = sha2[:12]
+    s = pipeline_settings.model_copy(update={"checkpoint": v1, "device": "cpu", "serve_threads": 1})
+    n = 2000
+    evs = list(synthetic(n, 200, seed=5))
+    worker = Worker(s, tmp_path / "worker.log")
+    worker.start()
+    try:
+        assert replay(s, evs[: n // 2]) == n // 2
+        read_outputs(s, n // 2)
+        t0 = time.monotonic()
+        _produce_one(s, s.topic_model_updates, orjson.dumps({"version": "v2", "path": str(v2), "sha256": sha2}))
+        deadline = time.monotonic() + 120
+        while metric(worker.metrics(), 'nextaction_model_updates_total{result="applied"}') < 1:
+            assert time.monotonic() < deadline, "model update not applied within 120 s"
+            time.sleep(0.2)
+        swap_s = time.monotonic() - t0
+        assert replay(s, evs[n // 2:]) == n - n // 2
+        out = read_outputs(s, n)
+        counts = account(s, out)
+        assert counts["duplicates"] == 0 and counts["inputs"] == n
+        first_half = {(e["user_id"], e["ts"]) for e in evs[: n // 2]}  # (user, event time) of the first replay
+        assert first_half.isdisjoint((e["user_id"], e["ts"]) for e in evs[n // 2:])
+        by_partition = defaultdict(list)
+        versions = Counter()
+        for m in out[s.topic_predictions]:
+            p = _json(m)
+            key = (p["user_id"], p["event_ts"])
+            assert p["model_version"] == (ver1 if key in first_half else ver2), (key, p["model_version"])
+            by_partition[p["partition"]].append((p["offset"], p["model_version"]))
+            versions[p["model_version"]] += 1
+        for seq in by_partition.values():  # in event order per partition: v1 ... v1 v2 ... v2
+            vs = [v for _, v in sorted(seq)]
+            switch = vs.index(ver2)
+            assert set(vs[:switch]) <= {ver1} and set(vs[switch:]) == {ver2}
+        print("\nHOTSWAP", json.dumps({**counts, "versions": dict(versions), "swap_s": round(swap_s, 2)}))
+    finally:
+        rc = worker.stop()
+    assert rc == 0, worker.tail()

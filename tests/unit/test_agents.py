@@ -48,6 +48,9 @@ class Exploding:
 def make_app(tmp_path):
     def make(**kw):
         factory = kw.pop("predictor_factory", None)
+        # gc_freeze off: in one long test process, freezing would pin every earlier test's objects
+        # (torch/nanobind ones included), which nanobind then reports as leaks at exit.
+        kw.setdefault("gc_freeze", False)
         s = Settings(app_id=f"test-agents-{next(_ids)}", data_dir=tmp_path, max_wait_ms=1, partitions=1,
                      window_events=5, **kw)
         rec = Recorder()
@@ -153,7 +156,80 @@ def test_predictor_failure_dead_letters_with_reason_and_keeps_worker_alive(make_
     assert hist["u1"].items == ["a", "b"] and rec.of("predictions") == []
 
 
+def test_gc_freeze_setting_freezes_the_start_up_heap(make_app):
+    import gc
+
+    app, _ = make_app(gc_freeze=True)
+
+    async def main():
+        await app.pipeline.start_batcher()
+        frozen = gc.get_freeze_count()
+        await app.pipeline.stop_batcher()
+        return frozen
+
+    assert asyncio.run(main()) > 0 and gc.get_freeze_count() == 0  # frozen while serving, released at stop
+
+
 def test_metrics_render_prometheus_text():
     body, ctype = metrics.render()
     assert b"nextaction_events_in_total" in body and b"nextaction_batch_size_bucket" in body
     assert ctype.startswith("text/plain")
+
+
+# --- model-updates: hot swap through the agent -----------------------------------------------------
+
+def _checkpoint(path, seed):
+    from tests.unit.test_batcher import _tiny_checkpoint
+
+    return _tiny_checkpoint(path, seed)
+
+
+async def _updates_then_events(app, updates, events):
+    async with app.pipeline.model_updates_agent.test_context() as upd:
+        out = [await upd.put(value) for value in updates]
+        results = list(upd.results.values())
+    async with app.pipeline.agent.test_context() as agent:
+        for key, value in events:
+            await agent.put(value, key=key)
+            await app.pipeline.batcher.drain()
+    return results or out
+
+
+def test_model_update_swaps_between_batches_and_bad_updates_keep_the_old_model(make_app, tmp_path):
+    from models.checkpoint import read_manifest
+
+    v1, v2 = _checkpoint(tmp_path / "v1", 0), _checkpoint(tmp_path / "v2", 1)
+    sha2 = read_manifest(v2)["content_hash"]
+    app, rec = make_app(checkpoint=v1, device="cpu", serve_threads=1)
+    start_version = None
+
+    async def main():
+        nonlocal start_version
+        await app.pipeline.start_batcher()
+        start_version = app.pipeline.batcher.predictor.version
+        t = int(time.time() * 1000) - 10_000
+        await _updates_then_events(app, [], [(b"u1", ev(item="i1", ts=t))])
+        updates = [
+            b"not json",  # malformed
+            orjson.dumps({"version": "v9", "path": str(tmp_path / "missing")}),  # missing checkpoint
+            orjson.dumps({"version": "v2", "path": str(v2), "sha256": "0" * 64}),  # announced hash is wrong
+            orjson.dumps({"version": "v2", "path": str(v2), "sha256": sha2}),  # good
+            orjson.dumps({"version": "v2", "path": str(v2), "sha256": sha2}),  # redelivery: skipped
+        ]
+        res = await _updates_then_events(app, updates, [(b"u1", ev(item="i2", ts=t + 1000))])
+        await app.pipeline.stop_batcher()
+        return res
+
+    res = asyncio.run(main())
+    assert start_version == read_manifest(v1)["content_hash"][:12]  # the worker loaded the checkpoint at start
+    assert res[0] == "rejected:bad_record" and res[1].startswith("rejected:") and res[2] == "rejected:CheckpointError"
+    assert res[3] == f"swapped:{sha2[:12]}" and res[4] == "skipped"
+    versions = [p["model_version"] for p in rec.of("predictions")]
+    assert versions == [start_version, sha2[:12]]
+
+
+def test_bad_checkpoint_at_start_falls_back_to_the_baseline(make_app, tmp_path):
+    app, rec = make_app(checkpoint=tmp_path / "nope", device="cpu")
+    results, _ = asyncio.run(put_all(app, [(b"u1", ev(item="a"))]))
+    assert list(results.values()) == ["queued"]
+    assert rec.of("predictions")[0]["model_version"].startswith("baseline")

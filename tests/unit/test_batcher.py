@@ -216,3 +216,83 @@ def test_check_prediction_rejects_malformed_output():
 def test_rejects_bad_settings():
     with pytest.raises(ValueError, match="max_batch"):
         Batcher(EchoPredictor(), None, k=1, max_batch=0, max_wait_ms=1, max_queue=1)
+
+
+# --- the Transformer behind the batcher: users=, hot swap between real checkpoints ------------------
+
+def _tiny_checkpoint(path, seed):
+    """A real, hash-verified checkpoint of a seeded small NextActionModel (as in test_serving.py)."""
+    import torch
+
+    from models.checkpoint import save_checkpoint
+    from models.config import ModelConfig
+    from models.encoding import ItemVocab
+    from models.model import NextActionModel
+
+    vocab = ItemVocab([f"i{k}" for k in range(30)], n_hash_buckets=4)
+    cfg = ModelConfig(n_items=len(vocab), n_hash_buckets=4, max_len=8, d_model=32, n_heads=2, dropout=0.0,
+                      n_device_buckets=8, n_location_buckets=8)
+    torch.manual_seed(seed)
+    model = NextActionModel(cfg).eval()
+    with torch.no_grad():
+        model.item_bias.normal_(0, 0.5)
+    return save_checkpoint(path, model, vocab)
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoints(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ckpts")
+    return _tiny_checkpoint(root / "v1", 0), _tiny_checkpoint(root / "v2", 1)
+
+
+def _item_hist(user, n):
+    return EventSeq.from_columns([f"i{(hash(user) + i) % 30}" for i in range(n)], ["view"] * n,
+                                 [1_700_000_000_000 + 60_000 * i for i in range(n)])
+
+
+def test_transformer_gets_users_and_hot_swap_under_load_switches_at_a_batch_boundary(tiny_checkpoints):
+    from models.serving import TransformerPredictor
+
+    v1 = TransformerPredictor.from_checkpoint(tiny_checkpoints[0], device="cpu", num_threads=1)
+    v2 = v1.successor(tiny_checkpoints[1])
+    assert v1.version != v2.version
+    seen_users = []
+    predict = v1.predict
+
+    def spy(histories, k, users=None):
+        seen_users.append(users)
+        return predict(histories, k, users=users)
+
+    v1.predict = spy
+    delivered = []
+
+    async def deliver(results):
+        delivered.append([(r.request.user_id, r.request.event_ts, r.version,
+                           r.prediction.extra["model_version"]) for r in results])
+
+    async def main():
+        b = Batcher(v1, deliver, k=5, max_batch=16, max_wait_ms=1, max_queue=64)
+        await b.start()
+        counts: dict[str, int] = {}
+        n_total, swap_at = 600, 300
+        for n in range(n_total):  # under load: the swap lands while batches are queued and in flight
+            u = f"u{n % 37}"
+            counts[u] = counts.get(u, 0) + 1
+            await b.submit(Request(u, _item_hist(u, min(counts[u], 8)), n))
+            if n == swap_at:
+                b.swap(v2)
+        await b.stop()
+        return b
+
+    b = asyncio.run(main())
+    assert seen_users and all(us is not None and len(us) >= 1 for us in seen_users)  # users= passed
+    flat = [x for batch in delivered for x in batch]
+    assert [x[1] for x in flat] == list(range(600))  # nothing lost, duplicated or reordered
+    for batch in delivered:
+        assert len({x[2] for x in batch}) == 1  # one version per batch ...
+        assert all(x[2] == x[3] for x in batch)  # ... and it is the version that made the prediction
+    versions = [batch[0][2] for batch in delivered]
+    first_v2 = versions.index(v2.version)
+    assert set(versions[:first_v2]) == {v1.version} and set(versions[first_v2:]) == {v2.version}  # one switch
+    assert 0 < first_v2 and flat[sum(len(x) for x in delivered[:first_v2])][1] <= 300 + 64 + 16
+    assert b.stats["swaps"] == 1
