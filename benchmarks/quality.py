@@ -48,9 +48,24 @@ CROSSCHECK = {
 }
 
 
+def _train_child(name: str, root, model_overrides: dict, train_overrides: dict, out: str) -> None:
+    """Train one dataset's checkpoint in a fresh process, so its time and peak memory are its own."""
+    from models.config import ModelConfig, TrainConfig
+    from models.train import train
+
+    if name == "yoochoose":
+        ds, sp = yoochoose_split(root)
+    else:
+        ds = load(name, root)
+        sp = leave_one_out(ds)
+    train(ds, ModelConfig.from_dict(model_overrides), TrainConfig.from_dict(train_overrides), out, split=sp,
+          eval_test=False)
+
+
 def _transformer(name, ds, sp, args):
     """The Transformer scorer: ``--checkpoints DIR/<dataset>`` if it exists, else trained there
-    with the default configs when ``--train`` is given, else None (baselines only)."""
+    (default configs plus ``--model-config``/``--train-config`` overrides, ``--budget-min``,
+    ``--threads``) when ``--train`` is given, else None (baselines only)."""
     if not args.checkpoints:
         return None
     try:
@@ -60,14 +75,40 @@ def _transformer(name, ds, sp, args):
         return None
     ck = Path(args.checkpoints) / name
     if not ck.exists() and args.train:
-        from models.config import TrainConfig
-        from models.train import train
+        import json
+        import multiprocessing as mp
 
-        ck, _ = train(ds, None, TrainConfig(), ck, split=sp, eval_test=False)
+        tkw = {"budget_min": args.budget_min, "num_threads": args.threads, "progress": False,
+               **json.loads(args.train_config or "{}")}
+        proc = mp.get_context("spawn").Process(target=_train_child, args=(
+            name, args.root, json.loads(args.model_config or "{}"), tkw, str(ck)))
+        proc.start()
+        proc.join()
+        if proc.exitcode != 0:
+            print(f"  (training {name} failed with exit code {proc.exitcode}; Transformer skipped)", file=sys.stderr)
     if not Path(ck).exists():
         print(f"  (no checkpoint at {ck}; Transformer skipped)", file=sys.stderr)
         return None
-    return TransformerScorer.from_checkpoint(ck, ds)
+    return TransformerScorer.from_checkpoint(ck, ds, device="cpu")
+
+
+def _training_row(name: str, scorer, ck_dir: Path) -> dict | None:
+    """What the checkpoint says about its training run (time, memory, epochs, config)."""
+    if scorer is None:
+        return None
+    import json
+
+    meta, cfg = scorer.metadata, scorer.cfg
+    tc = json.loads((ck_dir / "config.json").read_text()).get("train") or {}
+    return {"dataset": name, "train_s": meta.get("train_seconds"), "peak_rss_mib": meta.get("peak_rss_mib"),
+            "epochs": meta.get("epochs_run"), "best_epoch": meta.get("best_epoch"),
+            "valid": (meta.get("valid") or {}).get("NDCG@10"), "device": meta.get("device", "cpu"),
+            "config": f"d={cfg.d_model}, {cfg.n_layers} layers, {cfg.n_heads} heads, len {cfg.max_len}, "
+                      f"dropout {cfg.dropout}, {cfg.backbone}, {cfg.objective}, "
+                      + (f"sampled softmax {cfg.n_negatives} neg" if cfg.n_negatives else "full softmax")
+                      + f", features {'+'.join(cfg.features)}"
+                      + (f"; batch {tc.get('batch_size')}, lr {tc.get('lr')}, budget {tc.get('budget_min')} min, "
+                         f"{tc.get('num_threads')} thread(s)" if tc else "")}
 
 
 def run_dataset(name: str, args) -> list[dict]:
@@ -93,6 +134,9 @@ def run_dataset(name: str, args) -> list[dict]:
     if ours is not None:
         scorers = {"ours": ours, **scorers}
     rows = []
+    info = _training_row(name, ours, Path(args.checkpoints or ".") / name)
+    if info is not None:
+        rows.append({"training": info})
     for key, protocol, masked in protos:
         res = {n: evaluate(s, ds, cases, protocol=protocol, mask_history=masked, seed=0, beyond_accuracy=False)
                for n, s in scorers.items()}
@@ -107,6 +151,8 @@ def run_dataset(name: str, args) -> list[dict]:
 
 
 def render(rows: list[dict], seconds: float) -> str:
+    training = [r["training"] for r in rows if "training" in r]
+    rows = [r for r in rows if "training" not in r]
     cols: list[str] = []
     for r in rows:
         cols += [c for c in r["values"] if c not in cols and c != "ours"]
@@ -123,6 +169,14 @@ def render(rows: list[dict], seconds: float) -> str:
         ours = f"{v['ours']:.4f}" if isinstance(v.get("ours"), float) else "—"
         out.append(f"| {r['dataset']} | {r['protocol']} | {r['metric']} | {r['n']} | {ours} | "
                    + " | ".join(cell) + f" | {r['published']} |")
+    if training:
+        out += ["", "Transformer training runs (CPU, fp32; time = wall clock of `train` including validation; "
+                "peak memory = max RSS of the training process):", "",
+                "| dataset | train s | peak RSS MiB | epochs | best epoch | valid NDCG@10 | config |",
+                "|---|---:|---:|---:|---:|---:|---|"]
+        for t in training:
+            out.append(f"| {t['dataset']} | {t['train_s']} | {t['peak_rss_mib']} | {t['epochs']} | {t['best_epoch']} | "
+                       + (f"{t['valid']:.4f}" if isinstance(t["valid"], float) else "") + f" | {t['config']} |")
     out += ["", "Independent cross-check of the evaluator (full, history allowed; HR@10 / NDCG@10): "
             + "; ".join(f"{d} {b} {h:.4f}/{n:.4f}" for (d, b), (h, n) in CROSSCHECK.items())
             + " — reproduced by `tests/unit/test_baselines_crosscheck.py`.", ""]
@@ -138,7 +192,7 @@ def write_section(text: str, path: Path = RESULTS) -> None:
         new = old.rstrip("\n") + "\n\n" + text
     else:
         end = next((j for j in range(start + 1, len(lines)) if lines[j].startswith("## ")), len(lines))
-        new = "\n".join(lines[:start] + text.splitlines() + lines[end:])
+        new = "\n".join(lines[:start] + text.rstrip("\n").splitlines() + [""] + lines[end:])
     tmp = path.with_suffix(".md.tmp")
     tmp.write_text(new.rstrip("\n") + "\n")
     tmp.replace(path)
@@ -153,6 +207,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--checkpoints", type=Path, default=None,
                     help="folder with one Transformer checkpoint per dataset (DIR/<dataset>)")
     ap.add_argument("--train", action="store_true", help="train missing checkpoints with default configs")
+    ap.add_argument("--budget-min", type=float, default=10.0, help="training budget per dataset (minutes)")
+    ap.add_argument("--threads", type=int, default=1, help="CPU intra-op threads for training")
+    ap.add_argument("--model-config", default='{"n_negatives": 2048}',
+                    help="JSON ModelConfig overrides (default: the CPU recipe, sampled softmax with 2048 negatives)")
+    ap.add_argument("--train-config", default=None, help="JSON TrainConfig overrides, e.g. '{\"lr\": 0.002}'")
     ap.add_argument("--dry-run", action="store_true", help="print the table, do not write RESULTS.md")
     args = ap.parse_args(argv)
     if not datasets_root(args.root).is_dir():

@@ -25,8 +25,8 @@ def train(
     device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
     epochs: Annotated[int, typer.Option(help="Maximum epochs (early stopping usually ends sooner).")] = 200,
     budget_min: Annotated[float, typer.Option(help="Wall-clock budget in minutes (0 = none).")] = 10.0,
-    batch_size: Annotated[int, typer.Option()] = 128,
-    lr: Annotated[float, typer.Option()] = 1e-3,
+    batch_size: Annotated[int, typer.Option()] = 256,
+    lr: Annotated[float, typer.Option()] = 5e-3,
     weight_decay: Annotated[float, typer.Option()] = 0.01,
     warmup_steps: Annotated[int, typer.Option()] = 100,
     patience: Annotated[int, typer.Option(help="Validations without NDCG@10 gain before stopping.")] = 5,
@@ -45,10 +45,12 @@ def train(
              "item,action,gap,hour,dow,device,location")] = None,
     repeat_head: Annotated[bool, typer.Option("--repeat-head/--no-repeat-head")] = True,
     negatives: Annotated[int, typer.Option(help="0 = full softmax; >0 = sampled softmax with this many "
-                                                "shared negatives (huge catalogues).")] = 0,
+                                                "shared negatives (2048 is the CPU recipe).")] = 0,
     eval_protocol: Annotated[str, typer.Option(help="Validation ranking: 'masked' (history items removed) "
                                                     "or 'allowed'.")] = "masked",
-    max_eval_users: Annotated[int, typer.Option(help="Validation users sampled per evaluation (0 = all).")] = 5000,
+    max_eval_users: Annotated[int, typer.Option(help="Validation users sampled per evaluation (0 = all).")] = 3000,
+    window_stride: Annotated[int, typer.Option(help="Long histories: a training window every this many events "
+                                                    "(0 = every max_len events).")] = 0,
     config: Annotated[Optional[Path], typer.Option(help="A ModelConfig JSON file (overrides the model "
                                                         "options above).")] = None,
     progress: Annotated[bool, typer.Option("--progress/--no-progress")] = True,
@@ -71,10 +73,17 @@ def train(
     tcfg = TrainConfig(lr=lr, warmup_steps=warmup_steps, weight_decay=weight_decay, epochs=epochs,
                        batch_size=batch_size, patience=patience, seed=seed, device=device, budget_min=budget_min,
                        num_threads=threads, eval_protocol=eval_protocol, max_eval_users=max_eval_users,
+                       window_stride=window_stride,
                        progress=progress)
-    ds = load(dataset)
+    split = None
+    if dataset == "yoochoose":  # the session-rec split (train_full / test sessions), not leave-one-out
+        from models.datasets import yoochoose_split
+
+        ds, split = yoochoose_split()
+    else:
+        ds = load(dataset)
     console.print(f"[bold]{ds.name}[/]: {ds.summary()}")
-    path, history = run_train(ds, mcfg, tcfg, out)
+    path, history = run_train(ds, mcfg, tcfg, out, split=split)
     from models.checkpoint import load_checkpoint
 
     ck = load_checkpoint(path)

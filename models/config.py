@@ -111,7 +111,10 @@ class ModelConfig(_JsonMixin):
     action_head: bool = True
     gap_head: bool = True  # regression on log1p(seconds to next event); needs timestamps
     # --- loss -----------------------------------------------------------------------------------
-    n_negatives: int = 0  # 0 = full-softmax CE over the catalogue; >0 = sampled softmax (huge catalogues)
+    # 0 = full-softmax CE over the catalogue; K > 0 = sampled softmax against K distinct uniform negatives
+    # shared by the batch (= full softmax when K >= catalogue). Full softmax costs ~V/K times more per
+    # target: on a CPU, K = 2048 trained ~5x more epochs per minute on Beauty (12k items).
+    n_negatives: int = 0
     action_loss_weight: float = 0.5
     gap_loss_weight: float = 0.1
     mask_prob: float = 0.2  # masked pretraining: fraction of items replaced by the mask token
@@ -159,14 +162,14 @@ class ModelConfig(_JsonMixin):
 class TrainConfig(_JsonMixin):
     """How to train. ``budget_min`` bounds wall-clock time (0 = no bound)."""
 
-    lr: float = 1e-3
+    lr: float = 5e-3  # measured on Beauty (batch 256): 5e-3 beat 2e-3 by ~50% valid NDCG@10 in a 9-min budget
     warmup_steps: int = 100
     schedule: str = "cosine"  # cosine | linear | constant (after warm-up)
     weight_decay: float = 0.01
     grad_clip: float = 1.0
     epochs: int = 200
     pretrain_epochs: int = 0  # masked_then_causal: epochs of masked pretraining (0 = 25% of epochs)
-    batch_size: int = 128
+    batch_size: int = 256
     patience: int = 5  # evaluations without validation NDCG@10 improvement before stopping
     eval_every: int = 1  # epochs between validation passes
     seed: int = 42
@@ -174,8 +177,11 @@ class TrainConfig(_JsonMixin):
     budget_min: float = 0.0
     num_threads: int = 0  # CPU intra-op threads (0 = leave torch's default)
     eval_protocol: str = "masked"  # passed to models.evaluate (history 'masked' or 'allowed')
-    max_eval_users: int = 5000  # validate on a fixed sample of this many users (0 = all)
+    max_eval_users: int = 3000  # validate on a fixed sample of this many users (0 = all)
     window_stride: int = 0  # long histories: extra training windows every stride events (0 = last only)
+    # leave-one-out: train on every user's events but the test target (as the baselines are fitted),
+    # except the max_eval_users validation users, whose validation target stays held out
+    fit_unvalidated: bool = True
     progress: bool = True
 
     def __post_init__(self) -> None:

@@ -9,7 +9,8 @@ built from a config (never downloaded) and fed ``inputs_embeds``. Heads, on ever
   score** added to the items of the user's own history: ``q(h_t) · k(h_j) / sqrt(d) + recency(t - j)``
   summed over ``j <= t`` with item ``i_j`` — so the model can learn to favour (or suppress) repeat
   consumption, which first-order Markov / recent-items baselines exploit. Trained with full-softmax
-  cross-entropy (SASRec+/gSASRec), or sampled softmax for huge catalogues.
+  cross-entropy (SASRec+/gSASRec), or a sampled softmax over ``n_negatives`` uniform negatives shared
+  by the batch (huge catalogues, and the CPU recipe: the catalogue softmax dominates a CPU step).
 * next action: 5-way softmax.  * time to next event: regression on ``log1p(seconds)`` (Huber).
 
 Serving: :meth:`NextActionModel.score_last` on a batch, or incrementally :meth:`prefill` once per
@@ -320,14 +321,33 @@ class NextActionModel(nn.Module):
             if bool((y < 0).all()):
                 return logits.sum() * 0.0
             return F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
-        # sampled softmax: the target + K negatives shared by the batch (uniform over real rows)
-        neg = torch.randint(self.first_item, cfg.n_items, (cfg.n_negatives,), device=h_n.device)  # (K,)
-        cand = torch.cat([tgt[:, None], neg[None, :].expand(len(tgt), -1)], dim=1)  # (N, 1+K)
-        logits = (h_n[:, None, :] * self.item_emb(cand)).sum(-1) + self.item_bias[cand]  # (N, 1+K)
+        # sampled softmax: the target + K distinct negatives shared by the batch, drawn uniformly from
+        # the known items (a uniform proposal needs no logQ correction). Two matmuls, no (N, K, d)
+        # gather: cost ~K/V of the full softmax.
+        n_known = cfg.n_items - self.first_item
+        K = min(cfg.n_negatives, n_known)
+        neg = torch.randperm(n_known, device=h_n.device)[:K] + self.first_item  # (K,)
+        pos = (h_n * self.item_emb(tgt)).sum(-1) + self.item_bias[tgt]  # (N,)
+        negl = torch.addmm(self.item_bias[neg], h_n, self.item_emb(neg).T)  # (N, K)
+        slot = torch.full((cfg.n_items,), K, dtype=torch.long, device=h_n.device)  # vocab index -> column
+        slot[neg] = torch.arange(K, device=h_n.device)
         if rep is not None:
-            logits = logits + torch.einsum("nt,ntk->nk", rep, (hist[:, :, None] == cand[:, None, :]).to(rep.dtype))
-        logits[:, 1:] = logits[:, 1:].masked_fill(cand[:, 1:] == tgt[:, None], float("-inf"))
-        return F.cross_entropy(logits.float(), torch.zeros_like(tgt))
+            # repeat scores of history items: onto the target when it is in the history, and onto
+            # each sampled negative that is
+            pos = pos + (rep * (hist == tgt[:, None]).to(rep.dtype)).sum(-1)
+            col = slot[hist]  # (N, T); K = not a sampled negative
+            negl.scatter_add_(1, col.clamp(max=K - 1), rep.masked_fill(col == K, 0.0).to(negl.dtype))
+        t_col = slot[tgt]  # a negative that happens to be the target is removed
+        hit = (t_col < K).nonzero(as_tuple=True)[0]
+        negl[hit, t_col[hit]] = float("-inf")
+        keep = tgt >= self.first_item  # unknown (hash-bucket) targets are ignored, as in the full softmax
+        if not bool(keep.any()):
+            return negl.sum() * 0.0
+        pos, negl = pos[keep].float(), negl[keep].float()
+        # cross-entropy with the target as class 0, without concatenating an (N, 1+K) copy
+        m = torch.maximum(pos, negl.max(1).values).detach()
+        lse = m + torch.log(torch.exp(pos - m) + torch.exp(negl - m[:, None]).sum(1))
+        return (lse - pos).mean()
 
     def _forward_masked(self, batch):
         batch, _ = _inputs(batch, self.cfg.max_len)

@@ -1,11 +1,14 @@
 """Offline training: ``train(ds, model_cfg, train_cfg, out_dir) -> (checkpoint_path, history)``.
 
-* Examples: every training sequence (``Split.train``) is cut into windows of up to ``max_len + 1``
+* Examples: every training sequence (:func:`training_sequences`: on leave-one-out splits all events
+  but the test target, except for the validation users) is cut into windows of up to ``max_len + 1``
   events with :func:`models.encoding.encode` (``max_len`` inputs, each predicting its successor);
-  long histories give several windows (``window_stride``). Batches group similar lengths and pad
-  only to the longest in the batch.
-* AdamW, linear warm-up then cosine/linear decay (fitted to the time budget after the first epoch),
-  gradient clipping, seeded; bf16 autocast on CUDA, fp32 on CPU.
+  long histories give several windows (``window_stride``). All windows are encoded and padded once
+  (:func:`pack_examples`); a batch is a row slice of windows of similar length, padded only to its
+  own longest window (Beauty: median 4 inputs, so most batches are far shorter than ``max_len``).
+* AdamW (no weight decay on embeddings, biases, norms), linear warm-up then cosine/linear decay
+  (fitted to the time budget after the first epoch), gradient clipping, seeded; bf16 autocast on
+  CUDA, fp32 on CPU.
 * Validation NDCG@10 (full ranking, :func:`models.evaluate.evaluate`) every ``eval_every`` epochs,
   early stopping with ``patience``; the best epoch is checkpointed (atomically) to ``out_dir``.
 * ``objective='masked_then_causal'``: BERT4Rec-style masked pretraining first, then causal.
@@ -21,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from models.config import ModelConfig, TrainConfig, resolve_device
-from models.encoding import ItemVocab, collate, encode
+from models.encoding import ItemVocab, encode
 from models.schema import EventSeq
 
 
@@ -70,14 +73,94 @@ def build_examples(train: dict[str, EventSeq], vocab: ItemVocab, cfg: ModelConfi
     return out
 
 
-def _batches(examples: list[dict], batch_size: int, rng: np.random.Generator, bucket: int = 50):
-    """Shuffled batches of similar length: shuffle, sort chunks of ``bucket`` batches by length."""
-    order = rng.permutation(len(examples))
+def holdout_validation(split, n: int, seed: int):
+    """A split with validation cases for early stopping when it has none (e.g. session splits):
+    ``n`` seeded training sequences (>= 2 events) leave training, each becoming one case that
+    predicts its last event from the rest.
+
+    >>> from models.datasets.core import Split
+    >>> s = EventSeq.from_columns(list("abc"), [0] * 3, range(3))
+    >>> sp = holdout_validation(Split({"u": s, "v": s[:1]}, [], []), 5, 0)
+    >>> sorted(sp.train), [(c.user, c.history.items, c.target_item) for c in sp.valid]
+    (['v'], [('u', ['a', 'b'], 'c')])
+    """
+    import dataclasses
+
+    from models.datasets.core import Case
+
+    users = [u for u, q in split.train.items() if len(q) >= 2]
+    pick = set(np.random.default_rng(seed).permutation(len(users))[:n].tolist())
+    held = [users[i] for i in sorted(pick)]
+    valid = [Case(u, split.train[u][:-1], split.train[u].items[-1], int(split.train[u].actions[-1]),
+                  int(split.train[u].ts[-1])) for u in held]
+    held_set = set(held)
+    train = {u: q for u, q in split.train.items() if u not in held_set}
+    return dataclasses.replace(split, train=train, valid=valid,
+                               meta={**split.meta, "valid": f"{len(valid)} held-out training sequences"})
+
+
+def training_sequences(split, validated_users: set[str]) -> dict[str, EventSeq]:
+    """What the model trains on. Leave-one-out splits: every user's test history (all events but
+    the test target, the same information the baselines are fitted on) except for the users whose
+    validation case is scored for early stopping, who keep the train part only (their validation
+    target stays unseen). Other splits (e.g. session splits, whose test histories hold other cases'
+    targets): ``split.train`` unchanged.
+
+    >>> from models.datasets.core import Case, Split
+    >>> s = EventSeq.from_columns(list("abcd"), [0] * 4, range(4))
+    >>> sp = Split({"u": s[:2], "v": s[:2]}, [Case("u", s[:2], "c", 0, 2), Case("v", s[:2], "c", 0, 2)],
+    ...            [Case("u", s[:3], "d", 0, 3), Case("v", s[:3], "d", 0, 3)], {"protocol": "leave_one_out"})
+    >>> {u: q.items for u, q in training_sequences(sp, {"v"}).items()}
+    {'u': ['a', 'b', 'c'], 'v': ['a', 'b']}
+    """
+    if split.meta.get("protocol") != "leave_one_out":
+        return split.train
+    out = dict(split.train)
+    for c in split.test:
+        if c.user not in validated_users:
+            out[c.user] = c.history
+    return out
+
+
+def pack_examples(examples: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """Right-pad all encoded windows once into ``{feature: [n, T_max]}`` arrays plus ``lengths``
+    (what :func:`models.encoding.collate` would build, for every window at once), so a training
+    batch is a row slice instead of per-sequence Python work."""
+    n = len(examples)
+    lengths = np.fromiter((len(e["item"]) for e in examples), np.int64, n)
+    T = int(lengths.max(initial=0))
+    keys = [k for k in examples[0] if k != "lengths"] if examples else []
+    packed: dict[str, np.ndarray] = {}
+    for k in keys:
+        flat = np.concatenate([e[k] for e in examples])
+        arr = np.zeros((n, T), flat.dtype)
+        arr[np.arange(T)[None, :] < lengths[:, None]] = flat  # row-major fill = left-aligned rows
+        packed[k] = arr
+    packed["lengths"] = lengths
+    return packed
+
+
+def packed_batch(packed: dict[str, np.ndarray], rows: np.ndarray) -> dict:
+    """The batch of windows ``rows``, padded only to its own longest window (== ``collate``)."""
+    import torch
+
+    lengths = packed["lengths"][rows]
+    T = int(lengths.max())
+    out = {k: torch.from_numpy(np.ascontiguousarray(v[rows, :T])) for k, v in packed.items() if k != "lengths"}
+    out["lengths"] = torch.from_numpy(lengths)
+    return out
+
+
+def _batches(lengths: np.ndarray, batch_size: int, rng: np.random.Generator, bucket: int = 50):
+    """Shuffled batches of similar length: shuffle, sort chunks of ``bucket`` batches by length
+    (so a batch pays for its own longest window, not ``max_len``), shuffle the batches."""
+    lengths = np.asarray(lengths)
+    order = rng.permutation(len(lengths))
     chunk = batch_size * bucket
     groups = []
     for s in range(0, len(order), chunk):
         part = order[s: s + chunk]
-        part = part[np.argsort([len(examples[i]["item"]) for i in part], kind="stable")]
+        part = part[np.argsort(lengths[part], kind="stable")]
         groups += [part[i: i + batch_size] for i in range(0, len(part), batch_size)]
     rng.shuffle(groups)
     return groups
@@ -149,20 +232,24 @@ def train(ds, model_cfg: ModelConfig | None, train_cfg: TrainConfig, out_dir: st
         split = leave_one_out(ds)
     cfg, vocab = model_config_for(ds, model_cfg)
     stride = train_cfg.window_stride or cfg.max_len
-    examples = build_examples(split.train, vocab, cfg, stride)
-    if not examples:
-        from stream_app.errors import DatasetError
-
-        raise DatasetError(f"{ds.name}: no training sequence has 2 or more events")
+    if not split.valid:
+        split = holdout_validation(split, train_cfg.max_eval_users or 1000, train_cfg.seed)
     valid = list(split.valid)
     if train_cfg.max_eval_users and len(valid) > train_cfg.max_eval_users:
         pick = np.sort(np.random.default_rng(train_cfg.seed).choice(len(valid), train_cfg.max_eval_users, False))
         valid = [valid[i] for i in pick]
+    train_seqs = training_sequences(split, {c.user for c in valid}) if train_cfg.fit_unvalidated else split.train
+    examples = build_examples(train_seqs, vocab, cfg, stride)
+    packed = pack_examples(examples) if examples else {}
+    if not examples:
+        from stream_app.errors import DatasetError
+
+        raise DatasetError(f"{ds.name}: no training sequence has 2 or more events")
     mask_history = train_cfg.eval_protocol == "masked"
 
     model = NextActionModel(cfg)
     counts = np.zeros(cfg.n_items, np.float64)
-    for seq in split.train.values():
+    for seq in train_seqs.values():
         np.add.at(counts, vocab.indices(seq.items), 1.0)
     model.init_item_bias(counts)  # start from the popularity prior
     model = model.to(device)
@@ -182,11 +269,11 @@ def train(ds, model_cfg: ModelConfig | None, train_cfg: TrainConfig, out_dir: st
     stop_all = False
     for phase, n_epochs in phases:
         decay, no_decay = [], []
-        for n, p in model.named_parameters():
-            (decay if p.dim() >= 2 else no_decay).append(p)
+        for n, p in model.named_parameters():  # no decay on embeddings, biases and norms (SASRec+ recipe)
+            (decay if p.dim() >= 2 and "emb" not in n.split(".")[0] else no_decay).append(p)
         opt = torch.optim.AdamW([{"params": decay, "weight_decay": train_cfg.weight_decay},
                                  {"params": no_decay, "weight_decay": 0.0}], lr=train_cfg.lr, betas=(0.9, 0.98),
-                                fused=cuda or None)
+                                fused=cuda or None, foreach=None if cuda else True)
         sched_state = {"warmup": min(train_cfg.warmup_steps, steps_per_epoch),  # warm-up: at most one epoch
                        "total": n_epochs * steps_per_epoch, "schedule": train_cfg.schedule}
         sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(sched_state))
@@ -196,13 +283,12 @@ def train(ds, model_cfg: ModelConfig | None, train_cfg: TrainConfig, out_dir: st
         for ep in range(n_epochs):
             model.train()
             t0 = time.perf_counter()
-            groups = _batches(examples, train_cfg.batch_size, rng)
+            groups = _batches(packed["lengths"], train_cfg.batch_size, rng)
             bar = tqdm(groups, desc=f"{phase} epoch {ep + 1}", leave=False, disable=not train_cfg.progress)
             tot, n_seq, n_tok = 0.0, 0, 0
             out_of_time = False
             for g in bar:
-                batch = collate([examples[i] for i in g])
-                batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+                batch = {k: v.to(device, non_blocking=True) for k, v in packed_batch(packed, g).items()}
                 with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
                     out, loss = model(batch, objective=phase)
                 opt.zero_grad(set_to_none=True)
@@ -262,6 +348,7 @@ def train(ds, model_cfg: ModelConfig | None, train_cfg: TrainConfig, out_dir: st
     if best["epoch"] < 0:  # no causal evaluation happened (tiny budget): save what we have
         save_checkpoint(out_dir, model, vocab, train_cfg, {"dataset": ds.name, "epoch": epoch_global})
     meta_extra = {"best_epoch": best["epoch"], "train_seconds": round(time.perf_counter() - t_start, 1),
+                  "epochs_run": sum(1 for h in history if "loss" in h), "peak_rss_mib": _peak_rss_mib(),
                   "history": history}
     if eval_test and best["epoch"] >= 0 and split.test:
         from models.checkpoint import load_checkpoint
@@ -278,6 +365,18 @@ def train(ds, model_cfg: ModelConfig | None, train_cfg: TrainConfig, out_dir: st
 
         _update_metadata(out_dir, load_checkpoint(out_dir), meta_extra, train_cfg)
     return out_dir, history
+
+
+def _peak_rss_mib() -> float | None:
+    """Peak resident memory of this process so far (MiB), or None where unavailable."""
+    try:
+        import resource
+        import sys
+
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return round(rss / (1024 * 1024 if sys.platform == "darwin" else 1024), 1)
+    except (ImportError, OSError):  # pragma: no cover - non-POSIX
+        return None
 
 
 def _update_metadata(out_dir: Path, ck, extra: dict, train_cfg: TrainConfig) -> None:
