@@ -226,20 +226,26 @@ def tail(
     err_console.print(f"[dim]{n} record{'s' if n != 1 else ''}[/]")
 
 
-async def _topic_partitions(settings: SettingsType, topic: str) -> list[int]:
-    """The partition ids of ``topic``; BrokerError naming the topic (and the known ones) if it is missing."""
-    from aiokafka.admin import AIOKafkaAdminClient
+async def _start_client(settings: SettingsType, start, close, timeout_s: float = 20) -> None:
+    """Start an aiokafka client; on failure close it and raise the BrokerError naming the broker."""
     from aiokafka.errors import KafkaError
 
     from stream_app.kafka_local import unreachable
 
-    admin = AIOKafkaAdminClient(bootstrap_servers=settings.bootstrap_servers, request_timeout_ms=15_000)
     try:
-        await asyncio.wait_for(admin.start(), 20)
+        await asyncio.wait_for(start(), timeout_s)
     except (KafkaError, OSError, asyncio.TimeoutError) as exc:
         with contextlib.suppress(Exception):
-            await admin.close()
+            await close()
         raise unreachable(settings, exc) from None
+
+
+async def _topic_partitions(settings: SettingsType, topic: str) -> list[int]:
+    """The partition ids of ``topic``; BrokerError naming the topic (and the known ones) if it is missing."""
+    from aiokafka.admin import AIOKafkaAdminClient
+
+    admin = AIOKafkaAdminClient(bootstrap_servers=settings.bootstrap_servers, request_timeout_ms=15_000)
+    await _start_client(settings, admin.start, admin.close)
     try:
         topics = await admin.list_topics()
         if topic not in topics:
@@ -255,20 +261,12 @@ async def _topic_partitions(settings: SettingsType, topic: str) -> list[int]:
 async def _open_consumer(settings: SettingsType, topic: str, *, from_beginning: bool):
     """A group-less consumer assigned to every partition of ``topic``, at its start or its end."""
     from aiokafka import AIOKafkaConsumer, TopicPartition
-    from aiokafka.errors import KafkaError
-
-    from stream_app.kafka_local import unreachable
 
     parts = [TopicPartition(topic, p) for p in await _topic_partitions(settings, topic)]
     consumer = AIOKafkaConsumer(bootstrap_servers=settings.bootstrap_servers, group_id=None,
                                 enable_auto_commit=False, request_timeout_ms=15_000,
                                 auto_offset_reset="earliest" if from_beginning else "latest")
-    try:
-        await asyncio.wait_for(consumer.start(), 20)
-    except (KafkaError, OSError, asyncio.TimeoutError) as exc:
-        with contextlib.suppress(Exception):
-            await consumer.stop()
-        raise unreachable(settings, exc) from None
+    await _start_client(settings, consumer.start, consumer.stop)
     try:
         consumer.assign(parts)
         if from_beginning:
