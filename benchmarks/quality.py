@@ -15,6 +15,7 @@ fitted on train + history (every event but the test targets; see ``models.datase
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -161,6 +162,8 @@ def render(rows: list[dict], seconds: float) -> str:
            "file), full ranking over all items with history items allowed / masked, and 100 sampled "
            "negatives as an extra. Ties broken by popularity. Baselines fitted on train + history. "
            f"Produced by `benchmarks/quality.py` in {seconds:.0f} s.", "",
+           f"- date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; machine: {_machine()}",
+           f"- command: `.venv/bin/python -m benchmarks.quality {' '.join(sys.argv[1:])}`", "",
            "| dataset | protocol | metric | cases | ours | " + " | ".join(cols) + " | published |",
            "|---|---|---|---:|---:|" + "---:|" * len(cols) + "---|"]
     for r in rows:
@@ -181,6 +184,14 @@ def render(rows: list[dict], seconds: float) -> str:
             + "; ".join(f"{d} {b} {h:.4f}/{n:.4f}" for (d, b), (h, n) in CROSSCHECK.items())
             + " — reproduced by `tests/unit/test_baselines_crosscheck.py`.", ""]
     return "\n".join(out)
+
+
+def _machine() -> str:
+    """CPU model, cores and load: timings here are only comparable within one run."""
+    model = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
+                  if ln.startswith("model name")), "unknown CPU") if Path("/proc/cpuinfo").exists() else "unknown CPU"
+    load = " / ".join(f"{x:.1f}" for x in os.getloadavg())
+    return f"{model}, {os.cpu_count()} cores, load average {load}; no GPU"
 
 
 def write_section(text: str, path: Path = RESULTS) -> None:
