@@ -316,20 +316,9 @@ def summarise(phase: Phase, inputs: dict[tuple[int, int], int], outs: list[tuple
     """Fill ``phase`` from outputs ``(src partition, src offset, out CreateTime, proc latency ms)`` and DLQ."""
     seen: dict[tuple[int, int], int] = {}
     lat, proc, times = [], [], []
-    for p, o, ts, pl in outs:
-        k = (p, o)
-        if k not in inputs:
-            phase.unexpected += 1
-            continue
-        seen[k] = seen.get(k, 0) + 1
-        if seen[k] > 1:
-            phase.duplicates += 1
-            continue
-        lat.append(ts - inputs[k])
-        times.append(ts)
-        if pl is not None:
-            proc.append(pl)
-    for p, o, ts in dlq:
+    # predictions carry a latency; DLQ records only count towards the exact account
+    records = [(p, o, ts, pl, True) for p, o, ts, pl in outs] + [(p, o, ts, None, False) for p, o, ts in dlq]
+    for p, o, ts, pl, is_prediction in records:
         k = (p, o)
         if k not in inputs:
             phase.unexpected += 1
@@ -339,6 +328,10 @@ def summarise(phase: Phase, inputs: dict[tuple[int, int], int], outs: list[tuple
             phase.duplicates += 1
             continue
         times.append(ts)
+        if is_prediction:
+            lat.append(ts - inputs[k])
+            if pl is not None:
+                proc.append(pl)
     phase.outputs = len(lat)
     phase.dlq = sum(1 for p, o, _ in dlq if (p, o) in inputs)
     phase.missing = sum(1 for k in inputs if k not in seen)
