@@ -104,6 +104,14 @@ def command_line() -> str:
     return " ".join(shlex.quote(a) for a in [".venv/bin/python", os.path.relpath(sys.argv[0], ROOT), *sys.argv[1:]])
 
 
+def publish(section: str, text: str, *, write: bool) -> None:
+    """Print a results section and, if ``write``, put it into RESULTS.md."""
+    print(text)
+    if write:
+        write_section(section, text)
+        print(f"wrote section {section!r} of {RESULTS}")
+
+
 def write_section(name: str, markdown: str, path: Path = RESULTS) -> None:
     """Replace (or append) the ``name`` section of RESULTS.md, leaving every other section as it was."""
     begin, end = f"<!-- BEGIN {name} -->", f"<!-- END {name} -->"

@@ -90,11 +90,7 @@ def main(argv: list[str] | None = None) -> None:
                "and a top-K over the catalogue per event, identical on both paths). At 1M items the "
                "scoring dominates and caching the encoder barely helps; at small catalogues and long "
                "sequences the encoder dominates and incremental inference pays most."]
-    text = "\n".join(md)
-    print(text)
-    if not args.no_write:
-        sb.write_section(SECTION, text)
-        print(f"wrote section {SECTION!r} of {sb.RESULTS}")
+    sb.publish(SECTION, "\n".join(md), write=not args.no_write)
 
 
 if __name__ == "__main__":

@@ -186,11 +186,7 @@ def main(argv: list[str] | None = None) -> None:
            "The catalogue scoring (`[batch, catalogue] × d` matmul + top-K) is paid per event on both paths, so "
            "the end-to-end speed-up is bounded by its share; the encoder work itself drops from a whole window "
            "to one token."]
-    text = "\n".join(md)
-    print(text)
-    if not args.no_write:
-        sb.write_section(SECTION, text)
-        print(f"wrote section {SECTION!r} of {sb.RESULTS}")
+    sb.publish(SECTION, "\n".join(md), write=not args.no_write)
     tmp.cleanup()
 
 
