@@ -21,16 +21,14 @@ The batcher's deliverer (:meth:`Pipeline.deliver`, on the event loop, in event o
 5. publishes the prediction (or dead-letters the event with reason ``predict_failed``);
 6. records the prediction in ``last_prediction`` and only then acks the event.
 
-A second agent, ``model_updates`` (concurrency 1), reads ``model-updates`` records
-``{"version", "path", "sha256"}`` (``sha256`` = the checkpoint manifest's ``content_hash``; the
-served ``version`` is its first 12 hex digits) and hot-swaps the predictor: the new model is
+Every worker also follows ``model-updates`` itself (:class:`~stream_app.updates.ModelUpdateListener`,
+no consumer group, so each record reaches every worker; at start it applies the newest record, so a
+restarted worker serves the fleet's current version). A record is ``{"version", "path", "sha256"}``
+(``sha256`` = the checkpoint manifest's ``content_hash``; the served ``version`` is its first 12
+hex digits; ``nextaction deploy <checkpoint>`` writes one) and hot-swaps the predictor: the new model is
 loaded, verified and warmed up in the batcher's inference thread, then swapped in between batches,
 so every prediction carries exactly one version. A bad update is logged (``!!!``), counted
 (``nextaction_model_updates_total{result="rejected"}``) and the current model keeps serving.
-Limits: the topic is consumed by the app's consumer group, so with several workers each record
-reaches one worker (a broadcast needs a per-worker group or a global table); and after a restart
-the worker serves ``settings.checkpoint`` again (the registry should point that at the newest
-version), since committed updates are not replayed.
 
 Delivery guarantee: at-least-once. An offset is committed only after its event is acked, and Faust
 flushes the producer before it commits, so every event's prediction or DLQ record is written
@@ -63,6 +61,7 @@ from stream_app.errors import CheckpointError, EventRejected
 from stream_app.events import Event, dlq_record, parse_event
 from stream_app.history import add_event, decode_value, encode_value
 from stream_app.settings import SettingsType
+from stream_app.updates import ModelUpdateListener
 
 log = logging.getLogger(__name__)
 
@@ -274,7 +273,7 @@ class Pipeline:
                 self._watch.cancel()
             await batcher.stop(drain=True)
 
-    # --- model updates (agent ``model_updates``) -------------------------------------------------------
+    # --- model updates (stream_app.updates.ModelUpdateListener) -------------------------------------------------------
     async def handle_model_update(self, value: bytes | None) -> str:
         """Hot-swap to the checkpoint a ``model-updates`` record names; returns what happened.
 
@@ -471,11 +470,14 @@ def install(app: Any, topology: Any, *, predictor_factory: Callable[[SettingsTyp
         async for event in manual.events():
             yield await pipeline.handle(event, manual)
 
-    @app.agent(topology.model_updates, name="model_updates", concurrency=1)
-    async def model_updates(stream):
-        """Hot-swap the served model on each ``{"version", "path", "sha256"}`` record."""
-        async for value in stream:
-            yield await pipeline.handle_model_update(value)
+    listener = ModelUpdateListener(topology.settings, pipeline.handle_model_update,
+                                   catch_up=topology.settings.model_updates_catch_up)
+    pipeline.model_updates = listener
+
+    @app.task
+    async def follow_model_updates():
+        """Every worker follows ``model-updates`` itself (no consumer group): see stream_app.updates."""
+        await listener.run()
 
     @app.page("/metrics")
     async def prometheus_metrics(web, request):
@@ -487,5 +489,4 @@ def install(app: Any, topology: Any, *, predictor_factory: Callable[[SettingsTyp
         await pipeline.stop_batcher()
 
     pipeline.agent = process_events
-    pipeline.model_updates_agent = model_updates
     return pipeline

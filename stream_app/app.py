@@ -62,7 +62,6 @@ class Topology:
     dlq: faust.TopicT
     predictions: faust.TopicT
     outcomes: faust.TopicT
-    model_updates: faust.TopicT
     histories: Any  # faust.Table[str, bytes]
     activity: Any  # windowed faust.Table[str, int] (a WindowWrapper)
     last_prediction: Any  # faust.Table[str, bytes]
@@ -112,7 +111,8 @@ def create_app(settings: SettingsType | None = None, *, predictor_factory: Calla
                             partitions=settings.partitions)
     outcomes = app.topic(settings.topic_outcomes, key_serializer="raw", value_serializer="raw",
                          partitions=settings.partitions)
-    model_updates = app.topic(settings.topic_model_updates, key_serializer="raw", value_serializer="raw")
+    # ``model-updates`` is not a Faust topic: every worker follows it without a consumer group
+    # (stream_app.updates.ModelUpdateListener), so each update reaches every worker.
 
     # --- tables ------------------------------------------------------------------------------------
     histories = app.Table("histories", partitions=settings.partitions, key_type=bytes, value_type=bytes,
@@ -131,7 +131,7 @@ def create_app(settings: SettingsType | None = None, *, predictor_factory: Calla
     def _make_data_dir(sender, **kwargs):  # Faust creates the datadir itself, but not its parents
         data_dir.mkdir(parents=True, exist_ok=True)
 
-    app.topology = Topology(settings, events, dlq, predictions, outcomes, model_updates, histories, activity,
+    app.topology = Topology(settings, events, dlq, predictions, outcomes, histories, activity,
                             last_prediction)
 
     # --- behaviour ---------------------------------------------------------------------------------

@@ -452,6 +452,42 @@ def _replay(events, *, limit: int | None, rate: float | None, progress: bool) ->
 
 
 # --------------------------------------------------------------------------------------------- #
+# deploy: announce a checkpoint on model-updates (every worker hot-swaps)
+# --------------------------------------------------------------------------------------------- #
+
+@app.command()
+def deploy(
+    checkpoint: Path = typer.Argument(..., help="Checkpoint directory (written by `nextaction train`)."),
+    version: str | None = typer.Option(None, help="Label for the record (default: the first 12 hex digits "
+                                                  "of the content hash, which is what workers report)."),
+) -> None:
+    """Verify a checkpoint and publish it on the model-updates topic: every worker loads, checks and
+    swaps to it between batches (the path must be readable by the workers)."""
+    import orjson
+
+    from stream_app.updates import RECORD_KEY, update_record
+
+    with _errors():
+        settings = _settings()
+        record = update_record(checkpoint, version)
+        asyncio.run(_send_one(settings, settings.topic_model_updates, RECORD_KEY, record))
+    rec = orjson.loads(record)
+    console.print(f"[green]announced[/] {rec['path']} (content hash {rec['sha256'][:12]}) on "
+                  f"[bold]{settings.topic_model_updates}[/]; workers report it as model_version {rec['sha256'][:12]}")
+
+
+async def _send_one(settings: SettingsType, topic: str, key: bytes | None, value: bytes) -> None:
+    from aiokafka import AIOKafkaProducer
+
+    producer = AIOKafkaProducer(bootstrap_servers=settings.bootstrap_servers, request_timeout_ms=15_000)
+    await _start_client(settings, producer.start, producer.stop)
+    try:
+        await producer.send_and_wait(topic, value, key=key)
+    finally:
+        await producer.stop()
+
+
+# --------------------------------------------------------------------------------------------- #
 # worker, train, evaluate
 # --------------------------------------------------------------------------------------------- #
 

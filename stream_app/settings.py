@@ -74,6 +74,8 @@ class _Settings(BaseSettings):
     top_k: int = 10
     device: Literal["auto", "cpu", "cuda"] = "auto"
     checkpoint: Path | None = None
+    # at start, apply the newest ``model-updates`` record (the fleet's current version) over ``checkpoint``
+    model_updates_catch_up: bool = True
     max_batch: int = 256
     max_wait_ms: float = 5.0
     predict_queue: int = 4096

@@ -365,3 +365,60 @@ def test_model_update_through_the_topic_hot_swaps(pipeline_settings, tmp_path):
     finally:
         rc = worker.stop()
     assert rc == 0, worker.tail()
+
+
+def _wait_for_metric(worker: Worker, name: str, at_least: float, timeout: float) -> None:
+    """Poll the worker's /metrics until ``name`` reaches ``at_least`` (a slow answer is retried)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if metric(worker.metrics(), name) >= at_least:
+                return
+        except OSError:  # the worker is busy (loading a model on a loaded machine): ask again
+            pass
+        assert time.monotonic() < deadline, f"{name} < {at_least} after {timeout} s:\n{worker.tail()}"
+        time.sleep(0.2)
+
+
+def test_model_update_reaches_every_worker_and_a_restarted_one_catches_up(pipeline_settings, tmp_path):
+    """Two workers of one app share the ``events`` partitions; one ``nextaction deploy`` record
+    makes **both** swap (each follows ``model-updates`` without a consumer group), and a worker
+    restarted afterwards serves the new version at once (it applies the topic's newest record)."""
+    from models.checkpoint import read_manifest
+    from tests.unit.test_batcher import _tiny_checkpoint
+
+    v1, v2 = _tiny_checkpoint(tmp_path / "v1", 0), _tiny_checkpoint(tmp_path / "v2", 1)
+    ver2 = read_manifest(v2)["content_hash"][:12]
+    base = pipeline_settings.model_copy(update={"checkpoint": v1, "device": "cpu", "serve_threads": 1})
+    from tests.conftest import free_port
+
+    workers = [Worker(base.model_copy(update={"web_port": free_port(), "data_dir": tmp_path / f"data-{i}"}),
+                      tmp_path / f"worker-{i}.log") for i in range(2)]
+    try:
+        for w in workers:
+            w.start()
+        deploy = subprocess.run([str(Path(sys.executable).parent / "nextaction"), "deploy", str(v2)], cwd=REPO,
+                                env=settings_env(base), capture_output=True, text=True, timeout=60)
+        assert deploy.returncode == 0, deploy.stderr
+        for w in workers:
+            _wait_for_metric(w, 'nextaction_model_updates_total{result="applied"}', 1, timeout=120)
+        evs = list(synthetic(400, 100, seed=9))
+        assert replay(base, evs) == 400
+        out = read_outputs(base, 400)
+        assert account(base, out)["inputs"] == 400
+        assert {_json(m)["model_version"] for m in out[base.topic_predictions]} == {ver2}
+        served = [metric(w.metrics(), "nextaction_predictions_out_total") for w in workers]
+        assert all(n > 0 for n in served), served  # both workers owned partitions and served v2
+
+        assert workers[1].stop() == 0
+        workers[1].start()  # no new record: the catch-up applies the newest one
+        _wait_for_metric(workers[1], 'nextaction_model_updates_total{result="applied"}', 1, timeout=60)
+        shift = max(e["ts"] for e in evs) + 1000 - min(e["ts"] for e in synthetic(200, 50, seed=10))
+        more = [{**e, "ts": e["ts"] + shift} for e in synthetic(200, 50, seed=10)]
+        assert replay(base, more) == 200
+        out = read_outputs(base, 600)
+        assert account(base, out)["inputs"] == 600
+        assert {_json(m)["model_version"] for m in out[base.topic_predictions]} == {ver2}
+    finally:
+        rcs = [w.stop() for w in workers]
+    assert rcs == [0, 0], [w.tail() for w in workers]

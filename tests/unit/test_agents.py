@@ -176,7 +176,7 @@ def test_metrics_render_prometheus_text():
     assert ctype.startswith("text/plain")
 
 
-# --- model-updates: hot swap through the agent -----------------------------------------------------
+# --- model-updates: hot swap through the pipeline's handler -----------------------------------------------------
 
 def _checkpoint(path, seed):
     from tests.unit.test_batcher import _tiny_checkpoint
@@ -185,14 +185,13 @@ def _checkpoint(path, seed):
 
 
 async def _updates_then_events(app, updates, events):
-    async with app.pipeline.model_updates_agent.test_context() as upd:
-        out = [await upd.put(value) for value in updates]
-        results = list(upd.results.values())
+    """Each update through the handler the per-worker listener calls (stream_app.updates), then events."""
+    out = [await app.pipeline.handle_model_update(value) for value in updates]
     async with app.pipeline.agent.test_context() as agent:
         for key, value in events:
             await agent.put(value, key=key)
             await app.pipeline.batcher.drain()
-    return results or out
+    return out
 
 
 def test_model_update_swaps_between_batches_and_bad_updates_keep_the_old_model(make_app, tmp_path):

@@ -1,0 +1,155 @@
+"""Model updates reach **every** worker: a group-less reader of the ``model-updates`` topic.
+
+A Faust agent reads its topic inside the app's consumer group, so with several workers each
+``model-updates`` record would reach exactly one of them and the fleet would serve mixed versions.
+Instead every worker runs one :class:`ModelUpdateListener`: a plain ``aiokafka`` consumer with no
+group (``group_id=None``, nothing committed) that assigns itself every partition of the topic.
+
+At start the listener first **catches up**: it reads the newest record of the topic (the last
+offset of each partition, newest by record time) and applies it, so a worker that starts or
+restarts after an update serves the fleet's current version, not the older ``settings.checkpoint``
+(a record for the version already served is skipped by the handler). Then it follows the topic
+from its end. Each record goes to the ``handle`` coroutine
+(:meth:`stream_app.agents.Pipeline.handle_model_update`), which loads, verifies and swaps; it
+never raises for a bad record. A broker that goes away is retried with back-off; the listener
+never stops the worker.
+
+Records are ``{"version", "path", "sha256"}`` (orjson); ``nextaction deploy <checkpoint>`` writes
+one (see :func:`update_record`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from pathlib import Path
+from typing import Any, Awaitable, Callable
+
+import orjson
+
+from stream_app.settings import SettingsType
+
+log = logging.getLogger(__name__)
+
+Handle = Callable[[bytes | None], Awaitable[str]]
+
+
+def update_record(checkpoint: str | Path, version: str | None = None) -> bytes:
+    """The ``model-updates`` record announcing ``checkpoint`` (its manifest is read and every file's
+    hash verified first: a broken checkpoint is refused here, before any worker sees it).
+
+    Raises :class:`~stream_app.errors.CheckpointError` for a missing or corrupt checkpoint.
+    """
+    from models.checkpoint import verify_checkpoint  # noqa: PLC0415 - imports safetensors/torch
+
+    path = Path(checkpoint).expanduser().absolute()
+    sha = verify_checkpoint(path)
+    return orjson.dumps({"version": version or sha[:12], "path": str(path), "sha256": sha})
+
+
+#: Key of every ``model-updates`` record: one key, so every update lands in one partition, in order.
+RECORD_KEY = b"model"
+
+
+async def ensure_topic(settings: SettingsType, topic: str) -> list[int]:
+    """Create ``topic`` (1 partition: updates are few and must stay in order) if it does not exist;
+    return its partition ids."""
+    from aiokafka.admin import AIOKafkaAdminClient, NewTopic  # noqa: PLC0415
+    from aiokafka.errors import TopicAlreadyExistsError  # noqa: PLC0415
+
+    admin = AIOKafkaAdminClient(bootstrap_servers=settings.bootstrap_servers, request_timeout_ms=15_000)
+    await admin.start()
+    try:
+        if topic not in await admin.list_topics():
+            try:
+                await admin.create_topics([NewTopic(topic, num_partitions=1, replication_factor=1)])
+            except TopicAlreadyExistsError:  # another worker was quicker
+                pass
+        (desc,) = await admin.describe_topics([topic])
+        parts = sorted(p["partition"] for p in desc["partitions"])
+        if not parts:
+            raise TimeoutError(f"topic {topic!r} has no partitions yet on {settings.bootstrap_servers}")
+        return parts
+    finally:
+        await admin.close()
+
+
+class ModelUpdateListener:
+    """Follows ``settings.topic_model_updates`` on this worker and hands each record to ``handle``.
+
+    Arguments:
+        settings: broker address and topic name.
+        handle: coroutine applying one record's value (returns what happened, never raises for bad
+            input).
+        catch_up: apply the topic's newest record at start (default; see the module docstring).
+    """
+
+    def __init__(self, settings: SettingsType, handle: Handle, *, catch_up: bool = True,
+                 retry_s: float = 2.0) -> None:
+        self.settings, self.handle, self.catch_up = settings, handle, catch_up
+        self.retry_s = retry_s
+        self.topic = settings.topic_model_updates
+        self.applied: list[str] = []  # what handle() returned, in order (for tests and logs)
+        self.ready = asyncio.Event()  # set once the catch-up is done and the topic is followed
+
+    async def run(self) -> None:
+        """Follow the topic until cancelled; reconnects after broker errors."""
+        first = True
+        while True:
+            try:
+                await self._follow(catch_up=self.catch_up and first)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - the listener must never stop the worker
+                log.warning("model-updates listener on %r: %s: %s; retrying in %.1f s", self.topic,
+                            type(exc).__name__, exc, self.retry_s)
+                await asyncio.sleep(self.retry_s)
+            first = False  # after a reconnect, follow from the end (updates in between are caught below)
+
+    async def _follow(self, catch_up: bool) -> None:
+        from aiokafka import AIOKafkaConsumer, TopicPartition  # noqa: PLC0415
+
+        parts = await ensure_topic(self.settings, self.topic)
+        consumer = AIOKafkaConsumer(bootstrap_servers=self.settings.bootstrap_servers, group_id=None,
+                                    enable_auto_commit=False, auto_offset_reset="latest",
+                                    client_id=f"{self.settings.app_id}-model-updates")
+        await consumer.start()
+        try:
+            tps = [TopicPartition(self.topic, p) for p in parts]
+            consumer.assign(tps)
+            ends = await consumer.end_offsets(tps)
+            if catch_up:
+                await self._catch_up(consumer, ends)
+            for tp in tps:
+                consumer.seek(tp, ends[tp])
+            log.info("model-updates listener following %r (%d partitions) from offsets %s", self.topic, len(tps),
+                     {tp.partition: off for tp, off in ends.items()})
+            self.ready.set()
+            while True:
+                batch = await consumer.getmany(timeout_ms=1000)
+                for tp in sorted(batch, key=lambda t: t.partition):
+                    for rec in batch[tp]:
+                        await self._apply(rec)
+        finally:
+            await consumer.stop()
+
+    async def _catch_up(self, consumer: Any, ends: dict) -> None:
+        """Apply the newest record of the topic (by record time across partitions), if any."""
+        newest = None
+        for tp, end in ends.items():
+            if end <= 0:
+                continue
+            consumer.seek(tp, end - 1)
+            got = await consumer.getmany(tp, timeout_ms=5000)
+            for rec in got.get(tp, []):
+                if newest is None or rec.timestamp >= newest.timestamp:
+                    newest = rec
+        if newest is not None:
+            log.info("model-updates: catching up with the newest record (%s[%d]@%d)", newest.topic,
+                     newest.partition, newest.offset)
+            await self._apply(newest)
+
+    async def _apply(self, rec: Any) -> None:
+        result = await self.handle(rec.value)
+        self.applied.append(result)
+        log.info("model-updates %s[%d]@%d: %s", rec.topic, rec.partition, rec.offset, result)
