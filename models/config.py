@@ -26,10 +26,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from models.schema import ACTIONS
 from stream_app.errors import ConfigError
+
+N_ACTIONS = len(ACTIONS)
 
 BACKBONES = ("llama", "gpt2", "bert")
 OBJECTIVES = ("causal", "masked_then_causal")
@@ -119,6 +123,9 @@ class ModelConfig(_JsonMixin):
     gap_loss_weight: float = 0.1
     mask_prob: float = 0.2  # masked pretraining: fraction of items replaced by the mask token
     label_smoothing: float = 0.0
+    # --- action calibration (fitted on validation after training: models/calibration.py) ---------
+    action_temperature: float = 1.0  # served action probabilities = softmax(T * logits + bias)
+    action_bias: tuple[float, ...] = ()  # () = none, else one bias per action
 
     def __post_init__(self) -> None:
         self.validate()
@@ -149,6 +156,12 @@ class ModelConfig(_JsonMixin):
         _num("mask_prob", self.mask_prob)
         _check(0.0 < self.mask_prob < 1.0, "mask_prob", self.mask_prob, "must be in (0, 1)")
         _check(self.label_smoothing < 1.0, "label_smoothing", self.label_smoothing, "must be < 1")
+        _num("action_temperature", self.action_temperature)
+        _check(0.0 < self.action_temperature < 100.0, "action_temperature", self.action_temperature,
+               "must be in (0, 100)")
+        _check(isinstance(self.action_bias, tuple) and len(self.action_bias) in (0, N_ACTIONS)
+               and all(isinstance(b, (int, float)) and math.isfinite(b) for b in self.action_bias),
+               "action_bias", self.action_bias, f"must be () or {N_ACTIONS} finite numbers")
 
     @property
     def head_dim(self) -> int:
@@ -182,6 +195,8 @@ class TrainConfig(_JsonMixin):
     # leave-one-out: train on every user's events but the test target (as the baselines are fitted),
     # except the max_eval_users validation users, whose validation target stays held out
     fit_unvalidated: bool = True
+    # after training, fit the action head's temperature + biases on the validation cases (calibration.py)
+    calibrate_actions: bool = True
     progress: bool = True
 
     def __post_init__(self) -> None:

@@ -370,7 +370,12 @@ class NextActionModel(nn.Module):
     def _heads_last(self, h_last: torch.Tensor, rep: torch.Tensor | None, hist: torch.Tensor | None) -> dict:
         out = {"hidden": h_last, "item_scores": self.item_logits(h_last, rep, hist)}  # (B, V)
         if self.action_head is not None:
-            out["action_probs"] = torch.softmax(self.action_head(h_last).float(), dim=-1)  # (B, 5)
+            logits = self.action_head(h_last).float()  # (B, 5)
+            if self.cfg.action_temperature != 1.0 or self.cfg.action_bias:  # fitted on validation (calibration.py)
+                logits = logits * self.cfg.action_temperature
+                if self.cfg.action_bias:
+                    logits = logits + logits.new_tensor(self.cfg.action_bias)
+            out["action_probs"] = torch.softmax(logits, dim=-1)  # (B, 5)
         else:
             out["action_probs"] = torch.full((h_last.shape[0], N_ACTIONS), 1.0 / N_ACTIONS, device=h_last.device)
         if self.gap_head is not None:

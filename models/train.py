@@ -350,6 +350,10 @@ def train(ds, model_cfg: ModelConfig | None, train_cfg: TrainConfig, out_dir: st
     meta_extra = {"best_epoch": best["epoch"], "train_seconds": round(time.perf_counter() - t_start, 1),
                   "epochs_run": sum(1 for h in history if "loss" in h), "peak_rss_mib": _peak_rss_mib(),
                   "history": history}
+    if train_cfg.calibrate_actions and best["epoch"] >= 0:
+        meta_extra["action_calibration"] = calibrate_actions(out_dir, ds, valid, train_cfg, str(device))
+        if train_cfg.progress:
+            tqdm.write(f"action calibration: {meta_extra['action_calibration']}")
     if eval_test and best["epoch"] >= 0 and split.test:
         from models.checkpoint import load_checkpoint
 
@@ -365,6 +369,36 @@ def train(ds, model_cfg: ModelConfig | None, train_cfg: TrainConfig, out_dir: st
 
         _update_metadata(out_dir, load_checkpoint(out_dir), meta_extra, train_cfg)
     return out_dir, history
+
+
+def calibrate_actions(out_dir: Path, ds, cases, train_cfg: TrainConfig, device: str = "cpu",
+                      min_cases: int = 50) -> dict[str, Any]:
+    """Fit the checkpoint's action calibration on ``cases`` (validation) and re-save it in place.
+
+    Returns what was done: the fitted ``temperature`` and ``bias`` with the validation log loss
+    before and after, or ``{"skipped": reason}`` (no action head, too few cases, a single class).
+    """
+    import dataclasses
+
+    from models.calibration import apply_action_calibration, fit_action_calibration, log_loss
+    from models.checkpoint import load_checkpoint, save_checkpoint
+    from models.scorer import TransformerScorer
+
+    ck = load_checkpoint(out_dir, device=device)
+    if ck.model.action_head is None:
+        return {"skipped": "model has no action head"}
+    y = np.array([c.target_action for c in cases], dtype=np.int64)
+    if len(y) < min_cases or len(np.unique(y)) < 2:
+        return {"skipped": f"{len(y)} validation cases with {len(np.unique(y))} action class(es)"}
+    ck.model.cfg = dataclasses.replace(ck.model.cfg, action_temperature=1.0, action_bias=())  # fit on raw output
+    scorer = TransformerScorer(ck.model, ck.vocab, ds.items, version=ck.version, device=device)
+    probs = scorer.score_actions([c.history for c in cases])
+    temperature, bias = fit_action_calibration(probs, y)
+    ck.model.cfg = dataclasses.replace(ck.model.cfg, action_temperature=temperature, action_bias=bias)
+    save_checkpoint(out_dir, ck.model, ck.vocab, train_cfg, dict(ck.metadata))
+    return {"temperature": round(temperature, 4), "bias": list(bias), "n_cases": int(len(y)),
+            "valid_log_loss_before": round(log_loss(y, probs), 4),
+            "valid_log_loss_after": round(log_loss(y, apply_action_calibration(probs, temperature, bias)), 4)}
 
 
 def _peak_rss_mib() -> float | None:

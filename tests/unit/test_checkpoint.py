@@ -16,7 +16,7 @@ from models.model import NextActionModel
 from models.predictor import Predictor
 from models.schema import EventSeq
 from models.scorer import TransformerScorer
-from stream_app.errors import CheckpointError
+from stream_app.errors import CheckpointError, ConfigError
 
 torch.set_num_threads(1)  # tiny models: threads only add sync overhead (and thrash on a shared CPU)
 ITEMS = [f"i{k}" for k in range(15)]
@@ -143,3 +143,32 @@ def test_train_end_to_end_on_synthetic(tmp_path):
     assert ck.metadata["dataset"] == ds.name and "test" in ck.metadata and ck.metadata["best_epoch"] >= 1
     assert [h["phase"] for h in hist] == ["causal", "causal", "test"]
     assert "NDCG@10" in hist[0]["valid"]
+
+
+def test_train_calibrates_the_action_head_on_validation_and_serves_it(tmp_path):
+    """After training, the action head's temperature and biases are fitted on the validation cases,
+    stored in the checkpoint config, lower the validation log loss, and are what the model serves."""
+    import dataclasses
+
+    from models.calibration import apply_action_calibration
+    from models.datasets import load
+    from models.encoding import collate, encode
+    from models.train import train
+
+    ds = load("synthetic", n_users=120, n_items=20, min_len=6, max_len=12)
+    path, _ = train(ds, ModelConfig(d_model=16, max_len=10),
+                    TrainConfig(epochs=2, batch_size=32, progress=False, warmup_steps=2), tmp_path / "ck")
+    ck = load_checkpoint(path)
+    cal = ck.metadata["action_calibration"]
+    assert cal["n_cases"] >= 50 and cal["valid_log_loss_after"] <= cal["valid_log_loss_before"] + 1e-6
+    cfg = ck.model.cfg
+    assert len(cfg.action_bias) == 5 and cfg.action_temperature == pytest.approx(cal["temperature"], abs=1e-4)
+    batch = collate([encode(h, ck.vocab, cfg) for h in list(ds.sequences.values())[:8]])
+    with torch.no_grad():
+        served = ck.model.eval().score_last(batch)["action_probs"].numpy()
+        ck.model.cfg = dataclasses.replace(cfg, action_temperature=1.0, action_bias=())
+        raw = ck.model.score_last(batch)["action_probs"].numpy()
+    np.testing.assert_allclose(served, apply_action_calibration(raw, cfg.action_temperature, cfg.action_bias),
+                               atol=1e-5)
+    with pytest.raises(ConfigError, match="action_bias"):
+        dataclasses.replace(cfg, action_bias=(1.0, 2.0))
