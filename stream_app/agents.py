@@ -45,6 +45,7 @@ import asyncio
 import contextlib
 import gc
 import logging
+import sys
 import time
 import weakref
 from dataclasses import dataclass
@@ -244,6 +245,7 @@ class Pipeline:
         if self.batcher is None:
             s = self.settings
             reset_root_log_level(s.log_level)
+            sys.setswitchinterval(s.gil_switch_interval_ms / 1000.0)
             predictor = self.predictor_factory(s)
             log.info("serving predictor %s (max_batch=%d, max_wait_ms=%s, queue=%d)", predictor.version,
                      s.max_batch, s.max_wait_ms, s.predict_queue)

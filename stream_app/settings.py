@@ -81,6 +81,9 @@ class _Settings(BaseSettings):
     predict_queue: int = 4096
     serve_threads: int = 0  # intra-op threads for CPU inference; 0 = cores - 1 (the event loop keeps one)
     serve_compile: bool = False  # torch.compile the model (CUDA nodes)
+    # GIL switch interval of the worker process (Python's default is 5 ms): the inference thread
+    # releases the GIL around every torch op and must win it back from a busy event loop each time
+    gil_switch_interval_ms: float = 5.0
     kv_cache_users: int = 100_000  # per-user attention key/value cache: at most this many users ...
     kv_cache_mb: int = 1024  # ... and this many MiB
     kv_overflow: Literal["exact", "evict"] = "exact"  # at max_len: rebuild (exact) or drop oldest token
@@ -107,7 +110,7 @@ class _Settings(BaseSettings):
             raise ValueError("must be >= 0")
         return v
 
-    @field_validator("commit_interval_s")
+    @field_validator("commit_interval_s", "gil_switch_interval_ms")
     @classmethod
     def _positive_float(cls, v: float) -> float:
         if not v > 0:
