@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import math
+import sys
 import time
 
 import orjson
@@ -232,3 +233,19 @@ def test_bad_checkpoint_at_start_falls_back_to_the_baseline(make_app, tmp_path):
     results, _ = asyncio.run(put_all(app, [(b"u1", ev(item="a"))]))
     assert list(results.values()) == ["queued"]
     assert rec.of("predictions")[0]["model_version"].startswith("baseline")
+
+
+def test_worker_sets_the_configured_gil_switch_interval(make_app):
+    before = sys.getswitchinterval()
+    app, _ = make_app(gil_switch_interval_ms=0.5)
+
+    async def main():
+        await app.pipeline.start_batcher()
+        seen = sys.getswitchinterval()
+        await app.pipeline.stop_batcher()
+        return seen
+
+    try:
+        assert asyncio.run(main()) == pytest.approx(0.0005)
+    finally:
+        sys.setswitchinterval(before)
