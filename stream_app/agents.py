@@ -49,6 +49,7 @@ import sys
 import time
 import weakref
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, Protocol
 
 import numpy as np
@@ -102,6 +103,10 @@ def default_predictor(settings: SettingsType) -> Predictor:
     """
     from online.baseline import PopularityMarkovPredictor  # noqa: PLC0415
 
+    if settings.checkpoint is not None and settings.serve_process:
+        from stream_app.remote import RemotePredictor  # noqa: PLC0415
+
+        return RemotePredictor.start(settings)  # the child runs this function with serve_process off
     if settings.checkpoint is None:  # load_predictor's own answer, without importing torch (start-up -5 s)
         log.warning("!!! no model checkpoint configured (setting 'checkpoint' / NEXTACTION_CHECKPOINT is unset): "
                     "serving the BASELINE predictor (popularity + Markov), not the Transformer")
@@ -215,6 +220,10 @@ def build_successor(current: Any, path: str, sha256: str | None, settings: Setti
             raise CheckpointError(f"checkpoint {path!r} has content hash {actual}, the update announced {sha256}")
     if hasattr(current, "successor"):
         new = current.successor(path)
+    elif settings.serve_process:  # the baseline served in-process so far: start the inference process
+        from stream_app.remote import RemotePredictor  # noqa: PLC0415
+
+        new = RemotePredictor.start(settings.model_copy(update={"checkpoint": Path(path)}))
     else:
         new = TransformerPredictor.from_checkpoint(path, **serving_options(settings))
     if sha256 is not None and not sha256.lower().startswith(str(new.version).lower()):  # changed while loading
@@ -274,6 +283,9 @@ class Pipeline:
             if self._watch is not None:
                 self._watch.cancel()
             await batcher.stop(drain=True)
+            close = getattr(batcher.predictor, "close", None)
+            if close is not None:  # the inference process (stream_app.remote)
+                close()
 
     # --- model updates (stream_app.updates.ModelUpdateListener) -------------------------------------------------------
     async def handle_model_update(self, value: bytes | None) -> str:

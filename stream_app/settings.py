@@ -81,6 +81,8 @@ class _Settings(BaseSettings):
     predict_queue: int = 4096
     serve_threads: int = 0  # intra-op threads for CPU inference; 0 = cores - 1 (the event loop keeps one)
     serve_compile: bool = False  # torch.compile the model (CUDA nodes)
+    # run the Transformer in a child process (stream_app.remote): inference outside the worker's GIL
+    serve_process: bool = True
     # GIL switch interval of the worker process (Python's default is 5 ms): the inference thread
     # releases the GIL around every torch op and must win it back from a busy event loop each time
     gil_switch_interval_ms: float = 5.0

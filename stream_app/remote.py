@@ -1,0 +1,252 @@
+"""The predictor in a child process: inference outside the worker's GIL.
+
+Measured on the 2-core box (benchmarks/RESULTS.md, e2e at half the maximum rate): a batch of ~20
+Taobao events took 19 ms in a bare process but 124 ms on average inside the Faust worker, because
+the inference thread needs the GIL between every torch kernel and the event loop (parsing, state,
+Kafka I/O) holds it most of the time; a 10× shorter GIL switch interval barely helped. So the
+model runs in a **child process** (``spawn``), and the worker's inference thread only ships
+requests and waits for answers (waiting on a pipe releases the GIL):
+
+* :class:`RemotePredictor` implements the :class:`~models.predictor.Predictor` protocol in the
+  worker. ``predict`` sends one message per batch: the packed histories, the user ids (the child
+  keeps the per-user KV cache), K, and the histories ``observe``\\ d since the last batch (so learning
+  still happens after predicting, before the next batch, as in-process). ``successor(path)`` has the
+  child load, verify and warm up the next checkpoint next to the current one; the first batch
+  that names the new version makes the child drop the old one, so a swap stays atomic between
+  batches and every prediction carries exactly one version.
+* :func:`serve` is the child's loop: it builds the start-up predictor with
+  :func:`stream_app.agents.default_predictor` (the checkpoint, or the baseline with a loud warning),
+  then answers requests until the pipe closes (the worker exited: the child exits too).
+* Messages are orjson (no pickle): histories travel as ``EventSeq.pack()`` bytes.
+* If the child dies (killed, out of memory), the next call starts a new one with the same settings
+  and the checkpoint last loaded, and retries once; its KV cache starts empty.
+
+Setting: ``serve_process`` (default on). Off, the predictor runs in the worker's inference thread.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing as mp
+import threading
+import time
+from typing import Any, Sequence
+
+import orjson
+
+from models.predictor import Prediction
+from models.schema import EventSeq
+from stream_app.errors import PredictorError
+
+log = logging.getLogger(__name__)
+
+#: Seconds the worker waits for the child's answer to one call before declaring it dead.
+CALL_TIMEOUT_S = 300.0
+
+
+def _settings_payload(settings: Any) -> dict:
+    return settings.model_dump(mode="json")
+
+
+def _pred_to_json(p: Prediction) -> list:
+    return [p.action_probs, p.top_items, p.next_gap_s, p.explanation]
+
+
+def serve(conn: Any, settings_payload: dict, path: str | None) -> None:
+    """The child process: build the predictor, then answer requests until the pipe closes."""
+    import signal
+
+    from stream_app.agents import build_successor, default_predictor
+    from stream_app.settings import Settings
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the worker handles Ctrl-C and closes the pipe
+    logging.basicConfig(level=logging.INFO, format="[%(asctime)s] [%(process)d] [%(levelname)s] %(message)s")
+    settings = Settings(**{**settings_payload, "serve_process": False})  # no grandchildren
+    models: dict[str, Any] = {}
+    try:
+        first = default_predictor(settings)
+        if path is not None and path != str(settings.checkpoint):  # a respawn after a hot swap
+            first = build_successor(first, path, None, settings)
+    except Exception as exc:  # noqa: BLE001 - tell the worker, then exit
+        conn.send_bytes(orjson.dumps({"ok": False, "error": f"{type(exc).__name__}: {exc}"}))
+        return
+    models[str(first.version)] = first
+    conn.send_bytes(orjson.dumps({"ok": True, "version": str(first.version),
+                                  "accepts_users": bool(getattr(first, "accepts_users", False))}))
+    while True:
+        try:
+            msg = orjson.loads(conn.recv_bytes())
+        except (EOFError, OSError):
+            return  # the worker is gone
+        try:
+            reply = _handle(msg, models, settings)
+        except Exception as exc:  # noqa: BLE001 - a failing batch is the worker's to retry / dead-letter
+            reply = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
+        if reply is None:
+            return
+        try:
+            conn.send_bytes(orjson.dumps(reply))
+        except (EOFError, OSError):
+            return
+
+
+def _handle(msg: dict, models: dict[str, Any], settings: Any) -> dict | None:
+    from stream_app.agents import build_successor
+
+    op = msg["op"]
+    if op == "predict":
+        version = msg["v"]
+        pred = models.get(version)
+        if pred is None:
+            raise PredictorError(f"inference process has no model {version!r} (has {sorted(models)})")
+        for other in [v for v in models if v != version]:  # the swap happened: free the old model
+            del models[other]
+        for packed in msg.get("observe", ()):
+            pred.observe(EventSeq.unpack(packed.encode()))
+        histories = [EventSeq.unpack(h.encode()) for h in msg["h"]]
+        if msg.get("users") is not None and getattr(pred, "accepts_users", False):
+            out = pred.predict(histories, msg["k"], users=msg["users"])
+        else:
+            out = pred.predict(histories, msg["k"])
+        return {"ok": True, "p": [_pred_to_json(p) for p in out]}
+    if op == "load":
+        current = models[msg["current"]]
+        new = build_successor(current, msg["path"], msg.get("sha256"), settings)
+        models[str(new.version)] = new
+        return {"ok": True, "version": str(new.version),
+                "accepts_users": bool(getattr(new, "accepts_users", False))}
+    if op == "close":
+        return None
+    raise PredictorError(f"unknown inference-process op {op!r}")
+
+
+class _Channel:
+    """The child process and its pipe, shared by every :class:`RemotePredictor` of one worker."""
+
+    def __init__(self, settings: Any) -> None:
+        self.settings = settings
+        self.payload = _settings_payload(settings)
+        self.ctx = mp.get_context("spawn")
+        self.lock = threading.Lock()
+        self.path: str | None = None  # the checkpoint last loaded by a successor (for a respawn)
+        self.proc = self.conn = None
+        self.pending_observe: list[str] = []
+        self.respawns = 0
+
+    def start(self) -> dict:
+        parent, child = self.ctx.Pipe()
+        self.proc = self.ctx.Process(target=serve, args=(child, self.payload, self.path), daemon=True,
+                                     name="nextaction-inference")
+        self.proc.start()
+        child.close()
+        self.conn = parent
+        hello = self._recv(timeout=CALL_TIMEOUT_S)
+        if not hello.get("ok"):
+            raise PredictorError(f"inference process failed to start: {hello.get('error')}")
+        log.info("inference process %d serving %s", self.proc.pid, hello["version"])
+        return hello
+
+    def _recv(self, timeout: float) -> dict:
+        if not self.conn.poll(timeout):
+            raise PredictorError(f"inference process {self.proc.pid} did not answer within {timeout:.0f} s")
+        return orjson.loads(self.conn.recv_bytes())
+
+    def call(self, msg: dict, retry: bool = True) -> dict:
+        with self.lock:
+            try:
+                self.conn.send_bytes(orjson.dumps(msg))
+                reply = self._recv(CALL_TIMEOUT_S)
+            except (EOFError, OSError, BrokenPipeError) as exc:
+                if not retry:
+                    raise PredictorError(f"inference process died again: {exc!r}") from None
+                code = self.proc.exitcode if self.proc is not None else None
+                log.error("!!! inference process %s died (exit code %s, %r): starting a new one",
+                          getattr(self.proc, "pid", None), code, exc)
+                self._kill()
+                self.respawns += 1
+                self.start()
+                reply = None
+        if reply is None:
+            return self.call(msg, retry=False)
+        if not reply.get("ok"):
+            raise PredictorError(f"inference process: {reply.get('error')}")
+        return reply
+
+    def _kill(self) -> None:
+        if self.proc is not None and self.proc.is_alive():
+            self.proc.kill()
+            self.proc.join(10)
+        if self.conn is not None:
+            self.conn.close()
+
+    def close(self) -> None:
+        with self.lock:
+            if self.proc is None:
+                return
+            try:
+                self.conn.send_bytes(orjson.dumps({"op": "close"}))
+                self.proc.join(10)
+            except (EOFError, OSError):
+                pass
+            self._kill()
+            self.proc = None
+
+
+class RemotePredictor:
+    """A :class:`~models.predictor.Predictor` whose model lives in the worker's inference process."""
+
+    def __init__(self, channel: _Channel, version: str, accepts_users: bool) -> None:
+        self._channel, self.version, self.accepts_users = channel, version, accepts_users
+        self.stats = {"requests": 0, "calls": 0, "call_s": 0.0}
+
+    @classmethod
+    def start(cls, settings: Any) -> "RemotePredictor":
+        """Spawn the inference process; it loads ``settings.checkpoint`` (or falls back to the baseline)."""
+        channel = _Channel(settings)
+        hello = channel.start()
+        return cls(channel, hello["version"], hello["accepts_users"])
+
+    @property
+    def pid(self) -> int | None:
+        return self._channel.proc.pid if self._channel.proc is not None else None
+
+    def predict(self, histories: Sequence[EventSeq], k: int, users: Sequence[str] | None = None
+                ) -> list[Prediction]:
+        if not histories:
+            return []
+        ch = self._channel
+        observe, ch.pending_observe = ch.pending_observe, []
+        msg = {"op": "predict", "v": self.version, "k": k, "observe": observe,
+               "h": [h.pack().decode() for h in histories], "users": list(users) if users is not None else None}
+        t0 = time.perf_counter()
+        try:
+            reply = ch.call(msg)
+        except PredictorError:
+            ch.pending_observe = observe + ch.pending_observe  # not learned yet: keep for the next batch
+            raise
+        self.stats["calls"] += 1
+        self.stats["requests"] += len(histories)
+        self.stats["call_s"] += time.perf_counter() - t0
+        out = [Prediction(list(p[0]), [(str(i), float(s)) for i, s in p[1]], float(p[2]), p[3] or "")
+               for p in reply["p"]]
+        if len(out) != len(histories):
+            raise PredictorError(f"inference process returned {len(out)} predictions for {len(histories)} histories")
+        return out
+
+    def observe(self, history: EventSeq) -> None:
+        """Buffered: sent with the next batch, learned before it is predicted (as in-process)."""
+        self._channel.pending_observe.append(history.pack().decode())
+
+    def successor(self, path: str, sha256: str | None = None) -> "RemotePredictor":
+        """Load ``path`` in the inference process next to the current model; served from the first
+        batch that this new predictor makes (after ``Batcher.swap``)."""
+        reply = self._channel.call({"op": "load", "current": self.version, "path": str(path), "sha256": sha256})
+        self._channel.path = str(path)
+        return RemotePredictor(self._channel, reply["version"], reply["accepts_users"])
+
+    def warm_up(self) -> None:
+        """The inference process warms each model up when it loads it."""
+
+    def close(self) -> None:
+        """Stop the inference process (the worker is shutting down)."""
+        self._channel.close()

@@ -1,0 +1,93 @@
+"""The predictor in a child process (stream_app.remote): same answers as in-process, hot swap,
+respawn after the child dies."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import numpy as np
+import pytest
+
+from models.serving import TransformerPredictor
+from stream_app.errors import PredictorError
+from stream_app.remote import RemotePredictor
+from stream_app.settings import Settings
+from tests.unit.test_batcher import _tiny_checkpoint
+from models.schema import ACTIONS, EventSeq
+
+
+def _histories(n: int, seed: int = 0) -> list[EventSeq]:
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        m = int(rng.integers(1, 12))  # longer than the checkpoint's max_len (8) too
+        out.append(EventSeq.from_columns([f"i{k}" for k in rng.integers(0, 30, m)], list(rng.choice(ACTIONS, m)),
+                                         1_700_000_000_000 + np.cumsum(rng.integers(1_000, 60_000, m)),
+                                         devices=list(rng.choice(["ios", "web"], m))))
+    return out
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    root = tmp_path_factory.mktemp("remote")
+    return _tiny_checkpoint(root / "v1", 0), _tiny_checkpoint(root / "v2", 1)
+
+
+def _same(a, b):
+    assert [i for i, _ in a.top_items] == [i for i, _ in b.top_items]
+    np.testing.assert_allclose(a.action_probs, b.action_probs, atol=1e-5)
+    np.testing.assert_allclose([s for _, s in a.top_items], [s for _, s in b.top_items], atol=1e-4)
+    assert a.next_gap_s == pytest.approx(b.next_gap_s, rel=1e-4)
+
+
+def test_child_process_answers_like_the_in_process_predictor_and_swaps(checkpoints):
+    v1, v2 = checkpoints
+    local1 = TransformerPredictor.from_checkpoint(v1, device="cpu", num_threads=1)
+    local2 = TransformerPredictor.from_checkpoint(v2, device="cpu", num_threads=1)
+    remote = RemotePredictor.start(Settings(checkpoint=v1, device="cpu", serve_threads=1))
+    try:
+        assert remote.pid != os.getpid() and remote.version == local1.version and remote.accepts_users
+        hs = _histories(6)
+        users = [f"u{i}" for i in range(len(hs))]
+        for a, b in zip(remote.predict(hs, 5, users=users), local1.predict(hs, 5, users=users)):
+            _same(a, b)
+        for h in hs:
+            remote.observe(h)  # buffered, sent with the next batch
+        assert len(remote._channel.pending_observe) == len(hs)
+        nxt = remote.successor(str(v2))
+        assert nxt.version == local2.version != remote.version
+        for a, b in zip(nxt.predict(hs, 5, users=users), local2.predict(hs, 5, users=users)):
+            _same(a, b)
+        assert remote._channel.pending_observe == []
+        with pytest.raises(PredictorError, match="no model"):  # the swap freed v1 in the child
+            remote.predict(hs[:1], 5)
+    finally:
+        remote.close()
+    assert remote._channel.proc is None
+
+
+def test_a_dead_child_is_replaced_on_the_next_call(checkpoints):
+    v1, _ = checkpoints
+    remote = RemotePredictor.start(Settings(checkpoint=v1, device="cpu", serve_threads=1))
+    try:
+        hs = _histories(3)
+        first = remote.predict(hs, 5)
+        old_pid = remote.pid
+        os.kill(old_pid, signal.SIGKILL)
+        remote._channel.proc.join(10)
+        again = remote.predict(hs, 5)  # respawned and retried once
+        assert remote.pid != old_pid and remote._channel.respawns == 1
+        for a, b in zip(first, again):
+            _same(a, b)
+    finally:
+        remote.close()
+
+
+def test_bad_checkpoint_in_the_child_falls_back_to_the_baseline(tmp_path):
+    remote = RemotePredictor.start(Settings(checkpoint=tmp_path / "missing", device="cpu", serve_threads=1))
+    try:
+        assert remote.version.startswith("baseline") and not remote.accepts_users
+        assert len(remote.predict(_histories(2), 3)) == 2
+    finally:
+        remote.close()
