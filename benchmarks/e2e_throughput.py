@@ -138,6 +138,22 @@ def proc_cpu_s(pid: int | None) -> float:
         return float("nan")
 
 
+def tree_cpu_s(pid: int | None) -> float:
+    """:func:`proc_cpu_s` of ``pid`` plus its live descendants (the worker's inference process)."""
+    if pid is None:
+        return float("nan")
+    total, todo = 0.0, [pid]
+    while todo:
+        p = todo.pop()
+        total += proc_cpu_s(p)
+        for task in Path(f"/proc/{p}/task").glob("*"):
+            try:
+                todo += [int(c) for c in (task / "children").read_text().split()]
+            except (OSError, ValueError):
+                pass
+    return total
+
+
 def tail_file(path: Path, lines: int = 40) -> str:
     try:
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
@@ -638,7 +654,7 @@ class Bench:
                 now = time.monotonic()
                 if n and first_seen is None:
                     first_seen, n0 = now, n
-                    cpu0, bcpu0 = proc_cpu_s(w.proc.pid), proc_cpu_s(self.broker_pid())
+                    cpu0, bcpu0 = tree_cpu_s(w.proc.pid), proc_cpu_s(self.broker_pid())
                     w.attach_profiler()
                 if n != last_n:
                     last_n, last_change = n, now
@@ -653,7 +669,7 @@ class Bench:
                     break
                 await asyncio.sleep(0.5)
             startup = (first_seen - w.started) if first_seen else float("nan")
-            cpu1, bcpu1 = proc_cpu_s(w.proc.pid), proc_cpu_s(self.broker_pid())
+            cpu1, bcpu1 = tree_cpu_s(w.proc.pid), proc_cpu_s(self.broker_pid())
             w.detach_profiler()
             if feed is not None:
                 await feed
@@ -917,7 +933,7 @@ def report(bench: Bench, command: str) -> str:
         "(worker warm, events produced at that rate) give the real event→prediction latency. "
         "proc = the worker's own `latency_ms` (read → publish; pass-through: read → output CreateTime). "
         "missing/dup: inputs with no / more than one prediction-or-DLQ record, by source partition+offset. "
-        "CPU ms/ev = CPU time of the worker process (all threads; pass-through: this process) per output "
+        "CPU ms/ev = CPU time of the worker process (all threads, and its inference process; pass-through: this process) per output "
         "between the first and the last output, so 1000 / CPU ms/ev is what one dedicated core would sustain; "
         "broker CPU = the embedded broker's JVM over the same interval.",
     ]

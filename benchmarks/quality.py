@@ -108,8 +108,11 @@ def _training_row(name: str, scorer, ck_dir: Path) -> dict | None:
                       f"dropout {cfg.dropout}, {cfg.backbone}, {cfg.objective}, "
                       + (f"sampled softmax {cfg.n_negatives} neg" if cfg.n_negatives else "full softmax")
                       + f", features {'+'.join(cfg.features)}"
-                      + (f"; batch {tc.get('batch_size')}, lr {tc.get('lr')}, budget {tc.get('budget_min')} min, "
-                         f"{tc.get('num_threads')} thread(s)" if tc else "")}
+                      + (f"; batch {tc.get('batch_size')}, lr {tc.get('lr')}, "
+                         + (f"budget {tc.get('budget_min')} min" if tc.get("budget_min") else f"{tc.get('epochs')} epochs")
+                         + f", {tc.get('num_threads')} thread(s)" if tc else "")
+                      + (f"; action calibration T={cal['temperature']}" if (cal := meta.get("action_calibration"))
+                         and "temperature" in cal else "")}
 
 
 def run_dataset(name: str, args) -> list[dict]:
