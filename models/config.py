@@ -113,6 +113,7 @@ class ModelConfig(_JsonMixin):
     # --- heads ----------------------------------------------------------------------------------
     repeat_head: bool = True  # learned copy score over the user's own history items
     action_head: bool = True
+    action_prior: bool = False  # add a learned logit row per current action to the action head
     gap_head: bool = True  # regression on log1p(seconds to next event); needs timestamps
     # --- loss -----------------------------------------------------------------------------------
     # 0 = full-softmax CE over the catalogue; K > 0 = sampled softmax against K distinct uniform negatives

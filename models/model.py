@@ -175,8 +175,13 @@ class NextActionModel(nn.Module):
             self.rep_k = nn.Linear(d, d)
             self.rep_recency = nn.Embedding(cfg.max_len + 1, 1)
         self.action_head = nn.Linear(d, N_ACTIONS) if cfg.action_head else None
+        # next-action logits += a learned row per *current* action (a last-action Markov path that
+        # the hidden-state dropout does not touch); index 0 = action unknown / feature off
+        self.action_prior = nn.Embedding(N_ACTIONS + 1, N_ACTIONS) if cfg.action_head and cfg.action_prior else None
         self.gap_head = nn.Linear(d, 1) if cfg.gap_head else None
         self._init_weights()
+        if self.action_prior is not None:
+            nn.init.zeros_(self.action_prior.weight)
 
     def _init_weights(self) -> None:
         nn.init.normal_(self.item_emb.weight, std=0.05)
@@ -291,6 +296,8 @@ class NextActionModel(nn.Module):
         outputs["loss_item"] = loss_item.detach()
         if self.action_head is not None:
             a_logits = self.action_head(h)  # (B, T, 5)
+            if self.action_prior is not None:
+                a_logits = a_logits + self.action_prior(inp["action"])
             outputs["action_logits"] = a_logits
             tgt_action = batch["action"][rows, cols + 1] - 1  # (N,)
             if bool((tgt_action >= 0).all()):  # actions present (feature on)
@@ -367,10 +374,13 @@ class NextActionModel(nn.Module):
     # ------------------------------------------------------------------------------------------
     # serving
     # ------------------------------------------------------------------------------------------
-    def _heads_last(self, h_last: torch.Tensor, rep: torch.Tensor | None, hist: torch.Tensor | None) -> dict:
+    def _heads_last(self, h_last: torch.Tensor, rep: torch.Tensor | None, hist: torch.Tensor | None,
+                    last_action: torch.Tensor | None = None) -> dict:
         out = {"hidden": h_last, "item_scores": self.item_logits(h_last, rep, hist)}  # (B, V)
         if self.action_head is not None:
             logits = self.action_head(h_last).float()  # (B, 5)
+            if self.action_prior is not None and last_action is not None:
+                logits = logits + self.action_prior(last_action).float()
             if self.cfg.action_temperature != 1.0 or self.cfg.action_bias:  # fitted on validation (calibration.py)
                 logits = logits * self.cfg.action_temperature
                 if self.cfg.action_bias:
@@ -397,7 +407,7 @@ class NextActionModel(nn.Module):
         rep = None
         if self.cfg.repeat_head:
             rep = self._repeat_scores(h, lengths)[ar, last]  # (B, T)
-        return self._heads_last(h_last, rep, items if rep is not None else None)
+        return self._heads_last(h_last, rep, items if rep is not None else None, batch["action"][ar, last])
 
     @torch.no_grad()
     def prefill(self, batch: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], KVState]:
@@ -418,7 +428,8 @@ class NextActionModel(nn.Module):
         keys, values = _cache_tensors(cache)
         valid = torch.arange(T, device=items.device)[None, :] < lengths[:, None]
         state = KVState(keys, values, rep_k, items.masked_fill(~valid, PAD), lengths.clone(), lengths.clone())
-        return self._heads_last(h[ar, last], rep, items if rep is not None else None), state
+        return self._heads_last(h[ar, last], rep, items if rep is not None else None,
+                                batch["action"][ar, last]), state
 
     @torch.no_grad()
     def step(self, tokens: dict[str, torch.Tensor], state: KVState, evict: bool = False
@@ -481,7 +492,7 @@ class NextActionModel(nn.Module):
             rk = state.rep_k.new_zeros(B, T + 1, 0)
         new_state = KVState(keys, values, rk, items, lengths + 1, positions + 1)
         new_state = _trim(new_state)
-        return self._heads_last(h, rep, items if rep is not None else None), new_state
+        return self._heads_last(h, rep, items if rep is not None else None, tokens["action"][:, 0]), new_state
 
 
 def _inputs(batch: dict[str, torch.Tensor], max_len: int) -> tuple[dict[str, torch.Tensor], int]:

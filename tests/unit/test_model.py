@@ -189,3 +189,25 @@ def test_sampled_softmax_and_no_repeat_head_train():
     cfg2 = _cfg(n_negatives=5)
     _, loss2 = NextActionModel(cfg2)(_batch(cfg2, [_seq(9, 1)], max_len=cfg2.max_len + 1))
     assert torch.isfinite(loss2)
+
+
+def test_action_prior_is_a_per_current_action_logit_row_on_every_serving_path():
+    """``action_prior``: next-action logits get the learned row of the *current* event's action —
+    the same in training positions, score_last, prefill and step."""
+    torch.manual_seed(0)
+    cfg = _cfg(action_prior=True)
+    m = NextActionModel(cfg).eval()
+    users = [_seq(6, 21), _seq(4, 22)]
+    before = m.score_last(_batch(cfg, users))["action_probs"]
+    with torch.no_grad():
+        m.action_prior.weight.normal_(0, 2.0)
+        full = m.score_last(_batch(cfg, users))
+        outputs, _ = m(_batch(cfg, users))
+    assert not torch.allclose(before, full["action_probs"])
+    ar = torch.arange(2)
+    last = torch.tensor([5, 3])
+    torch.testing.assert_close(torch.softmax(outputs["action_logits"][ar, last], -1), full["action_probs"],
+                               atol=1e-5, rtol=1e-5)  # training positions see the same prior
+    pre, state = m.prefill(_batch(cfg, [u[:-1] for u in users]))
+    out, _ = m.step(collate([encode_last(u, VOCAB, cfg) for u in users]), state)
+    torch.testing.assert_close(out["action_probs"], full["action_probs"], atol=1e-4, rtol=1e-4)
