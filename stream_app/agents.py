@@ -26,7 +26,8 @@ no consumer group, so each record reaches every worker; at start it applies the 
 restarted worker serves the fleet's current version). A record is ``{"version", "path", "sha256"}``
 (``sha256`` = the checkpoint manifest's ``content_hash``; the served ``version`` is its first 12
 hex digits; ``nextaction deploy <checkpoint>`` writes one) and hot-swaps the predictor: the new model is
-loaded, verified and warmed up in the batcher's inference thread, then swapped in between batches,
+loaded, verified and warmed up off the event loop (in the inference process, see
+:mod:`stream_app.remote`, or the batcher's inference thread), then swapped in between batches,
 so every prediction carries exactly one version. A bad update is logged (``!!!``), counted
 (``nextaction_model_updates_total{result="rejected"}``) and the current model keeps serving.
 
@@ -287,7 +288,7 @@ class Pipeline:
             if close is not None:  # the inference process (stream_app.remote)
                 close()
 
-    # --- model updates (stream_app.updates.ModelUpdateListener) -------------------------------------------------------
+    # --- model updates (called by stream_app.updates.ModelUpdateListener) ---------------------------------
     async def handle_model_update(self, value: bytes | None) -> str:
         """Hot-swap to the checkpoint a ``model-updates`` record names; returns what happened.
 
