@@ -33,6 +33,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from stream_app.errors import BrokerError, NextActionError
+from stream_app.kafka_local import start_client
 from stream_app.settings import SettingsType, get_settings
 
 console = Console()
@@ -226,26 +227,12 @@ def tail(
     err_console.print(f"[dim]{n} record{'s' if n != 1 else ''}[/]")
 
 
-async def _start_client(settings: SettingsType, start, close, timeout_s: float = 20) -> None:
-    """Start an aiokafka client; on failure close it and raise the BrokerError naming the broker."""
-    from aiokafka.errors import KafkaError
-
-    from stream_app.kafka_local import unreachable
-
-    try:
-        await asyncio.wait_for(start(), timeout_s)
-    except (KafkaError, OSError, asyncio.TimeoutError) as exc:
-        with contextlib.suppress(Exception):
-            await close()
-        raise unreachable(settings, exc) from None
-
-
 async def _topic_partitions(settings: SettingsType, topic: str) -> list[int]:
     """The partition ids of ``topic``; BrokerError naming the topic (and the known ones) if it is missing."""
     from aiokafka.admin import AIOKafkaAdminClient
 
     admin = AIOKafkaAdminClient(bootstrap_servers=settings.bootstrap_servers, request_timeout_ms=15_000)
-    await _start_client(settings, admin.start, admin.close)
+    await start_client(settings, admin.start, admin.close)
     try:
         topics = await admin.list_topics()
         if topic not in topics:
@@ -266,7 +253,7 @@ async def _open_consumer(settings: SettingsType, topic: str, *, from_beginning: 
     consumer = AIOKafkaConsumer(bootstrap_servers=settings.bootstrap_servers, group_id=None,
                                 enable_auto_commit=False, request_timeout_ms=15_000,
                                 auto_offset_reset="earliest" if from_beginning else "latest")
-    await _start_client(settings, consumer.start, consumer.stop)
+    await start_client(settings, consumer.start, consumer.stop)
     try:
         consumer.assign(parts)
         if from_beginning:
@@ -480,7 +467,7 @@ async def _send_one(settings: SettingsType, topic: str, key: bytes | None, value
     from aiokafka import AIOKafkaProducer
 
     producer = AIOKafkaProducer(bootstrap_servers=settings.bootstrap_servers, request_timeout_ms=15_000)
-    await _start_client(settings, producer.start, producer.stop)
+    await start_client(settings, producer.start, producer.stop)
     try:
         await producer.send_and_wait(topic, value, key=key)
     finally:

@@ -36,7 +36,7 @@ import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Coroutine, Iterable
+from collections.abc import Awaitable, Callable, Coroutine, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -447,16 +447,11 @@ async def ensure_topics_async(settings: SettingsType, topics: Iterable[str] | No
                               timeout: float = 30.0) -> dict[str, int]:
     """Async :func:`ensure_topics`, for callers that already run an event loop."""
     from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-    from aiokafka.errors import KafkaError
 
     names = list(dict.fromkeys(topics if topics is not None else app_topics(settings)))
     n_partitions = partitions or settings.partitions
     admin = AIOKafkaAdminClient(bootstrap_servers=settings.bootstrap_servers, request_timeout_ms=int(timeout * 1000))
-    try:
-        await asyncio.wait_for(admin.start(), timeout)
-    except (KafkaError, OSError, asyncio.TimeoutError) as exc:
-        await _close_quietly(admin)
-        raise unreachable(settings, exc) from None
+    await start_client(settings, admin.start, admin.close, timeout)
     try:
         existing = set(await admin.list_topics())
         missing = [t for t in names if t not in existing]
@@ -499,6 +494,22 @@ def require_broker(settings: SettingsType, timeout: float = 5.0) -> int:
     if not brokers:
         raise unreachable(settings)
     return brokers
+
+
+async def start_client(settings: SettingsType, start: Callable[[], Awaitable[Any]],
+                       close: Callable[[], Awaitable[Any]], timeout: float = 20.0) -> None:
+    """Start an aiokafka client (``start``); on failure close it (``close``) and raise the
+    :class:`BrokerError` naming the broker (:func:`unreachable`)."""
+    from aiokafka.errors import KafkaError
+
+    try:
+        await asyncio.wait_for(start(), timeout)
+    except (KafkaError, OSError, asyncio.TimeoutError) as exc:
+        try:
+            await asyncio.wait_for(close(), 5.0)
+        except Exception:  # noqa: BLE001 - closing a client that never connected
+            pass
+        raise unreachable(settings, exc) from None
 
 
 def unreachable(settings: SettingsType, exc: BaseException | None = None) -> BrokerError:

@@ -49,8 +49,6 @@ class _Settings(BaseSettings):
     # crash reprocesses at most about this much input.
     commit_interval_s: float = 1.0
     # Faust: messages buffered per partition stream and records per consumer poll (0 = Faust default).
-    # The buffer also bounds how long a ``model-updates`` record can wait behind an ``events`` backlog
-    # (Faust's conductor hands messages over in fetch order): about stream_buffer_maxsize / events/s.
     stream_buffer_maxsize: int = 4096
     max_poll_records: int = 0
     # gc.freeze() the start-up heap once the worker serves (fewer, cheaper full collections);

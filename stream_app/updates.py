@@ -9,10 +9,10 @@ At start the listener first **catches up**: it reads the newest record of the to
 offset of each partition, newest by record time) and applies it, so a worker that starts or
 restarts after an update serves the fleet's current version, not the older ``settings.checkpoint``
 (a record for the version already served is skipped by the handler). Then it follows the topic
-from its end. Each record goes to the ``handle`` coroutine
-(:meth:`stream_app.agents.Pipeline.handle_model_update`), which loads, verifies and swaps; it
-never raises for a bad record. A broker that goes away is retried with back-off; the listener
-never stops the worker.
+from its end; after a broker error it reconnects and resumes at the next unread offset. Each
+record goes to the ``handle`` coroutine (:meth:`stream_app.agents.Pipeline.handle_model_update`),
+which loads, verifies and swaps; it never raises for a bad record. The listener never stops the
+worker.
 
 Records are ``{"version", "path", "sha256"}`` (orjson); ``nextaction deploy <checkpoint>`` writes
 one (see :func:`update_record`).
@@ -51,29 +51,6 @@ def update_record(checkpoint: str | Path, version: str | None = None) -> bytes:
 RECORD_KEY = b"model"
 
 
-async def ensure_topic(settings: SettingsType, topic: str) -> list[int]:
-    """Create ``topic`` (1 partition: updates are few and must stay in order) if it does not exist;
-    return its partition ids."""
-    from aiokafka.admin import AIOKafkaAdminClient, NewTopic  # noqa: PLC0415
-    from aiokafka.errors import TopicAlreadyExistsError  # noqa: PLC0415
-
-    admin = AIOKafkaAdminClient(bootstrap_servers=settings.bootstrap_servers, request_timeout_ms=15_000)
-    await admin.start()
-    try:
-        if topic not in await admin.list_topics():
-            try:
-                await admin.create_topics([NewTopic(topic, num_partitions=1, replication_factor=1)])
-            except TopicAlreadyExistsError:  # another worker was quicker
-                pass
-        (desc,) = await admin.describe_topics([topic])
-        parts = sorted(p["partition"] for p in desc["partitions"])
-        if not parts:
-            raise TimeoutError(f"topic {topic!r} has no partitions yet on {settings.bootstrap_servers}")
-        return parts
-    finally:
-        await admin.close()
-
-
 class ModelUpdateListener:
     """Follows ``settings.topic_model_updates`` on this worker and hands each record to ``handle``.
 
@@ -89,47 +66,48 @@ class ModelUpdateListener:
         self.settings, self.handle, self.catch_up = settings, handle, catch_up
         self.retry_s = retry_s
         self.topic = settings.topic_model_updates
-        self.applied: list[str] = []  # what handle() returned, in order (for tests and logs)
-        self.ready = asyncio.Event()  # set once the catch-up is done and the topic is followed
+        self._next: dict[int, int] = {}  # partition -> next offset to read (empty until first connected)
 
     async def run(self) -> None:
-        """Follow the topic until cancelled; reconnects after broker errors."""
-        first = True
+        """Follow the topic until cancelled; after a broker error, reconnect and resume where it stopped."""
         while True:
             try:
-                await self._follow(catch_up=self.catch_up and first)
+                await self._follow()
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # noqa: BLE001 - the listener must never stop the worker
                 log.warning("model-updates listener on %r: %s: %s; retrying in %.1f s", self.topic,
                             type(exc).__name__, exc, self.retry_s)
                 await asyncio.sleep(self.retry_s)
-            first = False  # after a reconnect, follow from the end (updates in between are caught below)
 
-    async def _follow(self, catch_up: bool) -> None:
+    async def _follow(self) -> None:
         from aiokafka import AIOKafkaConsumer, TopicPartition  # noqa: PLC0415
 
-        parts = await ensure_topic(self.settings, self.topic)
+        from stream_app.kafka_local import ensure_topics_async, start_client  # noqa: PLC0415
+
+        n = (await ensure_topics_async(self.settings, [self.topic], partitions=1))[self.topic]
         consumer = AIOKafkaConsumer(bootstrap_servers=self.settings.bootstrap_servers, group_id=None,
                                     enable_auto_commit=False, auto_offset_reset="latest",
                                     client_id=f"{self.settings.app_id}-model-updates")
-        await consumer.start()
+        await start_client(self.settings, consumer.start, consumer.stop)
         try:
-            tps = [TopicPartition(self.topic, p) for p in parts]
+            tps = [TopicPartition(self.topic, p) for p in range(n)]
             consumer.assign(tps)
-            ends = await consumer.end_offsets(tps)
-            if catch_up:
-                await self._catch_up(consumer, ends)
+            if not self._next:  # first connection: start at the end, after catching up with the newest record
+                ends = await consumer.end_offsets(tps)
+                if self.catch_up:
+                    await self._catch_up(consumer, ends)
+                self._next = {tp.partition: ends[tp] for tp in tps}
             for tp in tps:
-                consumer.seek(tp, ends[tp])
-            log.info("model-updates listener following %r (%d partitions) from offsets %s", self.topic, len(tps),
-                     {tp.partition: off for tp, off in ends.items()})
-            self.ready.set()
+                consumer.seek(tp, self._next.get(tp.partition, 0))
+            log.info("model-updates listener following %r (%d partitions) from offsets %s", self.topic, n,
+                     self._next)
             while True:
                 batch = await consumer.getmany(timeout_ms=1000)
                 for tp in sorted(batch, key=lambda t: t.partition):
                     for rec in batch[tp]:
                         await self._apply(rec)
+                        self._next[tp.partition] = rec.offset + 1
         finally:
             await consumer.stop()
 
@@ -151,5 +129,4 @@ class ModelUpdateListener:
 
     async def _apply(self, rec: Any) -> None:
         result = await self.handle(rec.value)
-        self.applied.append(result)
         log.info("model-updates %s[%d]@%d: %s", rec.topic, rec.partition, rec.offset, result)

@@ -304,17 +304,9 @@ def test_sigterm_restart_resumes_from_committed_offsets_with_state(pipeline_sett
 
 
 def _produce_one(settings, topic: str, value: bytes) -> None:
-    from aiokafka import AIOKafkaProducer
+    from stream_app.cli import _send_one
 
-    async def main():
-        p = AIOKafkaProducer(bootstrap_servers=settings.bootstrap_servers)
-        await p.start()
-        try:
-            await p.send_and_wait(topic, value)
-        finally:
-            await p.stop()
-
-    asyncio.run(main())
+    asyncio.run(_send_one(settings, topic, None, value))
 
 
 def test_model_update_through_the_topic_hot_swaps(pipeline_settings, tmp_path):
