@@ -29,7 +29,6 @@ from __future__ import annotations
 import logging
 import multiprocessing as mp
 import threading
-import time
 from typing import Any, Sequence
 
 import orjson
@@ -42,10 +41,6 @@ log = logging.getLogger(__name__)
 
 #: Seconds the worker waits for the child's answer to one call before declaring it dead.
 CALL_TIMEOUT_S = 300.0
-
-
-def _settings_payload(settings: Any) -> dict:
-    return settings.model_dump(mode="json")
 
 
 def _pred_to_json(p: Prediction) -> list:
@@ -101,8 +96,11 @@ def _handle(msg: dict, models: dict[str, Any], settings: Any) -> dict | None:
             raise PredictorError(f"inference process has no model {version!r} (has {sorted(models)})")
         for other in [v for v in models if v != version]:  # the swap happened: free the old model
             del models[other]
-        for packed in msg.get("observe", ()):
-            pred.observe(EventSeq.unpack(packed.encode()))
+        for packed in msg.get("observe", ()):  # best effort, as in-process (Batcher._infer)
+            try:
+                pred.observe(EventSeq.unpack(packed.encode()))
+            except Exception:  # noqa: BLE001 - learning must not fail the batch (nor be retried with it)
+                log.exception("predictor %s observe() failed", version)
         histories = [EventSeq.unpack(h.encode()) for h in msg["h"]]
         if msg.get("users") is not None and getattr(pred, "accepts_users", False):
             out = pred.predict(histories, msg["k"], users=msg["users"])
@@ -124,8 +122,7 @@ class _Channel:
     """The child process and its pipe, shared by every :class:`RemotePredictor` of one worker."""
 
     def __init__(self, settings: Any) -> None:
-        self.settings = settings
-        self.payload = _settings_payload(settings)
+        self.payload = settings.model_dump(mode="json")
         self.ctx = mp.get_context("spawn")
         self.lock = threading.Lock()
         self.path: str | None = None  # the checkpoint last loaded by a successor (for a respawn)
@@ -151,23 +148,23 @@ class _Channel:
             raise PredictorError(f"inference process {self.proc.pid} did not answer within {timeout:.0f} s")
         return orjson.loads(self.conn.recv_bytes())
 
-    def call(self, msg: dict, retry: bool = True) -> dict:
+    def call(self, msg: dict) -> dict:
+        """Send ``msg``, return the child's answer; a dead child is replaced once and the call retried."""
+        data = orjson.dumps(msg)
         with self.lock:
-            try:
-                self.conn.send_bytes(orjson.dumps(msg))
-                reply = self._recv(CALL_TIMEOUT_S)
-            except (EOFError, OSError, BrokenPipeError) as exc:
-                if not retry:
-                    raise PredictorError(f"inference process died again: {exc!r}") from None
-                code = self.proc.exitcode if self.proc is not None else None
-                log.error("!!! inference process %s died (exit code %s, %r): starting a new one",
-                          getattr(self.proc, "pid", None), code, exc)
-                self._kill()
-                self.respawns += 1
-                self.start()
-                reply = None
-        if reply is None:
-            return self.call(msg, retry=False)
+            for attempt in (1, 2):
+                try:
+                    self.conn.send_bytes(data)
+                    reply = self._recv(CALL_TIMEOUT_S)
+                    break
+                except (EOFError, OSError) as exc:
+                    if attempt == 2:
+                        raise PredictorError(f"inference process died again: {exc!r}") from None
+                    log.error("!!! inference process %s died (exit code %s, %r): starting a new one",
+                              self.proc.pid, self.proc.exitcode, exc)
+                    self._kill()
+                    self.respawns += 1
+                    self.start()
         if not reply.get("ok"):
             raise PredictorError(f"inference process: {reply.get('error')}")
         return reply
@@ -197,7 +194,6 @@ class RemotePredictor:
 
     def __init__(self, channel: _Channel, version: str, accepts_users: bool) -> None:
         self._channel, self.version, self.accepts_users = channel, version, accepts_users
-        self.stats = {"requests": 0, "calls": 0, "call_s": 0.0}
 
     @classmethod
     def start(cls, settings: Any) -> "RemotePredictor":
@@ -218,15 +214,7 @@ class RemotePredictor:
         observe, ch.pending_observe = ch.pending_observe, []
         msg = {"op": "predict", "v": self.version, "k": k, "observe": observe,
                "h": [h.pack().decode() for h in histories], "users": list(users) if users is not None else None}
-        t0 = time.perf_counter()
-        try:
-            reply = ch.call(msg)
-        except PredictorError:
-            ch.pending_observe = observe + ch.pending_observe  # not learned yet: keep for the next batch
-            raise
-        self.stats["calls"] += 1
-        self.stats["requests"] += len(histories)
-        self.stats["call_s"] += time.perf_counter() - t0
+        reply = ch.call(msg)  # observations are applied once, even when the batch itself fails
         out = [Prediction(list(p[0]), [(str(i), float(s)) for i, s in p[1]], float(p[2]), p[3] or "")
                for p in reply["p"]]
         if len(out) != len(histories):
