@@ -350,30 +350,27 @@ def train(ds, model_cfg: ModelConfig | None, train_cfg: TrainConfig, out_dir: st
     meta_extra = {"best_epoch": best["epoch"], "train_seconds": round(time.perf_counter() - t_start, 1),
                   "epochs_run": sum(1 for h in history if "loss" in h), "peak_rss_mib": _peak_rss_mib(),
                   "history": history}
-    if train_cfg.calibrate_actions and best["epoch"] >= 0:
-        meta_extra["action_calibration"] = calibrate_actions(out_dir, ds, valid, train_cfg, str(device))
-        if train_cfg.progress:
-            tqdm.write(f"action calibration: {meta_extra['action_calibration']}")
-    if eval_test and best["epoch"] >= 0 and split.test:
+    if best["epoch"] >= 0:  # the best epoch's checkpoint: calibrate, test, then save it once more
         from models.checkpoint import load_checkpoint
 
         ck = load_checkpoint(out_dir, device=str(device))
-        s2 = TransformerScorer(ck.model, ck.vocab, ds.items, version=ck.version, device=str(device))
-        res = evaluate_cases(s2, ds, list(split.test), mask_history)
-        meta_extra["test"] = {k: v for k, v in res.items() if isinstance(v, (int, float))}
-        meta_extra["test_protocol"] = f"full, history {train_cfg.eval_protocol}"
-        history.append({"phase": "test", "test": {k: meta_extra["test"].get(k) for k in ("NDCG@10", "HR@10")}})
+        if train_cfg.calibrate_actions:
+            meta_extra["action_calibration"] = calibrate_actions(ck, ds, valid, str(device))
+            if train_cfg.progress:
+                tqdm.write(f"action calibration: {meta_extra['action_calibration']}")
+        if eval_test and split.test:
+            s2 = TransformerScorer(ck.model, ck.vocab, ds.items, version=ck.version, device=str(device))
+            res = evaluate_cases(s2, ds, list(split.test), mask_history)
+            meta_extra["test"] = {k: v for k, v in res.items() if isinstance(v, (int, float))}
+            meta_extra["test_protocol"] = f"full, history {train_cfg.eval_protocol}"
+            history.append({"phase": "test", "test": {k: meta_extra["test"].get(k) for k in ("NDCG@10", "HR@10")}})
         _update_metadata(out_dir, ck, meta_extra, train_cfg)
-    elif best["epoch"] >= 0:
-        from models.checkpoint import load_checkpoint
-
-        _update_metadata(out_dir, load_checkpoint(out_dir), meta_extra, train_cfg)
     return out_dir, history
 
 
-def calibrate_actions(out_dir: Path, ds, cases, train_cfg: TrainConfig, device: str = "cpu",
-                      min_cases: int = 50) -> dict[str, Any]:
-    """Fit the checkpoint's action calibration on ``cases`` (validation) and re-save it in place.
+def calibrate_actions(ck, ds, cases, device: str = "cpu", min_cases: int = 50) -> dict[str, Any]:
+    """Fit the action calibration of the loaded checkpoint ``ck`` on ``cases`` (validation) and set
+    it on ``ck.model.cfg`` (the caller saves the checkpoint).
 
     Returns what was done: the fitted ``temperature`` and ``bias`` with the validation log loss
     before and after, or ``{"skipped": reason}`` (no action head, too few cases, a single class).
@@ -381,10 +378,8 @@ def calibrate_actions(out_dir: Path, ds, cases, train_cfg: TrainConfig, device: 
     import dataclasses
 
     from models.calibration import apply_action_calibration, fit_action_calibration, log_loss
-    from models.checkpoint import load_checkpoint, save_checkpoint
     from models.scorer import TransformerScorer
 
-    ck = load_checkpoint(out_dir, device=device)
     if ck.model.action_head is None:
         return {"skipped": "model has no action head"}
     y = np.array([c.target_action for c in cases], dtype=np.int64)
@@ -395,7 +390,6 @@ def calibrate_actions(out_dir: Path, ds, cases, train_cfg: TrainConfig, device: 
     probs = scorer.score_actions([c.history for c in cases])
     temperature, bias = fit_action_calibration(probs, y)
     ck.model.cfg = dataclasses.replace(ck.model.cfg, action_temperature=temperature, action_bias=bias)
-    save_checkpoint(out_dir, ck.model, ck.vocab, train_cfg, dict(ck.metadata))
     return {"temperature": round(temperature, 4), "bias": list(bias), "n_cases": int(len(y)),
             "valid_log_loss_before": round(log_loss(y, probs), 4),
             "valid_log_loss_after": round(log_loss(y, apply_action_calibration(probs, temperature, bias)), 4)}
