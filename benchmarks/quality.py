@@ -101,18 +101,19 @@ def _training_row(name: str, scorer, ck_dir: Path) -> dict | None:
 
     meta, cfg = scorer.metadata, scorer.cfg
     tc = json.loads((ck_dir / "config.json").read_text()).get("train") or {}
+    softmax = f"sampled softmax {cfg.n_negatives} neg" if cfg.n_negatives else "full softmax"
+    config = (f"d={cfg.d_model}, {cfg.n_layers} layers, {cfg.n_heads} heads, len {cfg.max_len}, dropout {cfg.dropout}, "
+              f"{cfg.backbone}, {cfg.objective}, {softmax}, features {'+'.join(cfg.features)}")
+    if tc:
+        length = f"budget {tc.get('budget_min')} min" if tc.get("budget_min") else f"{tc.get('epochs')} epochs"
+        config += f"; batch {tc.get('batch_size')}, lr {tc.get('lr')}, {length}, {tc.get('num_threads')} thread(s)"
+    cal = meta.get("action_calibration") or {}
+    if "temperature" in cal:
+        config += f"; action calibration T={cal['temperature']}"
     return {"dataset": name, "train_s": meta.get("train_seconds"), "peak_rss_mib": meta.get("peak_rss_mib"),
             "epochs": meta.get("epochs_run"), "best_epoch": meta.get("best_epoch"),
             "valid": (meta.get("valid") or {}).get("NDCG@10"), "device": meta.get("device", "cpu"),
-            "config": f"d={cfg.d_model}, {cfg.n_layers} layers, {cfg.n_heads} heads, len {cfg.max_len}, "
-                      f"dropout {cfg.dropout}, {cfg.backbone}, {cfg.objective}, "
-                      + (f"sampled softmax {cfg.n_negatives} neg" if cfg.n_negatives else "full softmax")
-                      + f", features {'+'.join(cfg.features)}"
-                      + (f"; batch {tc.get('batch_size')}, lr {tc.get('lr')}, "
-                         + (f"budget {tc.get('budget_min')} min" if tc.get("budget_min") else f"{tc.get('epochs')} epochs")
-                         + f", {tc.get('num_threads')} thread(s)" if tc else "")
-                      + (f"; action calibration T={cal['temperature']}" if (cal := meta.get("action_calibration"))
-                         and "temperature" in cal else "")}
+            "config": config}
 
 
 def run_dataset(name: str, args) -> list[dict]:
