@@ -327,6 +327,62 @@ class Phase:
     notes: list[str] = field(default_factory=list)
 
 
+def stage_summary(metrics_text: str) -> str:
+    """One line from a worker's ``/metrics`` text: where an event's time in the worker went
+    (``nextaction_stage_latency_seconds``: mean and the p99 bucket bound per stage) and the batches.
+
+    >>> txt = "\\n".join([
+    ...     'nextaction_stage_latency_seconds_bucket{le="0.005",stage="queue"} 9.0',
+    ...     'nextaction_stage_latency_seconds_bucket{le="0.01",stage="queue"} 10.0',
+    ...     'nextaction_stage_latency_seconds_bucket{le="+Inf",stage="queue"} 10.0',
+    ...     'nextaction_stage_latency_seconds_count{stage="queue"} 10.0',
+    ...     'nextaction_stage_latency_seconds_sum{stage="queue"} 0.03',
+    ...     'nextaction_batch_size_count 4.0', 'nextaction_batch_size_sum 10.0', ''])
+    >>> stage_summary(txt)
+    'worker stages (mean / p99 bucket bound, ms): queue 3.0 / ≤10; batches 4, mean size 2.5'
+    """
+    from prometheus_client.parser import text_string_to_metric_families
+
+    stages: dict[str, dict] = {}
+    batches = {}
+    for fam in text_string_to_metric_families(metrics_text):
+        for smp in fam.samples:
+            if smp.name.startswith("nextaction_stage_latency_seconds"):
+                st = stages.setdefault(smp.labels.get("stage", "?"), {"buckets": []})
+                if smp.name.endswith("_bucket"):
+                    st["buckets"].append((float(smp.labels["le"]), smp.value))
+                elif smp.name.endswith(("_count", "_sum")):
+                    st[smp.name.rsplit("_", 1)[1]] = smp.value
+            elif smp.name in ("nextaction_batch_size_count", "nextaction_batch_size_sum"):
+                batches[smp.name.rsplit("_", 1)[1]] = smp.value
+    parts = []
+    for name, st in stages.items():
+        n = st.get("count", 0.0)
+        if not n:
+            continue
+        bound = next((le for le, c in sorted(st["buckets"]) if c >= 0.99 * n), float("inf"))
+        parts.append(f"{name} {1000 * st.get('sum', 0.0) / n:.1f} / ≤{1000 * bound:g}")
+    out = "worker stages (mean / p99 bucket bound, ms): " + ", ".join(parts)
+    if batches.get("count"):
+        out += f"; batches {batches['count']:.0f}, mean size {batches['sum'] / batches['count']:.1f}"
+    return out
+
+
+async def scrape_metrics(port: int, timeout: float = 10.0) -> str | None:
+    """The worker's ``/metrics`` page, or None if it cannot be read."""
+    import urllib.request
+
+    def get() -> str:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=timeout) as r:  # noqa: S310
+            return r.read().decode()
+
+    try:
+        return await asyncio.get_running_loop().run_in_executor(None, get)
+    except OSError as exc:
+        log.warning("could not read the worker's /metrics on port %d: %s", port, exc)
+        return None
+
+
 def summarise(phase: Phase, inputs: dict[tuple[int, int], int], outs: list[tuple[int, int, int, float | None]],
               dlq: list[tuple[int, int, int]]) -> Phase:
     """Fill ``phase`` from outputs ``(src partition, src offset, out CreateTime, proc latency ms)`` and DLQ."""
@@ -670,6 +726,7 @@ class Bench:
                 await asyncio.sleep(0.5)
             startup = (first_seen - w.started) if first_seen else float("nan")
             cpu1, bcpu1 = tree_cpu_s(w.proc.pid), proc_cpu_s(self.broker_pid())
+            metrics_text = await scrape_metrics(s.web_port) if rate is not None else None
             w.detach_profiler()
             if feed is not None:
                 await feed
@@ -700,6 +757,8 @@ class Bench:
         ph = summarise(Phase(label, mode, len(inputs)), inputs, outs, dl)
         ph.startup_s = startup
         ph.versions = versions
+        if metrics_text:
+            ph.notes.append(stage_summary(metrics_text))
         if profile is not None and self.args.profiler == "py-spy":
             raw = Path(str(profile) + ".raw")
             if raw.is_file():

@@ -88,6 +88,7 @@ class Result:
     prediction: Prediction | None
     version: str
     error: str | None = None
+    inferred: float = 0.0  # monotonic, when its batch finished inference
 
 
 Deliver = Callable[[list[Result]], Awaitable[None]]
@@ -273,6 +274,10 @@ class Batcher:
         try:
             while True:
                 batch = await self._collect()
+                started = time.monotonic()
+                queued = metrics.STAGE_LATENCY.labels("queue")
+                for r in batch:
+                    queued.observe(started - r.enqueued)
                 predictor = self._predictor  # read once: the whole batch is served by one version
                 results = await loop.run_in_executor(self._executor, self._infer, predictor, batch)
                 await self._handoff.put(results)
@@ -290,6 +295,10 @@ class Batcher:
                     await self.deliver(results)
                 finally:
                     self._done(len(results))
+                now = time.monotonic()
+                delivered = metrics.STAGE_LATENCY.labels("deliver")
+                for r in results:
+                    delivered.observe(now - r.inferred)
         except asyncio.CancelledError:
             raise
         except BaseException as exc:
@@ -318,7 +327,8 @@ class Batcher:
         preds, errors = self._predict_robust(predictor, [r.history for r in batch], users)
         # Learn only after predicting: a prediction must not see events later than its own, which
         # observing the whole batch first would leak (prequential order: predict, then learn).
-        for r in batch:
+        # A predictor with ``learns = False`` (a fixed checkpoint) is not called at all.
+        for r in batch if getattr(predictor, "learns", True) else ():
             if r.observe:
                 try:
                     predictor.observe(r.history)
@@ -326,8 +336,12 @@ class Batcher:
                     metrics.OBSERVE_ERRORS.inc()
                     log.exception("predictor %s observe() failed for user %r", predictor.version, r.user_id)
         dt = time.perf_counter() - t0
+        done = time.monotonic()
         metrics.BATCH_SIZE.observe(len(batch))
         metrics.PREDICT_LATENCY.observe(dt)
+        inferred = metrics.STAGE_LATENCY.labels("infer")
+        for _ in batch:
+            inferred.observe(dt)
         self.stats["batches"] += 1
         self.stats["requests"] += len(batch)
         version = str(predictor.version)
@@ -337,7 +351,7 @@ class Batcher:
                 self.stats["failed"] += 1
                 log.error("prediction failed for user %r (event ts %s) with %s: %s", r.user_id, r.event_ts,
                           version, e)
-            out.append(Result(r, p, version, e))
+            out.append(Result(r, p, version, e, done))
         return out
 
     def _predict_robust(self, predictor: Predictor, histories: Sequence[EventSeq],

@@ -36,6 +36,10 @@ PREDICT_LATENCY = Histogram("nextaction_predict_latency_seconds", "Wall time of 
 EVENT_TO_PREDICTION = Histogram("nextaction_event_to_prediction_latency_seconds",
                                 "Event arrival at the worker to prediction publish", buckets=_LATENCY_BUCKETS,
                                 registry=REGISTRY)
+STAGE_LATENCY = Histogram("nextaction_stage_latency_seconds",
+                          "Where an event's time in the worker goes, per request: queue (submitted -> its batch "
+                          "starts), infer (its batch's predict + observe), deliver (batch done -> published)",
+                          ["stage"], buckets=_LATENCY_BUCKETS, registry=REGISTRY)
 QUEUE_DEPTH = Gauge("nextaction_queue_depth", "Prediction requests waiting for a batch", registry=REGISTRY)
 MODEL_SWAPS = Counter("nextaction_model_swaps", "Predictor hot swaps", registry=REGISTRY)
 MODEL_UPDATES = Counter("nextaction_model_updates", "model-updates records, by result (applied, rejected, skipped)",
