@@ -39,5 +39,7 @@ class Predictor(Protocol):
         ...
 
     def observe(self, history: EventSeq) -> None:
-        """Learn from a user's updated history (its last event is new). May be a no-op."""
+        """Learn from a user's updated history (its last event is new). May be a no-op; a predictor
+        whose ``observe`` always is can say so with a class attribute ``learns = False``, and the
+        batcher then skips the calls (and the inference process ships no histories for them)."""
         ...

@@ -113,13 +113,25 @@ class EventSeq:
         return EventSeq(self.items[s], self.actions[s], self.ts[s], self.devices[s], self.locations[s],
                         self.categories[s])
 
+    def to_json(self) -> dict:
+        """The column-wise JSON object behind :meth:`pack` (to embed in a larger JSON message).
+
+        >>> s = EventSeq.from_columns(["a"], ["cart"], [5])
+        >>> EventSeq.from_json(s.to_json()).items, s.to_json()["a"]
+        (['a'], [2])
+        """
+        return {"i": self.items, "a": self.actions.tolist(), "t": self.ts.tolist(),
+                "d": self.devices, "l": self.locations, "c": self.categories}
+
+    @classmethod
+    def from_json(cls, d: dict) -> "EventSeq":
+        return cls(d["i"], np.asarray(d["a"], np.uint8), np.asarray(d["t"], np.int64), d["d"], d["l"],
+                   d.get("c", [""] * len(d["i"])))
+
     def pack(self) -> bytes:
         """Compact bytes for a table value / changelog record (orjson, column-wise)."""
-        return orjson.dumps({"i": self.items, "a": self.actions.tolist(), "t": self.ts.tolist(),
-                             "d": self.devices, "l": self.locations, "c": self.categories})
+        return orjson.dumps(self.to_json())
 
     @classmethod
     def unpack(cls, data: bytes) -> "EventSeq":
-        d = orjson.loads(data)
-        return cls(d["i"], np.asarray(d["a"], np.uint8), np.asarray(d["t"], np.int64), d["d"], d["l"],
-                   d.get("c", [""] * len(d["i"])))
+        return cls.from_json(orjson.loads(data))

@@ -260,6 +260,7 @@ class TransformerPredictor:
 
     #: ``predict`` takes the optional ``users=`` keyword (for callers that check before passing it).
     accepts_users = True
+    learns = False  # observe() is a no-op: the batcher skips it
 
     def __init__(self, model: NextActionModel, vocab: ItemVocab, *, version: str, device: str = "auto",
                  num_threads: int | None = None, compile: bool = False, incremental: bool = True,

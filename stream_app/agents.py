@@ -173,12 +173,6 @@ def history_as_of(history: EventSeq, ts: int) -> EventSeq:
     return history if end == len(history) else history[:end]
 
 
-def history_json(h: EventSeq) -> dict:
-    """The ``EventSeq.pack()`` layout as a JSON object (``EventSeq.unpack(orjson.dumps(d))`` reads it)."""
-    return {"i": h.items, "a": h.actions.tolist(), "t": h.ts.tolist(), "d": h.devices, "l": h.locations,
-            "c": h.categories}
-
-
 def reset_root_log_level(level_name: str) -> None:
     """Undo Faust's root logger at DEBUG when the worker runs with ``-l warn``/``error``/``crit``.
 
@@ -466,7 +460,7 @@ class Pipeline:
                          "gap_s": (req.event_ts - last["event_ts"]) / 1000.0,
                          "item_rank": ranks.get(src.item_id), "action_prob": last["p"][action_i]},
             "history_len": len(req.history),
-            "history_tail": history_json(req.history.tail(OUTCOME_TAIL)),
+            "history_tail": req.history.tail(OUTCOME_TAIL).to_json(),
             "partition": src.partition, "offset": src.offset,
         })
 

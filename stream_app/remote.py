@@ -17,7 +17,8 @@ requests and waits for answers (waiting on a pipe releases the GIL):
 * :func:`serve` is the child's loop: it builds the start-up predictor with
   :func:`stream_app.agents.default_predictor` (the checkpoint, or the baseline with a loud warning),
   then answers requests until the pipe closes (the worker exited: the child exits too).
-* Messages are orjson (no pickle): histories travel as ``EventSeq.pack()`` bytes.
+* Messages are orjson (no pickle): histories travel as ``EventSeq.to_json()`` objects; a model
+  whose ``observe`` is a no-op (``learns = False``, the Transformer) is sent no observations.
 * If the child dies (killed, out of memory), the next call starts a new one with the same settings
   and the checkpoint last loaded, and retries once; its KV cache starts empty.
 
@@ -66,8 +67,7 @@ def serve(conn: Any, settings_payload: dict, path: str | None) -> None:
         conn.send_bytes(orjson.dumps({"ok": False, "error": f"{type(exc).__name__}: {exc}"}))
         return
     models[str(first.version)] = first
-    conn.send_bytes(orjson.dumps({"ok": True, "version": str(first.version),
-                                  "accepts_users": bool(getattr(first, "accepts_users", False))}))
+    conn.send_bytes(orjson.dumps({"ok": True, **_describe(first)}))
     while True:
         try:
             msg = orjson.loads(conn.recv_bytes())
@@ -85,6 +85,12 @@ def serve(conn: Any, settings_payload: dict, path: str | None) -> None:
             return
 
 
+def _describe(predictor: Any) -> dict:
+    """What the worker-side proxy mirrors of a predictor in the child."""
+    return {"version": str(predictor.version), "accepts_users": bool(getattr(predictor, "accepts_users", False)),
+            "learns": bool(getattr(predictor, "learns", True))}
+
+
 def _handle(msg: dict, models: dict[str, Any], settings: Any) -> dict | None:
     from stream_app.agents import build_successor
 
@@ -96,12 +102,12 @@ def _handle(msg: dict, models: dict[str, Any], settings: Any) -> dict | None:
             raise PredictorError(f"inference process has no model {version!r} (has {sorted(models)})")
         for other in [v for v in models if v != version]:  # the swap happened: free the old model
             del models[other]
-        for packed in msg.get("observe", ()):  # best effort, as in-process (Batcher._infer)
+        for seq in msg.get("observe", ()):  # best effort, as in-process (Batcher._infer)
             try:
-                pred.observe(EventSeq.unpack(packed.encode()))
+                pred.observe(EventSeq.from_json(seq))
             except Exception:  # noqa: BLE001 - learning must not fail the batch (nor be retried with it)
                 log.exception("predictor %s observe() failed", version)
-        histories = [EventSeq.unpack(h.encode()) for h in msg["h"]]
+        histories = [EventSeq.from_json(h) for h in msg["h"]]
         if msg.get("users") is not None and getattr(pred, "accepts_users", False):
             out = pred.predict(histories, msg["k"], users=msg["users"])
         else:
@@ -111,8 +117,7 @@ def _handle(msg: dict, models: dict[str, Any], settings: Any) -> dict | None:
         current = models[msg["current"]]
         new = build_successor(current, msg["path"], msg.get("sha256"), settings)
         models[str(new.version)] = new
-        return {"ok": True, "version": str(new.version),
-                "accepts_users": bool(getattr(new, "accepts_users", False))}
+        return {"ok": True, **_describe(new)}
     if op == "close":
         return None
     raise PredictorError(f"unknown inference-process op {op!r}")
@@ -127,7 +132,7 @@ class _Channel:
         self.lock = threading.Lock()
         self.path: str | None = None  # the checkpoint last loaded by a successor (for a respawn)
         self.proc = self.conn = None
-        self.pending_observe: list[str] = []
+        self.pending_observe: list[dict] = []
         self.respawns = 0
 
     def start(self) -> dict:
@@ -192,15 +197,16 @@ class _Channel:
 class RemotePredictor:
     """A :class:`~models.predictor.Predictor` whose model lives in the worker's inference process."""
 
-    def __init__(self, channel: _Channel, version: str, accepts_users: bool) -> None:
+    def __init__(self, channel: _Channel, version: str, accepts_users: bool, learns: bool = True) -> None:
         self._channel, self.version, self.accepts_users = channel, version, accepts_users
+        self.learns = learns  # False: the child's observe is a no-op, so histories are not shipped for it
 
     @classmethod
     def start(cls, settings: Any) -> "RemotePredictor":
         """Spawn the inference process; it loads ``settings.checkpoint`` (or falls back to the baseline)."""
         channel = _Channel(settings)
         hello = channel.start()
-        return cls(channel, hello["version"], hello["accepts_users"])
+        return cls(channel, hello["version"], hello["accepts_users"], hello.get("learns", True))
 
     @property
     def pid(self) -> int | None:
@@ -213,7 +219,7 @@ class RemotePredictor:
         ch = self._channel
         observe, ch.pending_observe = ch.pending_observe, []
         msg = {"op": "predict", "v": self.version, "k": k, "observe": observe,
-               "h": [h.pack().decode() for h in histories], "users": list(users) if users is not None else None}
+               "h": [h.to_json() for h in histories], "users": list(users) if users is not None else None}
         reply = ch.call(msg)  # observations are applied once, even when the batch itself fails
         out = [Prediction(list(p[0]), [(str(i), float(s)) for i, s in p[1]], float(p[2]), p[3] or "")
                for p in reply["p"]]
@@ -223,14 +229,15 @@ class RemotePredictor:
 
     def observe(self, history: EventSeq) -> None:
         """Buffered: sent with the next batch, learned before it is predicted (as in-process)."""
-        self._channel.pending_observe.append(history.pack().decode())
+        if self.learns:
+            self._channel.pending_observe.append(history.to_json())
 
     def successor(self, path: str, sha256: str | None = None) -> "RemotePredictor":
         """Load ``path`` in the inference process next to the current model; served from the first
         batch that this new predictor makes (after ``Batcher.swap``)."""
         reply = self._channel.call({"op": "load", "current": self.version, "path": str(path), "sha256": sha256})
         self._channel.path = str(path)
-        return RemotePredictor(self._channel, reply["version"], reply["accepts_users"])
+        return RemotePredictor(self._channel, reply["version"], reply["accepts_users"], reply.get("learns", True))
 
     def warm_up(self) -> None:
         """The inference process warms each model up when it loads it."""

@@ -203,6 +203,17 @@ def test_real_baseline_through_batcher():
     assert last.top_items[0][0] == "b" and math.isclose(sum(last.action_probs), 1.0)
 
 
+def test_observe_follows_predict_and_is_skipped_for_a_predictor_that_does_not_learn():
+    reqs = [Request(f"u{n}", hist(f"u{n}", 3), n, observe=(n != 2)) for n in range(6)]
+    learner = EchoPredictor()
+    asyncio.run(run_batcher(learner, reqs))
+    assert learner.observed == 5  # every request but the redelivery (observe=False)
+    fixed = EchoPredictor()
+    fixed.learns = False
+    batches, _ = asyncio.run(run_batcher(fixed, reqs))
+    assert fixed.observed == 0 and sum(len(b) for b in batches) == 6
+
+
 def test_check_prediction_rejects_malformed_output():
     with pytest.raises(PredictorError, match="5 entries"):
         check_prediction(Prediction([1.0], [], 1.0), 3)

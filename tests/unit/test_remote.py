@@ -52,9 +52,10 @@ def test_child_process_answers_like_the_in_process_predictor_and_swaps(checkpoin
         users = [f"u{i}" for i in range(len(hs))]
         for a, b in zip(remote.predict(hs, 5, users=users), local1.predict(hs, 5, users=users)):
             _same(a, b)
+        assert not remote.learns  # a fixed checkpoint: its observe is a no-op, so nothing is shipped
         for h in hs:
-            remote.observe(h)  # buffered, sent with the next batch
-        assert len(remote._channel.pending_observe) == len(hs)
+            remote.observe(h)
+        assert remote._channel.pending_observe == []
         nxt = remote.successor(str(v2))
         assert nxt.version == local2.version != remote.version
         for a, b in zip(nxt.predict(hs, 5, users=users), local2.predict(hs, 5, users=users)):
@@ -84,10 +85,17 @@ def test_a_dead_child_is_replaced_on_the_next_call(checkpoints):
         remote.close()
 
 
-def test_bad_checkpoint_in_the_child_falls_back_to_the_baseline(tmp_path):
+def test_bad_checkpoint_in_the_child_falls_back_to_the_baseline_which_learns(tmp_path):
     remote = RemotePredictor.start(Settings(checkpoint=tmp_path / "missing", device="cpu", serve_threads=1))
     try:
-        assert remote.version.startswith("baseline") and not remote.accepts_users
-        assert len(remote.predict(_histories(2), 3)) == 2
+        assert remote.version.startswith("baseline") and not remote.accepts_users and remote.learns
+        probe = EventSeq.from_columns(["a"], ["view"], [1_700_000_000_000])
+        assert "hot" not in [i for i, _ in remote.predict([probe], 3)[0].top_items]
+        for n in range(5):  # buffered, then learned in the child before the next batch is predicted
+            remote.observe(EventSeq.from_columns(["a", "hot"], ["view", "view"],
+                                                 [1_700_000_000_000 + n, 1_700_000_000_001 + n]))
+        assert len(remote._channel.pending_observe) == 5
+        assert remote.predict([probe], 3)[0].top_items[0][0] == "hot"
+        assert remote._channel.pending_observe == []
     finally:
         remote.close()
