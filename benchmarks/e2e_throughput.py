@@ -517,7 +517,7 @@ class Worker:
         spy = shutil.which("py-spy") or os.environ.get("PY_SPY", "")
         if not spy or not Path(spy).exists():
             raise BenchError("--profiler py-spy: py-spy not found on PATH or in $PY_SPY")
-        self.spy = subprocess.Popen([spy, "record", "--pid", str(self.proc.pid), "--threads", "-r", "100",
+        self.spy = subprocess.Popen([spy, "record", "--pid", str(self.proc.pid), "--threads", "--subprocesses", "-r", "100",
                                      "-f", "raw", "-o", str(self.profile) + ".raw"],
                                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
@@ -846,7 +846,7 @@ class Bench:
         max_eps: dict[str, float] = {}
         for tag, label, ckpt in variants:
             self.note_load(f"before {label}")
-            profile = Path(a.profile).absolute() if (a.profile and tag == "base") else None
+            profile = Path(a.profile).absolute() if (a.profile and tag == a.profile_run) else None
             ph = await self.run_pipeline(tag, label + (" [profiled]" if profile else ""), topic, dict(inputs),
                                          checkpoint=ckpt, profile=profile)
             self.phases.append(ph)
@@ -864,8 +864,10 @@ class Bench:
                 rate_users = max(1, round(a.users * m / a.events))
                 rate_evs = rebase_to_now(load_events(a.source, m, rate_users, a.seed + 1))
                 self.note_load(f"before {label} @ {r:.0f}/s")
-                ph = await self.run_pipeline(f"rate-{tag}", label, rtopic, {}, checkpoint=ckpt,
-                                             mode=f"rate {r:.0f}/s", rate=r, rate_events=rate_evs)
+                profile = Path(a.profile).absolute() if (a.profile and f"rate-{tag}" == a.profile_run) else None
+                ph = await self.run_pipeline(f"rate-{tag}", label + (" [profiled]" if profile else ""), rtopic, {},
+                                             checkpoint=ckpt, mode=f"rate {r:.0f}/s", rate=r, rate_events=rate_evs,
+                                             profile=profile)
                 self.phases.append(ph)
                 if not a.skip_passthrough:
                     ptopic = f"{self.run_id}.rate-pt-{tag}.events"
@@ -907,8 +909,12 @@ def spy_summary(raw: Path, header: str, top: int = 40) -> str:
             continue
         n = int(n_s)
         frames = stack.split(";")
+        proc = ""
+        if frames[0].startswith("process ") and len(frames) > 1:  # py-spy --subprocesses
+            proc = ("inference process " if "multiprocessing" in frames[0] else "worker ")
+            frames = frames[1:]
         thread = re.sub(r"^thread \(\d+\): ", "", frames[0]).replace("process ", "")
-        thread = re.sub(r"_\d+$", "", thread)
+        thread = proc + re.sub(r"_\d+$", "", thread)
         incl, own, tot = per_thread.setdefault(thread, (Counter(), Counter(), [0]))
         names = [re.sub(r" \((?:.*/)?([^/:]+)(?::\d+)?\)$", r" (\1)", f) for f in frames[1:]]
         for f in set(names):
@@ -1033,7 +1039,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--rate-seconds", type=float, default=30.0)
     p.add_argument("--skip-passthrough", action="store_true")
     p.add_argument("--skip-baseline", action="store_true")
-    p.add_argument("--profile", help="profile the baseline worker into this file (pyinstrument text or py-spy raw)")
+    p.add_argument("--profile", help="profile one worker into this file (pyinstrument text or py-spy raw)")
+    p.add_argument("--profile-run", default="base", choices=("base", "tf", "rate-base", "rate-tf"),
+                   help="which worker --profile samples: the baseline or Transformer pipeline, backlog or rate "
+                        "run (default base); py-spy also samples the worker's inference process")
     p.add_argument("--profiler", choices=("pyinstrument", "py-spy"), default="py-spy",
                    help="py-spy (default; attached at the first prediction, all threads, written as a hot-spot "
                         "summary; binary from PATH or $PY_SPY) or pyinstrument (whole run, main thread, .pyisession)")

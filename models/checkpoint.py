@@ -210,6 +210,8 @@ def load_checkpoint(path: str | Path, device: str = "cpu", expect: dict[str, Any
         raise CheckpointError(f"{path / 'model.safetensors'}: unreadable ({exc})") from None
     model = NextActionModel(mcfg)
     own = model.state_dict()
+    if "item_input" not in state:  # written before untrained items read their bucket: identity
+        state["item_input"] = own["item_input"]
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
     if missing or unexpected:

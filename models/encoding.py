@@ -132,11 +132,15 @@ class ItemVocab:
         return item in self._index
 
     def index(self, item: str) -> int:
-        """Vocabulary index; unknown ids map to ``2 + crc32(id) % n_hash_buckets``."""
+        """Vocabulary index; unknown ids map to their hash bucket (:meth:`bucket`)."""
         idx = self._index.get(item)
         if idx is None:
-            return 2 + stable_hash(item) % self.n_hash_buckets
+            return self.bucket(item)
         return idx
+
+    def bucket(self, item: str) -> int:
+        """The hash-bucket index of ``item`` (known or not): ``2 + crc32(id) % n_hash_buckets``."""
+        return 2 + stable_hash(item) % self.n_hash_buckets
 
     def indices(self, items: Sequence[str]) -> np.ndarray:
         get, first, nb = self._index.get, 2, self.n_hash_buckets

@@ -252,6 +252,13 @@ def train(ds, model_cfg: ModelConfig | None, train_cfg: TrainConfig, out_dir: st
     for seq in train_seqs.values():
         np.add.at(counts, vocab.indices(seq.items), 1.0)
     model.init_item_bias(counts)  # start from the popularity prior
+    cold = np.flatnonzero(counts[vocab.first_item:] == 0)  # known items no training sequence holds
+    model.set_untrained_items(cold + vocab.first_item, [vocab.bucket(vocab.items[k]) for k in cold])
+    trained = np.flatnonzero(counts[vocab.first_item:] > 0) + vocab.first_item
+
+    def fill_unknown_rows() -> None:  # before each save: bucket rows training never touched
+        if cfg.unknown_item_rate == 0:
+            model.set_unknown_item_rows(trained)
     model = model.to(device)
     scorer = TransformerScorer(model, vocab, ds.items, version="training", device=str(device))
     out_dir = Path(out_dir)
@@ -324,6 +331,7 @@ def train(ds, model_cfg: ModelConfig | None, train_cfg: TrainConfig, out_dir: st
                 if score > best["metric"]:
                     best = {"metric": score, "epoch": epoch_global, "metrics": rec["valid"]}
                     bad_evals = 0
+                    fill_unknown_rows()
                     save_checkpoint(out_dir, model, vocab, train_cfg, {
                         "dataset": ds.name, "epoch": epoch_global, "valid": rec["valid"],
                         "valid_protocol": f"full, history {train_cfg.eval_protocol}", "device": str(device),
@@ -346,6 +354,7 @@ def train(ds, model_cfg: ModelConfig | None, train_cfg: TrainConfig, out_dir: st
         if stop_all:
             break
     if best["epoch"] < 0:  # no causal evaluation happened (tiny budget): save what we have
+        fill_unknown_rows()
         save_checkpoint(out_dir, model, vocab, train_cfg, {"dataset": ds.name, "epoch": epoch_global})
     meta_extra = {"best_epoch": best["epoch"], "train_seconds": round(time.perf_counter() - t_start, 1),
                   "epochs_run": sum(1 for h in history if "loss" in h), "peak_rss_mib": _peak_rss_mib(),

@@ -172,3 +172,61 @@ def test_train_calibrates_the_action_head_on_validation_and_serves_it(tmp_path):
                                atol=1e-5)
     with pytest.raises(ConfigError, match="action_bias"):
         dataclasses.replace(cfg, action_bias=(1.0, 2.0))
+
+
+def test_items_never_seen_in_training_read_their_hash_bucket_as_input(tmp_path):
+    """A catalogue item that no training sequence holds has an embedding row trained only as an
+    output negative; as *input* it reads its hash bucket (trained by ``unknown_item_rate``), exactly
+    as an unknown item id does — and the mapping survives the checkpoint round trip."""
+    from models.datasets.core import dataset_from_columns
+    from models.encoding import collate, encode
+    from models.train import train
+
+    rng = np.random.default_rng(0)
+    users, items, ts, acts = [], [], [], []
+    for u in range(60):
+        n = int(rng.integers(5, 10))
+        users += [f"u{u}"] * n
+        items += [f"i{k}" for k in rng.integers(0, 12, n)]
+        ts += list(range(n))
+        acts += list(rng.choice([0, 2], n))  # view, cart
+    users += ["late"] * 3  # "cold" appears only as this user's last (test) event: never trained on
+    items += ["i1", "i2", "cold"]
+    ts += [0, 1, 2]
+    acts += [0] * 3
+    ds = dataset_from_columns("toy", users, items, ts, acts)
+    path, _ = train(ds, ModelConfig(d_model=16, max_len=10, n_hash_buckets=8),
+                    TrainConfig(epochs=1, batch_size=32, progress=False, warmup_steps=2), tmp_path / "ck")
+    ck = load_checkpoint(path)
+    v, model = ck.vocab, ck.model
+    cold, warm = v.index("cold"), v.index("i1")
+    assert int(model.item_input[cold]) == v.bucket("cold") != cold and int(model.item_input[warm]) == warm
+    trained = [v.index(f"i{k}") for k in range(12)]  # unknown_item_rate 0: buckets = mean trained item
+    torch.testing.assert_close(model.item_emb.weight[v.bucket("cold")], model.item_emb.weight[trained].mean(0))
+
+    def out(item):
+        h = EventSeq.from_columns(["i1", "i2", item], ["view"] * 3, [0, 1, 2])
+        with torch.no_grad():
+            return model.score_last(collate([encode(h, v, model.cfg)]))["action_probs"]  # items: + repeat score
+
+    unknown = next(f"new{k}" for k in range(1000) if v.bucket(f"new{k}") == v.bucket("cold"))
+    torch.testing.assert_close(out("cold"), out(unknown))  # same input as an unseen id in its bucket
+    assert not torch.allclose(out("cold"), out("i3"))
+
+
+def test_checkpoint_without_the_input_map_loads_as_identity(ckpt, tmp_path):
+    """Checkpoints written before ``item_input`` existed load with every row reading itself."""
+    from safetensors.torch import load_file, save_file
+
+    from models.checkpoint import content_hash, _sha256
+
+    path, model = ckpt
+    state = load_file(str(path / "model.safetensors"))
+    del state["item_input"]
+    save_file(state, str(path / "model.safetensors"))
+    manifest = json.loads((path / "manifest.json").read_text())
+    manifest["files"]["model.safetensors"] = _sha256(path / "model.safetensors")
+    manifest["content_hash"] = content_hash(manifest["files"])
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    ck = load_checkpoint(path)
+    assert torch.equal(ck.model.item_input, torch.arange(len(VOCAB)))
