@@ -88,6 +88,43 @@ def build_backbone(cfg: ModelConfig) -> nn.Module:
 
 
 @dataclass
+class LastHidden:
+    """What the heads need for the last event of each history: serving runs a batch's prefills and
+    steps first and then all heads in one :meth:`NextActionModel.heads` call, so the catalogue is
+    scored (and its ``[V, d]`` table read from memory) once per batch, not once per model call.
+
+    ``h [B, d]``; ``rep [B, T]`` repeat scores over the history positions and ``hist [B, T]`` the
+    item indices there (``None`` without a repeat head); ``action [B]`` the last event's action.
+    """
+
+    h: torch.Tensor
+    rep: torch.Tensor | None
+    hist: torch.Tensor | None
+    action: torch.Tensor
+
+    def __len__(self) -> int:
+        return int(self.h.shape[0])
+
+    @staticmethod
+    def cat(parts: list["LastHidden"]) -> "LastHidden":
+        """Rows of several parts in order; ``rep``/``hist`` right-padded with 0 / padding (a zero
+        repeat score added onto the padding column, which is never scored)."""
+        if len(parts) == 1:
+            return parts[0]
+        rep = hist = None
+        if parts[0].rep is not None:
+            T = max(p.rep.shape[1] for p in parts)
+            rep = torch.cat([F.pad(p.rep.float(), (0, T - p.rep.shape[1])) for p in parts])
+            hist = torch.cat([F.pad(p.hist, (0, T - p.hist.shape[1]), value=PAD) for p in parts])
+        return LastHidden(torch.cat([p.h for p in parts]), rep, hist, torch.cat([p.action for p in parts]))
+
+    def rows(self, start: int, stop: int) -> "LastHidden":
+        sl = slice(start, stop)
+        return LastHidden(self.h[sl], None if self.rep is None else self.rep[sl],
+                          None if self.hist is None else self.hist[sl], self.action[sl])
+
+
+@dataclass
 class KVState:
     """Per-user incremental state for a batch of users (right-padded along ``T``).
 
@@ -403,6 +440,10 @@ class NextActionModel(nn.Module):
     # ------------------------------------------------------------------------------------------
     # serving
     # ------------------------------------------------------------------------------------------
+    def heads(self, last: LastHidden) -> dict:
+        """The serving outputs (see :meth:`score_last`) for prepared last positions."""
+        return self._heads_last(last.h, last.rep, last.hist, last.action)
+
     def _heads_last(self, h_last: torch.Tensor, rep: torch.Tensor | None, hist: torch.Tensor | None,
                     last_action: torch.Tensor | None = None) -> dict:
         out = {"hidden": h_last, "item_scores": self.item_logits(h_last, rep, hist)}  # (B, V)
@@ -439,8 +480,10 @@ class NextActionModel(nn.Module):
         return self._heads_last(h_last, rep, items if rep is not None else None, batch["action"][ar, last])
 
     @torch.no_grad()
-    def prefill(self, batch: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], KVState]:
-        """:meth:`score_last` plus the :class:`KVState` to continue each user with :meth:`step`."""
+    def prefill(self, batch: dict[str, torch.Tensor], heads: bool = True
+                ) -> tuple[dict[str, torch.Tensor] | LastHidden, KVState]:
+        """:meth:`score_last` plus the :class:`KVState` to continue each user with :meth:`step`
+        (``heads=False``: a :class:`LastHidden` for a later :meth:`heads` call instead of outputs)."""
         items, lengths = batch["item"], batch["lengths"]
         B, T = items.shape
         x = self.embed(batch)
@@ -457,14 +500,15 @@ class NextActionModel(nn.Module):
         keys, values = _cache_tensors(cache)
         valid = torch.arange(T, device=items.device)[None, :] < lengths[:, None]
         state = KVState(keys, values, rep_k, items.masked_fill(~valid, PAD), lengths.clone(), lengths.clone())
-        return self._heads_last(h[ar, last], rep, items if rep is not None else None,
-                                batch["action"][ar, last]), state
+        out = LastHidden(h[ar, last], rep, items if rep is not None else None, batch["action"][ar, last])
+        return (self.heads(out) if heads else out), state
 
     @torch.no_grad()
-    def step(self, tokens: dict[str, torch.Tensor], state: KVState, evict: bool = False
-             ) -> tuple[dict[str, torch.Tensor], KVState]:
+    def step(self, tokens: dict[str, torch.Tensor], state: KVState, evict: bool = False, heads: bool = True
+             ) -> tuple[dict[str, torch.Tensor] | LastHidden, KVState]:
         """Append one new event per user (``tokens``: a collate of :func:`models.encoding.encode_last`
-        outputs, ``[B, 1]``) to ``state``; return the serving outputs for it and the new state.
+        outputs, ``[B, 1]``) to ``state``; return the serving outputs for it (``heads=False``: a
+        :class:`LastHidden`) and the new state.
 
         Raises ``ValueError`` if a user's window is full (``length == max_len``) unless ``evict``.
         """
@@ -521,7 +565,8 @@ class NextActionModel(nn.Module):
             rk = state.rep_k.new_zeros(B, T + 1, 0)
         new_state = KVState(keys, values, rk, items, lengths + 1, positions + 1)
         new_state = _trim(new_state)
-        return self._heads_last(h, rep, items if rep is not None else None, tokens["action"][:, 0]), new_state
+        out = LastHidden(h, rep, items if rep is not None else None, tokens["action"][:, 0])
+        return (self.heads(out) if heads else out), new_state
 
 
 def _inputs(batch: dict[str, torch.Tensor], max_len: int) -> tuple[dict[str, torch.Tensor], int]:

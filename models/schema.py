@@ -93,8 +93,8 @@ class EventSeq:
         pos = bisect_right(self.ts.tolist(), int(ts)) if len(self) and ts < self.ts[-1] else len(self)
         return EventSeq(
             self.items[:pos] + [item] + self.items[pos:],
-            np.insert(self.actions, pos, a).astype(np.uint8),
-            np.insert(self.ts, pos, int(ts)).astype(np.int64),
+            np.concatenate((self.actions[:pos], np.array([a], np.uint8), self.actions[pos:])),  # np.insert: ~5x slower
+            np.concatenate((self.ts[:pos], np.array([int(ts)], np.int64), self.ts[pos:])),
             self.devices[:pos] + [device] + self.devices[pos:],
             self.locations[:pos] + [location] + self.locations[pos:],
             self.categories[:pos] + [category] + self.categories[pos:],

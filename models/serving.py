@@ -75,7 +75,7 @@ import torch.nn.functional as F
 from torch.nn.utils.rnn import pad_sequence
 
 from models.encoding import ItemVocab, collate, encode, encode_last
-from models.model import KVState, NextActionModel
+from models.model import KVState, LastHidden, NextActionModel
 from models.predictor import Prediction, Predictor
 from models.schema import EventSeq
 from stream_app.errors import CheckpointError, ConfigError
@@ -386,6 +386,9 @@ class TransformerPredictor:
                 round_of[cur_keys[j]] = r
             rounds[r].append(j)
         out: list[Prediction | None] = [None] * n
+        # every model call of the batch first (a round's steps depend on the previous round's
+        # states), then the heads once for all of them: one pass over the item table per batch
+        pending: list[tuple[list[int], LastHidden, bool]] = []  # (rows, last positions, incremental)
         with torch.inference_mode(), self._autocast():
             for members in rounds:
                 if not members:
@@ -399,9 +402,15 @@ class TransformerPredictor:
                     else:
                         prefills.append(j)
                 if steps:
-                    self._run_steps(steps, histories, prev_keys, cur_keys, users, k, out)
+                    self._run_steps(steps, histories, prev_keys, cur_keys, users, pending)
                 if prefills:
-                    self._run_prefills(prefills, histories, cur_keys, users, k, out)
+                    self._run_prefills(prefills, histories, cur_keys, users, pending)
+            rows = [j for r, _, _ in pending for j in r]
+            incremental = [inc for r, _, inc in pending for _ in r]
+            last = LastHidden.cat([p for _, p, _ in pending])
+            for s in range(0, len(rows), self.max_rows):  # bounded [rows, V] score matrices
+                self._emit(self.model.heads(last.rows(s, s + self.max_rows)), rows[s: s + self.max_rows], k, out,
+                           incremental[s: s + self.max_rows])
         return out  # type: ignore[return-value]
 
     def predict_full(self, histories: Sequence[EventSeq], k: int) -> list[Prediction]:
@@ -421,7 +430,7 @@ class TransformerPredictor:
                     o = self._score_last(batch)
                     self.stats["full"] += len(chunk)
                     self.stats["model_calls"] += 1
-                    self._emit(o, chunk, k, out, incremental=False)
+                    self._emit(o, chunk, k, out, [False] * len(chunk))
         return out  # type: ignore[return-value]
 
     # ------------------------------------------------------------------ cache management
@@ -488,7 +497,7 @@ class TransformerPredictor:
         # exact mode: a full window can never be stepped (the next event re-prefills) — don't store it
         return n_tokens >= 1 and (self.overflow == "evict" or n_tokens < self.cfg.max_len)
 
-    def _run_prefills(self, rows: list[int], histories, cur_keys, users, k: int, out: list) -> None:
+    def _run_prefills(self, rows: list[int], histories, cur_keys, users, pending: list) -> None:
         enc = [encode(histories[j], self.vocab, self.cfg) for j in rows]
         lens = [len(e["item"]) for e in enc]
         for T, idx in self._group_by_bucket(lens):
@@ -498,14 +507,14 @@ class TransformerPredictor:
                 batch = collate([enc[i] for i in part], pad_to=T)  # (B, T) per feature; lengths (B,)
                 if bool((batch["lengths"] == 0).any()):  # empty history: one padding token
                     batch["lengths"] = batch["lengths"].clamp(min=1)
-                o, state = self.model.prefill(self._to_device(batch))
+                last, state = self.model.prefill(self._to_device(batch), heads=False)
                 self.stats["prefills"] += len(chunk)
                 self.stats["model_calls"] += 1
-                self._emit(o, chunk, k, out, incremental=False)
+                pending.append((chunk, last, False))
                 self._store(state, chunk, [lens[i] for i in part], None, cur_keys, users, since=0)
 
-    def _run_steps(self, steps: list[tuple[int, CacheEntry]], histories, prev_keys, cur_keys, users, k: int,
-                   out: list) -> None:
+    def _run_steps(self, steps: list[tuple[int, CacheEntry]], histories, prev_keys, cur_keys, users,
+                   pending: list) -> None:
         evict = self.overflow == "evict"
         for T, idx in self._group_by_bucket([e.n for _, e in steps]):
             for s in range(0, len(idx), self.max_rows):
@@ -514,10 +523,10 @@ class TransformerPredictor:
                 entries = [e for _, e in part]
                 state = self._stack(entries, T)
                 tokens = collate([encode_last(histories[j], self.vocab, self.cfg) for j in chunk])  # (B, 1)
-                o, new_state = self.model.step(self._to_device(tokens), state, evict=evict)
+                last, new_state = self.model.step(self._to_device(tokens), state, evict=evict, heads=False)
                 self.stats["steps"] += len(chunk)
                 self.stats["model_calls"] += 1
-                self._emit(o, chunk, k, out, incremental=True)
+                pending.append((chunk, last, True))
                 for j in chunk:
                     self.cache.pop(prev_keys[j])
                 self._store(new_state, chunk, [min(e.n + 1, self.cfg.max_len) for e in entries], entries,
@@ -565,7 +574,8 @@ class TransformerPredictor:
                                users[j] if users is not None else None, m * per_tok)
             self.cache.put(cur_keys[j], entry)
 
-    def _emit(self, o: dict[str, torch.Tensor], rows: list[int], k: int, out: list, incremental: bool) -> None:
+    def _emit(self, o: dict[str, torch.Tensor], rows: list[int], k: int, out: list,
+              incremental: Sequence[bool]) -> None:
         """Device top-K over the known items; copy only K ids/scores, action probs and gap back."""
         first = self.vocab.first_item
         scores = o["item_scores"][:, first:]  # (B, n_known): no padding / mask / hash buckets
@@ -577,13 +587,13 @@ class TransformerPredictor:
         probs /= probs.sum(axis=1, keepdims=True)
         gaps = np.expm1(np.clip(o["gap_log_s"].float().cpu().numpy().astype(np.float64), 0.0, _GAP_LOG_CLIP))
         names = self.vocab.items
-        extra_base = {"model_version": self.version, "incremental": incremental}
         plist, glist = probs.tolist(), gaps.tolist()
         if k_eff > 0:
             ids, vals = top_i.tolist(), top_s.tolist()
         for b, j in enumerate(rows):
             tops = [(names[i], v) for i, v in zip(ids[b], vals[b])] if k_eff > 0 else []
-            out[j] = Prediction(action_probs=plist[b], top_items=tops, next_gap_s=glist[b], extra=dict(extra_base))
+            out[j] = Prediction(action_probs=plist[b], top_items=tops, next_gap_s=glist[b],
+                                extra={"model_version": self.version, "incremental": incremental[b]})
 
 
 # ----------------------------------------------------------------------------------------------

@@ -67,6 +67,10 @@ def serve(conn: Any, settings_payload: dict, path: str | None) -> None:
         conn.send_bytes(orjson.dumps({"ok": False, "error": f"{type(exc).__name__}: {exc}"}))
         return
     models[str(first.version)] = first
+    if settings.gc_freeze:  # as in the worker (agents.freeze_heap): no full collections over torch's heap
+        from stream_app.agents import freeze_heap
+
+        freeze_heap()
     conn.send_bytes(orjson.dumps({"ok": True, **_describe(first)}))
     while True:
         try:
