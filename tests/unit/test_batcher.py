@@ -214,6 +214,24 @@ def test_observe_follows_predict_and_is_skipped_for_a_predictor_that_does_not_le
     assert fixed.observed == 0 and sum(len(b) for b in batches) == 6
 
 
+def test_every_request_is_timed_in_each_stage():
+    from stream_app import metrics
+
+    def count(stage):
+        get = metrics.REGISTRY.get_sample_value
+        return (get("nextaction_stage_latency_seconds_sum", {"stage": stage}) or 0.0,
+                get("nextaction_stage_latency_seconds_count", {"stage": stage}) or 0.0)
+
+    before = {st: count(st) for st in ("queue", "infer", "deliver")}
+    reqs = [Request(f"u{n}", hist(f"u{n}", 2), n) for n in range(7)]
+    asyncio.run(run_batcher(EchoPredictor(delay=0.01), reqs, max_batch=3))
+    for st, (s0, n0) in before.items():
+        s1, n1 = count(st)
+        assert n1 - n0 == 7, st  # one observation per request
+        assert s1 > s0 or st == "deliver", st
+    assert count("infer")[0] - before["infer"][0] >= 7 * 0.01  # each request waited for its batch's 10 ms
+
+
 def test_check_prediction_rejects_malformed_output():
     with pytest.raises(PredictorError, match="5 entries"):
         check_prediction(Prediction([1.0], [], 1.0), 3)
