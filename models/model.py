@@ -102,9 +102,6 @@ class LastHidden:
     hist: torch.Tensor | None
     action: torch.Tensor
 
-    def __len__(self) -> int:
-        return int(self.h.shape[0])
-
     @staticmethod
     def cat(parts: list["LastHidden"]) -> "LastHidden":
         """Rows of several parts in order; ``rep``/``hist`` right-padded with 0 / padding (a zero
