@@ -209,8 +209,12 @@ class RemotePredictor:
     def start(cls, settings: Any) -> "RemotePredictor":
         """Spawn the inference process; it loads ``settings.checkpoint`` (or falls back to the baseline)."""
         channel = _Channel(settings)
-        hello = channel.start()
-        return cls(channel, hello["version"], hello["accepts_users"], hello.get("learns", True))
+        return cls._described(channel, channel.start())
+
+    @classmethod
+    def _described(cls, channel: _Channel, reply: dict) -> "RemotePredictor":
+        """The proxy for the model the child described in ``reply`` (see :func:`_describe`)."""
+        return cls(channel, reply["version"], reply["accepts_users"], reply["learns"])
 
     @property
     def pid(self) -> int | None:
@@ -241,7 +245,7 @@ class RemotePredictor:
         batch that this new predictor makes (after ``Batcher.swap``)."""
         reply = self._channel.call({"op": "load", "current": self.version, "path": str(path), "sha256": sha256})
         self._channel.path = str(path)
-        return RemotePredictor(self._channel, reply["version"], reply["accepts_users"], reply.get("learns", True))
+        return self._described(self._channel, reply)
 
     def warm_up(self) -> None:
         """The inference process warms each model up when it loads it."""
