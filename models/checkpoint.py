@@ -212,6 +212,15 @@ def load_checkpoint(path: str | Path, device: str = "cpu", expect: dict[str, Any
     own = model.state_dict()
     if "item_input" not in state:  # written before untrained items read their bucket: identity
         state["item_input"] = own["item_input"]
+    for name in ("trans_ptr", "trans_idx", "trans_val"):  # the transition table: its size is the data's
+        if name not in state:  # written before models had one: no table
+            state[name] = own[name]
+        own[name] = state[name]
+    ptr, idx, val = state["trans_ptr"], state["trans_idx"], state["trans_val"]
+    if ptr.numel() and (ptr.numel() != mcfg.n_items + 1 or idx.numel() != val.numel()
+                        or int(ptr[-1]) != idx.numel() or (idx.numel() and int(idx.max()) >= mcfg.n_items)):
+        raise CheckpointError(f"{path / 'model.safetensors'}: transition table does not fit n_items="
+                              f"{mcfg.n_items} (ptr {tuple(ptr.shape)}, idx {tuple(idx.shape)}, val {tuple(val.shape)})")
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
     if missing or unexpected:
@@ -221,6 +230,8 @@ def load_checkpoint(path: str | Path, device: str = "cpu", expect: dict[str, Any
         if tuple(state[k].shape) != tuple(v.shape):
             raise CheckpointError(f"{path / 'model.safetensors'}: tensor {k!r} has shape {tuple(state[k].shape)}, "
                                   f"config.json implies {tuple(v.shape)}")
+    for name in ("trans_ptr", "trans_idx", "trans_val"):  # resize the empty buffers before loading
+        setattr(model, name, torch.empty_like(state[name]))
     model.load_state_dict(state, strict=True)
     model.to(torch.device(device)).eval()
     return Checkpoint(model, vocab, mcfg, tcfg, config.get("metadata") or {}, digest, path)

@@ -133,6 +133,10 @@ class ModelConfig(_JsonMixin):
     # --- action calibration (fitted on validation after training: models/calibration.py) ---------
     action_temperature: float = 1.0  # served action probabilities = softmax(T * logits + bias)
     action_bias: tuple[float, ...] = ()  # () = none, else one bias per action
+    # --- item transitions (models/transitions.py; table counted and weight fitted after training) -
+    transition_top: int = 100  # successors kept per item (0 = no table)
+    transition_feature: str = "log"  # log = log1p(count), prob = count / row total (fitted choice)
+    transition_weight: float = 0.0  # item score += weight * feature(last item -> item); 0 = off
 
     def __post_init__(self) -> None:
         self.validate()
@@ -171,6 +175,12 @@ class ModelConfig(_JsonMixin):
         _check(isinstance(self.action_bias, tuple) and len(self.action_bias) in (0, N_ACTIONS)
                and all(isinstance(b, (int, float)) and math.isfinite(b) for b in self.action_bias),
                "action_bias", self.action_bias, f"must be () or {N_ACTIONS} finite numbers")
+        _int("transition_top", self.transition_top, 0)
+        _check(self.transition_feature in ("log", "prob"), "transition_feature", self.transition_feature,
+               "must be 'log' or 'prob'")
+        _num("transition_weight", self.transition_weight)
+        _check(math.isfinite(self.transition_weight) and self.transition_weight >= 0, "transition_weight",
+               self.transition_weight, "must be finite and >= 0")
 
     @property
     def head_dim(self) -> int:

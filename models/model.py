@@ -8,7 +8,10 @@ built from a config (never downloaded) and fed ``inputs_embeds``. Heads, on ever
 * next item: ``h_t · E_item`` (the item table is tied to the input) + a per-item bias + a **repeat
   score** added to the items of the user's own history: ``q(h_t) · k(h_j) / sqrt(d) + recency(t - j)``
   summed over ``j <= t`` with item ``i_j`` — so the model can learn to favour (or suppress) repeat
-  consumption, which first-order Markov / recent-items baselines exploit. Trained with full-softmax
+  consumption, which first-order Markov / recent-items baselines exploit; and, when the checkpoint
+  has one, a **transition score** ``w * f(count(last item -> j))`` from a sparse item-to-item table
+  counted on the training sequences (:mod:`models.transitions`; ``w`` fitted on validation after
+  training, not trained by gradient) — what sparse logs' rare items cannot memorise. Trained with full-softmax
   cross-entropy (SASRec+/gSASRec), or a sampled softmax over ``n_negatives`` uniform negatives shared
   by the batch (huge catalogues, and the CPU recipe: the catalogue softmax dominates a CPU step).
 * next action: 5-way softmax.  * time to next event: regression on ``log1p(seconds)`` (Huber).
@@ -94,13 +97,15 @@ class LastHidden:
     scored (and its ``[V, d]`` table read from memory) once per batch, not once per model call.
 
     ``h [B, d]``; ``rep [B, T]`` repeat scores over the history positions and ``hist [B, T]`` the
-    item indices there (``None`` without a repeat head); ``action [B]`` the last event's action.
+    item indices there (``None`` without a repeat head); ``action [B]`` the last event's action and
+    ``item [B]`` its vocabulary index (for the transition table).
     """
 
     h: torch.Tensor
     rep: torch.Tensor | None
     hist: torch.Tensor | None
     action: torch.Tensor
+    item: torch.Tensor
 
     @staticmethod
     def cat(parts: list["LastHidden"]) -> "LastHidden":
@@ -113,12 +118,13 @@ class LastHidden:
             T = max(p.rep.shape[1] for p in parts)
             rep = torch.cat([F.pad(p.rep.float(), (0, T - p.rep.shape[1])) for p in parts])
             hist = torch.cat([F.pad(p.hist, (0, T - p.hist.shape[1]), value=PAD) for p in parts])
-        return LastHidden(torch.cat([p.h for p in parts]), rep, hist, torch.cat([p.action for p in parts]))
+        return LastHidden(torch.cat([p.h for p in parts]), rep, hist, torch.cat([p.action for p in parts]),
+                          torch.cat([p.item for p in parts]))
 
     def rows(self, start: int, stop: int) -> "LastHidden":
         sl = slice(start, stop)
         return LastHidden(self.h[sl], None if self.rep is None else self.rep[sl],
-                          None if self.hist is None else self.hist[sl], self.action[sl])
+                          None if self.hist is None else self.hist[sl], self.action[sl], self.item[sl])
 
 
 @dataclass
@@ -199,6 +205,11 @@ class NextActionModel(nn.Module):
         # never occurred in training its hash bucket (its own row was only ever trained as an output
         # negative, and as input it made the heads extrapolate wildly). Saved with the weights.
         self.register_buffer("item_input", torch.arange(cfg.n_items), persistent=True)
+        # item-to-item transition table (models/transitions.py), CSR over vocabulary indices; empty
+        # until training fits it (set_transitions). Scored with weight cfg.transition_weight.
+        self.register_buffer("trans_ptr", torch.zeros(0, dtype=torch.long), persistent=True)
+        self.register_buffer("trans_idx", torch.zeros(0, dtype=torch.int32), persistent=True)
+        self.register_buffer("trans_val", torch.zeros(0), persistent=True)
         sizes = {"action": N_ACTIONS + 1, "gap": cfg.n_gap_buckets, "hour": 25, "dow": 8,
                  "device": cfg.n_device_buckets, "location": cfg.n_location_buckets}
         self.feat_emb = nn.ModuleDict({f: nn.Embedding(n, d, padding_idx=0) for f, n in sizes.items()
@@ -272,6 +283,41 @@ class NextActionModel(nn.Module):
         if idx.numel():
             self.item_emb.weight[_N_SPECIAL:self.first_item] = self.item_emb.weight[idx].mean(0)
 
+    @torch.no_grad()
+    def set_transitions(self, table) -> None:
+        """Install a :class:`~models.transitions.Transitions` table (None: remove it). Its values are
+        scored as they are (build them with ``with_feature``), times ``cfg.transition_weight``."""
+        dev = self.item_emb.weight.device
+        if table is None:
+            ptr, idx, val = torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.int32), torch.zeros(0)
+        else:
+            if table.n_items != self.cfg.n_items:
+                from stream_app.errors import ConfigError
+
+                raise ConfigError("transitions", table.n_items, f"table has {table.n_items} rows, the model "
+                                                                f"n_items={self.cfg.n_items}")
+            ptr, idx, val = (torch.as_tensor(table.ptr, dtype=torch.long), torch.as_tensor(table.idx, dtype=torch.int32),
+                             torch.as_tensor(table.val, dtype=torch.float32))
+        self.trans_ptr, self.trans_idx, self.trans_val = ptr.to(dev), idx.to(dev), val.to(dev)
+
+    @property
+    def uses_transitions(self) -> bool:
+        return self.cfg.transition_weight != 0.0 and self.trans_ptr.numel() == self.cfg.n_items + 1
+
+    def _add_transitions(self, logits: torch.Tensor, last_item: torch.Tensor) -> None:
+        """``logits[b, j] += w * val(last_item[b] -> j)`` for the successors ``j`` in the table."""
+        ptr = self.trans_ptr
+        start = ptr[last_item]  # (N,)
+        n = ptr[last_item + 1] - start  # (N,) successors per row
+        total = int(n.sum())
+        if total == 0:
+            return
+        rows = torch.repeat_interleave(torch.arange(len(n), device=n.device), n, output_size=total)  # (total,)
+        first = torch.repeat_interleave(n.cumsum(0) - n, n, output_size=total)
+        pos = start[rows] + torch.arange(total, device=n.device) - first
+        vals = self.trans_val[pos].to(logits.dtype) * self.cfg.transition_weight
+        logits.index_put_((rows, self.trans_idx[pos].long()), vals, accumulate=True)
+
     def embed(self, batch: dict[str, torch.Tensor], items: torch.Tensor | None = None) -> torch.Tensor:
         """Token embeddings ``[B, T, d]`` (``items`` overrides ``batch['item']``, e.g. masked)."""
         idx = self.item_input[batch["item"] if items is None else items]  # (B, T)
@@ -317,13 +363,16 @@ class NextActionModel(nn.Module):
         return r.masked_fill(~keep, 0.0)
 
     def item_logits(self, h: torch.Tensor, rep: torch.Tensor | None = None,
-                    hist_items: torch.Tensor | None = None) -> torch.Tensor:
+                    hist_items: torch.Tensor | None = None, last_item: torch.Tensor | None = None) -> torch.Tensor:
         """Scores over the whole vocabulary ``[N, V]`` for hidden states ``h [N, d]``; ``rep [N, T]``
-        and ``hist_items [N, T]`` add the repeat scores onto the history items. Padding and mask
-        rows are ``-inf``."""
+        and ``hist_items [N, T]`` add the repeat scores onto the history items, ``last_item [N]`` the
+        transition scores of its successors (when the model has a table). Padding and mask rows are
+        ``-inf``."""
         logits = torch.addmm(self.item_bias, h, self.item_emb.weight.T)  # (N, V)
         if rep is not None:
             logits.scatter_add_(1, hist_items, rep.to(logits.dtype))
+        if last_item is not None and self.uses_transitions:
+            self._add_transitions(logits, last_item)
         logits[:, :_N_SPECIAL] = float("-inf")
         return logits
 
@@ -439,11 +488,11 @@ class NextActionModel(nn.Module):
     # ------------------------------------------------------------------------------------------
     def heads(self, last: LastHidden) -> dict:
         """The serving outputs (see :meth:`score_last`) for prepared last positions."""
-        return self._heads_last(last.h, last.rep, last.hist, last.action)
+        return self._heads_last(last.h, last.rep, last.hist, last.action, last.item)
 
     def _heads_last(self, h_last: torch.Tensor, rep: torch.Tensor | None, hist: torch.Tensor | None,
-                    last_action: torch.Tensor | None = None) -> dict:
-        out = {"hidden": h_last, "item_scores": self.item_logits(h_last, rep, hist)}  # (B, V)
+                    last_action: torch.Tensor | None = None, last_item: torch.Tensor | None = None) -> dict:
+        out = {"hidden": h_last, "item_scores": self.item_logits(h_last, rep, hist, last_item)}  # (B, V)
         if self.action_head is not None:
             logits = self.action_head(h_last).float()  # (B, 5)
             if self.action_prior is not None and last_action is not None:
@@ -474,7 +523,8 @@ class NextActionModel(nn.Module):
         rep = None
         if self.cfg.repeat_head:
             rep = self._repeat_scores(h, lengths)[ar, last]  # (B, T)
-        return self._heads_last(h_last, rep, items if rep is not None else None, batch["action"][ar, last])
+        return self._heads_last(h_last, rep, items if rep is not None else None, batch["action"][ar, last],
+                                items[ar, last])
 
     @torch.no_grad()
     def prefill(self, batch: dict[str, torch.Tensor], heads: bool = True
@@ -497,7 +547,8 @@ class NextActionModel(nn.Module):
         keys, values = _cache_tensors(cache)
         valid = torch.arange(T, device=items.device)[None, :] < lengths[:, None]
         state = KVState(keys, values, rep_k, items.masked_fill(~valid, PAD), lengths.clone(), lengths.clone())
-        out = LastHidden(h[ar, last], rep, items if rep is not None else None, batch["action"][ar, last])
+        out = LastHidden(h[ar, last], rep, items if rep is not None else None, batch["action"][ar, last],
+                         items[ar, last])
         return (self.heads(out) if heads else out), state
 
     @torch.no_grad()
@@ -562,7 +613,7 @@ class NextActionModel(nn.Module):
             rk = state.rep_k.new_zeros(B, T + 1, 0)
         new_state = KVState(keys, values, rk, items, lengths + 1, positions + 1)
         new_state = _trim(new_state)
-        out = LastHidden(h, rep, items if rep is not None else None, tokens["action"][:, 0])
+        out = LastHidden(h, rep, items if rep is not None else None, tokens["action"][:, 0], tokens["item"][:, 0])
         return (self.heads(out) if heads else out), new_state
 
 

@@ -367,6 +367,11 @@ def train(ds, model_cfg: ModelConfig | None, train_cfg: TrainConfig, out_dir: st
             meta_extra["action_calibration"] = calibrate_actions(ck, ds, valid, str(device))
             if train_cfg.progress:
                 tqdm.write(f"action calibration: {meta_extra['action_calibration']}")
+        if cfg.transition_top > 0:
+            meta_extra["transitions"] = fit_transitions(
+                ck, ds, valid, train_seqs, training_sequences(split, set()), mask_history, str(device))
+            if train_cfg.progress:
+                tqdm.write(f"transitions: {meta_extra['transitions']}")
         if eval_test and split.test:
             s2 = TransformerScorer(ck.model, ck.vocab, ds.items, version=ck.version, device=str(device))
             res = evaluate_cases(s2, ds, list(split.test), mask_history)
@@ -402,6 +407,81 @@ def calibrate_actions(ck, ds, cases, device: str = "cpu", min_cases: int = 50) -
     return {"temperature": round(temperature, 4), "bias": list(bias), "n_cases": int(len(y)),
             "valid_log_loss_before": round(log_loss(y, probs), 4),
             "valid_log_loss_after": round(log_loss(y, apply_action_calibration(probs, temperature, bias)), 4)}
+
+
+#: Transition weights tried on validation (0 = no table is always a candidate).
+TRANSITION_WEIGHTS = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0)
+
+
+def fit_transitions(ck, ds, cases, fit_seqs: dict[str, EventSeq], final_seqs: dict[str, EventSeq],
+                    mask_history: bool, device: str = "cpu", weights=TRANSITION_WEIGHTS) -> dict[str, Any]:
+    """Give the loaded checkpoint ``ck`` its item-transition table (:mod:`models.transitions`).
+
+    The table is counted on ``fit_seqs`` (what the model trained on, so the validation ``cases``'
+    targets are unseen), and the feature (``log``/``prob``) and weight that maximise validation
+    NDCG@10 are chosen, weight 0 (no table) included; ties keep the smaller weight. The table is then
+    re-counted on ``final_seqs`` (every event but the test targets: the statistics the Markov baseline
+    is fitted on) and set on ``ck.model`` with the chosen feature and weight in its config (the
+    caller saves). The model's own scores are computed once; each candidate adds the table's rows.
+    """
+    import dataclasses
+
+    import scipy.sparse as sp
+
+    from models.scorer import TransformerScorer
+    from models.transitions import FEATURES, count_transitions
+
+    cfg = ck.model.cfg
+    if cfg.transition_top == 0:
+        return {"skipped": "transition_top = 0"}
+    if not cases:
+        return {"skipped": "no validation cases"}
+    vocab = ck.vocab
+
+    def table(seqs):
+        return count_transitions((vocab.indices(s.items) for s in seqs.values()), cfg.n_items, cfg.transition_top,
+                                 vocab.first_item)
+
+    ck.model.cfg = dataclasses.replace(cfg, transition_weight=0.0)
+    ck.model.set_transitions(None)
+    scorer = TransformerScorer(ck.model, vocab, ds.items, version=ck.version, device=device)
+    hists = [c.history for c in cases]
+    base = scorer.score_items(hists)  # (cases, dataset items): the model without a table
+    last = np.array([vocab.indices(h.items[-1:])[0] if len(h) else 0 for h in hists], np.int64)
+    cols = scorer._cols
+
+    row_of = {id(h): i for i, h in enumerate(hists)}
+
+    class _Plus:  # the model's scores + weight * the table's rows of each case's last item
+        def __init__(self, extra):
+            self.extra = extra  # sparse [cases, items] or None
+
+        def score_items(self, hs):
+            ix = [row_of[id(h)] for h in hs]
+            return base[ix] if self.extra is None else base[ix] + self.extra[ix].toarray()
+
+    def ndcg(extra) -> float:
+        return float(evaluate_cases(_Plus(extra), ds, cases, mask_history)["NDCG@10"])
+
+    counts = table(fit_seqs)
+    before = ndcg(None)
+    best = (before, cfg.transition_feature, 0.0)
+    tried = {}
+    for feat in FEATURES:
+        t = counts.with_feature(feat)
+        rows = sp.csr_matrix((t.val, t.idx, t.ptr), shape=(cfg.n_items, cfg.n_items))[last][:, cols].tocsr()
+        for w in weights:
+            m = ndcg(w * rows)
+            tried[f"{feat}:{w:g}"] = round(m, 4)
+            if m > best[0] + 1e-9:
+                best = (m, feat, float(w))
+    _, feat, w = best
+    final = table(final_seqs)
+    ck.model.cfg = dataclasses.replace(cfg, transition_feature=feat, transition_weight=w)
+    ck.model.set_transitions(final.with_feature(feat) if w > 0 else None)
+    return {"feature": feat, "weight": w, "valid_ndcg10_before": round(before, 4),
+            "valid_ndcg10_after": round(best[0], 4), "n_cases": len(cases), "nnz": final.nnz if w > 0 else 0,
+            "tried": tried}
 
 
 def _peak_rss_mib() -> float | None:

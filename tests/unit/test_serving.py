@@ -116,6 +116,31 @@ def test_incremental_equals_full_over_interleaved_stream(ckpt):
     assert info["entries"] <= len(users)  # one entry per user
 
 
+def test_incremental_equals_full_with_a_transition_table(tmp_path):
+    """The transition scores of the last item are added on the step, prefill and full paths alike."""
+    from models.transitions import count_transitions
+
+    model = _model(3, transition_weight=1.5)
+    rng = np.random.default_rng(3)
+    seqs = [rng.integers(VOCAB.first_item, len(VOCAB), 20) for _ in range(40)]
+    model.set_transitions(count_transitions(seqs, len(VOCAB), top=6, first_item=VOCAB.first_item).with_feature("prob"))
+    p = TransformerPredictor.from_checkpoint(save_checkpoint(tmp_path / "ck", model, VOCAB), device="cpu",
+                                             num_threads=1)
+    assert p.model.uses_transitions
+    hist = {u: EventSeq.empty() for u in ("a", "b", "c")}
+    ts, k = T0, 6
+    for _ in range(12):
+        batch, ids = [], []
+        for u in rng.permutation(list(hist))[: int(rng.integers(1, 4))]:
+            ts += 60_000
+            e = _event(rng, ts)
+            hist[u] = hist[u].appended(e["item"], e["action"], e["ts"], e["device"], e["location"])
+            batch.append(hist[u])
+            ids.append(str(u))
+        _assert_matches(p.model, batch, p.predict(batch, k, users=ids), k)
+    assert p.stats["steps"] > 5 and p.stats["prefills"] >= 3
+
+
 def test_out_of_order_event_forces_rebuild(ckpt):
     p = TransformerPredictor.from_checkpoint(ckpt, device="cpu", num_threads=1)
     rng = np.random.default_rng(1)
