@@ -2,7 +2,9 @@
 
 Writes the section "## Quality" of ``benchmarks/RESULTS.md`` (other sections are left alone):
 one row per (dataset, protocol, metric) with the Transformer ("ours"), every baseline and the
-published figure for that protocol.
+published figure for that protocol. When the checkpoint has an item-transition table
+(``models/transitions.py``), the column "ours w/o transitions" scores the same checkpoint without
+it; the row "NDCG@10 ours better/worse, sign test" compares ours case by case with every column.
 
     .venv/bin/python -m benchmarks.quality                      # all datasets
     .venv/bin/python -m benchmarks.quality --datasets ml-100k taobao --max-cases 2000
@@ -23,6 +25,7 @@ from pathlib import Path
 from models.baselines import make_baseline
 from models.datasets import datasets_root, fit_sequences, leave_one_out, load, yoochoose_split
 from models.evaluate import evaluate
+from models.metrics import paired_sign_test
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "RESULTS.md"
@@ -47,6 +50,13 @@ CROSSCHECK = {
     ("ml-100k", "markov"): (0.1113, 0.0583), ("taobao", "popularity"): (0.0025, 0.0009),
     ("taobao", "item_knn"): (0.0883, 0.0504),
 }
+
+
+#: Column of the checkpoint scored without its item-transition table (models/transitions.py).
+NO_TRANSITIONS = "ours w/o transitions"
+#: Row comparing ours case by case with each column: cases where ours has the higher NDCG@10 / the
+#: lower one, and the two-sided exact sign test p-value (models.metrics.paired_sign_test).
+PAIRED = "NDCG@10 ours better/worse, sign test"
 
 
 def _train_child(name: str, root, model_overrides: dict, train_overrides: dict, out: str) -> None:
@@ -137,20 +147,34 @@ def run_dataset(name: str, args) -> list[dict]:
     scorers = {b: make_baseline(b, ds, fit) for b in baselines if b in args.baselines or not args.baselines}
     ours = _transformer(name, ds, sp, args)
     if ours is not None:
-        scorers = {"ours": ours, **scorers}
+        plain = {}
+        if ours.model.uses_transitions:  # the ablation: the same checkpoint without its transition table
+            import dataclasses
+
+            from models.scorer import TransformerScorer
+
+            bare = TransformerScorer.from_checkpoint(Path(args.checkpoints) / name, ds, device="cpu")
+            bare.model.cfg = dataclasses.replace(bare.model.cfg, transition_weight=0.0)
+            plain = {NO_TRANSITIONS: bare}
+        scorers = {"ours": ours, **plain, **scorers}
     rows = []
     info = _training_row(name, ours, Path(args.checkpoints or ".") / name)
     if info is not None:
         rows.append({"training": info})
     for key, protocol, masked in protos:
-        res = {n: evaluate(s, ds, cases, protocol=protocol, mask_history=masked, seed=0, beyond_accuracy=False)
-               for n, s in scorers.items()}
+        res = {n: evaluate(s, ds, cases, protocol=protocol, mask_history=masked, seed=0, beyond_accuracy=False,
+                           return_ranks=True) for n, s in scorers.items()}
         extra = ("action/log_loss", "purchase_session_auc") if key == "full/allowed" and ds.has_actions else ()
         for m in metrics + extra:
             pub = PUBLISHED.get((name, key), {}).get(m)
             rows.append({"dataset": name, "protocol": key, "metric": m, "n": len(cases),
                          "values": {n: r.get(m) for n, r in res.items()},
                          "published": f"{pub[0]:.4f} ({pub[1]})" if pub else ""})
+        if "ours" in res:  # case by case: is the difference to each other scorer more than chance?
+            paired = {n: "{}/{} p={:.2g}".format(*paired_sign_test(res["ours"]["ranks"], r["ranks"]))
+                      for n, r in res.items() if n != "ours"}
+            rows.append({"dataset": name, "protocol": key, "metric": PAIRED, "n": len(cases), "values": paired,
+                         "published": ""})
         print(f"  {name} {key}: done ({time.perf_counter() - t0:.0f} s)", file=sys.stderr)
     return rows
 
@@ -172,7 +196,8 @@ def render(rows: list[dict], seconds: float) -> str:
            "|---|---|---|---:|---:|" + "---:|" * len(cols) + "---|"]
     for r in rows:
         v = r["values"]
-        cell = [f"{v[c]:.4f}" if isinstance(v.get(c), float) else "" for c in cols]
+        cell = [f"{v[c]:.4f}" if isinstance(v.get(c), float) else v[c] if isinstance(v.get(c), str) else ""
+                for c in cols]
         ours = f"{v['ours']:.4f}" if isinstance(v.get("ours"), float) else "—"
         out.append(f"| {r['dataset']} | {r['protocol']} | {r['metric']} | {r['n']} | {ours} | "
                    + " | ".join(cell) + f" | {r['published']} |")

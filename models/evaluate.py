@@ -85,10 +85,11 @@ def evaluate(scorer, ds: Dataset, cases: Sequence[Case], *, protocol: str = "ful
              ks: Sequence[int] = (5, 10, 20), seed: int = 0, batch_size: int = 256, ties: str = "popularity",
              popularity: np.ndarray | dict | None = None, n_negatives: int = 100, negatives: str = "uniform",
              mask_target: bool = True, session_gap_s: float = 1800.0, beyond_accuracy: bool = True,
-             progress: bool = False) -> dict:
+             progress: bool = False, return_ranks: bool = False) -> dict:
     """Score ``cases`` with ``scorer`` and compute the metrics (see the module doc).
 
     ``beyond_accuracy=False`` skips coverage / novelty (the top-10 extraction), for speed.
+    ``return_ranks=True`` adds ``ranks``: each case's 0-based target rank (for paired tests).
     """
     if protocol not in ("full", "sampled100"):
         raise ConfigError("protocol", protocol, "must be 'full' or 'sampled100'")
@@ -220,6 +221,8 @@ def evaluate(scorer, ds: Dataset, cases: Sequence[Case], *, protocol: str = "ful
         gt, gp = np.concatenate(gap_true), np.concatenate(gap_pred)
         ok = np.isfinite(gt)
         out["gap/log_mae"] = M.log_mae(gt[ok], gp[ok])
+    if return_ranks:
+        out["ranks"] = ranks
     out["seconds"] = time.perf_counter() - t0
     return out
 

@@ -124,6 +124,28 @@ def ndcg(ranks: np.ndarray, k: int) -> float:
     return float(np.mean(np.where(ranks < k, 1.0 / np.log2(ranks + 2.0), 0.0)))
 
 
+def paired_sign_test(ranks_a: np.ndarray, ranks_b: np.ndarray, k: int = 10) -> tuple[int, int, float]:
+    """Case by case NDCG@k of two scorers on the same cases: ``(a better, b better, p)`` with ``p``
+    the two-sided exact sign test (binomial, ties dropped) of "neither is better".
+
+    >>> w, l, p = paired_sign_test(np.array([0, 0, 0, 0, 0, 0, 5]), np.array([3, 3, 3, 3, 3, 3, 0]))
+    >>> w, l, round(p, 6)
+    (6, 1, 0.125)
+    >>> paired_sign_test(np.array([0, 20]), np.array([0, 30]))  # equal gains: no evidence either way
+    (0, 0, 1.0)
+    """
+    from scipy.stats import binomtest
+
+    def gain(r):
+        r = np.asarray(r, np.float64)
+        return np.where(r < k, 1.0 / np.log2(r + 2.0), 0.0)
+
+    ga, gb = gain(ranks_a), gain(ranks_b)
+    wins, losses = int((ga > gb).sum()), int((ga < gb).sum())
+    p = float(binomtest(wins, wins + losses, 0.5).pvalue) if wins + losses else 1.0
+    return wins, losses, p
+
+
 def mrr(ranks: np.ndarray, k: int | None = None) -> float:
     """Mean reciprocal rank ``1 / (rank + 1)``; with ``k``, ranks >= k count 0 (MRR@k).
 
