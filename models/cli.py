@@ -7,6 +7,7 @@ Examples::
     nextaction train --dataset beauty --out runs/beauty --budget-min 10
     nextaction train --dataset csv:events.csv --out runs/mine --device cuda --epochs 50
     nextaction evaluate --checkpoint runs/beauty --dataset beauty --mask-history
+    nextaction fit-transitions --dataset beauty --checkpoint runs/beauty
 """
 
 from __future__ import annotations
@@ -44,6 +45,8 @@ def train(
         help="Comma-separated token features (default: all the dataset supports): "
              "item,action,gap,hour,dow,device,location")] = None,
     repeat_head: Annotated[bool, typer.Option("--repeat-head/--no-repeat-head")] = True,
+    transitions: Annotated[int, typer.Option(help="Item-transition table: successors kept per item, weight "
+                                                  "fitted on validation after training (0 = no table).")] = 100,
     negatives: Annotated[int, typer.Option(help="0 = full softmax; >0 = sampled softmax with this many "
                                                 "shared negatives (2048 is the CPU recipe).")] = 0,
     eval_protocol: Annotated[str, typer.Option(help="Validation ranking: 'masked' (history items removed) "
@@ -69,7 +72,7 @@ def train(
         feats = tuple(f.strip() for f in features.split(",") if f.strip()) if features else FEATURES
         mcfg = ModelConfig(d_model=d_model, n_layers=layers, n_heads=heads, max_len=max_len, dropout=dropout,
                            backbone=backbone, objective=objective, features=feats, repeat_head=repeat_head,
-                           n_negatives=negatives)
+                           n_negatives=negatives, transition_top=transitions)
     tcfg = TrainConfig(lr=lr, warmup_steps=warmup_steps, weight_decay=weight_decay, epochs=epochs,
                        batch_size=batch_size, patience=patience, seed=seed, device=device, budget_min=budget_min,
                        num_threads=threads, eval_protocol=eval_protocol, max_eval_users=max_eval_users,
@@ -116,3 +119,26 @@ def evaluate(
     typer.echo(format_table(res))
     if json_out is not None:
         json_out.write_text(json.dumps(res, indent=2, default=str))
+
+
+def fit_transitions(
+    dataset: Annotated[str, typer.Option(help="Dataset name (as for train).")],
+    checkpoint: Annotated[Path, typer.Option(help="Checkpoint directory (updated in place, atomically).")],
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "cpu",
+) -> None:
+    """Count a trained checkpoint's item-transition table on the dataset and fit its weight on the
+    validation cases its training used (models/transitions.py), then save it in place."""
+    from models.config import resolve_device
+    from models.train import refit_transitions
+
+    split = None
+    if dataset == "yoochoose":
+        from models.datasets import yoochoose_split
+
+        ds, split = yoochoose_split()
+    else:
+        from models.datasets import load
+
+        ds = load(dataset)
+    res = refit_transitions(ds, checkpoint, split=split, device=resolve_device(device))
+    typer.echo(json.dumps({k: v for k, v in res.items() if k != "tried"}))

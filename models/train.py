@@ -206,6 +206,39 @@ def _lr_lambda(state: dict):
     return f
 
 
+def validation_and_training(split, train_cfg: TrainConfig):
+    """``(split, validation cases, training sequences)`` as :func:`train` uses them: a held-out
+    validation part for splits without one, ``max_eval_users`` seeded validation cases, and what
+    the model trains on (:func:`training_sequences`)."""
+    if not split.valid:
+        split = holdout_validation(split, train_cfg.max_eval_users or 1000, train_cfg.seed)
+    valid = list(split.valid)
+    if train_cfg.max_eval_users and len(valid) > train_cfg.max_eval_users:
+        pick = np.sort(np.random.default_rng(train_cfg.seed).choice(len(valid), train_cfg.max_eval_users, False))
+        valid = [valid[i] for i in pick]
+    train_seqs = training_sequences(split, {c.user for c in valid}) if train_cfg.fit_unvalidated else split.train
+    return split, valid, train_seqs
+
+
+def refit_transitions(ds, checkpoint: str | Path, *, split=None, device: str = "cpu") -> dict[str, Any]:
+    """Count and fit the transition table of an already trained checkpoint (:func:`fit_transitions`)
+    on ``ds`` with the validation cases its training used (its saved train config), and save it in
+    place. For checkpoints trained before the table existed, or to refresh the table on new data."""
+    from models.checkpoint import load_checkpoint
+
+    ck = load_checkpoint(checkpoint, device=device)
+    tcfg = ck.train_config or TrainConfig()
+    if split is None:
+        from models.datasets import leave_one_out
+
+        split = leave_one_out(ds)
+    split, valid, train_seqs = validation_and_training(split, tcfg)
+    res = fit_transitions(ck, ds, valid, train_seqs, training_sequences(split, set()),
+                          tcfg.eval_protocol == "masked", device)
+    _update_metadata(Path(checkpoint), ck, {"transitions": res}, tcfg)
+    return res
+
+
 def train(ds, model_cfg: ModelConfig | None, train_cfg: TrainConfig, out_dir: str | Path, *, split=None,
           eval_test: bool = True) -> tuple[Path, list[dict[str, Any]]]:
     """Train on ``ds`` (leave-one-out split unless ``split`` is given) and checkpoint the best
@@ -232,13 +265,7 @@ def train(ds, model_cfg: ModelConfig | None, train_cfg: TrainConfig, out_dir: st
         split = leave_one_out(ds)
     cfg, vocab = model_config_for(ds, model_cfg)
     stride = train_cfg.window_stride or cfg.max_len
-    if not split.valid:
-        split = holdout_validation(split, train_cfg.max_eval_users or 1000, train_cfg.seed)
-    valid = list(split.valid)
-    if train_cfg.max_eval_users and len(valid) > train_cfg.max_eval_users:
-        pick = np.sort(np.random.default_rng(train_cfg.seed).choice(len(valid), train_cfg.max_eval_users, False))
-        valid = [valid[i] for i in pick]
-    train_seqs = training_sequences(split, {c.user for c in valid}) if train_cfg.fit_unvalidated else split.train
+    split, valid, train_seqs = validation_and_training(split, train_cfg)
     examples = build_examples(train_seqs, vocab, cfg, stride)
     packed = pack_examples(examples) if examples else {}
     if not examples:
@@ -467,14 +494,21 @@ def fit_transitions(ck, ds, cases, fit_seqs: dict[str, EventSeq], final_seqs: di
     before = ndcg(None)
     best = (before, cfg.transition_feature, 0.0)
     tried = {}
+    rows = {}
     for feat in FEATURES:
         t = counts.with_feature(feat)
-        rows = sp.csr_matrix((t.val, t.idx, t.ptr), shape=(cfg.n_items, cfg.n_items))[last][:, cols].tocsr()
+        rows[feat] = sp.csr_matrix((t.val, t.idx, t.ptr), shape=(cfg.n_items, cfg.n_items))[last][:, cols].tocsr()
         for w in weights:
-            m = ndcg(w * rows)
+            m = ndcg(w * rows[feat])
             tried[f"{feat}:{w:g}"] = round(m, 4)
             if m > best[0] + 1e-9:
                 best = (m, feat, float(w))
+    while weights and best[2] >= max(weights) and best[2] < 1e4:  # best at the grid's edge: go further
+        m = ndcg(2 * best[2] * rows[best[1]])
+        tried[f"{best[1]}:{2 * best[2]:g}"] = round(m, 4)
+        if m <= best[0] + 1e-9:
+            break
+        best = (m, best[1], 2 * best[2])
     _, feat, w = best
     final = table(final_seqs)
     ck.model.cfg = dataclasses.replace(cfg, transition_feature=feat, transition_weight=w)

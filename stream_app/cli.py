@@ -4,7 +4,7 @@
 ``nextaction worker``                        ``faust -A stream_app.app:app worker`` with the configured web bind/port
 ``nextaction replay taobao|csv|synthetic``   produce events into the events topic
 ``nextaction tail TOPIC``                    pretty-print the JSON records of a topic
-``nextaction train|evaluate``                offline model commands (from ``models/cli.py``)
+``nextaction train|evaluate|fit-transitions`` offline model commands (from ``models/cli.py``)
 ``nextaction demo``                          broker, worker, synthetic events, predictions on screen
 
 Settings come from ``NEXTACTION_*`` environment variables (:mod:`stream_app.settings`). Heavy
@@ -522,6 +522,12 @@ def evaluate_cmd(ctx: typer.Context) -> None:
     _forward_to_models("evaluate", list(ctx.args))
 
 
+@app.command("fit-transitions", context_settings=_FORWARD, add_help_option=False)
+def fit_transitions_cmd(ctx: typer.Context) -> None:
+    """Count and fit a checkpoint's item-transition table (options: nextaction fit-transitions --help)."""
+    _forward_to_models("fit_transitions", list(ctx.args))
+
+
 def _models_function(name: str):
     """``models.cli.<name>``; a missing module is a clear error, a broken one shows its traceback."""
     try:
@@ -549,7 +555,7 @@ def _forward_to_models(name: str, args: list[str]) -> None:
         sub.command(name=name)(fn)
         command = typer.main.get_command(sub)
         try:
-            command.main(args=args, prog_name=f"nextaction {name}", standalone_mode=False)
+            command.main(args=args, prog_name=f"nextaction {name.replace('_', '-')}", standalone_mode=False)
         except Exception as exc:
             import click
 

@@ -107,12 +107,9 @@ def test_checkpoint_round_trip_and_a_table_that_does_not_fit(tmp_path):
     assert not old.model.uses_transitions and old.model.trans_ptr.numel() == 0
 
 
-def test_training_fits_the_weight_on_validation_and_serves_the_table(tmp_path):
-    """Users walk a fixed item chain (each item has one successor): a barely trained model ranks
-    poorly, the table knows every transition, so validation picks a weight > 0 and the saved model
-    serves exactly its scores plus the table."""
+def _chain_dataset():
+    """Users walk a fixed item chain: every item has exactly one successor."""
     from models.datasets.core import dataset_from_columns
-    from models.train import train
 
     rng = np.random.default_rng(0)
     n_items = 60
@@ -122,8 +119,15 @@ def test_training_fits_the_weight_on_validation_and_serves_the_table(tmp_path):
         users += [f"u{u}"] * n
         items += [f"i{(start + 7 * k) % n_items}" for k in range(n)]
         ts += list(range(n))
-    ds = dataset_from_columns("chain", users, items, ts)
-    path, _ = train(ds, ModelConfig(d_model=8, max_len=8, n_negatives=0),
+    return dataset_from_columns("chain", users, items, ts)
+
+
+def test_training_fits_the_weight_on_validation_and_serves_the_table(tmp_path):
+    """On the chain a barely trained model ranks poorly while the table knows every transition,
+    so validation picks a weight > 0 and the saved model serves its table."""
+    from models.train import train
+
+    path, _ = train(_chain_dataset(), ModelConfig(d_model=8, max_len=8, n_negatives=0),
                     TrainConfig(epochs=1, batch_size=64, progress=False, warmup_steps=1, lr=1e-4), tmp_path / "ck")
     ck = load_checkpoint(path)
     fit = ck.metadata["transitions"]
@@ -132,3 +136,26 @@ def test_training_fits_the_weight_on_validation_and_serves_the_table(tmp_path):
     assert fit["nnz"] == ck.model.trans_idx.numel() > 0
     test = ck.metadata["test"]["NDCG@10"]
     assert test > 0.5  # the test targets follow the chain too
+
+
+def test_refit_gives_an_untabled_checkpoint_its_table(tmp_path, monkeypatch):
+    """A checkpoint trained without a table (``transition_top = 0``) gets one, fitted on the
+    validation cases its training used, from ``nextaction fit-transitions`` (refit_transitions)."""
+    from typer.testing import CliRunner
+
+    from models.train import train
+    from stream_app.cli import app
+
+    ds = _chain_dataset()
+    path, _ = train(ds, ModelConfig(d_model=8, max_len=8, transition_top=0),
+                    TrainConfig(epochs=1, batch_size=64, progress=False, warmup_steps=1, lr=1e-4), tmp_path / "ck")
+    before = load_checkpoint(path)
+    assert "transitions" not in before.metadata and not before.model.uses_transitions
+    before.model.cfg = dataclasses.replace(before.model.cfg, transition_top=100)  # what a refit may keep
+    save_checkpoint(path, before.model, before.vocab, before.train_config, before.metadata)
+    monkeypatch.setattr("models.datasets.load", lambda name, *a, **k: ds)  # the CLI's dataset by name
+    res = CliRunner().invoke(app, ["fit-transitions", "--dataset", "chain", "--checkpoint", str(path)])
+    assert res.exit_code == 0, res.output
+    after = load_checkpoint(path)
+    assert after.model.uses_transitions and after.metadata["transitions"]["weight"] > 0
+    assert after.version != before.version and after.metadata["best_epoch"] == before.metadata["best_epoch"]
