@@ -954,8 +954,8 @@ def report(bench: Bench, command: str) -> str:
     lines = [
         f"**End-to-end throughput** (`benchmarks/e2e_throughput.py`), {dt.datetime.now().astimezone():%Y-%m-%d %H:%M %Z}",
         "",
-        f"- machine: {machine()}; the broker (JVM), the worker and this script share these cores"
-        + (" with other users' jobs" if os.cpu_count() and os.cpu_count() <= 4 else ""),
+        f"- machine: {machine()}; the broker (JVM), the worker and this script share these cores (and with "
+        "anything else running on the box: see the load average)",
         "- load average (1/5/15 min): " + "; ".join(f"{w}: {l}" for w, l in bench.loads),
         f"- data: {bench.n_inputs:,} {a.source} events"
         + (f" ({a.users:,} users, seed {a.seed})" if a.source == "synthetic" else "")

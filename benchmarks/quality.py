@@ -120,6 +120,10 @@ def _training_row(name: str, scorer, ck_dir: Path) -> dict | None:
     cal = meta.get("action_calibration") or {}
     if "temperature" in cal:
         config += f"; action calibration T={cal['temperature']}"
+    tr = meta.get("transitions") or {}
+    if "weight" in tr:
+        config += (f"; transitions {tr['feature']} x{tr['weight']:g} (valid NDCG@10 {tr['valid_ndcg10_before']} -> "
+                   f"{tr['valid_ndcg10_after']})" if tr["weight"] else "; transitions off (no validation gain)")
     return {"dataset": name, "train_s": meta.get("train_seconds"), "peak_rss_mib": meta.get("peak_rss_mib"),
             "epochs": meta.get("epochs_run"), "best_epoch": meta.get("best_epoch"),
             "valid": (meta.get("valid") or {}).get("NDCG@10"), "device": meta.get("device", "cpu"),
