@@ -17,6 +17,7 @@ fitted on train + history (every event but the test targets; see ``models.datase
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -52,6 +53,9 @@ CROSSCHECK = {
 }
 
 
+#: The GRU4Rec-style baseline: a GRU over item embeddings (models.model.GRUBackbone) with the same
+#: softmax loss and training loop as ours; no repeat head, side features or transition table.
+GRU4REC = {"backbone": "gru", "features": ["item"], "repeat_head": False, "transition_top": 0}
 #: Column of the checkpoint scored without its item-transition table (models/transitions.py).
 NO_TRANSITIONS = "ours w/o transitions"
 #: Row comparing ours case by case with each column: cases where ours has the higher NDCG@10 / the
@@ -73,42 +77,56 @@ def _train_child(name: str, root, model_overrides: dict, train_overrides: dict, 
           eval_test=False)
 
 
+def _checkpoint_scorer(name: str, ds, args, ck: Path, model_overrides: dict, budget_min: float, label: str):
+    """The scorer of checkpoint ``ck`` if it exists, else trained there (``model_overrides``,
+    ``--train-config``, ``budget_min``, ``--threads``) when ``--train`` is given, else None."""
+    try:
+        from models.scorer import TransformerScorer
+    except ImportError as e:
+        print(f"  ({label} skipped: {e})", file=sys.stderr)
+        return None
+    if not ck.exists() and args.train:
+        import multiprocessing as mp
+
+        tkw = {"budget_min": budget_min, "num_threads": args.threads, "progress": False,
+               **json.loads(args.train_config or "{}")}
+        proc = mp.get_context("spawn").Process(target=_train_child, args=(name, args.root, model_overrides, tkw,
+                                                                          str(ck)))
+        proc.start()
+        proc.join()
+        if proc.exitcode != 0:
+            print(f"  (training {label} on {name} failed with exit code {proc.exitcode}; skipped)", file=sys.stderr)
+    if not ck.exists():
+        print(f"  (no checkpoint at {ck}; {label} skipped)", file=sys.stderr)
+        return None
+    return TransformerScorer.from_checkpoint(ck, ds, device="cpu")
+
+
 def _transformer(name, ds, sp, args):
     """The Transformer scorer: ``--checkpoints DIR/<dataset>`` if it exists, else trained there
     (default configs plus ``--model-config``/``--train-config`` overrides, ``--budget-min``,
     ``--threads``) when ``--train`` is given, else None (baselines only)."""
     if not args.checkpoints:
         return None
-    try:
-        from models.scorer import TransformerScorer
-    except ImportError as e:
-        print(f"  (Transformer skipped: {e})", file=sys.stderr)
-        return None
-    ck = Path(args.checkpoints) / name
-    if not ck.exists() and args.train:
-        import json
-        import multiprocessing as mp
+    return _checkpoint_scorer(name, ds, args, Path(args.checkpoints) / name, json.loads(args.model_config or "{}"),
+                              args.budget_min, "Transformer")
 
-        tkw = {"budget_min": args.budget_min, "num_threads": args.threads, "progress": False,
-               **json.loads(args.train_config or "{}")}
-        proc = mp.get_context("spawn").Process(target=_train_child, args=(
-            name, args.root, json.loads(args.model_config or "{}"), tkw, str(ck)))
-        proc.start()
-        proc.join()
-        if proc.exitcode != 0:
-            print(f"  (training {name} failed with exit code {proc.exitcode}; Transformer skipped)", file=sys.stderr)
-    if not Path(ck).exists():
-        print(f"  (no checkpoint at {ck}; Transformer skipped)", file=sys.stderr)
+
+def _gru4rec(name, ds, args):
+    """The GRU4Rec-style baseline (``--gru``): ``DIR/<dataset>.gru4rec``, trained like ours with the
+    :data:`GRU4REC` model (the dataset's ``n_negatives``/``max_len``/``dropout`` kept) and
+    ``--gru-budget-min``."""
+    if not (args.checkpoints and args.gru):
         return None
-    return TransformerScorer.from_checkpoint(ck, ds, device="cpu")
+    keep = {k: v for k, v in json.loads(args.model_config or "{}").items() if k in ("n_negatives", "max_len", "dropout")}
+    return _checkpoint_scorer(name, ds, args, Path(args.checkpoints) / f"{name}.gru4rec", {**keep, **GRU4REC},
+                              args.gru_budget_min, "GRU4Rec")
 
 
 def _training_row(name: str, scorer, ck_dir: Path) -> dict | None:
     """What the checkpoint says about its training run (time, memory, epochs, config)."""
     if scorer is None:
         return None
-    import json
-
     meta, cfg = scorer.metadata, scorer.cfg
     tc = json.loads((ck_dir / "config.json").read_text()).get("train") or {}
     softmax = f"sampled softmax {cfg.n_negatives} neg" if cfg.n_negatives else "full softmax"
@@ -161,8 +179,15 @@ def run_dataset(name: str, args) -> list[dict]:
             bare.model.cfg = dataclasses.replace(bare.model.cfg, transition_weight=0.0)
             plain = {NO_TRANSITIONS: bare}
         scorers = {"ours": ours, **plain, **scorers}
+    gru = _gru4rec(name, ds, args)
+    if gru is not None:
+        scorers = {**{k: v for k, v in scorers.items() if k in ("ours", NO_TRANSITIONS)}, "gru4rec": gru,
+                   **{k: v for k, v in scorers.items() if k not in ("ours", NO_TRANSITIONS)}}
     rows = []
     info = _training_row(name, ours, Path(args.checkpoints or ".") / name)
+    if info is not None:
+        rows.append({"training": info})
+    info = _training_row(f"{name} (gru4rec)", gru, Path(args.checkpoints or ".") / f"{name}.gru4rec")
     if info is not None:
         rows.append({"training": info})
     for key, protocol, masked in protos:
@@ -256,6 +281,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model-config", default='{"n_negatives": 2048}',
                     help="JSON ModelConfig overrides (default: the CPU recipe, sampled softmax with 2048 negatives)")
     ap.add_argument("--train-config", default=None, help="JSON TrainConfig overrides, e.g. '{\"lr\": 0.002}'")
+    ap.add_argument("--gru", action="store_true",
+                    help="add the GRU4Rec-style baseline (DIR/<dataset>.gru4rec; trained when missing with --train)")
+    ap.add_argument("--gru-budget-min", type=float, default=5.0, help="its training budget per dataset (minutes)")
     ap.add_argument("--dry-run", action="store_true", help="print the table, do not write RESULTS.md")
     args = ap.parse_args(argv)
     if not datasets_root(args.root).is_dir():

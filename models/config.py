@@ -35,7 +35,7 @@ from stream_app.errors import ConfigError
 
 N_ACTIONS = len(ACTIONS)
 
-BACKBONES = ("llama", "gpt2", "bert")
+BACKBONES = ("llama", "gpt2", "bert", "gru")  # gru: the GRU4Rec-style baseline (models.model.GRUBackbone)
 OBJECTIVES = ("causal", "masked_then_causal")
 DEVICES = ("auto", "cpu", "cuda")
 #: Token features :func:`models.encoding.encode` can produce (``item`` is always on).
@@ -157,6 +157,8 @@ class ModelConfig(_JsonMixin):
         _check(0.0 <= self.dropout < 1.0, "dropout", self.dropout, "must be in [0, 1)")
         _check(self.backbone in BACKBONES, "backbone", self.backbone, f"must be one of {BACKBONES}")
         _check(self.objective in OBJECTIVES, "objective", self.objective, f"must be one of {OBJECTIVES}")
+        _check(self.backbone != "gru" or self.objective == "causal", "objective", self.objective,
+               "the gru backbone is causal only (masked pretraining needs a Transformer backbone)")
         _check(isinstance(self.features, tuple) and all(f in FEATURES for f in self.features), "features",
                self.features, f"must be a subset of {FEATURES}")
         _check("item" in self.features, "features", self.features, "must include 'item'")

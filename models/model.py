@@ -54,9 +54,40 @@ class _DropFirst(nn.Module):
         return self.drop(self.inner(*args, **kwargs))
 
 
+@dataclass
+class _BackboneOutput:
+    last_hidden_state: torch.Tensor
+    past_key_values: None = None
+
+
+class GRUBackbone(nn.Module):
+    """A GRU4Rec-style recurrent backbone with the `transformers` call shape (``inputs_embeds`` in,
+    ``last_hidden_state`` out): the second neural baseline, trained and served by the same code as
+    the Transformer. Causal by construction (right padding never reaches a valid position); it has
+    no attention cache, so serving recomputes the window (``TransformerPredictor`` turns its KV cache
+    off) and the masked objective, which needs bidirectional context, is not available."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.gru = nn.GRU(cfg.d_model, cfg.d_model, num_layers=cfg.n_layers, batch_first=True,
+                          dropout=cfg.dropout if cfg.n_layers > 1 else 0.0)
+        self.norm = nn.LayerNorm(cfg.d_model)
+
+    def forward(self, inputs_embeds: torch.Tensor, attention_mask=None, past_key_values=None, use_cache: bool = False,
+                **_: object) -> _BackboneOutput:
+        if past_key_values is not None or use_cache:
+            raise ValueError("the gru backbone has no attention cache: serve it with full recomputation")
+        if attention_mask is not None and attention_mask.dim() == 4:
+            raise ValueError("the gru backbone is causal only: the masked objective needs a Transformer backbone")
+        h, _ = self.gru(inputs_embeds)  # (B, T, d)
+        return _BackboneOutput(self.norm(h))
+
+
 def build_backbone(cfg: ModelConfig) -> nn.Module:
-    """A freshly initialised `transformers` backbone for ``cfg`` (no hub access)."""
+    """A freshly initialised `transformers` backbone for ``cfg`` (no hub access), or the GRU baseline."""
     d, ff = cfg.d_model, cfg.ffn_mult * cfg.d_model
+    if cfg.backbone == "gru":
+        return GRUBackbone(cfg)
     if cfg.backbone == "llama":
         from transformers import LlamaConfig, LlamaModel
 

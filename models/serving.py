@@ -293,7 +293,9 @@ class TransformerPredictor:
         self.model = model.to(self.device).eval()
         self.vocab, self.cfg, self.version = vocab, cfg, str(version)
         self.path = Path(path) if path is not None else None
-        self.incremental, self.overflow, self.refresh_every = bool(incremental), overflow, refresh_every
+        # the gru baseline has no attention cache to keep: it is served by full recomputation
+        self.incremental = bool(incremental) and cfg.backbone != "gru"
+        self.overflow, self.refresh_every = overflow, refresh_every
         self.max_rounds = max_rounds
         self.buckets = tuple(sorted(buckets)) if buckets else length_buckets(cfg.max_len)
         if self.buckets[-1] < cfg.max_len:

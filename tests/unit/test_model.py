@@ -36,7 +36,7 @@ def _batch(cfg, seqs, max_len=None):
     return collate([encode(s, VOCAB, cfg, max_len=max_len) for s in seqs])
 
 
-@pytest.mark.parametrize("backbone", ["llama", "gpt2", "bert"])
+@pytest.mark.parametrize("backbone", ["llama", "gpt2", "bert", "gru"])
 def test_shapes_and_loss(backbone):
     torch.manual_seed(0)
     cfg = _cfg(backbone=backbone)
@@ -48,8 +48,12 @@ def test_shapes_and_loss(backbone):
     assert out["gap_pred"].shape == (3, cfg.max_len)
     assert int(out["n_targets"]) == 8 + 2 + 0 and loss.ndim == 0 and torch.isfinite(loss)
     loss.backward()
-    _, mloss = m(b, objective="masked")
-    assert torch.isfinite(mloss)
+    if backbone == "gru":  # causal only: masked pretraining needs bidirectional attention
+        with pytest.raises(ValueError, match="causal only"):
+            m(b, objective="masked")
+    else:
+        _, mloss = m(b, objective="masked")
+        assert torch.isfinite(mloss)
     m.eval()
     s = m.score_last(_batch(cfg, [_seq(5, 4), _seq(2, 5)]))
     assert s["item_scores"].shape == (2, len(VOCAB)) and s["action_probs"].shape == (2, 5)
@@ -58,7 +62,7 @@ def test_shapes_and_loss(backbone):
     assert torch.isinf(s["item_scores"][:, :2]).all()  # padding and mask are never predicted
 
 
-@pytest.mark.parametrize("backbone", ["llama", "gpt2", "bert"])
+@pytest.mark.parametrize("backbone", ["llama", "gpt2", "bert", "gru"])
 def test_causality(backbone):
     """Changing a future event never changes an earlier position's output (all heads)."""
     torch.manual_seed(0)
@@ -79,9 +83,31 @@ def test_causality(backbone):
         p1 = m.score_last(_batch(cfg, [s[:5]]))
         p2 = m.score_last(_batch(cfg, [changed[:5]]))
         torch.testing.assert_close(p1["item_scores"], p2["item_scores"])
+        if backbone == "gru":
+            return
         # the masked objective's bidirectional pass does see the future
         hb1, hb2 = m.hidden(b1, bidirectional=True), m.hidden(b2, bidirectional=True)
         assert not torch.allclose(hb1[:, :5], hb2[:, :5])
+
+
+def test_gru_baseline_is_served_by_full_recomputation():
+    """The GRU4Rec-style baseline runs through the same predictor, with the KV cache off; the config
+    refuses it the masked objective."""
+    from models.serving import TransformerPredictor
+    from stream_app.errors import ConfigError
+
+    torch.manual_seed(0)
+    m = NextActionModel(_cfg(backbone="gru")).eval()
+    p = TransformerPredictor(m, VOCAB, version="gru", device="cpu", num_threads=1)
+    assert not p.incremental and not p.cache.enabled
+    hist = [_seq(6, 1), _seq(2, 2)]
+    preds = p.predict(hist, k=3, users=["a", "b"])
+    with torch.no_grad():
+        ref = m.score_last(_batch(m.cfg, hist))["item_scores"][:, VOCAB.first_item:]
+    assert [[i for i, _ in pr.top_items] for pr in preds] == [[VOCAB.items[int(j)] for j in row]
+                                                              for row in ref.topk(3).indices]
+    with pytest.raises(ConfigError, match="causal only"):
+        _cfg(backbone="gru", objective="masked_then_causal")
 
 
 def test_padding_does_not_change_outputs():
