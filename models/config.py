@@ -204,7 +204,9 @@ class TrainConfig(_JsonMixin):
     epochs: int = 200
     pretrain_epochs: int = 0  # masked_then_causal: epochs of masked pretraining (0 = 25% of epochs)
     batch_size: int = 256
-    patience: int = 5  # evaluations without validation NDCG@10 improvement before stopping
+    # evaluations without validation NDCG@10 improvement before stopping; a plateau while the lr is
+    # still >= 25 % of its peak first decays the lr to 0 over `patience` more epochs (models/train.py)
+    patience: int = 5
     eval_every: int = 1  # epochs between validation passes
     seed: int = 42
     device: str = "auto"

@@ -230,3 +230,20 @@ def test_checkpoint_without_the_input_map_loads_as_identity(ckpt, tmp_path):
     (path / "manifest.json").write_text(json.dumps(manifest))
     ck = load_checkpoint(path)
     assert torch.equal(ck.model.item_input, torch.arange(len(VOCAB)))
+
+
+def test_a_plateau_at_a_high_lr_anneals_before_stopping(tmp_path, monkeypatch):
+    """Validation that never improves: after ``patience`` flat evaluations with the lr still high
+    the schedule decays to 0 over ``patience`` more epochs, and only then does training stop."""
+    import models.train as mt
+    from models.datasets import load
+
+    monkeypatch.setattr(mt, "evaluate_cases", lambda *a, **k: {"NDCG@10": 0.1, "HR@10": 0.2})
+    ds = load("synthetic", n_users=40, n_items=20, min_len=6, max_len=12)
+    _, hist = mt.train(ds, ModelConfig(d_model=8, max_len=10, transition_top=0),
+                       TrainConfig(epochs=50, patience=2, batch_size=32, progress=False, warmup_steps=1),
+                       tmp_path / "ck")
+    causal = [h for h in hist if h["phase"] == "causal"]
+    assert len(causal) == 1 + 2 + 2  # best, two flat evaluations, the anneal's two epochs
+    assert "anneal_from_lr" in causal[2] and causal[2]["anneal_from_lr"] > 0.9 * TrainConfig().lr
+    assert causal[-1]["lr"] == pytest.approx(0.0, abs=1e-9)
