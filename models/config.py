@@ -112,6 +112,11 @@ class ModelConfig(_JsonMixin):
     # a random bucket, so the buckets learn "an unseen item" (measured on Taobao: 0.01 / 0.05 / 0.15
     # all gave lower validation NDCG@10 than 0, 0.0767-0.0774 vs 0.0793; benchmarks/RESULTS.md)
     unknown_item_rate: float = 0.0
+    # tie every item to a learned embedding of its catalogue category (hashed into n_category_buckets),
+    # added to its own row as input and as output: rare items share what their category learned
+    item_categories: bool = False
+    item_categories_input: bool = True  # ... also on the input tokens (False: scored rows only)
+    n_category_buckets: int = 1024
     n_gap_buckets: int = 32  # log2-scale buckets of the gap to the previous event
     n_device_buckets: int = 64
     n_location_buckets: int = 1024

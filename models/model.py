@@ -236,6 +236,10 @@ class NextActionModel(nn.Module):
         # never occurred in training its hash bucket (its own row was only ever trained as an output
         # negative, and as input it made the heads extrapolate wildly). Saved with the weights.
         self.register_buffer("item_input", torch.arange(cfg.n_items), persistent=True)
+        # cfg.item_categories: each vocabulary index's category bucket (0 = none), set by training
+        self.cat_emb = nn.Embedding(cfg.n_category_buckets + 1, d, padding_idx=0) if cfg.item_categories else None
+        self.register_buffer("item_category", torch.zeros(cfg.n_items if cfg.item_categories else 0,
+                                                          dtype=torch.long), persistent=True)
         # item-to-item transition table (models/transitions.py), CSR over vocabulary indices; empty
         # until training fits it (set_transitions). Scored with weight cfg.transition_weight.
         self.register_buffer("trans_ptr", torch.zeros(0, dtype=torch.long), persistent=True)
@@ -315,6 +319,19 @@ class NextActionModel(nn.Module):
             self.item_emb.weight[_N_SPECIAL:self.first_item] = self.item_emb.weight[idx].mean(0)
 
     @torch.no_grad()
+    def set_item_categories(self, buckets) -> None:
+        """Set each vocabulary index's category bucket (``[n_items]``, 0 = no category)."""
+        self.item_category.copy_(torch.as_tensor(buckets, dtype=torch.long, device=self.item_category.device))
+
+    def item_vectors(self, idx: torch.Tensor | None = None) -> torch.Tensor:
+        """Item rows as scored and as read: the item's own embedding (+ its category's, with
+        ``item_categories``); all ``[V, d]`` rows, or those at ``idx``."""
+        w = self.item_emb.weight if idx is None else self.item_emb(idx)
+        if self.cat_emb is not None:
+            w = w + self.cat_emb(self.item_category if idx is None else self.item_category[idx])
+        return w
+
+    @torch.no_grad()
     def set_transitions(self, table) -> None:
         """Install a :class:`~models.transitions.Transitions` table (None: remove it). Its values are
         scored as they are (build them with ``with_feature``), times ``cfg.transition_weight``."""
@@ -356,6 +373,8 @@ class NextActionModel(nn.Module):
             drop = (idx >= self.first_item) & (torch.rand(idx.shape, device=idx.device) < self.cfg.unknown_item_rate)
             idx = torch.where(drop, torch.randint_like(idx, _N_SPECIAL, self.first_item), idx)
         x = self.item_emb(idx)  # (B, T, d)
+        if self.cat_emb is not None and self.cfg.item_categories_input:  # the item's own category
+            x = x + self.cat_emb(self.item_category[batch["item"] if items is None else items])
         for f, emb in self.feat_emb.items():
             x = x + emb(batch[f])
         return self.emb_drop(self.emb_norm(x))
@@ -399,7 +418,7 @@ class NextActionModel(nn.Module):
         and ``hist_items [N, T]`` add the repeat scores onto the history items, ``last_item [N]`` the
         transition scores of its successors (when the model has a table). Padding and mask rows are
         ``-inf``."""
-        logits = torch.addmm(self.item_bias, h, self.item_emb.weight.T)  # (N, V)
+        logits = torch.addmm(self.item_bias, h, self.item_vectors().T)  # (N, V)
         if rep is not None:
             logits.scatter_add_(1, hist_items, rep.to(logits.dtype))
         if last_item is not None and self.uses_transitions:
@@ -463,7 +482,7 @@ class NextActionModel(nn.Module):
             # softmax over the known-item rows only (targets are always known items: padding, mask
             # and hash-bucket rows are skipped), computed without copying the (N, V) matrix
             first = self.first_item
-            logits = torch.addmm(self.item_bias[first:], h_n, self.item_emb.weight[first:].T)  # (N, n_known)
+            logits = torch.addmm(self.item_bias[first:], h_n, self.item_vectors()[first:].T)  # (N, n_known)
             if rep is not None:
                 known = hist >= first
                 logits.scatter_add_(1, (hist - first).clamp(min=0), rep.masked_fill(~known, 0.0).to(logits.dtype))
@@ -477,8 +496,8 @@ class NextActionModel(nn.Module):
         n_known = cfg.n_items - self.first_item
         K = min(cfg.n_negatives, n_known)
         neg = torch.randperm(n_known, device=h_n.device)[:K] + self.first_item  # (K,)
-        pos = (h_n * self.item_emb(tgt)).sum(-1) + self.item_bias[tgt]  # (N,)
-        negl = torch.addmm(self.item_bias[neg], h_n, self.item_emb(neg).T)  # (N, K)
+        pos = (h_n * self.item_vectors(tgt)).sum(-1) + self.item_bias[tgt]  # (N,)
+        negl = torch.addmm(self.item_bias[neg], h_n, self.item_vectors(neg).T)  # (N, K)
         slot = torch.full((cfg.n_items,), K, dtype=torch.long, device=h_n.device)  # vocab index -> column
         slot[neg] = torch.arange(K, device=h_n.device)
         if rep is not None:

@@ -226,6 +226,33 @@ def _lr_lambda(state: dict):
     return f
 
 
+def item_category_buckets(ds, vocab: ItemVocab, n_buckets: int) -> np.ndarray:
+    """Each vocabulary index's category bucket (``1 + stable_hash(category) % n_buckets``; 0 = none):
+    the category an item is most often logged with in ``ds`` (catalogue metadata, like the item ids).
+
+    >>> from models.datasets.core import dataset_from_columns
+    >>> ds = dataset_from_columns("t", ["u"] * 3, ["a", "b", "a"], [0, 1, 2], categories=["x", "", "x"])
+    >>> b = item_category_buckets(ds, ItemVocab(["a", "b"], n_hash_buckets=2), 8)
+    >>> b[:4].tolist(), bool(b[4] > 0), int(b[5])
+    ([0, 0, 0, 0], True, 0)
+    """
+    from collections import Counter
+
+    from models.encoding import stable_hash
+
+    seen: dict[str, Counter] = {}
+    for seq in ds.sequences.values():
+        for item, cat in zip(seq.items, seq.categories):
+            if cat:
+                seen.setdefault(item, Counter())[cat] += 1
+    out = np.zeros(len(vocab), np.int64)
+    for item, cnt in seen.items():
+        k = vocab.index(item)
+        if k is not None and k >= vocab.first_item:
+            out[k] = 1 + stable_hash(cnt.most_common(1)[0][0]) % n_buckets
+    return out
+
+
 def validation_and_training(split, train_cfg: TrainConfig):
     """``(split, validation cases, training sequences)`` as :func:`train` uses them: a held-out
     validation part for splits without one, ``max_eval_users`` seeded validation cases, and what
@@ -295,6 +322,8 @@ def train(ds, model_cfg: ModelConfig | None, train_cfg: TrainConfig, out_dir: st
     mask_history = train_cfg.eval_protocol == "masked"
 
     model = NextActionModel(cfg)
+    if cfg.item_categories:
+        model.set_item_categories(item_category_buckets(ds, vocab, cfg.n_category_buckets))
     counts = np.zeros(cfg.n_items, np.float64)
     for seq in train_seqs.values():
         np.add.at(counts, vocab.indices(seq.items), 1.0)

@@ -247,3 +247,35 @@ def test_a_plateau_at_a_high_lr_anneals_before_stopping(tmp_path, monkeypatch):
     assert len(causal) == 1 + 2 + 2  # best, two flat evaluations, the anneal's two epochs
     assert "anneal_from_lr" in causal[2] and causal[2]["anneal_from_lr"] > 0.9 * TrainConfig().lr
     assert causal[-1]["lr"] == pytest.approx(0.0, abs=1e-9)
+
+
+def test_item_categories_are_tied_into_the_item_rows_and_saved(tmp_path):
+    """``item_categories``: training sets each item's category bucket from the catalogue, every item
+    row (input and scored) adds its category's embedding, and the mapping survives the round trip."""
+    from models.datasets.core import dataset_from_columns
+    from models.encoding import collate, encode
+    from models.train import train
+
+    rng = np.random.default_rng(0)
+    users, items, ts, cats = [], [], [], []
+    for u in range(60):
+        n = int(rng.integers(5, 10))
+        ks = rng.integers(0, 12, n)
+        users += [f"u{u}"] * n
+        items += [f"i{k}" for k in ks]
+        cats += [f"c{k % 3}" for k in ks]  # three categories
+        ts += list(range(n))
+    ds = dataset_from_columns("toy", users, items, ts, categories=cats)
+    path, _ = train(ds, ModelConfig(d_model=16, max_len=10, item_categories=True, n_category_buckets=64),
+                    TrainConfig(epochs=1, batch_size=32, progress=False, warmup_steps=2), tmp_path / "ck")
+    ck = load_checkpoint(path)
+    m, v = ck.model, ck.vocab
+    b = {k: int(m.item_category[v.index(f"i{k}")]) for k in range(12)}
+    assert all(b[k] > 0 for k in b) and b[0] == b[3] == b[6] and len({b[0], b[1], b[2]}) == 3
+    with torch.no_grad():
+        rows = m.item_vectors()
+        torch.testing.assert_close(rows, m.item_emb.weight + m.cat_emb(m.item_category))
+        h = EventSeq.from_columns(["i1", "i4"], ["view"] * 2, [0, 1])
+        batch = collate([encode(h, v, m.cfg)])
+        again = load_checkpoint(path).model.score_last(batch)["item_scores"]
+        torch.testing.assert_close(m.score_last(batch)["item_scores"], again)
