@@ -238,6 +238,7 @@ class NextActionModel(nn.Module):
         self.register_buffer("item_input", torch.arange(cfg.n_items), persistent=True)
         # cfg.item_categories: each vocabulary index's category bucket (0 = none), set by training
         self.cat_emb = nn.Embedding(cfg.n_category_buckets + 1, d, padding_idx=0) if cfg.item_categories else None
+        self._rows_cache: tuple | None = None  # item_vectors() while serving
         self.register_buffer("item_category", torch.zeros(cfg.n_items if cfg.item_categories else 0,
                                                           dtype=torch.long), persistent=True)
         # item-to-item transition table (models/transitions.py), CSR over vocabulary indices; empty
@@ -326,10 +327,17 @@ class NextActionModel(nn.Module):
     def item_vectors(self, idx: torch.Tensor | None = None) -> torch.Tensor:
         """Item rows as scored and as read: the item's own embedding (+ its category's, with
         ``item_categories``); all ``[V, d]`` rows, or those at ``idx``."""
-        w = self.item_emb.weight if idx is None else self.item_emb(idx)
-        if self.cat_emb is not None:
-            w = w + self.cat_emb(self.item_category if idx is None else self.item_category[idx])
-        return w
+        if self.cat_emb is None:
+            return self.item_emb.weight if idx is None else self.item_emb(idx)
+        if idx is not None:
+            return self.item_emb(idx) + self.cat_emb(self.item_category[idx])
+        if self.training or torch.is_grad_enabled():
+            return self.item_emb.weight + self.cat_emb(self.item_category)
+        # serving: the [V, d] sum once per weight version, not once per batch
+        key = tuple((t.data_ptr(), t._version) for t in (self.item_emb.weight, self.cat_emb.weight, self.item_category))
+        if self._rows_cache is None or self._rows_cache[0] != key:
+            self._rows_cache = (key, self.item_emb.weight + self.cat_emb(self.item_category))
+        return self._rows_cache[1]
 
     @torch.no_grad()
     def set_transitions(self, table) -> None:

@@ -279,3 +279,18 @@ def test_item_categories_are_tied_into_the_item_rows_and_saved(tmp_path):
         batch = collate([encode(h, v, m.cfg)])
         again = load_checkpoint(path).model.score_last(batch)["item_scores"]
         torch.testing.assert_close(m.score_last(batch)["item_scores"], again)
+
+
+def test_item_rows_with_categories_are_cached_for_serving_and_follow_weight_changes():
+    torch.manual_seed(0)
+    m = NextActionModel(ModelConfig(n_items=len(VOCAB), n_hash_buckets=4, d_model=8, max_len=4,
+                                    item_categories=True, n_category_buckets=8)).eval()
+    m.set_item_categories(np.arange(len(VOCAB)) % 5)
+    with torch.inference_mode():
+        a = m.item_vectors()
+        assert m.item_vectors() is a  # cached
+    with torch.no_grad():
+        m.cat_emb.weight.add_(1.0)  # an update (e.g. a reload) bumps the version: recomputed
+        b = m.item_vectors()
+    assert b is not a
+    torch.testing.assert_close(b, m.item_emb.weight + m.cat_emb(m.item_category))
