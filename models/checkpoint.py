@@ -212,6 +212,8 @@ def load_checkpoint(path: str | Path, device: str = "cpu", expect: dict[str, Any
     own = model.state_dict()
     if "item_input" not in state:  # written before untrained items read their bucket: identity
         state["item_input"] = own["item_input"]
+    if "item_category" not in state and not mcfg.item_categories:  # written before item categories existed
+        state["item_category"] = own["item_category"]
     for name in ("trans_ptr", "trans_idx", "trans_val"):  # the transition table: its size is the data's
         if name not in state:  # written before models had one: no table
             state[name] = own[name]

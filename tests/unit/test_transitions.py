@@ -102,7 +102,7 @@ def test_checkpoint_round_trip_and_a_table_that_does_not_fit(tmp_path):
     rewrite(lambda s: s.update(trans_ptr=s["trans_ptr"][:-1]))
     with pytest.raises(CheckpointError, match="transition table does not fit n_items"):
         load_checkpoint(path)
-    rewrite(lambda s: [s.pop(k) for k in ("trans_ptr", "trans_idx", "trans_val")])  # an older checkpoint
+    rewrite(lambda s: [s.pop(k) for k in ("trans_ptr", "trans_idx", "trans_val", "item_category")])  # older
     old = load_checkpoint(path)
     assert not old.model.uses_transitions and old.model.trans_ptr.numel() == 0
 
