@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 from models.baselines import make_baseline
-from models.datasets import datasets_root, fit_sequences, leave_one_out, load, yoochoose_split
+from models.datasets import datasets_root, fit_sequences, leave_one_out, load, load_split, yoochoose_split
 from models.evaluate import evaluate
 from models.metrics import paired_sign_test
 
@@ -68,11 +68,7 @@ def _train_child(name: str, root, model_overrides: dict, train_overrides: dict, 
     from models.config import ModelConfig, TrainConfig
     from models.train import train
 
-    if name == "yoochoose":
-        ds, sp = yoochoose_split(root)
-    else:
-        ds = load(name, root)
-        sp = leave_one_out(ds)
+    ds, sp = load_split(name, root)
     train(ds, ModelConfig.from_dict(model_overrides), TrainConfig.from_dict(train_overrides), out, split=sp,
           eval_test=False)
 

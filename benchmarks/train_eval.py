@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> dict:
     import torch
 
     from models.config import ModelConfig, TrainConfig
-    from models.datasets import leave_one_out, load, yoochoose_split
+    from models.datasets import load_split
     from models.evaluate import evaluate
     from models.scorer import TransformerScorer
     from models.train import train
@@ -51,12 +51,10 @@ def main(argv: list[str] | None = None) -> dict:
     tkw.setdefault("progress", False)
     torch.set_num_threads(tkw["num_threads"])
     t0 = time.perf_counter()
+    ds, sp = load_split(args.dataset)
     if args.dataset == "yoochoose":
-        ds, sp = yoochoose_split()
         protos = [("session/allowed", "full", False)]
     else:
-        ds = load(args.dataset)
-        sp = leave_one_out(ds)
         protos = [("full/masked", "full", True), ("full/allowed", "full", False),
                   ("sampled100/allowed", "sampled100", False)]
     path, hist = train(ds, ModelConfig.from_dict(mkw), TrainConfig.from_dict(tkw), args.out, split=sp,

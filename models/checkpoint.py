@@ -215,9 +215,9 @@ def load_checkpoint(path: str | Path, device: str = "cpu", expect: dict[str, Any
     if "item_category" not in state and not mcfg.item_categories:  # written before item categories existed
         state["item_category"] = own["item_category"]
     for name in ("trans_ptr", "trans_idx", "trans_val"):  # the transition table: its size is the data's
-        if name not in state:  # written before models had one: no table
-            state[name] = own[name]
+        state.setdefault(name, own[name])  # written before models had one: no table
         own[name] = state[name]
+        setattr(model, name, torch.empty_like(state[name]))  # the empty buffer, resized for load_state_dict
     ptr, idx, val = state["trans_ptr"], state["trans_idx"], state["trans_val"]
     if ptr.numel() and (ptr.numel() != mcfg.n_items + 1 or idx.numel() != val.numel()
                         or int(ptr[-1]) != idx.numel() or (idx.numel() and int(idx.max()) >= mcfg.n_items)):
@@ -232,8 +232,6 @@ def load_checkpoint(path: str | Path, device: str = "cpu", expect: dict[str, Any
         if tuple(state[k].shape) != tuple(v.shape):
             raise CheckpointError(f"{path / 'model.safetensors'}: tensor {k!r} has shape {tuple(state[k].shape)}, "
                                   f"config.json implies {tuple(v.shape)}")
-    for name in ("trans_ptr", "trans_idx", "trans_val"):  # resize the empty buffers before loading
-        setattr(model, name, torch.empty_like(state[name]))
     model.load_state_dict(state, strict=True)
     model.to(torch.device(device)).eval()
     return Checkpoint(model, vocab, mcfg, tcfg, config.get("metadata") or {}, digest, path)

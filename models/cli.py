@@ -62,7 +62,7 @@ def train(
     from rich.console import Console
 
     from models.config import FEATURES, ModelConfig, TrainConfig
-    from models.datasets import load
+    from models.datasets import load_split
     from models.train import train as run_train
 
     console = Console(stderr=True)
@@ -78,13 +78,7 @@ def train(
                        num_threads=threads, eval_protocol=eval_protocol, max_eval_users=max_eval_users,
                        window_stride=window_stride,
                        progress=progress)
-    split = None
-    if dataset == "yoochoose":  # the session-rec split (train_full / test sessions), not leave-one-out
-        from models.datasets import yoochoose_split
-
-        ds, split = yoochoose_split()
-    else:
-        ds = load(dataset)
+    ds, split = load_split(dataset)  # yoochoose: the session-rec split, else leave-one-out
     console.print(f"[bold]{ds.name}[/]: {ds.summary()}")
     path, history = run_train(ds, mcfg, tcfg, out, split=split)
     from models.checkpoint import load_checkpoint
@@ -129,16 +123,9 @@ def fit_transitions(
     """Count a trained checkpoint's item-transition table on the dataset and fit its weight on the
     validation cases its training used (models/transitions.py), then save it in place."""
     from models.config import resolve_device
+    from models.datasets import load_split
     from models.train import refit_transitions
 
-    split = None
-    if dataset == "yoochoose":
-        from models.datasets import yoochoose_split
-
-        ds, split = yoochoose_split()
-    else:
-        from models.datasets import load
-
-        ds = load(dataset)
+    ds, split = load_split(dataset)
     res = refit_transitions(ds, checkpoint, split=split, device=resolve_device(device))
     typer.echo(json.dumps({k: v for k, v in res.items() if k != "tried"}))

@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from models.schema import ACTIONS
+from models.transitions import FEATURES as TRANSITION_FEATURES
 from stream_app.errors import ConfigError
 
 N_ACTIONS = len(ACTIONS)
@@ -183,8 +184,8 @@ class ModelConfig(_JsonMixin):
                and all(isinstance(b, (int, float)) and math.isfinite(b) for b in self.action_bias),
                "action_bias", self.action_bias, f"must be () or {N_ACTIONS} finite numbers")
         _int("transition_top", self.transition_top, 0)
-        _check(self.transition_feature in ("log", "prob"), "transition_feature", self.transition_feature,
-               "must be 'log' or 'prob'")
+        _check(self.transition_feature in TRANSITION_FEATURES, "transition_feature", self.transition_feature,
+               f"must be one of {TRANSITION_FEATURES}")
         _num("transition_weight", self.transition_weight)
         _check(math.isfinite(self.transition_weight) and self.transition_weight >= 0, "transition_weight",
                self.transition_weight, "must be finite and >= 0")

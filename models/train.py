@@ -248,7 +248,7 @@ def item_category_buckets(ds, vocab: ItemVocab, n_buckets: int) -> np.ndarray:
     out = np.zeros(len(vocab), np.int64)
     for item, cnt in seen.items():
         k = vocab.index(item)
-        if k is not None and k >= vocab.first_item:
+        if k >= vocab.first_item:  # a known item (unknown ids map to hash buckets below first_item)
             out[k] = 1 + stable_hash(cnt.most_common(1)[0][0]) % n_buckets
     return out
 

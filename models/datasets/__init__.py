@@ -36,7 +36,7 @@ from stream_app.errors import DatasetError
 
 __all__ = ["Case", "Dataset", "Split", "load", "leave_one_out", "fit_sequences", "session_split", "prefix_cases",
            "yoochoose_split", "datasets_root", "dataset_from_columns", "load_csv", "load_sequence_lines",
-           "load_parquet", "synthetic", "NAMES"]
+           "load_parquet", "synthetic", "load_split", "NAMES"]
 
 NAMES = ("ml-100k", "taobao", "taobao-slice", "beauty", "games", "yoochoose", "synthetic")
 
@@ -113,6 +113,15 @@ def load(name: str, root: Path | str | None = None, **opts) -> Dataset:
             items += [i for i in d.items if i not in seen and not seen.add(i)]
         return Dataset("yoochoose", seqs, items, True, False, {"split": split, "files": [d.meta for d in dss]})
     raise DatasetError(f"unknown dataset {name!r}; expected one of {NAMES} or csv:PATH / parquet:PATH")
+
+
+def load_split(name: str, root: Path | str | None = None) -> tuple[Dataset, Split]:
+    """``(dataset, split)`` as training and the benchmarks use them: the session-rec split for
+    ``yoochoose``, leave-one-out for everything else (:func:`load` names)."""
+    if name == "yoochoose":
+        return yoochoose_split(root)
+    ds = load(name, root)
+    return ds, leave_one_out(ds)
 
 
 def yoochoose_split(root: Path | str | None = None, *, tune: bool = False) -> tuple[Dataset, Split]:
