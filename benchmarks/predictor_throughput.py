@@ -41,7 +41,7 @@ SECTION = "predictor-throughput"
 
 def bare_loop(pred: TransformerPredictor, batch_cpu: dict[str, torch.Tensor], k: int):
     """The ceiling: pre-built (pinned on CUDA) tensors → device → score_last → top-K → host."""
-    model, dev, first, rows = pred.model, pred.device, pred.vocab.first_item, pred.max_rows
+    dev, rows = pred.device, pred.max_rows
     B = batch_cpu["item"].shape[0]
     chunks = [{key: t[s: s + rows] for key, t in batch_cpu.items()} for s in range(0, B, rows)]
     if pred.cuda:
@@ -51,9 +51,9 @@ def bare_loop(pred: TransformerPredictor, batch_cpu: dict[str, torch.Tensor], k:
         with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=pred.cuda):
             for c in chunks:
                 b = {key: t.to(dev, non_blocking=True) for key, t in c.items()}
-                o = pred._score_last(b)
-                s, i = torch.topk(o["item_scores"][:, first:], k, dim=1)
-                s.float().cpu(), i.cpu(), o["action_probs"].float().cpu(), o["gap_log_s"].float().cpu()
+                o = pred._score_last(b, k, pred.score_dtype)  # device top-K, the same scan precision
+                o["top_scores"].float().cpu(), o["top_items"].cpu(), o["action_probs"].float().cpu()
+                o["gap_log_s"].float().cpu()
     return run
 
 

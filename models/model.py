@@ -27,6 +27,7 @@ small approximation — re-prefill every few events to bound it).
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 
@@ -40,6 +41,8 @@ from models.schema import ACTIONS
 
 N_ACTIONS = len(ACTIONS)
 _N_SPECIAL = 2  # padding and mask rows are never scored
+#: Extra candidates a reduced-precision catalogue scan keeps for exact rescoring (:meth:`NextActionModel.top_items`).
+TOPK_MARGIN = 32
 
 
 class _DropFirst(nn.Module):
@@ -239,6 +242,7 @@ class NextActionModel(nn.Module):
         # cfg.item_categories: each vocabulary index's category bucket (0 = none), set by training
         self.cat_emb = nn.Embedding(cfg.n_category_buckets + 1, d, padding_idx=0) if cfg.item_categories else None
         self._rows_cache: tuple | None = None  # item_vectors() while serving
+        self._table_cache: tuple | None = None  # (rows, bias) in a scan dtype while serving
         self.register_buffer("item_category", torch.zeros(cfg.n_items if cfg.item_categories else 0,
                                                           dtype=torch.long), persistent=True)
         # item-to-item transition table (models/transitions.py), CSR over vocabulary indices; empty
@@ -334,10 +338,18 @@ class NextActionModel(nn.Module):
         if self.training or torch.is_grad_enabled():
             return self.item_emb.weight + self.cat_emb(self.item_category)
         # serving: the [V, d] sum once per weight version, not once per batch
-        key = tuple((t.data_ptr(), t._version) for t in (self.item_emb.weight, self.cat_emb.weight, self.item_category))
+        key = self._item_weights_key()
         if self._rows_cache is None or self._rows_cache[0] != key:
             self._rows_cache = (key, self.item_emb.weight + self.cat_emb(self.item_category))
         return self._rows_cache[1]
+
+    def _item_weights_key(self) -> tuple:
+        """Identifies the current item rows and biases (storage and in-place version of each source
+        tensor): the serving caches of :meth:`item_vectors` and :meth:`_item_table` rebuild on a change."""
+        src = [self.item_emb.weight, self.item_bias]
+        if self.cat_emb is not None:
+            src += [self.cat_emb.weight, self.item_category]
+        return tuple((t.data_ptr(), t._version) for t in src)
 
     @torch.no_grad()
     def set_transitions(self, table) -> None:
@@ -360,19 +372,22 @@ class NextActionModel(nn.Module):
     def uses_transitions(self) -> bool:
         return self.cfg.transition_weight != 0.0 and self.trans_ptr.numel() == self.cfg.n_items + 1
 
-    def _add_transitions(self, logits: torch.Tensor, last_item: torch.Tensor) -> None:
-        """``logits[b, j] += w * val(last_item[b] -> j)`` for the successors ``j`` in the table."""
+    def _transition_entries(self, last_item: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The table rows of ``last_item [N]`` as flat ``(row [E], successor index [E], weighted value [E])``."""
         ptr = self.trans_ptr
         start = ptr[last_item]  # (N,)
         n = ptr[last_item + 1] - start  # (N,) successors per row
         total = int(n.sum())
-        if total == 0:
-            return
-        rows = torch.repeat_interleave(torch.arange(len(n), device=n.device), n, output_size=total)  # (total,)
+        rows = torch.repeat_interleave(torch.arange(len(n), device=n.device), n, output_size=total)  # (E,)
         first = torch.repeat_interleave(n.cumsum(0) - n, n, output_size=total)
         pos = start[rows] + torch.arange(total, device=n.device) - first
-        vals = self.trans_val[pos].to(logits.dtype) * self.cfg.transition_weight
-        logits.index_put_((rows, self.trans_idx[pos].long()), vals, accumulate=True)
+        return rows, self.trans_idx[pos].long(), self.trans_val[pos] * self.cfg.transition_weight
+
+    def _add_transitions(self, logits: torch.Tensor, last_item: torch.Tensor) -> None:
+        """``logits[b, j] += w * val(last_item[b] -> j)`` for the successors ``j`` in the table."""
+        rows, cols, vals = self._transition_entries(last_item)
+        if rows.numel():
+            logits.index_put_((rows, cols), vals.to(logits.dtype), accumulate=True)
 
     def embed(self, batch: dict[str, torch.Tensor], items: torch.Tensor | None = None) -> torch.Tensor:
         """Token embeddings ``[B, T, d]`` (``items`` overrides ``batch['item']``, e.g. masked)."""
@@ -421,18 +436,79 @@ class NextActionModel(nn.Module):
         return r.masked_fill(~keep, 0.0)
 
     def item_logits(self, h: torch.Tensor, rep: torch.Tensor | None = None,
-                    hist_items: torch.Tensor | None = None, last_item: torch.Tensor | None = None) -> torch.Tensor:
+                    hist_items: torch.Tensor | None = None, last_item: torch.Tensor | None = None,
+                    dtype: torch.dtype | None = None) -> torch.Tensor:
         """Scores over the whole vocabulary ``[N, V]`` for hidden states ``h [N, d]``; ``rep [N, T]``
         and ``hist_items [N, T]`` add the repeat scores onto the history items, ``last_item [N]`` the
         transition scores of its successors (when the model has a table). Padding and mask rows are
-        ``-inf``."""
-        logits = torch.addmm(self.item_bias, h, self.item_vectors().T)  # (N, V)
+        ``-inf``. ``dtype`` (e.g. ``torch.bfloat16``): scan the item table in that precision
+        (a cached copy while serving; see :meth:`top_items`)."""
+        W, bias = self._item_table(dtype)
+        logits = torch.addmm(bias, h.to(W.dtype), W.T)  # (N, V)
         if rep is not None:
             logits.scatter_add_(1, hist_items, rep.to(logits.dtype))
         if last_item is not None and self.uses_transitions:
             self._add_transitions(logits, last_item)
         logits[:, :_N_SPECIAL] = float("-inf")
         return logits
+
+    def _item_table(self, dtype: torch.dtype | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(rows [V, d], bias [V])`` as scored, in ``dtype`` (None: the weights' own). A converted
+        copy is kept while serving and rebuilt when a weight changes (online updates)."""
+        W = self.item_vectors()
+        if dtype is None or dtype == W.dtype:
+            return W, self.item_bias
+        if self.training or torch.is_grad_enabled():
+            return W.to(dtype), self.item_bias.to(dtype)
+        key = (self._item_weights_key(), dtype)
+        if self._table_cache is None or self._table_cache[0] != key:
+            self._table_cache = (key, W.to(dtype), self.item_bias.to(dtype))
+        return self._table_cache[1], self._table_cache[2]
+
+    def rescore_items(self, h: torch.Tensor, rep: torch.Tensor | None, hist_items: torch.Tensor | None,
+                      last_item: torch.Tensor | None, cand: torch.Tensor) -> torch.Tensor:
+        """Exact fp32 scores ``[N, C]`` of the vocabulary indices ``cand [N, C]``: what
+        :meth:`item_logits` gives at those columns (item row · h + bias + repeat + transition
+        scores), computed for ``C`` items instead of the whole catalogue."""
+        with torch.autocast(h.device.type, enabled=False):
+            h = h.float()
+            W = self.item_vectors().float()[cand]  # (N, C, d)
+            s = torch.bmm(W, h[:, :, None]).squeeze(-1) + self.item_bias.float()[cand]  # (N, C)
+            if rep is not None:  # every history position holding the candidate adds its repeat score
+                hit = hist_items[:, None, :] == cand[:, :, None]  # (N, C, T)
+                s = s + (hit * rep.float()[:, None, :]).sum(-1)
+            if last_item is not None and self.uses_transitions:
+                rows, cols, vals = self._transition_entries(last_item)
+                if rows.numel():
+                    match = cols[:, None] == cand[rows]  # (E, C): the successor is that candidate
+                    s.index_add_(0, rows, match * vals.float()[:, None])
+        return s
+
+    def top_items(self, h: torch.Tensor, rep: torch.Tensor | None, hist_items: torch.Tensor | None,
+                  last_item: torch.Tensor | None, k: int, coarse: torch.dtype | None = None,
+                  margin: int = TOPK_MARGIN) -> tuple[torch.Tensor, torch.Tensor]:
+        """The ``k`` best known items per row: ``(scores [N, k] fp32, vocabulary indices [N, k])``.
+
+        ``coarse=None``: one exact scan of the catalogue. ``coarse=torch.bfloat16``: the catalogue
+        is scanned in bf16 (3-4x faster on CPUs with AVX512-BF16/AMX, and what CUDA's autocast
+        does anyway), the best ``k + margin`` are kept and rescored exactly
+        (:meth:`rescore_items`), and the top ``k`` of those are returned: the exact top-K unless an
+        item outside the coarse top ``k + margin`` belongs in it (bf16 keeps ~3 significant digits;
+        on the Taobao model a margin of 5 already gave the fp32 top-10 for 2,500 of 2,500 requests).
+        """
+        first = self.first_item
+        exact = coarse is None or coarse == torch.float32
+        with contextlib.nullcontext() if not exact else torch.autocast(h.device.type, enabled=False):
+            scores = self.item_logits(h if not exact else h.float(), rep, hist_items, last_item,
+                                      dtype=None if exact else coarse)[:, first:]  # (N, n_known)
+        k = min(k, scores.shape[1])
+        if exact or k == 0:
+            top_s, top_i = torch.topk(scores, k, dim=1)
+            return top_s.float(), top_i + first
+        cand = torch.topk(scores, min(k + margin, scores.shape[1]), dim=1).indices + first  # (N, C)
+        exact_s = self.rescore_items(h, rep, hist_items, last_item, cand)
+        top_s, j = torch.topk(exact_s, k, dim=1)
+        return top_s, cand.gather(1, j)
 
     # ------------------------------------------------------------------------------------------
     # training
@@ -544,13 +620,18 @@ class NextActionModel(nn.Module):
     # ------------------------------------------------------------------------------------------
     # serving
     # ------------------------------------------------------------------------------------------
-    def heads(self, last: LastHidden) -> dict:
+    def heads(self, last: LastHidden, k: int | None = None, coarse: torch.dtype | None = None) -> dict:
         """The serving outputs (see :meth:`score_last`) for prepared last positions."""
-        return self._heads_last(last.h, last.rep, last.hist, last.action, last.item)
+        return self._heads_last(last.h, last.rep, last.hist, last.action, last.item, k, coarse)
 
     def _heads_last(self, h_last: torch.Tensor, rep: torch.Tensor | None, hist: torch.Tensor | None,
-                    last_action: torch.Tensor | None = None, last_item: torch.Tensor | None = None) -> dict:
-        out = {"hidden": h_last, "item_scores": self.item_logits(h_last, rep, hist, last_item)}  # (B, V)
+                    last_action: torch.Tensor | None = None, last_item: torch.Tensor | None = None,
+                    k: int | None = None, coarse: torch.dtype | None = None) -> dict:
+        out: dict = {"hidden": h_last}
+        if k is None:
+            out["item_scores"] = self.item_logits(h_last, rep, hist, last_item)  # (B, V)
+        else:
+            out["top_scores"], out["top_items"] = self.top_items(h_last, rep, hist, last_item, k, coarse)  # (B, k)
         if self.action_head is not None:
             logits = self.action_head(h_last).float()  # (B, 5)
             if self.action_prior is not None and last_action is not None:
@@ -568,10 +649,13 @@ class NextActionModel(nn.Module):
             out["gap_log_s"] = torch.zeros(h_last.shape[0], device=h_last.device)
         return out
 
-    def score_last(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def score_last(self, batch: dict[str, torch.Tensor], k: int | None = None, coarse: torch.dtype | None = None
+                   ) -> dict[str, torch.Tensor]:
         """Serving outputs for the last event of each history: ``action_probs [B, 5]``,
         ``item_scores [B, V]`` (whole vocabulary, ``-inf`` on padding/mask rows; higher = more
-        likely next), ``gap_log_s [B]`` (predicted ``log1p`` seconds to the next event)."""
+        likely next), ``gap_log_s [B]`` (predicted ``log1p`` seconds to the next event).
+        With ``k``: ``top_scores [B, k]`` and ``top_items [B, k]`` (vocabulary indices of known
+        items, see :meth:`top_items`) instead of ``item_scores``."""
         items, lengths = batch["item"], batch["lengths"]
         B, T = items.shape
         h = self.hidden(batch)  # (B, T, d)
@@ -582,7 +666,7 @@ class NextActionModel(nn.Module):
         if self.cfg.repeat_head:
             rep = self._repeat_scores(h, lengths)[ar, last]  # (B, T)
         return self._heads_last(h_last, rep, items if rep is not None else None, batch["action"][ar, last],
-                                items[ar, last])
+                                items[ar, last], k, coarse)
 
     @torch.no_grad()
     def prefill(self, batch: dict[str, torch.Tensor], heads: bool = True

@@ -50,6 +50,13 @@ length bucket, and rows are chunked so the ``[rows, n_items]`` score matrix stay
 ``score_budget`` elements. Full-catalogue top-K runs on the device (``torch.topk``); only the K ids
 and scores, the 5 action probabilities and the gap come back to the host.
 
+Catalogue scan precision (``score_dtype``). ``bfloat16`` scans the ``[V, d]`` item table in bf16,
+keeps the best ``k + 32`` and rescores those exactly in fp32
+(:meth:`~models.model.NextActionModel.top_items`): the same top-K as an fp32 scan unless an item
+outside the coarse top ``k + 32`` belongs in it, for a scan 3-4x cheaper on CPUs with AVX512-BF16
+or AMX (measured in benchmarks/RESULTS.md). ``auto`` picks it on CUDA and on such CPUs, fp32
+elsewhere; ``float32`` always scans exactly.
+
 Device. ``device='auto'`` → ``cuda`` if available, else ``cpu``. CUDA: bf16 autocast, pinned host
 memory and non-blocking copies, ``inference_mode``, sequence lengths padded to a few buckets, and
 optional ``torch.compile`` of the full-recomputation scorer. CPU: fp32 and an intra-op thread count
@@ -83,6 +90,7 @@ from stream_app.errors import CheckpointError, ConfigError
 log = logging.getLogger(__name__)
 
 OVERFLOW_MODES = ("exact", "evict")
+SCORE_DTYPES = ("auto", "float32", "bfloat16")
 #: Score-matrix elements per model call (rows × n_items): 8M fp32 = 32 MiB on CPU (cache-friendly), 512M on CUDA.
 DEFAULT_SCORE_BUDGET = {"cpu": 1 << 23, "cuda": 1 << 29}
 _GAP_LOG_CLIP = 30.0  # expm1(30) s ≈ 340 years: the gap head's output is clipped to [0, 30] in log space
@@ -254,6 +262,8 @@ class TransformerPredictor:
         overflow: ``exact`` | ``evict`` — what happens when a window is full (module docstring).
         refresh_every: ``evict`` mode: rebuild a user's state after this many evicting steps.
         max_rounds: most sequential rounds per ``predict`` for a user's consecutive events.
+        score_dtype: ``auto`` | ``float32`` | ``bfloat16`` — precision of the catalogue scan before
+            the exact rescoring of its best candidates (module docstring, :func:`resolve_score_dtype`).
         score_budget: most ``rows × n_items`` score elements per model call (bounds memory).
         buckets: padded sequence lengths (default :func:`length_buckets` of ``max_len``).
     """
@@ -266,7 +276,8 @@ class TransformerPredictor:
                  num_threads: int | None = None, compile: bool = False, incremental: bool = True,
                  cache_users: int = 100_000, cache_bytes: int = 1 << 30, overflow: str = "exact",
                  refresh_every: int = 16, max_rounds: int = 4, score_budget: int | None = None,
-                 buckets: Sequence[int] | None = None, path: str | Path | None = None) -> None:
+                 buckets: Sequence[int] | None = None, score_dtype: str = "auto",
+                 path: str | Path | None = None) -> None:
         from models.config import resolve_device
 
         cfg = model.cfg
@@ -304,11 +315,12 @@ class TransformerPredictor:
         if budget < 1:
             raise ConfigError("score_budget", score_budget, "must be >= 1")
         self.max_rows = max(1, budget // cfg.n_items)
+        self.score_dtype = resolve_score_dtype(score_dtype, self.device.type)
         self.cache = KVCache(cache_users if self.incremental else 0, cache_bytes if self.incremental else 0)
         self._options = dict(device=device, num_threads=num_threads, compile=compile, incremental=incremental,
                              cache_users=cache_users, cache_bytes=cache_bytes, overflow=overflow,
                              refresh_every=refresh_every, max_rounds=max_rounds, score_budget=score_budget,
-                             buckets=buckets)
+                             buckets=buckets, score_dtype=score_dtype)
         self.compiled = bool(compile)
         self._score_last = torch.compile(model.score_last, dynamic=True) if compile else model.score_last
         p = next(model.parameters())
@@ -411,8 +423,8 @@ class TransformerPredictor:
             incremental = [inc for r, _, inc in pending for _ in r]
             last = LastHidden.cat([p for _, p, _ in pending])
             for s in range(0, len(rows), self.max_rows):  # bounded [rows, V] score matrices
-                self._emit(self.model.heads(last.rows(s, s + self.max_rows)), rows[s: s + self.max_rows], k, out,
-                           incremental[s: s + self.max_rows])
+                o = self.model.heads(last.rows(s, s + self.max_rows), k, self.score_dtype)
+                self._emit(o, rows[s: s + self.max_rows], out, incremental[s: s + self.max_rows])
         return out  # type: ignore[return-value]
 
     def predict_full(self, histories: Sequence[EventSeq], k: int) -> list[Prediction]:
@@ -429,10 +441,10 @@ class TransformerPredictor:
                 for s in range(0, len(rows), self.max_rows):
                     chunk = rows[s: s + self.max_rows]
                     batch = self._to_device(collate([enc[j] for j in chunk], pad_to=T))  # (B, T) each
-                    o = self._score_last(batch)
+                    o = self._score_last(batch, k, self.score_dtype)
                     self.stats["full"] += len(chunk)
                     self.stats["model_calls"] += 1
-                    self._emit(o, chunk, k, out, [False] * len(chunk))
+                    self._emit(o, chunk, out, [False] * len(chunk))
         return out  # type: ignore[return-value]
 
     # ------------------------------------------------------------------ cache management
@@ -576,26 +588,50 @@ class TransformerPredictor:
                                users[j] if users is not None else None, m * per_tok)
             self.cache.put(cur_keys[j], entry)
 
-    def _emit(self, o: dict[str, torch.Tensor], rows: list[int], k: int, out: list,
-              incremental: Sequence[bool]) -> None:
-        """Device top-K over the known items; copy only K ids/scores, action probs and gap back."""
-        first = self.vocab.first_item
-        scores = o["item_scores"][:, first:]  # (B, n_known): no padding / mask / hash buckets
-        k_eff = min(k, scores.shape[1])
-        if k_eff > 0:
-            top_s, top_i = torch.topk(scores, k_eff, dim=1)  # (B, k) each
-            top_s, top_i = top_s.float().cpu().numpy(), top_i.cpu().numpy()
+    def _emit(self, o: dict[str, torch.Tensor], rows: list[int], out: list, incremental: Sequence[bool]) -> None:
+        """Copy only the K ids/scores (top-K ran on the device), action probs and gap back to the host."""
+        ids, vals = o["top_items"].cpu().tolist(), o["top_scores"].float().cpu().tolist()  # (B, k) each
         probs = o["action_probs"].float().cpu().numpy().astype(np.float64)  # (B, 5)
         probs /= probs.sum(axis=1, keepdims=True)
         gaps = np.expm1(np.clip(o["gap_log_s"].float().cpu().numpy().astype(np.float64), 0.0, _GAP_LOG_CLIP))
         names = self.vocab.items
+        first = self.vocab.first_item
         plist, glist = probs.tolist(), gaps.tolist()
-        if k_eff > 0:
-            ids, vals = top_i.tolist(), top_s.tolist()
         for b, j in enumerate(rows):
-            tops = [(names[i], v) for i, v in zip(ids[b], vals[b])] if k_eff > 0 else []
+            tops = [(names[i - first], v) for i, v in zip(ids[b], vals[b])]
             out[j] = Prediction(action_probs=plist[b], top_items=tops, next_gap_s=glist[b],
                                 extra={"model_version": self.version, "incremental": incremental[b]})
+
+
+def resolve_score_dtype(name: str, device_type: str) -> torch.dtype | None:
+    """The catalogue-scan dtype for ``score_dtype`` (None = one exact fp32 scan).
+
+    ``auto``: bf16 on CUDA and on CPUs with native bf16 dot products (AVX512-BF16 or AMX, read from
+    ``/proc/cpuinfo``), where the scan is 3-4x cheaper; fp32 elsewhere (emulated bf16 is slower).
+
+    >>> resolve_score_dtype("float32", "cuda") is None, resolve_score_dtype("bfloat16", "cpu")
+    (True, torch.bfloat16)
+    """
+    if name not in SCORE_DTYPES:
+        raise ConfigError("serve_score_dtype", name, f"must be one of {SCORE_DTYPES}")
+    if name == "float32":
+        return None
+    if name == "bfloat16" or device_type == "cuda" or cpu_has_native_bf16():
+        return torch.bfloat16
+    return None
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU has bf16 dot-product instructions (x86 AVX512-BF16 or AMX-BF16; Linux)."""
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    return bool(flags & {"avx512_bf16", "amx_bf16"})
+    except OSError:
+        pass
+    return False
 
 
 # ----------------------------------------------------------------------------------------------
@@ -610,6 +646,7 @@ SETTINGS_FIELDS: dict[str, tuple[str, Any]] = {
     "kv_cache_mb": ("cache_bytes", lambda mb: int(mb) << 20),
     "kv_overflow": ("overflow", str),
     "kv_refresh_every": ("refresh_every", int),
+    "serve_score_dtype": ("score_dtype", str),
 }
 
 

@@ -237,3 +237,40 @@ def test_action_prior_is_a_per_current_action_logit_row_on_every_serving_path():
     pre, state = m.prefill(_batch(cfg, [u[:-1] for u in users]))
     out, _ = m.step(collate([encode_last(u, VOCAB, cfg) for u in users]), state)
     torch.testing.assert_close(out["action_probs"], full["action_probs"], atol=1e-4, rtol=1e-4)
+
+
+def test_a_bf16_scan_with_exact_rescoring_gives_the_fp32_top_k():
+    """A catalogue of 5,000 items with a coarse bf16 scan (what serving does on bf16 CPUs and CUDA):
+    the top 10 of the best 10 + 32, rescored in fp32, are the fp32 scan's top 10 with its scores;
+    the bf16 scores alone are not (they are rounded to ~3 significant digits)."""
+    vocab = ItemVocab((f"it{k}" for k in range(5000)), n_hash_buckets=16)
+    cfg = ModelConfig(n_items=len(vocab), n_hash_buckets=16, d_model=32, max_len=20, dropout=0.0,
+                      item_categories=True, n_category_buckets=64)
+    torch.manual_seed(3)
+    m = NextActionModel(cfg).eval()
+    m.set_item_categories(np.arange(len(vocab)) % 65)
+    with torch.no_grad():
+        m.item_emb.weight.mul_(4.0)  # spread the scores, as training does
+    rng = np.random.default_rng(4)
+    hists = [EventSeq.from_columns([f"it{i}" for i in rng.integers(0, 5000, n)], rng.integers(0, 5, n),
+                                   1_700_000_000_000 + 60_000 * np.arange(n)) for n in rng.integers(1, 20, 64)]
+    batch = collate([encode(h, vocab, cfg) for h in hists])
+    first = vocab.first_item
+    with torch.inference_mode():  # as served: the bf16 table is cached across calls
+        ref_s, ref_i = torch.topk(m.score_last(batch)["item_scores"][:, first:], 10, dim=1)
+        out = m.score_last(batch, k=10, coarse=torch.bfloat16)
+        assert torch.equal(out["top_items"], ref_i + first)
+        torch.testing.assert_close(out["top_scores"], ref_s, rtol=0, atol=1e-5)
+        last, _ = m.prefill(batch, heads=False)
+        coarse = m.item_logits(last.h, last.rep, last.hist, last.item, dtype=torch.bfloat16)[:, first:]
+        assert (coarse.float().gather(1, ref_i) != ref_s).any()  # the rescoring is what makes it exact
+        _, no_margin = m.top_items(last.h, last.rep, last.hist, last.item, 10, coarse=torch.bfloat16, margin=0)
+        assert not torch.equal(no_margin, ref_i + first)  # and the margin: bf16 alone misorders some
+        assert torch.equal(m.score_last(batch, k=10, coarse=torch.bfloat16)["top_items"], out["top_items"])
+    with torch.no_grad():  # an online update changes the rows: the cached copies follow
+        m.cat_emb.weight.add_(1.0)
+        m.item_bias[first + 7] += 1000.0
+    with torch.inference_mode():
+        out = m.score_last(batch, k=10, coarse=torch.bfloat16)
+        assert torch.equal(out["top_items"], torch.topk(m.score_last(batch)["item_scores"][:, first:], 10).indices + first)
+        assert bool((out["top_items"] == first + 7).any())

@@ -19,8 +19,10 @@ from models.config import ModelConfig
 from models.encoding import ItemVocab, collate, encode
 from models.model import NextActionModel
 from models.schema import EventSeq
-from models.serving import KVCache, TransformerPredictor, length_buckets, load_predictor, window_key
+from models.serving import (KVCache, TransformerPredictor, cpu_has_native_bf16, length_buckets, load_predictor,
+                            resolve_score_dtype, window_key)
 from online.baseline import PopularityMarkovPredictor
+from stream_app.errors import ConfigError
 from stream_app.settings import Settings
 
 ITEMS = [f"i{k}" for k in range(40)]
@@ -85,11 +87,12 @@ def _event(rng, ts: int) -> dict:
                 device=["ios", "web", ""][int(rng.integers(3))], location=["de", "fr"][int(rng.integers(2))])
 
 
-def test_incremental_equals_full_over_interleaved_stream(ckpt):
+@pytest.mark.parametrize("score_dtype", ["float32", "bfloat16"])
+def test_incremental_equals_full_over_interleaved_stream(ckpt, score_dtype):
     """Interleaved users in random batch sizes (a user's consecutive events often share a batch),
     windows overflowing max_len, and out-of-order events (a rebuild): every output equals full
-    recomputation."""
-    p = TransformerPredictor.from_checkpoint(ckpt, device="cpu", num_threads=1)
+    recomputation (an fp32 scan), with either catalogue-scan precision."""
+    p = TransformerPredictor.from_checkpoint(ckpt, device="cpu", num_threads=1, score_dtype=score_dtype)
     assert len(p.version) == 12 and int(p.version, 16) >= 0
     rng = np.random.default_rng(7)
     users = [f"u{u}" for u in range(6)]
@@ -270,6 +273,10 @@ def test_device_auto_threads_and_arguments(ckpt):
         p.predict([EventSeq.empty()], 3, users=["a", "b"])
     with pytest.raises(Exception, match="kv_overflow"):
         TransformerPredictor.from_checkpoint(ckpt, device="cpu", overflow="sometimes")
+    with pytest.raises(ConfigError, match="serve_score_dtype.*'float16'"):
+        TransformerPredictor.from_checkpoint(ckpt, device="cpu", score_dtype="float16")
+    assert p.score_dtype == resolve_score_dtype("auto", p.device.type)
+    assert resolve_score_dtype("auto", "cpu") == (torch.bfloat16 if cpu_has_native_bf16() else None)
     assert p.predict([], 3) == []
     empty = p.predict([EventSeq.empty()], 3)[0]  # no history: still a well-formed prediction
     assert len(empty.top_items) == 3 and abs(sum(empty.action_probs) - 1) < 1e-9

@@ -159,3 +159,25 @@ def test_refit_gives_an_untabled_checkpoint_its_table(tmp_path, monkeypatch):
     after = load_checkpoint(path)
     assert after.model.uses_transitions and after.metadata["transitions"]["weight"] > 0
     assert after.version != before.version and after.metadata["best_epoch"] == before.metadata["best_epoch"]
+
+
+def test_rescore_items_equals_the_full_scan_at_those_columns():
+    """The exact rescoring of candidates (dot + bias + repeat + transition scores) is what the full
+    fp32 scan gives there: checked on history items (repeat scores) and the last item's successors."""
+    m, table = _model(weight=2.0)
+    m.set_transitions(table)
+    batch = collate([encode(h, VOCAB, m.cfg) for h in _hists()])
+    with torch.no_grad():
+        last, _ = m.prefill(batch, heads=False)
+        full = m.item_logits(last.h, last.rep, last.hist, last.item)  # (B, V)
+        cand = torch.arange(F, len(VOCAB)).repeat(len(_hists()), 1)  # every known item
+        cand = cand[:, torch.randperm(cand.shape[1])]
+        torch.testing.assert_close(m.rescore_items(last.h, last.rep, last.hist, last.item, cand),
+                                   full.gather(1, cand), rtol=0, atol=1e-5)
+        for k in (1, 5, len(ITEMS)):
+            exact_s, exact_i = m.top_items(last.h, last.rep, last.hist, last.item, k)
+            ref_s, ref_i = torch.topk(full[:, F:], k, dim=1)
+            assert torch.equal(exact_i, ref_i + F) and torch.equal(exact_s, ref_s)
+            s, i = m.top_items(last.h, last.rep, last.hist, last.item, k, coarse=torch.bfloat16, margin=len(ITEMS))
+            assert torch.equal(i, exact_i)  # every item is a candidate: the exact order
+            torch.testing.assert_close(s, exact_s, rtol=0, atol=1e-5)
