@@ -38,6 +38,7 @@ from torch import nn
 from models.config import ModelConfig
 from models.encoding import INT_FEATURES, MASK, PAD
 from models.schema import ACTIONS
+from models.topk import chunked_topk
 
 N_ACTIONS = len(ACTIONS)
 _N_SPECIAL = 2  # padding and mask rows are never scored
@@ -84,6 +85,55 @@ class GRUBackbone(nn.Module):
             raise ValueError("the gru backbone is causal only: the masked objective needs a Transformer backbone")
         h, _ = self.gru(inputs_embeds)  # (B, T, d)
         return _BackboneOutput(self.norm(h))
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def llama_forward(model: nn.Module, x: torch.Tensor, position_ids: torch.Tensor,
+                  past_keys: list[torch.Tensor] | None = None, past_values: list[torch.Tensor] | None = None,
+                  key_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
+    """A `transformers` ``LlamaModel`` forward for serving, without its per-call machinery.
+
+    The same modules and the same operations as ``LlamaModel.forward`` with ``sdpa`` attention
+    (RMSNorm, rotary positions, attention, gated MLP, final norm), minus what costs more than the
+    math at serving sizes on CPU: mask builders, cache objects, output capture and config lookups
+    (about 1 ms per call; measured in docs/serving.md). Inference only; training and full
+    recomputation keep the `transformers` forward, and the tests hold the two to 1e-4.
+
+    ``x [B, S, d]``, ``position_ids [B|1, S]``. Without ``past_keys``: causal attention over the S
+    positions (right padding needs no mask). With them (per layer ``[B, H, T, dh]``, post-rotary, as
+    `transformers` caches them): ``S == 1`` and ``key_mask [B, T + 1]`` (True = may attend).
+    Returns ``(h [B, S, d], keys, values)``, per layer ``[B, H, T + S, dh]`` (past, then the new).
+    """
+    B, S, _ = x.shape
+    if past_keys is not None and (S != 1 or key_mask is None):
+        raise ValueError(f"with past keys, one new position and a key_mask are needed (got S={S}, "
+                         f"key_mask={'set' if key_mask is not None else None})")
+    cos, sin = model.rotary_emb(x, position_ids)  # (B|1, S, dh)
+    cos, sin = cos[:, None], sin[:, None]  # (B|1, 1, S, dh)
+    mask = key_mask[:, None, None, :] if key_mask is not None else None  # (B, 1, 1, T + 1)
+    keys, values = [], []
+    h = x
+    for i, layer in enumerate(model.layers):
+        attn = layer.self_attn
+        y = layer.input_layernorm(h)
+        shape = (B, S, -1, attn.head_dim)
+        q = attn.q_proj(y).view(shape).transpose(1, 2)  # (B, H, S, dh)
+        k = attn.k_proj(y).view(shape).transpose(1, 2)
+        v = attn.v_proj(y).view(shape).transpose(1, 2)
+        q, k = q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+        if past_keys is not None:
+            k, v = torch.cat([past_keys[i], k], dim=2), torch.cat([past_values[i], v], dim=2)
+        keys.append(k)
+        values.append(v)
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=attn.scaling,
+                                           is_causal=past_keys is None and S > 1)  # (B, H, S, dh)
+        h = h + attn.o_proj(o.transpose(1, 2).reshape(B, S, -1))
+        h = h + layer.mlp(layer.post_attention_layernorm(h))
+    return model.norm(h), keys, values
 
 
 def build_backbone(cfg: ModelConfig) -> nn.Module:
@@ -257,6 +307,8 @@ class NextActionModel(nn.Module):
         self.emb_norm = nn.LayerNorm(d)
         self.emb_drop = nn.Dropout(cfg.dropout)
         self.backbone = build_backbone(cfg)
+        # prefill/step in eval mode run the llama backbone through llama_forward (False: `transformers`)
+        self.lean_serving = True
         self.out_drop = nn.Dropout(cfg.dropout)
         self.item_bias = nn.Parameter(torch.zeros(cfg.n_items))
         if cfg.repeat_head:
@@ -402,6 +454,10 @@ class NextActionModel(nn.Module):
             x = x + emb(batch[f])
         return self.emb_drop(self.emb_norm(x))
 
+    @property
+    def _lean(self) -> bool:
+        return self.lean_serving and self.cfg.backbone == "llama" and not self.training
+
     def _run_backbone(self, x: torch.Tensor, attention_mask=None, position_ids=None, past_key_values=None,
                       use_cache: bool = False):
         kw = {}
@@ -442,9 +498,12 @@ class NextActionModel(nn.Module):
         and ``hist_items [N, T]`` add the repeat scores onto the history items, ``last_item [N]`` the
         transition scores of its successors (when the model has a table). Padding and mask rows are
         ``-inf``. ``dtype`` (e.g. ``torch.bfloat16``): scan the item table in that precision
-        (a cached copy while serving; see :meth:`top_items`)."""
+        (a cached copy while serving; see :meth:`top_items`); the scores come back as fp32 and the
+        repeat and transition scores are added in fp32."""
         W, bias = self._item_table(dtype)
         logits = torch.addmm(bias, h.to(W.dtype), W.T)  # (N, V)
+        if dtype is not None and logits.dtype != torch.float32:
+            logits = logits.float()
         if rep is not None:
             logits.scatter_add_(1, hist_items, rep.to(logits.dtype))
         if last_item is not None and self.uses_transitions:
@@ -503,9 +562,9 @@ class NextActionModel(nn.Module):
                                       dtype=None if exact else coarse)[:, first:]  # (N, n_known)
         k = min(k, scores.shape[1])
         if exact or k == 0:
-            top_s, top_i = torch.topk(scores, k, dim=1)
+            top_s, top_i = chunked_topk(scores, k)
             return top_s.float(), top_i + first
-        cand = torch.topk(scores, min(k + margin, scores.shape[1]), dim=1).indices + first  # (N, C)
+        cand = chunked_topk(scores, min(k + margin, scores.shape[1]))[1] + first  # (N, C)
         exact_s = self.rescore_items(h, rep, hist_items, last_item, cand)
         top_s, j = torch.topk(exact_s, k, dim=1)
         return top_s, cand.gather(1, j)
@@ -676,7 +735,11 @@ class NextActionModel(nn.Module):
         items, lengths = batch["item"], batch["lengths"]
         B, T = items.shape
         x = self.embed(batch)
-        h, cache = self._run_backbone(x, use_cache=True)
+        if self._lean:
+            h, keys, values = llama_forward(self.backbone, x, torch.arange(T, device=x.device)[None])
+        else:
+            h, cache = self._run_backbone(x, use_cache=True)
+            keys, values = _cache_tensors(cache)
         h = self.out_drop(h)
         ar = torch.arange(B, device=items.device)
         last = (lengths - 1).clamp(min=0)
@@ -686,7 +749,6 @@ class NextActionModel(nn.Module):
             rep_k = self.rep_k(h)  # (B, T, d)
         else:
             rep_k = h.new_zeros(B, T, 0)
-        keys, values = _cache_tensors(cache)
         valid = torch.arange(T, device=items.device)[None, :] < lengths[:, None]
         state = KVState(keys, values, rep_k, items.masked_fill(~valid, PAD), lengths.clone(), lengths.clone())
         out = LastHidden(h[ar, last], rep, items if rep is not None else None, batch["action"][ar, last],
@@ -717,20 +779,24 @@ class NextActionModel(nn.Module):
             lengths = state.lengths
         T = state.keys[0].shape[2]
         x = self.embed(tokens)  # (B, 1, d)
-        from transformers import DynamicCache
-
-        cache = DynamicCache()
-        for i, (k, v) in enumerate(zip(state.keys, state.values)):
-            cache.update(k, v, i)
         ar_t = torch.arange(T, device=dev)
         attn = torch.cat([(ar_t[None, :] < lengths[:, None]), torch.ones(B, 1, dtype=torch.bool, device=dev)], 1)
         pos_ids = positions[:, None]
         if cfg.backbone != "llama":
             pos_ids = lengths[:, None]  # learned absolute positions = window index
-        h, cache = self._run_backbone(x, attention_mask=attn.long(), position_ids=pos_ids, past_key_values=cache,
-                                      use_cache=True)
+        if self._lean:
+            h, new_k, new_v = llama_forward(self.backbone, x, pos_ids, state.keys, state.values, key_mask=attn)
+        else:
+            from transformers import DynamicCache
+
+            cache = DynamicCache()
+            for i, (k, v) in enumerate(zip(state.keys, state.values)):
+                cache.update(k, v, i)
+            h, cache = self._run_backbone(x, attention_mask=attn.long(), position_ids=pos_ids,
+                                          past_key_values=cache, use_cache=True)
+            new_k, new_v = _cache_tensors(cache)
         h = self.out_drop(h)[:, 0]  # (B, d)
-        new_k, new_v = _cache_tensors(cache)  # each (B, H, T+1, dh); the new token sits at index T
+        # new_k/new_v: each (B, H, T+1, dh); the new token sits at index T
         ar_b = torch.arange(B, device=dev)
         keys, values = [], []
         for k, v in zip(new_k, new_v):
