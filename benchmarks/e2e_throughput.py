@@ -214,7 +214,7 @@ async def read_topic(bootstrap: str, topic: str, timeout: float = 120.0) -> list
 
 
 #: The Faust tables of the app (stream_app/app.py): their changelog topics are ``<app_id>-<table>-changelog``.
-TABLES = ("histories", "activity", "last_prediction")
+TABLES = ("histories", "activity")
 
 
 async def precreate_changelogs(settings: SettingsType) -> None:
@@ -337,9 +337,13 @@ def stage_summary(metrics_text: str) -> str:
     ...     'nextaction_stage_latency_seconds_bucket{le="+Inf",stage="queue"} 10.0',
     ...     'nextaction_stage_latency_seconds_count{stage="queue"} 10.0',
     ...     'nextaction_stage_latency_seconds_sum{stage="queue"} 0.03',
-    ...     'nextaction_batch_size_count 4.0', 'nextaction_batch_size_sum 10.0', ''])
+    ...     'nextaction_batch_size_count 4.0', 'nextaction_batch_size_sum 10.0',
+    ...     'nextaction_inference_process_seconds_bucket{clock="cpu",le="0.005"} 4.0',
+    ...     'nextaction_inference_process_seconds_bucket{clock="cpu",le="+Inf"} 4.0',
+    ...     'nextaction_inference_process_seconds_count{clock="cpu"} 4.0',
+    ...     'nextaction_inference_process_seconds_sum{clock="cpu"} 0.012', ''])
     >>> stage_summary(txt)
-    'worker stages (mean / p99 bucket bound, ms): queue 3.0 / ≤10; batches 4, mean size 2.5'
+    'worker stages (mean / p99 bucket bound, ms): queue 3.0 / ≤10, inference process per batch cpu 3.0 / ≤5; batches 4, mean size 2.5'
     """
     from prometheus_client.parser import text_string_to_metric_families
 
@@ -347,8 +351,9 @@ def stage_summary(metrics_text: str) -> str:
     batches = {}
     for fam in text_string_to_metric_families(metrics_text):
         for smp in fam.samples:
-            if smp.name.startswith("nextaction_stage_latency_seconds"):
-                st = stages.setdefault(smp.labels.get("stage", "?"), {"buckets": []})
+            if smp.name.startswith(("nextaction_stage_latency_seconds", "nextaction_inference_process_seconds")):
+                name = smp.labels.get("stage") or "inference process per batch " + smp.labels.get("clock", "?")
+                st = stages.setdefault(name, {"buckets": []})
                 if smp.name.endswith("_bucket"):
                     st["buckets"].append((float(smp.labels["le"]), smp.value))
                 elif smp.name.endswith(("_count", "_sum")):

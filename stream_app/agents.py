@@ -7,7 +7,7 @@ One agent, ``process_events`` (concurrency 1), reads ``events`` with manual acks
    worker: an unexpected error while updating state dead-letters that message with reason
    ``processing_failed``.
 2. State, per event in the agent (never inside ``take()``, Faust issue #497): the user's history
-   (``histories``) and the activity count of the current event-time window (``activity``).
+   and the activity count of the current event-time window (``activity``).
    An event already in the history (same time, item and action: a redelivery after a restart, or
    a producer retry) is not added or counted again, so replays are idempotent for state.
 3. A :class:`~stream_app.batcher.Request` with the history *as of that event* goes to the
@@ -15,11 +15,18 @@ One agent, ``process_events`` (concurrency 1), reads ``events`` with manual acks
 
 The batcher's deliverer (:meth:`Pipeline.deliver`, on the event loop, in event order per user):
 
-4. if the user has a previous prediction (``last_prediction``), publishes an ``outcomes`` record:
+4. if the user has a previous prediction, publishes an ``outcomes`` record:
    that prediction's summary and version, what happened next (action, item, gap, the rank the
    item had, the probability the action had) and a compact history tail for the online trainer;
 5. publishes the prediction (or dead-letters the event with reason ``predict_failed``);
-6. records the prediction in ``last_prediction`` and only then acks the event.
+6. writes the user's ``histories`` entry — the window *and* this prediction's summary, one
+   :class:`~stream_app.history.UserState` value, one changelog record — and only then acks the event.
+
+Between 2 and 6 the user's state lives in :attr:`Pipeline.pending` (with a count of the user's
+events in flight), so the next event of the same user sees it before it is written; the entry is
+dropped when the last of them is delivered. Writing once per event at delivery, instead of the
+history at 2 and the prediction in a table of its own at 6, saves a table read, a RocksDB write and
+a changelog record per event.
 
 Every worker also follows ``model-updates`` itself (:class:`~stream_app.updates.ModelUpdateListener`,
 no consumer group, so each record reaches every worker; at start it applies the newest record, so a
@@ -34,7 +41,7 @@ so every prediction carries exactly one version. A bad update is logged (``!!!``
 Delivery guarantee: at-least-once. An offset is committed only after its event is acked, and Faust
 flushes the producer before it commits, so every event's prediction or DLQ record is written
 before its offset is. After a crash, events after the last commit are processed again: their
-state updates are skipped (see 2), their outcome is not emitted again when ``last_prediction``
+state updates are skipped (see 2), their outcome is not emitted again when the stored prediction
 already covers them, but their prediction is published again (a duplicate with the same
 ``partition``/``offset``, which consumers can drop). A graceful stop (SIGTERM) waits until every
 in-flight event is delivered and acked (``stream_wait_empty``), then commits: no duplicates.
@@ -62,7 +69,7 @@ from stream_app import metrics
 from stream_app.batcher import PREDICT_FAILED, Batcher, Request, Result
 from stream_app.errors import CheckpointError, EventRejected
 from stream_app.events import Event, dlq_record, parse_event
-from stream_app.history import add_event, decode_value, encode_value
+from stream_app.history import UserState, add_event, decode_value, encode_value
 from stream_app.settings import SettingsType
 from stream_app.updates import ModelUpdateListener
 
@@ -121,6 +128,15 @@ def default_predictor(settings: SettingsType) -> Predictor:
 
 
 @dataclass(slots=True, eq=False)
+class Pending:
+    """A user's state between an event's state update and its delivery (:attr:`Pipeline.pending`)."""
+
+    state: UserState
+    inflight: int = 0  # the user's events submitted and not yet delivered
+    dirty: bool = False  # changed since the table last got it
+
+
+@dataclass(slots=True, eq=False)
 class Source:
     """What the deliverer needs about the event behind a request (``Request.ref``)."""
 
@@ -141,7 +157,7 @@ class Source:
 def current_event(event: Any):
     """Make ``event`` Faust's current event, so table writes go to that event's partition.
 
-    The deliverer writes ``last_prediction`` outside the agent's iteration (after inference), where
+    The deliverer writes ``histories`` outside the agent's iteration (after inference), where
     Faust would otherwise refuse ("Cannot modify table outside of agent/stream") or pick the wrong
     partition. This restores exactly the per-event context Faust's own stream iterator sets.
     """
@@ -238,6 +254,8 @@ class Pipeline:
         self.publisher = publisher or KafkaPublisher(app, {"predictions": s.topic_predictions,
                                                             "outcomes": s.topic_outcomes, "dlq": s.topic_dlq})
         self.batcher: Batcher | None = None
+        #: user → state of the users with events in flight (see the module docstring)
+        self.pending: dict[str, Pending] = {}
         self._verified_topics: set[str] = set()
         self._watch: asyncio.Task | None = None
         self.ttl_ms = s.window_ttl_s * 1000
@@ -351,7 +369,11 @@ class Pipeline:
             return f"rejected:{PROCESSING_FAILED}"
         src = Source(event, stream, msg.topic, msg.partition, msg.offset, raw, key, ev.item_id, ev.action,
                      activity, duplicate)
-        await self.batcher.submit(Request(ev.user_id, history, ev.ts, arrival, observe=not duplicate, ref=src))
+        try:
+            await self.batcher.submit(Request(ev.user_id, history, ev.ts, arrival, observe=not duplicate, ref=src))
+        except BaseException:  # never delivered: the user's pending entry must not wait for it
+            self._delivered(ev.user_id)
+            raise
         return "duplicate" if duplicate else "queued"
 
     async def _wait_for_changelogs(self, source_topic: str, timeout: float = 60.0) -> None:
@@ -366,7 +388,7 @@ class Pipeline:
         """
         from faust.exceptions import PartitionsMismatch
 
-        tables = (self.t.histories, self.t.activity.table, self.t.last_prediction)
+        tables = (self.t.histories, self.t.activity.table)
         if self.app.consumer.topic_partitions(source_topic) is None:  # no broker (agent.test_context())
             self._verified_topics.add(source_topic)
             return
@@ -382,9 +404,15 @@ class Pipeline:
         self._verified_topics.add(source_topic)
 
     def update_state(self, ev: Event) -> tuple[EventSeq, int, bool]:
-        """Add the event to the user's history and activity count; return (history as of it, count, dup)."""
+        """Add the event to the user's history and activity count; return (history as of it, count, dup).
+
+        The history goes to :attr:`pending` (written to ``histories`` at delivery, with the prediction).
+        """
         s = self.settings
-        history = decode_value(self.t.histories.get(ev.user_id))
+        p = self.pending.get(ev.user_id)
+        if p is None:
+            p = Pending(decode_value(self.t.histories.get(ev.user_id)))
+        history = p.state.history
         duplicate = history_contains(history, ev)
         window = self.t.activity[ev.user_id]
         if duplicate:
@@ -392,9 +420,18 @@ class Pipeline:
         else:
             history = add_event(history, ev.item_id, ev.action, ev.ts, max_events=s.window_events,
                                 ttl_ms=self.ttl_ms, device=ev.device, location=ev.location, category=ev.category)
-            self.t.histories[ev.user_id] = encode_value(history)
             window += 1
+            p.state.history, p.dirty = history, True
+        p.inflight += 1
+        self.pending[ev.user_id] = p
         return history_as_of(history, ev.ts), int(window.value()), duplicate
+
+    def _delivered(self, user: str) -> None:
+        p = self.pending.get(user)
+        if p is not None:
+            p.inflight -= 1
+            if p.inflight <= 0:
+                del self.pending[user]
 
     async def dead_letter(self, raw: bytes | None, key: bytes | None, reason: str, detail: str, msg: Any) -> None:
         metrics.EVENTS_REJECTED.labels(reason).inc()
@@ -405,15 +442,24 @@ class Pipeline:
     async def deliver(self, results: list[Result]) -> None:
         for r in results:
             src: Source = r.request.ref
-            with current_event(src.event):
-                await self._deliver_one(r, src)
+            user = r.request.user_id
+            try:
+                with current_event(src.event):
+                    p = self.pending.get(user)
+                    if p is None:  # not from handle() (tests, or a bug): the table has the state
+                        p = self.pending[user] = Pending(decode_value(self.t.histories.get(user)), inflight=1)
+                    await self._deliver_one(r, src, p)
+                    if p.dirty:  # the window and the latest prediction: one write, one changelog record
+                        self.t.histories[user] = encode_value(p.state)
+                        p.dirty = False
+            finally:
+                self._delivered(user)
             await src.stream.ack(src.event)
 
-    async def _deliver_one(self, r: Result, src: Source) -> None:
+    async def _deliver_one(self, r: Result, src: Source, pend: Pending) -> None:
         req, user = r.request, r.request.user_id
         key = user.encode()
-        raw_last = self.t.last_prediction.get(user)
-        last = orjson.loads(raw_last) if raw_last is not None else None
+        last = pend.state.last
         # A redelivered event that the stored prediction already covers: no outcome, no state change.
         replay = last is not None and last["partition"] == src.partition and last["offset"] >= src.offset
         if last is not None and not replay:
@@ -423,8 +469,8 @@ class Pipeline:
         if p is None:
             await self.dead_letter(src.raw, src.key, PREDICT_FAILED, r.error or "prediction failed",
                                    src.event.message)
-            if not replay and last is not None:
-                self.t.last_prediction.pop(user, None)  # the next outcome must not pair with an older one
+            if not replay and last is not None:  # the next outcome must not pair with an older one
+                pend.state.last, pend.dirty = None, True
             return
         now = time.time()
         latency = now - req.arrival
@@ -442,9 +488,10 @@ class Pipeline:
         metrics.PREDICTIONS_OUT.labels(r.version).inc()
         metrics.EVENT_TO_PREDICTION.observe(latency)
         if not replay:
-            self.t.last_prediction[user] = orjson.dumps({
-                "v": r.version, "event_ts": req.event_ts, "partition": src.partition, "offset": src.offset,
-                "p": p.action_probs, "top": [[i, s] for i, s in p.top_items], "gap": p.next_gap_s})
+            pend.state.last = {"v": r.version, "event_ts": req.event_ts, "partition": src.partition,
+                               "offset": src.offset, "p": p.action_probs, "top": [[i, s] for i, s in p.top_items],
+                               "gap": p.next_gap_s}
+            pend.dirty = True
 
     @staticmethod
     def outcome_record(last: dict, req: Request, src: Source) -> bytes:

@@ -8,19 +8,18 @@ State, all keyed by user id (so the ``events`` partition, the table partitions a
 that owns a user line up), all RocksDB with a changelog topic (recovered after a restart or a
 rebalance):
 
-``histories``        user → ``EventSeq.pack()`` bytes: the last ``window_events`` events within
-                     ``window_ttl_s`` (see :mod:`stream_app.history`). Written per event by the agent.
+``histories``        user → :class:`~stream_app.history.UserState` (orjson): the last ``window_events``
+                     events within ``window_ttl_s`` (see :mod:`stream_app.history`) and a summary of
+                     the user's latest published prediction (model version, action probabilities,
+                     top items, next gap, event time, source partition/offset), which the user's
+                     next event turns into an ``outcomes`` record. Written once per event, by the
+                     batcher's deliverer when it publishes the prediction (see :mod:`stream_app.agents`).
 ``activity``         (user, tumbling window) → event count, windows on *event time*
                      (``activity_window_s``; kept for 24 windows).
-``last_prediction``  user → a small orjson summary of the user's latest published prediction
-                     (model version, action probabilities, top items, next gap, event time,
-                     source partition/offset). Written by the batcher's deliverer when it publishes a
-                     prediction and read when it publishes the user's next result, to build the
-                     ``outcomes`` record.
 
-``last_prediction`` is a table of its own, not part of the history value: it is written later and
-by another task (after inference, in event order) than the history, and it is small, so keeping it
-apart avoids re-serialising and re-logging the whole history twice per event.
+The latest prediction used to be a table of its own (``last_prediction``), written after the
+history by the deliverer: two writes and two changelog records per event where one does. An entry
+written then (a history without ``"p"``) reads as a user with no prediction yet.
 """
 
 from __future__ import annotations
@@ -64,7 +63,6 @@ class Topology:
     outcomes: faust.TopicT
     histories: Any  # faust.Table[str, bytes]
     activity: Any  # windowed faust.Table[str, int] (a WindowWrapper)
-    last_prediction: Any  # faust.Table[str, bytes]
 
 
 def create_app(settings: SettingsType | None = None, *, predictor_factory: Callable[[SettingsType], Predictor]
@@ -116,7 +114,7 @@ def create_app(settings: SettingsType | None = None, *, predictor_factory: Calla
 
     # --- tables ------------------------------------------------------------------------------------
     histories = app.Table("histories", partitions=settings.partitions, key_type=bytes, value_type=bytes,
-                          help="user -> packed EventSeq (bounded window)")
+                          help="user -> UserState: bounded event window + latest prediction")
     activity = (
         app.Table("activity", default=int, partitions=settings.partitions,
                   help="per-user event count per tumbling window (event time)")
@@ -124,15 +122,12 @@ def create_app(settings: SettingsType | None = None, *, predictor_factory: Calla
                   expires=timedelta(seconds=settings.activity_window_s * ACTIVITY_WINDOWS_KEPT))
         .relative_to(event_time_s)
     )
-    last_prediction = app.Table("last_prediction", partitions=settings.partitions, key_type=bytes, value_type=bytes,
-                                help="user -> summary of the latest prediction")
 
     @app.on_worker_init.connect
     def _make_data_dir(sender, **kwargs):  # Faust creates the datadir itself, but not its parents
         data_dir.mkdir(parents=True, exist_ok=True)
 
-    app.topology = Topology(settings, events, dlq, predictions, outcomes, histories, activity,
-                            last_prediction)
+    app.topology = Topology(settings, events, dlq, predictions, outcomes, histories, activity)
 
     # --- behaviour ---------------------------------------------------------------------------------
     from stream_app import agents  # noqa: PLC0415 - agents need the declarations above

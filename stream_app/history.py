@@ -1,6 +1,7 @@
 """The per-user window: bounded by count and by age, tolerant of out-of-order events (pure).
 
-The value stored in the ``histories`` table is ``EventSeq.pack()`` bytes. Age is measured against
+The value stored in the ``histories`` table is a :class:`UserState` (the window and the user's latest
+prediction; :func:`encode_value`). Age is measured against
 the user's newest event time, not the wall clock, so replays of old logs keep their history.
 
 >>> h = EventSeq.empty()
@@ -16,7 +17,10 @@ the user's newest event time, not the wall clock, so replays of old logs keep th
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
+import orjson
 
 from models.schema import EventSeq
 
@@ -39,11 +43,39 @@ def bound(history: EventSeq, *, max_events: int, ttl_ms: int) -> EventSeq:
     return history.tail(max_events)
 
 
-def encode_value(history: EventSeq) -> bytes:
+@dataclass(slots=True)
+class UserState:
+    """One user's ``histories`` table value: the event window and a summary of the latest prediction
+    published for the user (``None`` before the first; it pairs with the next event as an outcome).
+
+    Stored as one orjson object: the :meth:`EventSeq.to_json` columns plus ``"p"`` for the
+    prediction, so one table write (one changelog record) per event keeps both. A value without
+    ``"p"`` (written before the two were merged) reads as a history with no prediction yet.
+
+    >>> st = UserState(EventSeq.from_columns(["a"], ["cart"], [5]), {"v": "m1", "event_ts": 5})
+    >>> back = decode_value(encode_value(st))
+    >>> back.history.items, back.last
+    (['a'], {'v': 'm1', 'event_ts': 5})
+    >>> decode_value(EventSeq.from_columns(["a"], ["view"], [1]).pack()).last is None
+    True
+    """
+
+    history: EventSeq
+    last: dict | None = None
+
+
+def encode_value(state: UserState) -> bytes:
     """Table value bytes (what also goes to the changelog)."""
-    return history.pack()
+    d = state.history.to_json()
+    if state.last is not None:
+        d["p"] = state.last
+    return orjson.dumps(d)
 
 
-def decode_value(value: bytes | None) -> EventSeq:
+def decode_value(value: bytes | None) -> UserState:
     """Inverse of :func:`encode_value`; ``None`` (no entry yet) is the empty history."""
-    return EventSeq.empty() if value is None else EventSeq.unpack(value)
+    if value is None:
+        return UserState(EventSeq.empty())
+    d = orjson.loads(value)
+    last = d.pop("p", None)
+    return UserState(EventSeq.from_json(d), last)

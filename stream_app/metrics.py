@@ -40,6 +40,10 @@ STAGE_LATENCY = Histogram("nextaction_stage_latency_seconds",
                           "Where an event's time in the worker goes, per request: queue (submitted -> its batch "
                           "starts), infer (its batch's predict + observe), deliver (batch done -> published)",
                           ["stage"], buckets=_LATENCY_BUCKETS, registry=REGISTRY)
+INFERENCE_PROCESS = Histogram("nextaction_inference_process_seconds",
+                              "Per batch inside the inference process (serve_process): wall time from request to "
+                              "reply, and the CPU time its thread used meanwhile (wall >> cpu: it waited for a core)",
+                              ["clock"], buckets=_LATENCY_BUCKETS, registry=REGISTRY)
 QUEUE_DEPTH = Gauge("nextaction_queue_depth", "Prediction requests waiting for a batch", registry=REGISTRY)
 MODEL_SWAPS = Counter("nextaction_model_swaps", "Predictor hot swaps", registry=REGISTRY)
 MODEL_UPDATES = Counter("nextaction_model_updates", "model-updates records, by result (applied, rejected, skipped)",

@@ -30,12 +30,14 @@ from __future__ import annotations
 import logging
 import multiprocessing as mp
 import threading
+import time
 from typing import Any, Sequence
 
 import orjson
 
 from models.predictor import Prediction
 from models.schema import EventSeq
+from stream_app import metrics
 from stream_app.errors import PredictorError
 
 log = logging.getLogger(__name__)
@@ -77,12 +79,14 @@ def serve(conn: Any, settings_payload: dict, path: str | None) -> None:
             msg = orjson.loads(conn.recv_bytes())
         except (EOFError, OSError):
             return  # the worker is gone
+        t0, c0 = time.perf_counter(), time.thread_time()
         try:
             reply = _handle(msg, models, settings)
         except Exception as exc:  # noqa: BLE001 - a failing batch is the worker's to retry / dead-letter
             reply = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
         if reply is None:
             return
+        reply["t"] = [time.perf_counter() - t0, time.thread_time() - c0]  # wall, CPU (metrics)
         try:
             conn.send_bytes(orjson.dumps(reply))
         except (EOFError, OSError):
@@ -229,6 +233,9 @@ class RemotePredictor:
         msg = {"op": "predict", "v": self.version, "k": k, "observe": observe,
                "h": [h.to_json() for h in histories], "users": list(users) if users is not None else None}
         reply = ch.call(msg)  # observations are applied once, even when the batch itself fails
+        wall, cpu = reply["t"]
+        metrics.INFERENCE_PROCESS.labels("wall").observe(wall)
+        metrics.INFERENCE_PROCESS.labels("cpu").observe(cpu)
         out = [Prediction(list(p[0]), [(str(i), float(s)) for i, s in p[1]], float(p[2]), p[3] or "")
                for p in reply["p"]]
         if len(out) != len(histories):

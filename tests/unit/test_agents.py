@@ -52,8 +52,8 @@ def make_app(tmp_path):
         # gc_freeze off: in one long test process, freezing would pin every earlier test's objects
         # (torch/nanobind ones included), which nanobind then reports as leaks at exit.
         kw.setdefault("gc_freeze", False)
-        s = Settings(app_id=f"test-agents-{next(_ids)}", data_dir=tmp_path, max_wait_ms=1, partitions=1,
-                     window_events=5, **kw)
+        kw.setdefault("max_wait_ms", 1)
+        s = Settings(app_id=f"test-agents-{next(_ids)}", data_dir=tmp_path, partitions=1, window_events=5, **kw)
         rec = Recorder()
         app = create_app(s, publisher=rec, predictor_factory=factory)
         app.finalize()
@@ -68,16 +68,22 @@ def ev(user="u1", item="i1", action="view", ts=None, **extra):
     return orjson.dumps({"user_id": user, "item_id": item, "action": action, "ts": ts, **extra})
 
 
-async def put_all(app, messages):
+async def put_all(app, messages, one_at_a_time=True):
     async with app.pipeline.agent.test_context() as agent:
         out = []
         for key, value, *offset in messages:
             if offset:
                 agent.sent_offset = offset[0]
             out.append(await agent.put(value, key=key))
-            await app.pipeline.batcher.drain()  # one event at a time: deterministic learning order
-        history = {k: decode_value(app.topology.histories.get(k)) for k in ("u1", "u2")}
-        return agent.results, history
+            if one_at_a_time:
+                await app.pipeline.batcher.drain()  # deterministic learning order
+        inflight = max((p.inflight for p in app.pipeline.pending.values()), default=0)
+        await app.pipeline.batcher.drain()
+        app.max_inflight = inflight
+        states = {k: decode_value(app.topology.histories.get(k)) for k in ("u1", "u2")}
+        assert app.pipeline.pending == {}  # every event delivered: nothing left between handle and deliver
+        app.states = states
+        return agent.results, {k: st.history for k, st in states.items()}
 
 
 def test_valid_event_yields_prediction_and_updates_history(make_app):
@@ -132,6 +138,24 @@ def test_outcome_pairs_previous_prediction_with_what_happened(make_app):
     tail = EventSeq.unpack(orjson.dumps(o["history_tail"]))
     assert tail.items == ["i0", "i1", "i2"] and o["history_len"] == 3
     assert hist["u1"].items == ["i0", "i1", "i2"] and hist["u2"].items == ["i1"]
+    last = app.states["u1"].last  # stored with the window: the next event's outcome pairs with it
+    assert (last["offset"], last["event_ts"], last["top"]) == (preds[2]["offset"], t + 20_000, preds[2]["top_items"])
+    assert app.states["u2"].last["offset"] == preds[3]["offset"]
+
+
+def test_a_users_events_in_flight_together_see_each_other_and_pair_in_order(make_app):
+    """Events of one user queued before any is delivered: each one's history holds the earlier ones
+    (from the pending state, not yet in the table), and delivery writes state and outcomes in order."""
+    app, rec = make_app(max_wait_ms=200.0)
+    t = int(time.time() * 1000) - 60_000
+    msgs = [(b"u1", ev(item=f"i{n}", ts=t + n * 1000)) for n in range(4)] + [(b"u2", ev(user="u2", ts=t))]
+    results, hist = asyncio.run(put_all(app, msgs, one_at_a_time=False))
+    assert app.max_inflight == 4  # all of u1's events were in flight at once
+    preds, outs = rec.of("predictions"), rec.of("outcomes")
+    assert sorted(p["history_len"] for p in preds if p["user_id"] == "u1") == [1, 2, 3, 4]
+    assert [o["context"]["offset"] for o in outs] == [0, 1, 2]  # each paired with the previous event
+    assert [o["happened"]["item_id"] for o in outs] == ["i1", "i2", "i3"]
+    assert hist["u1"].items == ["i0", "i1", "i2", "i3"] and app.states["u1"].last["offset"] == 3
 
 
 def test_history_is_bounded_and_redelivery_is_idempotent(make_app):

@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from models.schema import ACTIONS, EventSeq
-from stream_app.history import add_event, bound, decode_value, encode_value
+from stream_app.history import UserState, add_event, bound, decode_value, encode_value
 
 
 def build(ts_list, max_events=1000, ttl_ms=10**12, items=None):
@@ -44,9 +44,13 @@ def test_pack_unpack_round_trip_unicode_and_columns():
     h = EventSeq.empty()
     h = h.appended("商品-1 🍵", "purchase", 1_700_000_000_000, device="ios", location="de-be", category="茶")
     h = h.appended("item\"quote", "cart", 1_700_000_000_500)
-    back = decode_value(encode_value(h))
+    back = decode_value(encode_value(UserState(h))).history
     assert back == h and back.items[0] == "商品-1 🍵" and back.actions.dtype == np.uint8
-    assert decode_value(None) == EventSeq.empty()
+    assert decode_value(None).history == EventSeq.empty() and decode_value(None).last is None
+    last = {"v": "abc", "top": [["商品-1 🍵", 0.5]], "p": [0.2, 0.8]}
+    both = decode_value(encode_value(UserState(h, last)))
+    assert both.history == h and both.last == last
+    assert decode_value(h.pack()).history == h  # a value written before the prediction joined it
     assert bound(EventSeq.empty(), max_events=3, ttl_ms=1) == EventSeq.empty()
 
 
@@ -62,4 +66,4 @@ def test_property_sorted_bounded_and_round_trips(events, max_events, ttl_ms):
         assert np.all(np.diff(h.ts) >= 0)
         assert int(h.ts[-1]) - int(h.ts[0]) <= ttl_ms
         assert len(h.items) == len(h.actions) == len(h.devices) == len(h.locations) == len(h.categories)
-    assert decode_value(encode_value(h)) == h
+    assert decode_value(encode_value(UserState(h))).history == h

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from models.serving import TransformerPredictor
+from stream_app import metrics
 from stream_app.errors import PredictorError
 from stream_app.remote import RemotePredictor
 from stream_app.settings import Settings
@@ -50,8 +51,12 @@ def test_child_process_answers_like_the_in_process_predictor_and_swaps(checkpoin
         assert remote.pid != os.getpid() and remote.version == local1.version and remote.accepts_users
         hs = _histories(6)
         users = [f"u{i}" for i in range(len(hs))]
+        batches = metrics.INFERENCE_PROCESS.labels("cpu")._sum.get(), metrics.INFERENCE_PROCESS.labels("wall")._sum.get()
         for a, b in zip(remote.predict(hs, 5, users=users), local1.predict(hs, 5, users=users)):
             _same(a, b)
+        cpu = metrics.INFERENCE_PROCESS.labels("cpu")._sum.get() - batches[0]
+        wall = metrics.INFERENCE_PROCESS.labels("wall")._sum.get() - batches[1]
+        assert 0 < cpu and 0 < wall < 60  # the child's own time for that batch reached the worker's /metrics
         assert not remote.learns  # a fixed checkpoint: its observe is a no-op, so nothing is shipped
         for h in hs:
             remote.observe(h)
