@@ -59,7 +59,8 @@ elsewhere; ``float32`` always scans exactly.
 
 Device. ``device='auto'`` → ``cuda`` if available, else ``cpu``. CUDA: bf16 autocast, pinned host
 memory and non-blocking copies, ``inference_mode``, sequence lengths padded to a few buckets, and
-optional ``torch.compile`` of the full-recomputation scorer. CPU: fp32 and an intra-op thread count
+optional ``torch.compile`` of the full-recomputation scorer. CPU: fp32 (bf16 catalogue scan where
+the CPU has bf16 instructions, see above) and an intra-op thread count
 chosen deliberately (default: all cores but one, which is left to the Faust event loop).
 
 Thread safety: none by design — the batcher calls ``predict`` from one executor thread.
