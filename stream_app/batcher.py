@@ -1,4 +1,4 @@
-"""Micro-batching of prediction requests and the single inference executor thread.
+"""Micro-batching of prediction requests, run on the single inference executor thread or awaited.
 
 The agent :meth:`~Batcher.submit`\\ s one :class:`Request` per valid event (awaiting while the
 bounded queue is full: that is the backpressure that slows consumption instead of growing memory).
@@ -8,7 +8,10 @@ Two tasks then run on the event loop:
   until ``max_wait_ms`` after the oldest request was submitted (Triton-style dynamic batching: a
   request that already waited while the executor was busy is not held back any longer), then runs
   ``predict`` then ``observe`` for the whole batch in a ``ThreadPoolExecutor(1)``, so the event loop
-  keeps consuming, updating state and publishing meanwhile;
+  keeps consuming, updating state and publishing meanwhile — or, for a predictor with
+  ``predict_async`` (the inference process of :mod:`stream_app.remote`), awaits it on the event
+  loop: the model runs in another process, and a thread that waited on the pipe would have to win
+  the GIL back from the busy event loop after every read and write;
 * the **deliver loop** hands finished batches, in submission order, to the ``deliver`` coroutine
   (publishing, acking). Inference of batch *n+1* overlaps delivery of batch *n*; a small bounded
   hand-off queue keeps a slow deliverer from letting results pile up.
@@ -270,7 +273,6 @@ class Batcher:
         return batch
 
     async def _infer_loop(self) -> None:
-        loop = asyncio.get_running_loop()
         try:
             while True:
                 batch = await self._collect()
@@ -279,7 +281,7 @@ class Batcher:
                 for r in batch:
                     queued.observe(started - r.enqueued)
                 predictor = self._predictor  # read once: the whole batch is served by one version
-                results = await loop.run_in_executor(self._executor, self._infer, predictor, batch)
+                results = await self._infer(predictor, batch)
                 await self._handoff.put(results)
         except asyncio.CancelledError:
             raise
@@ -319,22 +321,23 @@ class Batcher:
             if t is not asyncio.current_task():
                 t.cancel()
 
-    # --- executor thread ----------------------------------------------------------------------------
-    def _infer(self, predictor: Predictor, batch: list[Request]) -> list[Result]:
-        """observe + predict one batch (runs in the executor thread)."""
+    # --- one batch ----------------------------------------------------------------------------------
+    async def _infer(self, predictor: Predictor, batch: list[Request]) -> list[Result]:
+        """predict, then observe, one batch.
+
+        A predictor with ``predict_async`` (the inference process, :mod:`stream_app.remote`, which
+        waits on its pipe) is awaited on the event loop, so no thread has to win the GIL back from
+        the event loop after every pipe read and write; its ``observe`` must be cheap (it buffers).
+        Any other predictor runs in the executor thread, predict and observe in one hop, while the
+        event loop keeps consuming and publishing.
+        """
         t0 = time.perf_counter()
-        users = [r.user_id for r in batch] if getattr(predictor, "accepts_users", False) else None
-        preds, errors = self._predict_robust(predictor, [r.history for r in batch], users)
-        # Learn only after predicting: a prediction must not see events later than its own, which
-        # observing the whole batch first would leak (prequential order: predict, then learn).
-        # A predictor with ``learns = False`` (a fixed checkpoint) is not called at all.
-        for r in batch if getattr(predictor, "learns", True) else ():
-            if r.observe:
-                try:
-                    predictor.observe(r.history)
-                except Exception:  # learning is best effort; the predictions are already made
-                    metrics.OBSERVE_ERRORS.inc()
-                    log.exception("predictor %s observe() failed for user %r", predictor.version, r.user_id)
+        if getattr(predictor, "predict_async", None) is not None:
+            preds, errors = await self._predict_robust(self._caller(predictor, batch), len(batch))
+            self._observe(predictor, batch)
+        else:
+            preds, errors = await asyncio.get_running_loop().run_in_executor(
+                self._executor, self._infer_in_thread, predictor, batch)
         dt = time.perf_counter() - t0
         done = time.monotonic()
         metrics.BATCH_SIZE.observe(len(batch))
@@ -354,17 +357,59 @@ class Batcher:
             out.append(Result(r, p, version, e, done))
         return out
 
-    def _predict_robust(self, predictor: Predictor, histories: Sequence[EventSeq],
-                        users: Sequence[str] | None = None) -> tuple[list[Prediction | None], list[str | None]]:
-        preds: list[Prediction | None] = [None] * len(histories)
-        errors: list[str | None] = [None] * len(histories)
+    def _caller(self, predictor: Predictor, batch: list[Request]
+                ) -> Callable[[list[int]], Awaitable[Sequence[Prediction]]]:
+        """``call(ids)``: the predictor's predictions for the requests at ``ids`` (users too, if it takes them)."""
+        users = [r.user_id for r in batch] if getattr(predictor, "accepts_users", False) else None
+        predict_async = getattr(predictor, "predict_async", None)
 
-        def attempt(ids: list[int], tries: int) -> None:
+        async def call(ids: list[int]) -> Sequence[Prediction]:
+            hs = [batch[i].history for i in ids]
+            kw = {"users": [users[i] for i in ids]} if users is not None else {}
+            if predict_async is not None:
+                return await predict_async(hs, self.k, **kw)
+            return predictor.predict(hs, self.k, **kw)  # never suspends: see _infer_in_thread
+
+        return call
+
+    def _infer_in_thread(self, predictor: Predictor, batch: list[Request]
+                         ) -> tuple[list[Prediction | None], list[str | None]]:
+        """The executor thread's share: the robust predict (its coroutine never suspends with a
+        synchronous predictor, so it runs to completion on the first step) and the observes."""
+        coro = self._predict_robust(self._caller(predictor, batch), len(batch))
+        try:
+            coro.send(None)
+        except StopIteration as done:
+            self._observe(predictor, batch)
+            return done.value
+        coro.close()
+        raise RuntimeError("_predict_robust suspended with a synchronous predictor")
+
+    @staticmethod
+    def _observe(predictor: Predictor, batch: list[Request]) -> None:
+        """observe() each request's history after the batch's predictions (prequential order: a
+        prediction must not see events later than its own); best effort. A predictor with
+        ``learns = False`` (a fixed checkpoint) is not called at all."""
+        if not getattr(predictor, "learns", True):
+            return
+        for r in batch:
+            if r.observe:
+                try:
+                    predictor.observe(r.history)
+                except Exception:  # noqa: BLE001 - the predictions are already made
+                    metrics.OBSERVE_ERRORS.inc()
+                    log.exception("predictor %s observe() failed for user %r", predictor.version, r.user_id)
+
+    async def _predict_robust(self, call: Callable[[list[int]], Awaitable[Sequence[Prediction]]], n: int
+                              ) -> tuple[list[Prediction | None], list[str | None]]:
+        """``call(ids)`` predicts the requests at ``ids``; a failing call is split in halves and each half
+        retried, down to single requests (tried twice); returns (predictions, errors) per request."""
+        preds: list[Prediction | None] = [None] * n
+        errors: list[str | None] = [None] * n
+
+        async def attempt(ids: list[int], tries: int) -> None:
             try:
-                if users is not None:
-                    got = predictor.predict([histories[i] for i in ids], self.k, users=[users[i] for i in ids])
-                else:
-                    got = predictor.predict([histories[i] for i in ids], self.k)
+                got = await call(ids)
                 if len(got) != len(ids):
                     raise PredictorError(f"predict() returned {len(got)} predictions for {len(ids)} histories")
             except Exception as exc:  # noqa: BLE001 - any predictor failure is isolated, then reported
@@ -372,10 +417,10 @@ class Batcher:
                 metrics.PREDICT_ERRORS.inc()
                 if len(ids) > 1:  # bisect: isolate the poison history, keep the rest
                     mid = len(ids) // 2
-                    attempt(ids[:mid], 2)
-                    attempt(ids[mid:], 2)
+                    await attempt(ids[:mid], 2)
+                    await attempt(ids[mid:], 2)
                 elif tries > 1:
-                    attempt(ids, tries - 1)
+                    await attempt(ids, tries - 1)
                 else:
                     errors[ids[0]] = f"{type(exc).__name__}: {exc}"
                 return
@@ -384,13 +429,13 @@ class Batcher:
                     preds[i] = check_prediction(p, self.k)
                 except PredictorError as exc:
                     if tries > 1 and len(ids) > 1:
-                        attempt([i], 2)
+                        await attempt([i], 2)
                     elif tries > 1:
-                        attempt([i], tries - 1)
+                        await attempt([i], tries - 1)
                     else:
                         errors[i] = f"{type(exc).__name__}: {exc}"
 
-        attempt(list(range(len(histories))), 2)
+        await attempt(list(range(n)), 2)
         return preds, errors
 
     @staticmethod

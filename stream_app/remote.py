@@ -27,6 +27,7 @@ Setting: ``serve_process`` (default on). Off, the predictor runs in the worker's
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import multiprocessing as mp
 import threading
@@ -171,16 +172,52 @@ class _Channel:
                     reply = self._recv(CALL_TIMEOUT_S)
                     break
                 except (EOFError, OSError) as exc:
-                    if attempt == 2:
-                        raise PredictorError(f"inference process died again: {exc!r}") from None
-                    log.error("!!! inference process %s died (exit code %s, %r): starting a new one",
-                              self.proc.pid, self.proc.exitcode, exc)
-                    self._kill()
-                    self.respawns += 1
+                    self._replace(attempt, exc)
                     self.start()
-        if not reply.get("ok"):
-            raise PredictorError(f"inference process: {reply.get('error')}")
-        return reply
+        return _checked(reply)
+
+    async def call_async(self, msg: dict) -> dict:
+        """:meth:`call` for the event loop: the loop writes the request and is woken when the reply
+        is readable, so no thread waits on the pipe (and then on the GIL). Shares the channel's
+        lock with :meth:`call` (a model load in the executor thread)."""
+        data = orjson.dumps(msg)
+        loop = asyncio.get_running_loop()
+        while not self.lock.acquire(blocking=False):  # held by a load in the executor: rare, seconds
+            await asyncio.sleep(0.001)
+        try:
+            for attempt in (1, 2):
+                try:
+                    self.conn.send_bytes(data)  # a full pipe blocks until the (idle, reading) child drains it
+                    await self._readable(loop, CALL_TIMEOUT_S)
+                    reply = orjson.loads(self.conn.recv_bytes())
+                    break
+                except (EOFError, OSError) as exc:
+                    self._replace(attempt, exc)
+                    await loop.run_in_executor(None, self.start)  # ~5 s of spawn and model load, off the loop
+        finally:
+            self.lock.release()
+        return _checked(reply)
+
+    async def _readable(self, loop: asyncio.AbstractEventLoop, timeout: float) -> None:
+        fd = self.conn.fileno()
+        ready = loop.create_future()
+        loop.add_reader(fd, lambda: ready.done() or ready.set_result(None))
+        try:
+            await asyncio.wait_for(ready, timeout)
+        except asyncio.TimeoutError:
+            raise PredictorError(f"inference process {self.proc.pid} did not answer within {timeout:.0f} s") from None
+        finally:
+            loop.remove_reader(fd)
+
+    def _replace(self, attempt: int, exc: BaseException) -> None:
+        """The child died during a call: raise on the second attempt, else kill what is left (the
+        caller starts a new one and retries)."""
+        if attempt == 2:
+            raise PredictorError(f"inference process died again: {exc!r}") from None
+        log.error("!!! inference process %s died (exit code %s, %r): starting a new one",
+                  self.proc.pid, self.proc.exitcode, exc)
+        self._kill()
+        self.respawns += 1
 
     def _kill(self) -> None:
         if self.proc is not None and self.proc.is_alive():
@@ -200,6 +237,12 @@ class _Channel:
                 pass
             self._kill()
             self.proc = None
+
+
+def _checked(reply: dict) -> dict:
+    if not reply.get("ok"):
+        raise PredictorError(f"inference process: {reply.get('error')}")
+    return reply
 
 
 class RemotePredictor:
@@ -228,18 +271,31 @@ class RemotePredictor:
                 ) -> list[Prediction]:
         if not histories:
             return []
+        return self._predictions(self._channel.call(self._request(histories, k, users)), len(histories))
+
+    async def predict_async(self, histories: Sequence[EventSeq], k: int, users: Sequence[str] | None = None
+                            ) -> list[Prediction]:
+        """:meth:`predict` awaited on the event loop (what the batcher calls)."""
+        if not histories:
+            return []
+        return self._predictions(await self._channel.call_async(self._request(histories, k, users)),
+                                 len(histories))
+
+    def _request(self, histories: Sequence[EventSeq], k: int, users: Sequence[str] | None) -> dict:
         ch = self._channel
-        observe, ch.pending_observe = ch.pending_observe, []
-        msg = {"op": "predict", "v": self.version, "k": k, "observe": observe,
-               "h": [h.to_json() for h in histories], "users": list(users) if users is not None else None}
-        reply = ch.call(msg)  # observations are applied once, even when the batch itself fails
+        observe, ch.pending_observe = ch.pending_observe, []  # applied once, even when the batch fails
+        return {"op": "predict", "v": self.version, "k": k, "observe": observe,
+                "h": [h.to_json() for h in histories], "users": list(users) if users is not None else None}
+
+    @staticmethod
+    def _predictions(reply: dict, n: int) -> list[Prediction]:
         wall, cpu = reply["t"]
         metrics.INFERENCE_PROCESS.labels("wall").observe(wall)
         metrics.INFERENCE_PROCESS.labels("cpu").observe(cpu)
         out = [Prediction(list(p[0]), [(str(i), float(s)) for i, s in p[1]], float(p[2]), p[3] or "")
                for p in reply["p"]]
-        if len(out) != len(histories):
-            raise PredictorError(f"inference process returned {len(out)} predictions for {len(histories)} histories")
+        if len(out) != n:
+            raise PredictorError(f"inference process returned {len(out)} predictions for {n} histories")
         return out
 
     def observe(self, history: EventSeq) -> None:

@@ -142,6 +142,25 @@ def test_failing_batch_is_bisected_and_only_poison_events_fail():
     assert b.stats["failed"] == 3 and PREDICT_FAILED == "predict_failed"
 
 
+class AsyncEcho(EchoPredictor):
+    """The inference-process shape: ``predict_async`` awaited on the event loop, no executor thread."""
+
+    async def predict_async(self, histories, k):
+        await asyncio.sleep(0.001)
+        return self.predict(histories, k)
+
+
+def test_an_async_predictor_runs_on_the_loop_and_is_bisected_alike():
+    pred = AsyncEcho(fail_items={"u3:2"})
+    reqs = [Request(f"u{i % 5}", hist(f"u{i % 5}", i // 5 + 1), i, 0.0) for i in range(25)]
+    delivered, b = asyncio.run(run_batcher(pred, reqs, max_batch=25, max_wait_ms=20))
+    results = [r for batch in delivered for r in batch]
+    assert pred.threads == {"MainThread"}  # never the inference thread
+    failed = [r for r in results if r.prediction is None]
+    assert [r.request.history.items[-1] for r in failed] == ["u3:2"] and "poison item" in failed[0].error
+    assert len(results) == 25 and pred.observed == 25  # every history observed after the batch, as in the thread
+
+
 def test_transient_large_batch_failure_is_retried_smaller():
     reqs = [Request(f"u{i}", hist(f"u{i}", 1), i) for i in range(16)]
     p = EchoPredictor(fail_batches_larger_than=4)  # e.g. out of memory at large batches

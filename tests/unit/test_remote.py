@@ -3,6 +3,7 @@ respawn after the child dies."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 
@@ -86,6 +87,32 @@ def test_a_dead_child_is_replaced_on_the_next_call(checkpoints):
         assert remote.pid != old_pid and remote._channel.respawns == 1
         for a, b in zip(first, again):
             _same(a, b)
+    finally:
+        remote.close()
+
+
+def test_the_event_loop_path_answers_alike_and_replaces_a_dead_child(checkpoints):
+    """predict_async (what the batcher awaits: no thread waits on the pipe) gives what predict gives,
+    and a child killed between calls is replaced, off the event loop, and the call retried."""
+    v1, _ = checkpoints
+    remote = RemotePredictor.start(Settings(checkpoint=v1, device="cpu", serve_threads=1))
+    try:
+        hs = _histories(4)
+
+        async def scenario():
+            first = await remote.predict_async(hs, 5)
+            os.kill(remote.pid, signal.SIGKILL)
+            remote._channel.proc.join(10)
+            beat = asyncio.ensure_future(asyncio.sleep(0.01))  # the loop keeps running during the respawn
+            again = await remote.predict_async(hs, 5)
+            return first, again, beat.done()
+
+        old_pid = remote.pid
+        first, again, loop_ran = asyncio.run(scenario())
+        assert loop_ran and remote.pid != old_pid and remote._channel.respawns == 1
+        for a, b, c in zip(first, again, remote.predict(hs, 5)):
+            _same(a, b)
+            _same(a, c)
     finally:
         remote.close()
 
