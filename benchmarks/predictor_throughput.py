@@ -72,6 +72,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--incr-reps", type=int, default=None, help="events per user timed in the incremental test")
     ap.add_argument("--threads", type=int, default=None, help="CPU intra-op threads (default: cores - 1)")
     ap.add_argument("--compile", action="store_true", help="torch.compile the scorer (both variants)")
+    ap.add_argument("--score-dtype", default="auto", choices=("auto", "float32", "bfloat16"),
+                    help="catalogue scan precision (both variants; see models.serving)")
     ap.add_argument("--no-write", action="store_true", help="print, do not update RESULTS.md")
     args = ap.parse_args(argv)
 
@@ -86,7 +88,7 @@ def main(argv: list[str] | None = None) -> None:
     model, vocab = sb.build_model(args.catalog, d_model=args.d_model, n_layers=args.layers, max_len=args.seq)
     tmp = tempfile.TemporaryDirectory(prefix="nextaction-bench-")
     path = save_checkpoint(Path(tmp.name) / "ck", model, vocab)
-    opts = dict(device=args.device, num_threads=threads, compile=args.compile)
+    opts = dict(device=args.device, num_threads=threads, compile=args.compile, score_dtype=args.score_dtype)
     full = TransformerPredictor.from_checkpoint(path, incremental=False, **opts)
     pool = sb.histories(max(sizes), args.seq, args.catalog, seed=1)
     print(f"device {full.device}, threads {full.num_threads}, catalogue {args.catalog:,} (+{vocab.n_hash_buckets} "
@@ -147,7 +149,7 @@ def main(argv: list[str] | None = None) -> None:
     big = [r for r in rows if r[0] >= 1024] or rows[-1:]
     ratio_big = sum(r[8] for r in big) / sum(r[7] for r in big)  # pooled over every repetition
     gpu_note = ("" if cuda else
-                "\n**No GPU was available in this task**: every number here is CPU-only (fp32). The GPU target "
+                "\n**No GPU was available in this task**: every number here is CPU-only. The GPU target "
                 "(≥ 400k sequences/s on one H100 including host↔device copies) is **unmeasured**; run on a GPU "
                 "node:\n\n    .venv/bin/python benchmarks/predictor_throughput.py --device cuda\n"
                 "    .venv/bin/python benchmarks/predictor_throughput.py --device cuda --compile\n"
@@ -158,7 +160,9 @@ def main(argv: list[str] | None = None) -> None:
           f"- command: `{sb.command_line()}`",
           f"- model: random init, d={args.d_model}, {args.layers} layers (llama), sequence {args.seq}, catalogue "
           f"{args.catalog:,} items, full-catalogue top-{args.k} + action + gap heads; device `{full.device}`, "
-          f"{'bf16 autocast' if cuda else 'fp32'}, {full.num_threads} intra-op thread(s), compile={args.compile}, "
+          f"{'bf16 autocast' if cuda else 'fp32'}, catalogue scan "
+          f"{'fp32 (exact)' if full.score_dtype is None else 'bf16 + exact fp32 rescoring of the best k + 32'} "
+          f"(`--score-dtype {args.score_dtype}`), {full.num_threads} intra-op thread(s), compile={args.compile}, "
           f"{full.max_rows} rows per model call (score-matrix budget)",
           "- *ours* = `TransformerPredictor.predict` on `EventSeq` histories (encoding, collation, bucket padding, "
           "copies, model, device top-K, `Prediction` objects), full recomputation; *bare* = `score_last` + "
