@@ -268,6 +268,8 @@ class Pipeline:
             s = self.settings
             reset_root_log_level(s.log_level)
             sys.setswitchinterval(s.gil_switch_interval_ms / 1000.0)
+            if getattr(self.app, "producer", None) is not None:  # changelog records buffered before Faust pauses
+                self.app.producer.buffer.max_messages = s.producer_buffer_max_messages
             predictor = self.predictor_factory(s)
             log.info("serving predictor %s (max_batch=%d, max_wait_ms=%s, queue=%d)", predictor.version,
                      s.max_batch, s.max_wait_ms, s.predict_queue)

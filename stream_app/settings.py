@@ -48,6 +48,11 @@ class _Settings(BaseSettings):
     # Offset commit interval (s). A commit first flushes the producer. At-least-once either way: a
     # crash reprocesses at most about this much input.
     commit_interval_s: float = 1.0
+    # Faust's producer buffer for table changelog records: past this many, Faust stops feeding the
+    # stream until it drains ("producer buffer full"). Faust's 100 is less than one delivered batch
+    # writes (one histories record per event), so at ~1,000 events/s it stalled the stream for 9-31 ms
+    # about once a second (benchmarks/RESULTS.md, e2e-analysis). A full prediction queue's worth.
+    producer_buffer_max_messages: int = 4096
     # Faust: messages buffered per partition stream and records per consumer poll (0 = Faust default).
     stream_buffer_maxsize: int = 4096
     max_poll_records: int = 0
@@ -98,7 +103,8 @@ class _Settings(BaseSettings):
 
     @field_validator("partitions", "window_events", "window_ttl_s", "activity_window_s", "max_event_bytes",
                      "top_k", "max_batch", "predict_queue", "kafka_port", "kafka_controller_port",
-                     "kv_cache_users", "kv_cache_mb", "kv_refresh_every", "stream_buffer_maxsize")
+                     "kv_cache_users", "kv_cache_mb", "kv_refresh_every", "stream_buffer_maxsize",
+                     "producer_buffer_max_messages")
     @classmethod
     def _positive(cls, v: int) -> int:
         if v < 1:

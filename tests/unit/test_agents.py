@@ -151,6 +151,7 @@ def test_a_users_events_in_flight_together_see_each_other_and_pair_in_order(make
     msgs = [(b"u1", ev(item=f"i{n}", ts=t + n * 1000)) for n in range(4)] + [(b"u2", ev(user="u2", ts=t))]
     results, hist = asyncio.run(put_all(app, msgs, one_at_a_time=False))
     assert app.max_inflight == 4  # all of u1's events were in flight at once
+    assert app.producer.buffer.max_messages == 4096  # Faust's 100 would pause the stream on every burst
     preds, outs = rec.of("predictions"), rec.of("outcomes")
     assert sorted(p["history_len"] for p in preds if p["user_id"] == "u1") == [1, 2, 3, 4]
     assert [o["context"]["offset"] for o in outs] == [0, 1, 2]  # each paired with the previous event
