@@ -353,8 +353,14 @@ def stage_summary(metrics_text: str) -> str:
     batches = {}
     for fam in text_string_to_metric_families(metrics_text):
         for smp in fam.samples:
-            if smp.name.startswith(("nextaction_stage_latency_seconds", "nextaction_inference_process_seconds")):
-                name = smp.labels.get("stage") or "inference process per batch " + smp.labels.get("clock", "?")
+            if smp.name.startswith(("nextaction_stage_latency_seconds", "nextaction_inference_process_seconds",
+                                    "nextaction_gc_pause_seconds")):
+                if "generation" in smp.labels:
+                    if smp.labels["generation"] != "2":
+                        continue
+                    name = "full GC pause"
+                else:
+                    name = smp.labels.get("stage") or "inference process per batch " + smp.labels.get("clock", "?")
                 st = stages.setdefault(name, {"buckets": []})
                 if smp.name.endswith("_bucket"):
                     st["buckets"].append((float(smp.labels["le"]), smp.value))
@@ -368,7 +374,8 @@ def stage_summary(metrics_text: str) -> str:
         if not n:
             continue
         bound = next((le for le, c in sorted(st["buckets"]) if c >= 0.99 * n), float("inf"))
-        parts.append(f"{name} {1000 * st.get('sum', 0.0) / n:.1f} / ≤{1000 * bound:g}")
+        count = f" ×{n:.0f}" if name == "full GC pause" else ""
+        parts.append(f"{name}{count} {1000 * st.get('sum', 0.0) / n:.1f} / ≤{1000 * bound:g}")
     out = "worker stages (mean / p99 bucket bound, ms): " + ", ".join(parts)
     if batches.get("count"):
         out += f"; batches {batches['count']:.0f}, mean size {batches['sum'] / batches['count']:.1f}"

@@ -267,6 +267,7 @@ class Pipeline:
         if self.batcher is None:
             s = self.settings
             reset_root_log_level(s.log_level)
+            metrics.watch_gc()
             sys.setswitchinterval(s.gil_switch_interval_ms / 1000.0)
             if getattr(self.app, "producer", None) is not None:  # changelog records buffered before Faust pauses
                 self.app.producer.buffer.max_messages = s.producer_buffer_max_messages
@@ -386,7 +387,8 @@ class Pipeline:
         moment earlier at 0 partitions for the whole run ("Ignoring missing topic" at start). The
         first write then raises ``PartitionsMismatch``, which would dead-letter valid events or stop
         the batcher. So the counts are read here from the producer's cluster metadata (refreshed
-        on demand) and the tables marked as verified; a real mismatch still raises.
+        on demand) and the tables marked as verified; a real mismatch still raises. The output
+        topics' metadata is fetched here too, before the first delivery needs it.
         """
         from faust.exceptions import PartitionsMismatch
 
@@ -403,6 +405,12 @@ class Pipeline:
                 raise PartitionsMismatch(f"table {table.name!r}: changelog topic {name!r} has {n} partitions, "
                                          f"source topic {source_topic!r} has {source_n}; they must be equal")
             table._verified_source_topics_for_partitions.add(source_topic)
+        # Also fetch the output topics' metadata now: otherwise the first outcome / DLQ record waits
+        # for a metadata round trip inside the deliverer, and every delivery behind it waits too.
+        for kind in ("predictions", "outcomes", "dlq"):
+            topic = getattr(self.publisher, "topics", {}).get(kind)
+            if topic is not None:
+                await asyncio.wait_for(producer.partitions_for(topic), timeout)
         self._verified_topics.add(source_topic)
 
     def update_state(self, ev: Event) -> tuple[EventSeq, int, bool]:

@@ -44,12 +44,41 @@ INFERENCE_PROCESS = Histogram("nextaction_inference_process_seconds",
                               "Per batch inside the inference process (serve_process): wall time from request to "
                               "reply, and the CPU time its thread used meanwhile (wall >> cpu: it waited for a core)",
                               ["clock"], buckets=_LATENCY_BUCKETS, registry=REGISTRY)
+GC_PAUSE = Histogram("nextaction_gc_pause_seconds",
+                     "Python garbage-collection pauses of the worker process, by generation (2 = full)",
+                     ["generation"], buckets=_LATENCY_BUCKETS, registry=REGISTRY)
 QUEUE_DEPTH = Gauge("nextaction_queue_depth", "Prediction requests waiting for a batch", registry=REGISTRY)
 MODEL_SWAPS = Counter("nextaction_model_swaps", "Predictor hot swaps", registry=REGISTRY)
 MODEL_UPDATES = Counter("nextaction_model_updates", "model-updates records, by result (applied, rejected, skipped)",
                         ["result"], registry=REGISTRY)
 
 CONTENT_TYPE = "text/plain"  # aiohttp refuses a charset inside content_type; version param is optional
+
+
+def watch_gc() -> None:
+    """Time every garbage collection of this process into :data:`GC_PAUSE` (idempotent).
+
+    >>> import gc
+    >>> watch_gc(); watch_gc()
+    >>> before = GC_PAUSE.labels("2")._sum.get(); _ = gc.collect()
+    >>> GC_PAUSE.labels("2")._sum.get() > before, sum(getattr(c, "_nextaction", False) for c in gc.callbacks)
+    (True, 1)
+    """
+    import gc
+    import time
+
+    if any(getattr(cb, "_nextaction", False) for cb in gc.callbacks):
+        return
+    started: list[float] = [0.0]
+
+    def on_gc(phase: str, info: dict) -> None:
+        if phase == "start":
+            started[0] = time.perf_counter()
+        else:
+            GC_PAUSE.labels(str(info.get("generation", "?"))).observe(time.perf_counter() - started[0])
+
+    on_gc._nextaction = True  # type: ignore[attr-defined]
+    gc.callbacks.append(on_gc)
 
 
 def render() -> tuple[bytes, str]:
