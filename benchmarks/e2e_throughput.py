@@ -70,6 +70,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from models.datasets.core import datasets_root  # noqa: E402
 from stream_app import kafka_local  # noqa: E402
 from stream_app.cli import worker_argv  # noqa: E402  (the one place that names the Faust app spec)
 from stream_app.errors import BrokerError  # noqa: E402
@@ -78,7 +79,7 @@ from stream_app.settings import Settings, SettingsType  # noqa: E402
 log = logging.getLogger("e2e")
 RESULTS = ROOT / "benchmarks" / "RESULTS.md"
 BEGIN, END = "<!-- BEGIN e2e -->", "<!-- END e2e -->"
-TAOBAO_SLICE = Path("/work/shared/datasets/taobao-userbehavior-timeslice/UserBehavior.csv")
+TAOBAO_SLICE = datasets_root() / "taobao-userbehavior-timeslice" / "UserBehavior.csv"
 
 
 class BenchError(RuntimeError):
