@@ -432,9 +432,10 @@ class Pipeline:
                                 ttl_ms=self.ttl_ms, device=ev.device, location=ev.location, category=ev.category)
             window += 1
             p.state.history, p.dirty = history, True
-        p.inflight += 1
+        out = history_as_of(history, ev.ts), int(window.value()), duplicate
+        p.inflight += 1  # last: from here on, the request is submitted (or _delivered undoes this)
         self.pending[ev.user_id] = p
-        return history_as_of(history, ev.ts), int(window.value()), duplicate
+        return out
 
     def _delivered(self, user: str) -> None:
         p = self.pending.get(user)

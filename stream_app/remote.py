@@ -194,6 +194,9 @@ class _Channel:
                 except (EOFError, OSError) as exc:
                     self._replace(attempt, exc)
                     await loop.run_in_executor(None, self.start)  # ~5 s of spawn and model load, off the loop
+                except BaseException:  # cancelled or timed out mid-call: its reply would answer the next
+                    self._kill()       # request, so the child goes; the next call starts a new one
+                    raise
         finally:
             self.lock.release()
         return _checked(reply)

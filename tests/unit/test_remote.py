@@ -113,6 +113,18 @@ def test_the_event_loop_path_answers_alike_and_replaces_a_dead_child(checkpoints
         for a, b, c in zip(first, again, remote.predict(hs, 5)):
             _same(a, b)
             _same(a, c)
+
+        async def cancelled_mid_call():  # e.g. shutdown: the unread reply must not answer the next call
+            task = asyncio.ensure_future(remote.predict_async(hs, 5))
+            await asyncio.sleep(0)  # sent, not yet answered
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            return await remote.predict_async(hs[:1], 5)
+
+        after = asyncio.run(cancelled_mid_call())
+        assert len(after) == 1 and remote._channel.respawns == 2
+        _same(after[0], first[0])
     finally:
         remote.close()
 
