@@ -16,7 +16,7 @@ Two tasks then run on the event loop:
   (publishing, acking). Inference of batch *n+1* overlaps delivery of batch *n*; a small bounded
   hand-off queue keeps a slow deliverer from letting results pile up.
 
-Ordering: requests are FIFO through one queue, one inference thread and one deliverer, and a
+Ordering: requests are FIFO through one queue, one batch at a time and one deliverer, and a
 batch's results keep their request order, so results reach ``deliver`` in submission order —
 per user in event order, since the agent submits a user's events in offset order.
 

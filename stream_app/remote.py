@@ -4,8 +4,10 @@ Measured on the 2-core box (benchmarks/RESULTS.md, e2e at half the maximum rate)
 Taobao events took 19 ms in a bare process but 124 ms on average inside the Faust worker, because
 the inference thread needs the GIL between every torch kernel and the event loop (parsing, state,
 Kafka I/O) holds it most of the time; a 10× shorter GIL switch interval barely helped. So the
-model runs in a **child process** (``spawn``), and the worker's inference thread only ships
-requests and waits for answers (waiting on a pipe releases the GIL):
+model runs in a **child process** (``spawn``), and the worker only ships requests and reads the
+answers: the batcher awaits :meth:`RemotePredictor.predict_async` on the event loop, which writes
+the request and is woken by ``add_reader`` when the reply is there (no thread waits on the pipe
+and then on the GIL; the synchronous ``predict`` remains for other callers):
 
 * :class:`RemotePredictor` implements the :class:`~models.predictor.Predictor` protocol in the
   worker. ``predict`` sends one message per batch: the packed histories, the user ids (the child
