@@ -27,7 +27,6 @@ small approximation — re-prefill every few events to bound it).
 
 from __future__ import annotations
 
-import contextlib
 import math
 from dataclasses import dataclass
 
@@ -558,9 +557,11 @@ class NextActionModel(nn.Module):
         """
         first = self.first_item
         exact = coarse is None or coarse == torch.float32
-        with contextlib.nullcontext() if not exact else torch.autocast(h.device.type, enabled=False):
-            scores = self.item_logits(h if not exact else h.float(), rep, hist_items, last_item,
-                                      dtype=None if exact else coarse)[:, first:]  # (N, n_known)
+        if exact:  # fp32 even under CUDA autocast
+            with torch.autocast(h.device.type, enabled=False):
+                scores = self.item_logits(h.float(), rep, hist_items, last_item)[:, first:]  # (N, n_known)
+        else:
+            scores = self.item_logits(h, rep, hist_items, last_item, dtype=coarse)[:, first:]
         k = min(k, scores.shape[1])
         if exact or k == 0:
             top_s, top_i = chunked_topk(scores, k)

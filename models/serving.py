@@ -54,8 +54,8 @@ Catalogue scan precision (``score_dtype``). ``bfloat16`` scans the ``[V, d]`` it
 keeps the best ``k + 32`` and rescores those exactly in fp32
 (:meth:`~models.model.NextActionModel.top_items`): the same top-K as an fp32 scan unless an item
 outside the coarse top ``k + 32`` belongs in it, for a scan 3-4x cheaper on CPUs with AVX512-BF16
-or AMX (measured in benchmarks/RESULTS.md). ``auto`` picks it on CUDA and on such CPUs, fp32
-elsewhere; ``float32`` always scans exactly.
+or AMX (measured in benchmarks/RESULTS.md). ``auto`` picks it on CUDA, and on such CPUs for item
+tables over 8 MiB (:func:`resolve_score_dtype`); fp32 elsewhere. ``float32`` always scans exactly.
 
 Device. ``device='auto'`` → ``cuda`` if available, else ``cpu``. CUDA: bf16 autocast, pinned host
 memory and non-blocking copies, ``inference_mode``, sequence lengths padded to a few buckets, and
@@ -68,6 +68,7 @@ Thread safety: none by design — the batcher calls ``predict`` from one executo
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
@@ -630,8 +631,10 @@ def resolve_score_dtype(name: str, device_type: str, table_bytes: int | None = N
     return torch.bfloat16 if big and cpu_has_native_bf16() else None
 
 
+@functools.lru_cache(maxsize=1)
 def cpu_has_native_bf16() -> bool:
-    """Whether this CPU has bf16 dot-product instructions (x86 AVX512-BF16 or AMX-BF16; Linux)."""
+    """Whether this CPU has bf16 dot-product instructions (x86 AVX512-BF16 or AMX-BF16; Linux).
+    Read once per process (every predictor and hot-swap successor asks)."""
     try:
         with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
             for line in f:

@@ -269,8 +269,7 @@ class Pipeline:
             reset_root_log_level(s.log_level)
             metrics.watch_gc()
             sys.setswitchinterval(s.gil_switch_interval_ms / 1000.0)
-            if getattr(self.app, "producer", None) is not None:  # changelog records buffered before Faust pauses
-                self.app.producer.buffer.max_messages = s.producer_buffer_max_messages
+            self.app.producer.buffer.max_messages = s.producer_buffer_max_messages  # before Faust pauses the stream
             predictor = self.predictor_factory(s)
             log.info("serving predictor %s (max_batch=%d, max_wait_ms=%s, queue=%d)", predictor.version,
                      s.max_batch, s.max_wait_ms, s.predict_queue)

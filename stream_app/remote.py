@@ -176,6 +176,9 @@ class _Channel:
                 except (EOFError, OSError) as exc:
                     self._replace(attempt, exc)
                     self.start()
+                except BaseException:  # timed out (or interrupted) mid-call: as in call_async
+                    self._kill()
+                    raise
         return _checked(reply)
 
     async def call_async(self, msg: dict) -> dict:

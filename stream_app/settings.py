@@ -86,7 +86,7 @@ class _Settings(BaseSettings):
     serve_threads: int = 0  # intra-op threads for CPU inference; 0 = cores - 1 (the event loop keeps one)
     serve_compile: bool = False  # torch.compile the model (CUDA nodes)
     # catalogue scan precision before the exact rescoring of the best k + 32 (models.serving):
-    # auto = bf16 on CUDA and on CPUs with AVX512-BF16/AMX, else float32
+    # auto = bf16 on CUDA, and on CPUs with AVX512-BF16/AMX for fp32 item tables > 8 MiB; else float32
     serve_score_dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     # run the Transformer in a child process (stream_app.remote): inference outside the worker's GIL
     serve_process: bool = True
