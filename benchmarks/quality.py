@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 from models.baselines import make_baseline
-from models.datasets import datasets_root, fit_sequences, leave_one_out, load, load_split, yoochoose_split
+from models.datasets import datasets_root, fit_sequences, load_split
 from models.evaluate import evaluate
 from models.metrics import paired_sign_test
 
@@ -146,15 +146,13 @@ def _training_row(name: str, scorer, ck_dir: Path) -> dict | None:
 
 def run_dataset(name: str, args) -> list[dict]:
     t0 = time.perf_counter()
+    ds, sp = load_split(name, args.root)  # yoochoose: the session-rec split, else leave-one-out
     if name == "yoochoose":
-        ds, sp = yoochoose_split(args.root)
         cases, fit = sp.test, sp.train
         protos = [("session/allowed", "full", False)]
         baselines = ("popularity", "recent_items", "markov", "item_knn", "session_knn")
         metrics = ("HR@20", "MRR@20", "NDCG@10")
     else:
-        ds = load(name, args.root)
-        sp = leave_one_out(ds)
         cases, fit = sp.test, fit_sequences(sp, "test")
         protos = [("full/allowed", "full", False), ("full/masked", "full", True),
                   ("sampled100/allowed", "sampled100", False)]
