@@ -5,13 +5,21 @@ NX = .venv/bin/nextaction
 export NEXTACTION_DATA_DIR ?= $(CURDIR)/var
 PYTEST_ARGS ?=
 
-.PHONY: venv test test-unit test-integration demo kafka-start kafka-stop bench quality clean
+.PHONY: venv test test-fast test-unit test-integration lint-imports demo kafka-start kafka-stop bench quality clean
 
 venv:
 	@scripts/venv.sh >/dev/null
 
-test: venv
+# The whole suite: the layer contract (import-linter), then every test (unit, slow, datasets, integration).
+test: venv lint-imports
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# The fast loop (no broker, no training, no inference process, no dataset): well under a minute.
+test-fast: venv lint-imports
+	$(PY) -m pytest -m "not integration and not slow and not datasets" $(PYTEST_ARGS)
+
+lint-imports: venv
+	.venv/bin/lint-imports --no-cache
 
 test-unit: venv
 	$(PY) -m pytest -m "not integration" $(PYTEST_ARGS)

@@ -71,9 +71,9 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from models.datasets.core import datasets_root  # noqa: E402
-from stream_app import kafka_local  # noqa: E402
+from stream_app import broker, kafka_admin  # noqa: E402
 from stream_app.cli import worker_argv  # noqa: E402  (the one place that names the Faust app spec)
-from stream_app.errors import BrokerError  # noqa: E402
+from models.errors import BrokerError  # noqa: E402
 from stream_app.settings import Settings, SettingsType  # noqa: E402
 
 log = logging.getLogger("e2e")
@@ -625,21 +625,21 @@ class Bench:
     def start_broker(self) -> SettingsType:
         if self.args.broker:
             s = Settings(broker_url=self.args.broker)
-            kafka_local.require_broker(s)
+            kafka_admin.require_broker(s)
             self.broker = s
             return s
         port, cport = free_port(), free_port()
         s = Settings(broker_url=f"kafka://127.0.0.1:{port}", kafka_port=port, kafka_controller_port=cport,
                      data_dir=self.work / "broker", partitions=self.args.partitions)
         log.info("starting the embedded broker on 127.0.0.1:%d (data %s)", port, s.data_dir)
-        kafka_local.start(s, timeout=180)
+        broker.start(s, timeout=180)
         self.broker, self.own_broker = s, True
         return s
 
     def stop_broker(self) -> None:
         if self.own_broker and self.broker is not None:
             with contextlib.suppress(Exception):
-                kafka_local.stop(self.broker)
+                broker.stop(self.broker)
 
     def app_settings(self, tag: str, events_topic: str) -> SettingsType:
         b = self.broker
@@ -654,7 +654,7 @@ class Bench:
         if not self.own_broker:
             return None
         with contextlib.suppress(OSError, ValueError):
-            return int(kafka_local.BrokerPaths.of(self.broker).pid_file.read_text().strip())
+            return int(broker.BrokerPaths.of(self.broker).pid_file.read_text().strip())
         return None
 
     def note_load(self, when: str) -> None:
@@ -663,7 +663,7 @@ class Bench:
     # --- inputs ------------------------------------------------------------------------------------
     async def create_events_topic(self, name: str) -> None:
         s = self.broker.model_copy(update={"topic_events": name})
-        await kafka_local.ensure_topics_async(s, [name], partitions=self.args.partitions)
+        await kafka_admin.ensure_topics_async(s, [name], partitions=self.args.partitions)
 
     async def index_inputs(self, topic: str) -> dict[tuple[int, int], int]:
         """(partition, offset) → CreateTime of every event in ``topic``."""
@@ -674,7 +674,7 @@ class Bench:
     async def run_passthrough(self, in_topic: str, inputs: dict, mode: str = "backlog",
                               feed: Any = None, n: int | None = None) -> Phase:
         out_topic = f"{in_topic}.passthrough"
-        await kafka_local.ensure_topics_async(self.broker, [out_topic], partitions=self.args.partitions)
+        await kafka_admin.ensure_topics_async(self.broker, [out_topic], partitions=self.args.partitions)
         n = n if n is not None else len(inputs)
         log.info("pass-through (%s): %d events %s -> %s", mode, n, in_topic, out_topic)
         t0 = time.monotonic()
@@ -698,7 +698,7 @@ class Bench:
                            checkpoint: Path | None, mode: str = "backlog", rate: float | None = None,
                            rate_events: list[dict] | None = None, profile: Path | None = None) -> Phase:
         s = self.app_settings(tag, in_topic)
-        await kafka_local.ensure_topics_async(s, [s.topic_dlq, s.topic_predictions, s.topic_outcomes,
+        await kafka_admin.ensure_topics_async(s, [s.topic_dlq, s.topic_predictions, s.topic_outcomes,
                                                   s.topic_model_updates], partitions=self.args.partitions)
         if not self.args.no_precreate_changelogs:
             await precreate_changelogs(s)

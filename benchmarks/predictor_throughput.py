@@ -32,9 +32,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _serving_bench as sb  # noqa: E402
 
 from models.checkpoint import save_checkpoint  # noqa: E402
-from models.config import resolve_device  # noqa: E402
+from models.devices import resolve_device  # noqa: E402
 from models.encoding import collate, encode  # noqa: E402
-from models.serving import TransformerPredictor, default_cpu_threads  # noqa: E402
+from models.devices import default_cpu_threads
+from models.serving import TransformerPredictor  # noqa: E402
 
 SECTION = "predictor-throughput"
 

@@ -26,7 +26,7 @@ import scipy.sparse as sp
 
 from models.datasets.core import Dataset
 from models.schema import ACTION_INDEX, ACTIONS, EventSeq
-from stream_app.errors import ConfigError
+from models.errors import ConfigError
 
 __all__ = ["Popularity", "RecentPopularity", "RecentItems", "Markov", "ItemKNN", "SessionKNN",
            "MajorityAction", "LastActionMarkov", "BASELINES", "make_baseline", "item_counts"]

@@ -4,7 +4,7 @@
 * Written atomically: everything goes to a temporary sibling directory which is renamed into place,
   so a reader sees the old checkpoint or the new one, never half of one.
 * :func:`load_checkpoint` verifies every file's hash and that config, vocabulary and tensors agree,
-  and raises :class:`~stream_app.errors.CheckpointError` naming the specific problem.
+  and raises :class:`~models.errors.CheckpointError` naming the specific problem.
 * ``version`` (what every prediction is stamped with) is the first 12 hex digits of the content hash.
 """
 
@@ -23,7 +23,7 @@ from typing import Any
 
 from models.config import ModelConfig, TrainConfig
 from models.encoding import ItemVocab
-from stream_app.errors import CheckpointError, ConfigError
+from models.errors import CheckpointError, ConfigError
 
 FORMAT = "nextaction-checkpoint/1"
 FILES = ("model.safetensors", "config.json", "vocab.json")

@@ -122,7 +122,7 @@ def fit_transitions(
 ) -> None:
     """Count a trained checkpoint's item-transition table on the dataset and fit its weight on the
     validation cases its training used (models/transitions.py), then save it in place."""
-    from models.config import resolve_device
+    from models.devices import resolve_device
     from models.datasets import load_split
     from models.train import refit_transitions
 

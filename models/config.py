@@ -1,7 +1,7 @@
 """Model and training configuration: plain dataclasses with validation and a JSON round trip.
 
 Every field is validated in :meth:`ModelConfig.validate` / :meth:`TrainConfig.validate`; a bad value
-raises :class:`~stream_app.errors.ConfigError` naming the field and the value.
+raises :class:`~models.errors.ConfigError` naming the field and the value.
 
 >>> cfg = ModelConfig(n_items=2000)
 >>> cfg.d_model, cfg.n_layers, cfg.n_heads, cfg.max_len, cfg.backbone
@@ -11,15 +11,15 @@ True
 >>> ModelConfig(d_model=63, n_heads=2)
 Traceback (most recent call last):
 ...
-stream_app.errors.ConfigError: setting 'd_model' = 63: must be divisible by n_heads (2)
+models.errors.ConfigError: 'd_model' = 63: must be divisible by n_heads (2)
 >>> ModelConfig.from_dict({"d_model": 32, "colour": "red"})
 Traceback (most recent call last):
 ...
-stream_app.errors.ConfigError: setting 'ModelConfig.colour' = 'red': unknown field
+models.errors.ConfigError: 'ModelConfig.colour' = 'red': unknown field
 >>> TrainConfig(lr=-1.0)
 Traceback (most recent call last):
 ...
-stream_app.errors.ConfigError: setting 'lr' = -1.0: must be > 0
+models.errors.ConfigError: 'lr' = -1.0: must be > 0
 """
 
 from __future__ import annotations
@@ -27,18 +27,21 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from models.schema import ACTIONS
 from models.transitions import FEATURES as TRANSITION_FEATURES
-from stream_app.errors import ConfigError
+from models.errors import ConfigError
 
 N_ACTIONS = len(ACTIONS)
 
 BACKBONES = ("llama", "gpt2", "bert", "gru")  # gru: the GRU4Rec-style baseline (models.model.GRUBackbone)
 OBJECTIVES = ("causal", "masked_then_causal")
 DEVICES = ("auto", "cpu", "cuda")
+#: Serving choices (models.serving, models.devices), here so that settings can name them without torch.
+SCORE_DTYPES = ("auto", "float32", "bfloat16")
+OVERFLOW_MODES = ("exact", "evict")
 #: Token features :func:`models.encoding.encode` can produce (``item`` is always on).
 FEATURES = ("item", "action", "gap", "hour", "dow", "device", "location")
 
@@ -248,15 +251,3 @@ class TrainConfig(_JsonMixin):
         _check(self.device in DEVICES, "device", self.device, f"must be one of {DEVICES}")
         _check(self.eval_protocol in ("masked", "allowed"), "eval_protocol", self.eval_protocol,
                "must be 'masked' or 'allowed'")
-
-
-def resolve_device(name: str) -> str:
-    """``auto`` → ``cuda`` when available, else ``cpu``; ``cuda`` without a GPU is a ConfigError."""
-    import torch
-
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("device", name, "CUDA requested but torch.cuda.is_available() is False")
-    _check(name in DEVICES, "device", name, f"must be one of {DEVICES}")
-    return name

@@ -55,7 +55,7 @@ from typing import TYPE_CHECKING, Iterable, Sequence
 import numpy as np
 
 from models.schema import EventSeq
-from stream_app.errors import CheckpointError
+from models.errors import CheckpointError
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch

@@ -48,7 +48,7 @@ import numpy as np
 from models import metrics as M
 from models.datasets.core import Case, Dataset
 from models.schema import ACTION_INDEX, ACTIONS, EventSeq
-from stream_app.errors import ConfigError
+from models.errors import ConfigError
 
 __all__ = ["evaluate", "run_evaluate", "format_table", "purchase_session_cases", "history_popularity"]
 

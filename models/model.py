@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.config import ModelConfig
-from models.encoding import INT_FEATURES, MASK, PAD
+from models.encoding import MASK, PAD
 from models.schema import ACTIONS
 from models.topk import chunked_topk
 
@@ -278,7 +278,7 @@ class NextActionModel(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         if cfg.n_items == 0:
-            from stream_app.errors import ConfigError
+            from models.errors import ConfigError
 
             raise ConfigError("n_items", 0, "set it to len(ItemVocab) (models.train.model_config_for does)")
         self.cfg = cfg
@@ -412,7 +412,7 @@ class NextActionModel(nn.Module):
             ptr, idx, val = torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.int32), torch.zeros(0)
         else:
             if table.n_items != self.cfg.n_items:
-                from stream_app.errors import ConfigError
+                from models.errors import ConfigError
 
                 raise ConfigError("transitions", table.n_items, f"table has {table.n_items} rows, the model "
                                                                 f"n_items={self.cfg.n_items}")

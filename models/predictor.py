@@ -1,14 +1,39 @@
 """The predictor contract: a batch of user histories in, one :class:`Prediction` per history out.
 
-Every predictor the stream can serve (the popularity + Markov baseline, the Transformer) implements
-:class:`Predictor`. Predictors are called from one executor thread, never concurrently, so they
-may keep mutable state without locks; ``observe`` is called from that same thread.
+Everything the stream serves (the popularity + Markov baseline, the Transformer in the worker, the
+Transformer in an inference process) is a :class:`Predictor`, and the micro-batcher calls nothing
+else. Subclasses implement :meth:`~Predictor.predict` and inherit defaults for the rest:
+
+* ``version`` names the model that made a prediction (stamped on every one);
+* :meth:`~Predictor.predict` is synchronous CPU/GPU work, run on the batcher's single inference
+  thread (never concurrently, so a predictor may keep mutable state without locks);
+  :meth:`~Predictor.predict_async` is what the batcher awaits: by default the same work, but a
+  predictor that only *waits* (``runs_elsewhere``: the model is in another process) overrides it
+  and is awaited on the event loop, with no thread in between;
+* learning is optional: ``learns = True`` means :meth:`~Predictor.observe` learns from each new
+  history after its prediction (prequential order); otherwise it is never called;
+* hot swap: :meth:`~Predictor.successor` loads the next checkpoint the way this predictor was
+  built (same options, same process), or returns ``None`` when it serves no checkpoint (the
+  caller then builds one); :meth:`~Predictor.warm_up` runs before the swap, :meth:`~Predictor.close`
+  after the last batch.
+
+>>> class Constant(Predictor):
+...     version = "const-1"
+...     def predict(self, histories, k, users=None):
+...         return [Prediction([1.0, 0, 0, 0, 0], [("i1", 1.0)][:k], 60.0) for _ in histories]
+>>> p = Constant()
+>>> [x.top_items for x in p.predict([EventSeq.empty()], k=3)], p.learns, p.successor("ckpt") is None
+([[('i1', 1.0)]], False, True)
+>>> Prediction.from_json(p.predict([EventSeq.empty()], 1)[0].to_json()).action_dict()["view"]
+1.0
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Protocol, Sequence, runtime_checkable
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar, Sequence
 
 from models.schema import ACTIONS, EventSeq
 
@@ -21,25 +46,64 @@ class Prediction:
     top_items: list[tuple[str, float]]  # (item_id, score), best first, len <= k
     next_gap_s: float  # expected seconds to the next action
     explanation: str = ""
-    extra: dict = field(default_factory=dict)
 
     def action_dict(self) -> dict[str, float]:
         return dict(zip(ACTIONS, self.action_probs))
 
+    def to_json(self) -> dict:
+        """The compact JSON form (between processes, and in the user's stored state).
 
-@runtime_checkable
-class Predictor(Protocol):
-    """Batch inference over histories (oldest event first, the triggering event last)."""
+        >>> Prediction([0.5, 0.5, 0, 0, 0], [("a", 2.0)], 3.0).to_json()
+        {'p': [0.5, 0.5, 0, 0, 0], 'top': [['a', 2.0]], 'gap': 3.0}
+        """
+        d = {"p": self.action_probs, "top": [[i, s] for i, s in self.top_items], "gap": self.next_gap_s}
+        if self.explanation:
+            d["x"] = self.explanation
+        return d
+
+    @classmethod
+    def from_json(cls, d: dict) -> "Prediction":
+        """Inverse of :meth:`to_json`."""
+        return cls([float(x) for x in d["p"]], [(str(i), float(s)) for i, s in d["top"]], float(d["gap"]),
+                   d.get("x", ""))
+
+
+class Predictor(ABC):
+    """Batch inference over histories (oldest event first, the triggering event last).
+
+    See the module docstring for the contract; subclasses implement :meth:`predict`.
+    """
 
     #: The model version stamped on every prediction this predictor makes.
     version: str
+    #: True when :meth:`observe` learns (the batcher then calls it; else never).
+    learns: ClassVar[bool] = False
+    #: True when :meth:`predict_async` only waits for work done elsewhere (another process): the
+    #: batcher awaits it on the event loop. False: predictions run on the inference thread.
+    runs_elsewhere: ClassVar[bool] = False
 
-    def predict(self, histories: Sequence[EventSeq], k: int) -> list[Prediction]:
-        """One prediction per history, in input order."""
-        ...
+    @abstractmethod
+    def predict(self, histories: Sequence[EventSeq], k: int, users: Sequence[str] | None = None
+                ) -> list[Prediction]:
+        """One prediction per history, in input order, each with at most ``k`` items. ``users``
+        (optional, one id per history) lets a predictor keep per-user state (a KV cache)."""
+
+    async def predict_async(self, histories: Sequence[EventSeq], k: int, users: Sequence[str] | None = None
+                            ) -> list[Prediction]:
+        """:meth:`predict` for the batcher to await; it never suspends unless ``runs_elsewhere``."""
+        return self.predict(histories, k, users)
 
     def observe(self, history: EventSeq) -> None:
-        """Learn from a user's updated history (its last event is new). May be a no-op; a predictor
-        whose ``observe`` always is can say so with a class attribute ``learns = False``, and the
-        batcher then skips the calls (and the inference process ships no histories for them)."""
-        ...
+        """Learn from a user's updated history (its last event is new); only called if ``learns``."""
+
+    def successor(self, path: str | Path, sha256: str | None = None) -> "Predictor | None":
+        """The predictor serving the checkpoint at ``path`` next, built like this one (options,
+        device, process); ``None`` if this predictor serves no checkpoint. Raises
+        :class:`~models.errors.CheckpointError` for a bad checkpoint (this one keeps serving)."""
+        return None
+
+    def warm_up(self) -> None:
+        """Run every code path once before serving (raise if the model does not work)."""
+
+    def close(self) -> None:
+        """Release what this predictor holds (a process, a device); it is not called again."""

@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import orjson
 
+from models.errors import DatasetError
+
 #: Canonical action types, in the order of the model's action head.
 ACTIONS: tuple[str, ...] = ("view", "click", "cart", "fav", "purchase")
 ACTION_INDEX: dict[str, int] = {a: i for i, a in enumerate(ACTIONS)}
@@ -40,8 +42,6 @@ def canonical_action(name: str) -> str:
     key = name.strip().lower()
     key = ACTION_ALIASES.get(key, key)
     if key not in ACTION_INDEX:
-        from stream_app.errors import DatasetError
-
         raise DatasetError(f"unknown action {name!r}; expected one of {ACTIONS} or {sorted(ACTION_ALIASES)}")
     return key
 

@@ -22,11 +22,11 @@ from typing import Sequence
 import numpy as np
 
 from models.encoding import ItemVocab, collate, encode
-from models.predictor import Prediction
+from models.predictor import Prediction, Predictor
 from models.schema import EventSeq
 
 
-class TransformerScorer:
+class TransformerScorer(Predictor):
     """Wraps a :class:`~models.model.NextActionModel` + vocabulary.
 
     * evaluator contract: ``score_items(histories) -> [B, len(items)]`` aligned to ``items``
@@ -61,14 +61,12 @@ class TransformerScorer:
     def from_checkpoint(cls, path: str | Path, items=None, device: str = "auto", **kw) -> "TransformerScorer":
         """Load (and verify) a checkpoint. ``items``: a Dataset (its ``items``) or an item-id list."""
         from models.checkpoint import load_checkpoint
-        from models.config import resolve_device
+        from models.devices import resolve_device
 
         ck = load_checkpoint(path, device=resolve_device(device))
         if items is not None and hasattr(items, "items") and not isinstance(items, (list, tuple)):
             items = items.items
         return cls(ck.model, ck.vocab, items, version=ck.version, metadata=ck.metadata, **kw)
-
-    load = from_checkpoint
 
     def align(self, items: Sequence[str]) -> "TransformerScorer":
         """Set the item list (and order) that ``score_items`` columns follow."""
@@ -126,7 +124,8 @@ class TransformerScorer:
         return np.expm1(np.clip(self.run(histories)["gap_log_s"].astype(np.float64), 0.0, 30.0))
 
     # ------------------------------------------------------------------ Predictor protocol
-    def predict(self, histories: Sequence[EventSeq], k: int) -> list[Prediction]:
+    def predict(self, histories: Sequence[EventSeq], k: int, users: Sequence[str] | None = None
+                ) -> list[Prediction]:
         r = self.run(histories)
         first = self.vocab.first_item
         scores = r["item_scores"][:, first:]  # known items only (no padding / mask / hash buckets)
@@ -145,6 +144,3 @@ class TransformerScorer:
             tops = [(items[int(i)], float(s)) for i, s in zip(top[b], top_s[b])] if k_eff > 0 else []
             out.append(Prediction(action_probs=probs[b].tolist(), top_items=tops, next_gap_s=float(gaps[b])))
         return out
-
-    def observe(self, history: EventSeq) -> None:
-        """No-op: the offline model does not learn from the stream (online/ does)."""

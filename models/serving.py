@@ -1,78 +1,33 @@
-"""The Transformer as the stream's production :class:`~models.predictor.Predictor`.
+"""The Transformer as a :class:`~models.predictor.Predictor`: batched, on CPU or CUDA, with a KV cache.
 
-:class:`TransformerPredictor` serves a verified checkpoint on CPU or CUDA, batched, with an
-**incremental per-user attention cache**: each event appends one token to the user's cached keys
-and values (:meth:`~models.model.NextActionModel.step`) instead of re-encoding the whole window.
+:class:`TransformerPredictor` serves a verified checkpoint. Each event appends one token to the
+user's cached attention keys/values (:meth:`~models.model.NextActionModel.step`) instead of
+re-encoding the whole window; cache entries are addressed by a digest of the window's events, so a
+stale state can never be used (a miss rebuilds it with ``prefill``). Incremental outputs equal full
+recomputation while the window is not full; at the cap, ``overflow='exact'`` re-prefills and
+``'evict'`` slides the window (an approximation, re-prefilled every ``refresh_every`` steps).
+The catalogue is scanned in bf16 and the best ``k + 32`` rescored exactly where that is faster
+(``score_dtype``, :func:`~models.devices.resolve_score_dtype`). How and why, with measurements:
+docs/serving.md.
 
-Call contract (what :mod:`stream_app.batcher` calls, from its single executor thread):
+Not thread-safe by design: the batcher calls it from one inference thread.
 
-* ``predict(histories, k, users=None) -> list[Prediction]`` — the :class:`Predictor` protocol plus an
-  optional ``users`` list (one user id per history). It is **optional**: the cache is keyed by the
-  content of each history's window, so the plain protocol call already gets incremental inference
-  (see *Cache keys* below). Passing ``users`` additionally keeps at most one entry per user and
-  enables :meth:`TransformerPredictor.forget_user` (privacy deletion of the in-memory state).
-* ``observe(history)`` — a no-op (the online trainer learns; this predictor does not).
-* ``version`` — the checkpoint's content-hash prefix (12 hex digits); also stamped on every
-  prediction as ``Prediction.extra["model_version"]``.
-* Hot swap: ``new = current.successor(path)`` loads and verifies the next checkpoint with the same
-  serving options and an **empty cache** (cached keys/values belong to the model that made them),
-  then ``Batcher.swap(new)`` switches between batches. ``successor`` raises
-  :class:`~stream_app.errors.CheckpointError` on a bad checkpoint, so the old model keeps serving.
-* :func:`load_predictor` (worker start): the checkpoint's model, or — when the checkpoint is
-  missing, corrupt, or does not run — a loud ``log.warning`` and the baseline
-  :class:`~online.baseline.PopularityMarkovPredictor`. It never raises for a checkpoint problem, so a
-  bad checkpoint cannot put the worker into a crash loop.
-
-Cache keys and consistency. An entry holds the state of one *window* (the last ``max_len`` events,
-what :func:`models.encoding.encode` turns into tokens) and is stored under a digest of that window's
-events (ts, item, action, device, location, and the predecessor's ts that the first token's gap
-feature uses). A request with history ``h`` (``n`` events) looks up the digest of the window of
-``h[:n-1]``: a hit means the cached state is *exactly* the state full recomputation would build for
-the previous event, so one :meth:`step` gives the new event's outputs. Everything else — a first
-sight, an LRU eviction, a model swap (new predictor, empty cache), an out-of-order event (inserted
-before the end, so the prefix differs), events dropped by the TTL, a retry of a history already
-stepped — is a miss and is rebuilt from the history with :meth:`prefill`. No stale state can be used
-because a state is addressed by the events it encodes.
-
-Window overflow. While a user's window is not full, incremental equals full recomputation. Once it
-holds ``max_len`` events every new event pushes the oldest one out, which changes every cached
-token's attention context, so exact incremental inference is impossible there. ``overflow``
-chooses: ``"exact"`` (default) re-prefills at the cap (identical to full recomputation; users at the
-cap are not cached at all, saving memory), ``"evict"`` (``llama`` backbone only) drops the oldest
-cached token — sliding-window attention, an approximation — and re-prefills after
-``refresh_every`` such evicting steps to bound the drift.
-
-Batching. One ``predict`` call is split into *rounds* so that a user's consecutive events in the
-same batch see each other (event ``n+1`` steps from the state event ``n`` just produced); the
-rounds are bounded by ``max_rounds`` (deeper chains are prefilled). Within a round the cached users'
-single-token steps are stacked into one batch per length bucket, the misses go through prefill per
-length bucket, and rows are chunked so the ``[rows, n_items]`` score matrix stays within
-``score_budget`` elements. Full-catalogue top-K runs on the device (``torch.topk``); only the K ids
-and scores, the 5 action probabilities and the gap come back to the host.
-
-Catalogue scan precision (``score_dtype``). ``bfloat16`` scans the ``[V, d]`` item table in bf16,
-keeps the best ``k + 32`` and rescores those exactly in fp32
-(:meth:`~models.model.NextActionModel.top_items`): the same top-K as an fp32 scan unless an item
-outside the coarse top ``k + 32`` belongs in it, for a scan 3-4x cheaper on CPUs with AVX512-BF16
-or AMX (measured in benchmarks/RESULTS.md). ``auto`` picks it on CUDA, and on such CPUs for item
-tables over 8 MiB (:func:`resolve_score_dtype`); fp32 elsewhere. ``float32`` always scans exactly.
-
-Device. ``device='auto'`` → ``cuda`` if available, else ``cpu``. CUDA: bf16 autocast, pinned host
-memory and non-blocking copies, ``inference_mode``, sequence lengths padded to a few buckets, and
-optional ``torch.compile`` of the full-recomputation scorer. CPU: fp32 (bf16 catalogue scan where
-the CPU has bf16 instructions, see above) and an intra-op thread count
-chosen deliberately (default: all cores but one, which is left to the Faust event loop).
-
-Thread safety: none by design — the batcher calls ``predict`` from one executor thread.
+>>> from models.config import ModelConfig
+>>> from models.model import NextActionModel
+>>> vocab = ItemVocab(["a", "b", "c"], n_hash_buckets=4)
+>>> model = NextActionModel(ModelConfig(n_items=len(vocab), n_hash_buckets=4, d_model=16, max_len=8))
+>>> p = TransformerPredictor(model, vocab, version="demo", device="cpu", num_threads=1)
+>>> h = EventSeq.from_columns(["a", "b"], ["view", "cart"], [0, 60_000])
+>>> [len(x.top_items) for x in p.predict([h[:1], h], k=2, users=["u", "u"])]  # u's 2nd event steps
+[2, 2]
+>>> p.stats["steps"], p.stats["prefills"]
+(1, 1)
 """
 
 from __future__ import annotations
 
-import functools
 import logging
 import math
-import os
-import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -83,34 +38,19 @@ import torch
 import torch.nn.functional as F
 from torch.nn.utils.rnn import pad_sequence
 
+from models.config import OVERFLOW_MODES
+from models.devices import default_cpu_threads, resolve_device, resolve_score_dtype
 from models.encoding import ItemVocab, collate, encode, encode_last
 from models.model import KVState, LastHidden, NextActionModel
 from models.predictor import Prediction, Predictor
 from models.schema import EventSeq
-from stream_app.errors import CheckpointError, ConfigError
+from models.errors import CheckpointError, ConfigError
 
 log = logging.getLogger(__name__)
 
-OVERFLOW_MODES = ("exact", "evict")
-SCORE_DTYPES = ("auto", "float32", "bfloat16")
-#: ``score_dtype='auto'`` on CPU scans in bf16 only for fp32 item tables larger than this (32k items at d=64).
-AUTO_BF16_MIN_TABLE_BYTES = 8 << 20
 #: Score-matrix elements per model call (rows × n_items): 8M fp32 = 32 MiB on CPU (cache-friendly), 512M on CUDA.
 DEFAULT_SCORE_BUDGET = {"cpu": 1 << 23, "cuda": 1 << 29}
 _GAP_LOG_CLIP = 30.0  # expm1(30) s ≈ 340 years: the gap head's output is clipped to [0, 30] in log space
-
-
-def available_cores() -> int:
-    """CPU cores this process may run on (affinity-aware)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover - non-Linux
-        return os.cpu_count() or 1
-
-
-def default_cpu_threads() -> int:
-    """All cores but one (the Faust event loop needs a core), at least 1."""
-    return max(1, available_cores() - 1)
 
 
 def length_buckets(max_len: int) -> tuple[int, ...]:
@@ -251,7 +191,7 @@ def _flatten_state(state: KVState) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------
 # the predictor
 # ----------------------------------------------------------------------------------------------
-class TransformerPredictor:
+class TransformerPredictor(Predictor):
     """A :class:`~models.model.NextActionModel` served with batching, device top-K and a KV cache.
 
     Arguments:
@@ -272,18 +212,12 @@ class TransformerPredictor:
         buckets: padded sequence lengths (default :func:`length_buckets` of ``max_len``).
     """
 
-    #: ``predict`` takes the optional ``users=`` keyword (for callers that check before passing it).
-    accepts_users = True
-    learns = False  # observe() is a no-op: the batcher skips it
-
     def __init__(self, model: NextActionModel, vocab: ItemVocab, *, version: str, device: str = "auto",
                  num_threads: int | None = None, compile: bool = False, incremental: bool = True,
                  cache_users: int = 100_000, cache_bytes: int = 1 << 30, overflow: str = "exact",
                  refresh_every: int = 16, max_rounds: int = 4, score_budget: int | None = None,
                  buckets: Sequence[int] | None = None, score_dtype: str = "auto",
                  path: str | Path | None = None) -> None:
-        from models.config import resolve_device
-
         cfg = model.cfg
         if len(vocab) != cfg.n_items:
             raise CheckpointError(f"vocabulary has {len(vocab)} entries but the model has n_items={cfg.n_items}")
@@ -338,16 +272,20 @@ class TransformerPredictor:
     def from_checkpoint(cls, path: str | Path, **options: Any) -> "TransformerPredictor":
         """Load and verify (content hash) a checkpoint; raise CheckpointError naming the problem."""
         from models.checkpoint import load_checkpoint
-        from models.config import resolve_device
 
         dev = resolve_device(options.get("device", "auto"))
         ck = load_checkpoint(path, device=dev)
         return cls(ck.model, ck.vocab, version=ck.version, path=path, **options)
 
-    def successor(self, path: str | Path) -> "TransformerPredictor":
-        """The next model version with the same serving options and an empty cache (for
-        ``Batcher.swap``). Raises CheckpointError, leaving the current predictor serving."""
+    def successor(self, path: str | Path, sha256: str | None = None) -> "TransformerPredictor":
+        """The next model version with the same serving options and an empty cache (cached
+        keys/values belong to the model that made them). Raises CheckpointError."""
         return type(self).from_checkpoint(path, **self._options)
+
+    def __repr__(self) -> str:
+        return (f"TransformerPredictor({self.version} on {self.device}, threads={self.num_threads}, "
+                f"incremental={self.incremental}, overflow={self.overflow}, cache={self.cache.max_entries} users / "
+                f"{self.cache.max_bytes >> 20} MiB, compile={self.compiled})")
 
     def warm_up(self) -> None:
         """Run every code path once (full, prefill, step) on a synthetic user; raise CheckpointError if
@@ -370,9 +308,6 @@ class TransformerPredictor:
         self.cache.stats = dict.fromkeys(self.cache.stats, 0)
 
     # ------------------------------------------------------------------ Predictor protocol
-    def observe(self, history: EventSeq) -> None:
-        """No-op: this predictor serves a fixed checkpoint (online/ learns and publishes new ones)."""
-
     def predict(self, histories: Sequence[EventSeq], k: int, users: Sequence[str] | None = None
                 ) -> list[Prediction]:
         """One prediction per history, in input order (the triggering event is each history's last).
@@ -406,7 +341,7 @@ class TransformerPredictor:
         out: list[Prediction | None] = [None] * n
         # every model call of the batch first (a round's steps depend on the previous round's
         # states), then the heads once for all of them: one pass over the item table per batch
-        pending: list[tuple[list[int], LastHidden, bool]] = []  # (rows, last positions, incremental)
+        pending: list[tuple[list[int], LastHidden]] = []  # (rows, their last positions)
         with torch.inference_mode(), self._autocast():
             for members in rounds:
                 if not members:
@@ -423,12 +358,11 @@ class TransformerPredictor:
                     self._run_steps(steps, histories, prev_keys, cur_keys, users, pending)
                 if prefills:
                     self._run_prefills(prefills, histories, cur_keys, users, pending)
-            rows = [j for r, _, _ in pending for j in r]
-            incremental = [inc for r, _, inc in pending for _ in r]
-            last = LastHidden.cat([p for _, p, _ in pending])
+            rows = [j for r, _ in pending for j in r]
+            last = LastHidden.cat([p for _, p in pending])
             for s in range(0, len(rows), self.max_rows):  # bounded [rows, V] score matrices
                 o = self.model.heads(last.rows(s, s + self.max_rows), k, self.score_dtype)
-                self._emit(o, rows[s: s + self.max_rows], out, incremental[s: s + self.max_rows])
+                self._emit(o, rows[s: s + self.max_rows], out)
         return out  # type: ignore[return-value]
 
     def predict_full(self, histories: Sequence[EventSeq], k: int) -> list[Prediction]:
@@ -448,7 +382,7 @@ class TransformerPredictor:
                     o = self._score_last(batch, k, self.score_dtype)
                     self.stats["full"] += len(chunk)
                     self.stats["model_calls"] += 1
-                    self._emit(o, chunk, out, [False] * len(chunk))
+                    self._emit(o, chunk, out)
         return out  # type: ignore[return-value]
 
     # ------------------------------------------------------------------ cache management
@@ -528,7 +462,7 @@ class TransformerPredictor:
                 last, state = self.model.prefill(self._to_device(batch), heads=False)
                 self.stats["prefills"] += len(chunk)
                 self.stats["model_calls"] += 1
-                pending.append((chunk, last, False))
+                pending.append((chunk, last))
                 self._store(state, chunk, [lens[i] for i in part], None, cur_keys, users, since=0)
 
     def _run_steps(self, steps: list[tuple[int, CacheEntry]], histories, prev_keys, cur_keys, users,
@@ -544,7 +478,7 @@ class TransformerPredictor:
                 last, new_state = self.model.step(self._to_device(tokens), state, evict=evict, heads=False)
                 self.stats["steps"] += len(chunk)
                 self.stats["model_calls"] += 1
-                pending.append((chunk, last, True))
+                pending.append((chunk, last))
                 for j in chunk:
                     self.cache.pop(prev_keys[j])
                 self._store(new_state, chunk, [min(e.n + 1, self.cfg.max_len) for e in entries], entries,
@@ -592,7 +526,7 @@ class TransformerPredictor:
                                users[j] if users is not None else None, m * per_tok)
             self.cache.put(cur_keys[j], entry)
 
-    def _emit(self, o: dict[str, torch.Tensor], rows: list[int], out: list, incremental: Sequence[bool]) -> None:
+    def _emit(self, o: dict[str, torch.Tensor], rows: list[int], out: list) -> None:
         """Copy only the K ids/scores (top-K ran on the device), action probs and gap back to the host."""
         ids, vals = o["top_items"].cpu().tolist(), o["top_scores"].float().cpu().tolist()  # (B, k) each
         probs = o["action_probs"].float().cpu().numpy().astype(np.float64)  # (B, 5)
@@ -603,112 +537,4 @@ class TransformerPredictor:
         plist, glist = probs.tolist(), gaps.tolist()
         for b, j in enumerate(rows):
             tops = [(names[i - first], v) for i, v in zip(ids[b], vals[b])]
-            out[j] = Prediction(action_probs=plist[b], top_items=tops, next_gap_s=glist[b],
-                                extra={"model_version": self.version, "incremental": incremental[b]})
-
-
-def resolve_score_dtype(name: str, device_type: str, table_bytes: int | None = None) -> torch.dtype | None:
-    """The catalogue-scan dtype for ``score_dtype`` (None = one exact fp32 scan).
-
-    ``auto``: bf16 on CUDA, and on CPUs with native bf16 dot products (AVX512-BF16 or AMX, read from
-    ``/proc/cpuinfo``) for an fp32 item table of more than :data:`AUTO_BF16_MIN_TABLE_BYTES`
-    (``table_bytes``; measured on the dev CPU, d=64, batch 128: 1.4x faster at 100k items, 1.7x at
-    1M, but 1.1x *slower* at 10k, where the fp32 table stays in cache); fp32 elsewhere (emulated
-    bf16 is slower).
-
-    >>> resolve_score_dtype("float32", "cuda") is None, resolve_score_dtype("bfloat16", "cpu")
-    (True, torch.bfloat16)
-    >>> resolve_score_dtype("auto", "cpu", table_bytes=1 << 20) is None  # a small catalogue: fp32
-    True
-    """
-    if name not in SCORE_DTYPES:
-        raise ConfigError("serve_score_dtype", name, f"must be one of {SCORE_DTYPES}")
-    if name == "float32":
-        return None
-    if name == "bfloat16" or device_type == "cuda":
-        return torch.bfloat16
-    big = table_bytes is None or table_bytes > AUTO_BF16_MIN_TABLE_BYTES
-    return torch.bfloat16 if big and cpu_has_native_bf16() else None
-
-
-@functools.lru_cache(maxsize=1)
-def cpu_has_native_bf16() -> bool:
-    """Whether this CPU has bf16 dot-product instructions (x86 AVX512-BF16 or AMX-BF16; Linux).
-    Read once per process (every predictor and hot-swap successor asks)."""
-    try:
-        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    flags = set(line.split(":", 1)[1].split())
-                    return bool(flags & {"avx512_bf16", "amx_bf16"})
-    except OSError:
-        pass
-    return False
-
-
-# ----------------------------------------------------------------------------------------------
-# worker start
-# ----------------------------------------------------------------------------------------------
-#: ``Settings`` field → (TransformerPredictor option, conversion). Fields the settings object does not
-#: have (yet) keep the predictor's defaults.
-SETTINGS_FIELDS: dict[str, tuple[str, Any]] = {
-    "serve_threads": ("num_threads", int),  # 0 = default (all cores but one)
-    "serve_compile": ("compile", bool),
-    "kv_cache_users": ("cache_users", int),
-    "kv_cache_mb": ("cache_bytes", lambda mb: int(mb) << 20),
-    "kv_overflow": ("overflow", str),
-    "kv_refresh_every": ("refresh_every", int),
-    "serve_score_dtype": ("score_dtype", str),
-}
-
-
-def serving_options(settings: Any) -> dict[str, Any]:
-    """:class:`TransformerPredictor` options from ``settings`` (see :data:`SETTINGS_FIELDS`).
-
-    >>> from types import SimpleNamespace
-    >>> serving_options(SimpleNamespace(device="cpu", kv_cache_mb=64, serve_threads=0))
-    {'device': 'cpu', 'cache_bytes': 67108864}
-    """
-    opts: dict[str, Any] = {"device": getattr(settings, "device", "auto")}
-    for name, (opt, conv) in SETTINGS_FIELDS.items():
-        v = getattr(settings, name, None)
-        if v is None or (name == "serve_threads" and int(v) == 0):
-            continue
-        opts[opt] = conv(v)
-    return opts
-
-
-def load_predictor(settings: Any, **overrides: Any) -> Predictor:
-    """The predictor a worker serves: ``settings.checkpoint``'s Transformer (hash-verified and
-    warmed up), or — with a loud warning naming the path and the problem — the baseline
-    :class:`~online.baseline.PopularityMarkovPredictor`. Never raises for a checkpoint problem.
-
-    A wrong *setting* (e.g. ``device='cuda'`` on a machine without a GPU) raises ConfigError.
-    """
-    from models.config import resolve_device
-    from online.baseline import PopularityMarkovPredictor
-
-    opts = serving_options(settings)
-    opts.update(overrides)
-    resolve_device(opts.get("device", "auto"))  # a wrong device setting is a config error, not a fallback
-    path = getattr(settings, "checkpoint", None)
-    if path is None:
-        log.warning("!!! no model checkpoint configured (setting 'checkpoint' / NEXTACTION_CHECKPOINT is "
-                    "unset): serving the BASELINE predictor (popularity + Markov), not the Transformer")
-        return PopularityMarkovPredictor()
-    t0 = time.perf_counter()
-    try:
-        if not Path(path).exists():
-            raise CheckpointError(f"checkpoint directory {str(path)!r} does not exist")
-        pred = TransformerPredictor.from_checkpoint(path, **opts)
-        pred.warm_up()
-    except Exception as exc:  # noqa: BLE001 - any failure to load must not crash-loop the worker
-        log.warning("!!! model checkpoint %s is unusable (%s: %s): FALLING BACK to the BASELINE predictor "
-                    "(popularity + Markov); fix or replace the checkpoint", path, type(exc).__name__, exc,
-                    exc_info=not isinstance(exc, CheckpointError))
-        return PopularityMarkovPredictor()
-    log.info("serving Transformer %s from %s on %s (threads=%d, incremental=%s, overflow=%s, cache=%d users / "
-             "%d MiB, compile=%s) — loaded in %.1f s", pred.version, path, pred.device, pred.num_threads,
-             pred.incremental, pred.overflow, pred.cache.max_entries, pred.cache.max_bytes >> 20, pred.compiled,
-             time.perf_counter() - t0)
-    return pred
+            out[j] = Prediction(action_probs=plist[b], top_items=tops, next_gap_s=glist[b])

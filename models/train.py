@@ -27,7 +27,8 @@ from typing import Any
 
 import numpy as np
 
-from models.config import ModelConfig, TrainConfig, resolve_device
+from models.config import ModelConfig, TrainConfig
+from models.devices import resolve_device
 from models.encoding import ItemVocab, encode
 from models.schema import EventSeq
 
@@ -316,7 +317,7 @@ def train(ds, model_cfg: ModelConfig | None, train_cfg: TrainConfig, out_dir: st
     examples = build_examples(train_seqs, vocab, cfg, stride)
     packed = pack_examples(examples) if examples else {}
     if not examples:
-        from stream_app.errors import DatasetError
+        from models.errors import DatasetError
 
         raise DatasetError(f"{ds.name}: no training sequence has 2 or more events")
     mask_history = train_cfg.eval_protocol == "masked"

@@ -27,7 +27,7 @@ from typing import Iterable
 
 import numpy as np
 
-from stream_app.errors import ConfigError
+from models.errors import ConfigError
 
 FEATURES = ("log", "prob")
 

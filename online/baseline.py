@@ -17,7 +17,7 @@ by how much evidence the successor list has. Decay is implemented by growing the
 weights are rescaled when the increment gets large. Memory is bounded by ``max_items`` popular
 items, ``max_sources × max_successors`` transitions and a fixed action matrix.
 
-Not thread-safe by design: the batcher calls ``predict`` and ``observe`` from one executor thread.
+Not thread-safe by design: the batcher calls ``predict`` and ``observe`` from one inference thread.
 
 >>> from models.schema import EventSeq
 >>> p = PopularityMarkovPredictor()
@@ -40,7 +40,7 @@ from typing import Sequence
 
 import numpy as np
 
-from models.predictor import Prediction
+from models.predictor import Prediction, Predictor
 from models.schema import ACTIONS, EventSeq
 
 _N_ACTIONS = len(ACTIONS)
@@ -48,7 +48,7 @@ _RESCALE_AT = 1e150
 _DEFAULT_LOG_GAP = math.log1p(60.0)  # before any gap was seen: a minute
 
 
-class PopularityMarkovPredictor:
+class PopularityMarkovPredictor(Predictor):
     """Popularity + first-order item/action Markov chains + gap statistics, learned online.
 
     Arguments:
@@ -63,6 +63,7 @@ class PopularityMarkovPredictor:
     """
 
     version = "baseline-markov-1"
+    learns = True
 
     def __init__(self, *, half_life: float = 50_000, max_items: int = 200_000, max_successors: int = 50,
                  max_sources: int = 100_000, markov_prior: float = 2.0, gap_alpha: float = 0.01,
@@ -162,8 +163,9 @@ class PopularityMarkovPredictor:
             self._since_refresh = 0
         return self._top_cache[:n]
 
-    def predict(self, histories: Sequence[EventSeq], k: int) -> list[Prediction]:
-        """One prediction per history (the triggering event is each history's last)."""
+    def predict(self, histories: Sequence[EventSeq], k: int, users: Sequence[str] | None = None
+                ) -> list[Prediction]:
+        """One prediction per history (the triggering event is each history's last; ``users`` unused)."""
         if k < 1:
             raise ValueError(f"k must be >= 1 (got {k!r})")
         popular = self._popular(2 * k)

@@ -1,6 +1,6 @@
 """The Faust app: topics and tables, declared top-down. Behaviour lives in :mod:`stream_app.agents`.
 
-``faust -A stream_app worker -l info`` imports :data:`app`, built once from the process settings
+``faust -A stream_app.app:app worker`` imports :data:`app`, built once from the process settings
 by :func:`create_app`. Tests build their own apps with :func:`create_app` (other settings, a temp
 data dir, a test predictor), since one Faust app is bound to one set of topic/table names.
 
@@ -8,18 +8,11 @@ State, all keyed by user id (so the ``events`` partition, the table partitions a
 that owns a user line up), all RocksDB with a changelog topic (recovered after a restart or a
 rebalance):
 
-``histories``        user → :class:`~stream_app.history.UserState` (orjson): the last ``window_events``
-                     events within ``window_ttl_s`` (see :mod:`stream_app.history`) and a summary of
-                     the user's latest published prediction (model version, action probabilities,
-                     top items, next gap, event time, source partition/offset), which the user's
-                     next event turns into an ``outcomes`` record. Written once per event, by the
-                     batcher's deliverer when it publishes the prediction (see :mod:`stream_app.agents`).
+``histories``        user → :class:`~stream_app.records.UserState`: the last ``window_events`` events
+                     within ``window_ttl_s`` (:mod:`stream_app.history`) and the latest prediction,
+                     which the user's next event turns into an ``outcomes`` record.
 ``activity``         (user, tumbling window) → event count, windows on *event time*
-                     (``activity_window_s``; kept for 24 windows).
-
-The latest prediction used to be a table of its own (``last_prediction``), written after the
-history by the deliverer: two writes and two changelog records per event where one does. An entry
-written then (a history without ``"p"``) reads as a user with no prediction yet.
+                     (``activity_window_s``; kept for :data:`ACTIVITY_WINDOWS_KEPT` windows).
 """
 
 from __future__ import annotations
@@ -29,27 +22,13 @@ from datetime import timedelta
 from typing import Any, Callable
 
 import faust
-import orjson
 
 from models.predictor import Predictor
-from stream_app.agents import EVENT_TS_ATTR  # set by the agent on each validated event (see event_time_s)
+from stream_app.events import event_time_s
 from stream_app.settings import SettingsType, get_settings
 
 #: Activity windows kept per user (older windows expire, on event time).
 ACTIVITY_WINDOWS_KEPT = 24
-
-
-def event_time_s(event: Any) -> float:
-    """Event time (seconds) of a *validated* raw event: the windowed table's time-relativity.
-
-    The ``events`` topic carries raw bytes (validation must see the original message), so
-    Faust's ``relative_to_field`` (which reads an attribute of a Record value) cannot be used; this
-    handler reads the same ``ts`` field instead. Only called for events that passed validation.
-    """
-    ts = getattr(event, EVENT_TS_ATTR, None)
-    if ts is not None:  # stamped by the agent after validation: no second JSON parse per access
-        return ts
-    return orjson.loads(event.value)["ts"] / 1000.0
 
 
 @dataclass
@@ -72,7 +51,7 @@ def create_app(settings: SettingsType | None = None, *, predictor_factory: Calla
     Arguments:
         settings: defaults to :func:`~stream_app.settings.get_settings`.
         predictor_factory: builds the predictor served at start (default:
-            :func:`stream_app.agents.default_predictor`).
+            :func:`stream_app.pipeline.start_predictor`).
         store: Faust table store (``rocksdb://`` in production and in tests).
         publisher: where outputs go (default: the app's Kafka producer); tests pass a recorder,
             since ``agent.test_context()`` runs without a broker.

@@ -1,4 +1,4 @@
-"""Micro-batching of prediction requests, run on the single inference executor thread or awaited.
+"""Micro-batching of prediction requests in front of a :class:`~models.predictor.Predictor`.
 
 The agent :meth:`~Batcher.submit`\\ s one :class:`Request` per valid event (awaiting while the
 bounded queue is full: that is the backpressure that slows consumption instead of growing memory).
@@ -7,11 +7,9 @@ Two tasks then run on the event loop:
 * the **infer loop** takes the oldest request and collects more until ``max_batch`` requests or
   until ``max_wait_ms`` after the oldest request was submitted (Triton-style dynamic batching: a
   request that already waited while the executor was busy is not held back any longer), then runs
-  ``predict`` then ``observe`` for the whole batch in a ``ThreadPoolExecutor(1)``, so the event loop
-  keeps consuming, updating state and publishing meanwhile — or, for a predictor with
-  ``predict_async`` (the inference process of :mod:`stream_app.remote`), awaits it on the event
-  loop: the model runs in another process, and a thread that waited on the pipe would have to win
-  the GIL back from the busy event loop after every read and write;
+  ``predict`` then ``observe`` for the whole batch in the single inference thread, so the event loop
+  keeps consuming, updating state and publishing meanwhile — or awaits ``predict_async`` on the
+  event loop for a predictor that ``runs_elsewhere`` (the inference process, :mod:`stream_app.remote`);
 * the **deliver loop** hands finished batches, in submission order, to the ``deliver`` coroutine
   (publishing, acking). Inference of batch *n+1* overlaps delivery of batch *n*; a small bounded
   hand-off queue keeps a slow deliverer from letting results pile up.
@@ -24,9 +22,6 @@ Failures: if ``predict`` raises (or returns something malformed) for a batch, th
 in halves and each half retried, down to single requests; a single request is tried twice. What
 still fails comes back as a :class:`Result` with ``prediction=None`` and the error, for the
 deliverer to dead-letter with reason :data:`PREDICT_FAILED`. No request is ever dropped.
-
-Users: a predictor with ``accepts_users = True`` (the Transformer, for its per-user KV cache) is
-called as ``predict(histories, k, users=[user_id, ...])``; others get the plain protocol call.
 
 Model swap: :meth:`Batcher.swap` replaces the predictor; the infer loop reads the predictor once
 per batch, so a swap takes effect atomically between batches and every :class:`Result` carries
@@ -57,12 +52,12 @@ import math
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Awaitable, Callable, Sequence
+from typing import Any, Awaitable, Callable
 
 from models.predictor import Prediction, Predictor
 from models.schema import ACTIONS, EventSeq
-from stream_app import metrics
-from stream_app.errors import PredictorError
+from models.errors import PredictorError
+from stream_app import monitoring
 
 log = logging.getLogger(__name__)
 
@@ -107,7 +102,7 @@ def check_prediction(p: Prediction, k: int) -> Prediction:
     >>> check_prediction(Prediction([float("nan")] * 5, [], 1.0), k=5)
     Traceback (most recent call last):
     ...
-    stream_app.errors.PredictorError: action_probs must be finite and >= 0 with a positive sum (got [nan, nan, nan, nan, nan])
+    models.errors.PredictorError: action_probs must be finite and >= 0 with a positive sum (got [nan, nan, nan, nan, nan])
     """
     if not isinstance(p, Prediction):
         raise PredictorError(f"predictor returned {type(p).__name__}, expected Prediction")
@@ -128,7 +123,7 @@ def check_prediction(p: Prediction, k: int) -> Prediction:
     gap = float(p.next_gap_s)
     if not math.isfinite(gap) or gap < 0:
         raise PredictorError(f"next_gap_s must be finite and >= 0 (got {gap})")
-    return Prediction(probs, items, gap, p.explanation, p.extra)
+    return Prediction(probs, items, gap, p.explanation)
 
 
 class Batcher:
@@ -184,7 +179,7 @@ class Batcher:
         self._check_predictor(predictor)
         old, self._predictor = self._predictor, predictor
         self.stats["swaps"] += 1
-        metrics.MODEL_SWAPS.inc()
+        monitoring.MODEL_SWAPS.inc()
         log.info("predictor swap: %s -> %s (from the next batch)", old.version, predictor.version)
 
     async def run_in_executor(self, fn: Callable[..., Any], *args: Any) -> Any:
@@ -217,7 +212,7 @@ class Batcher:
         except BaseException:
             self._done(1)
             raise
-        metrics.QUEUE_DEPTH.set(self._queue.qsize())
+        monitoring.QUEUE_DEPTH.set(self._queue.qsize())
 
     async def drain(self) -> None:
         """Wait until every submitted request has been delivered (or the batcher failed)."""
@@ -269,7 +264,7 @@ class Batcher:
                 batch.append(await asyncio.wait_for(q.get(), timeout))
             except asyncio.TimeoutError:
                 break
-        metrics.QUEUE_DEPTH.set(q.qsize())
+        monitoring.QUEUE_DEPTH.set(q.qsize())
         return batch
 
     async def _infer_loop(self) -> None:
@@ -277,7 +272,7 @@ class Batcher:
             while True:
                 batch = await self._collect()
                 started = time.monotonic()
-                queued = metrics.STAGE_LATENCY.labels("queue")
+                queued = monitoring.STAGE_LATENCY.labels("queue")
                 for r in batch:
                     queued.observe(started - r.enqueued)
                 predictor = self._predictor  # read once: the whole batch is served by one version
@@ -298,7 +293,7 @@ class Batcher:
                 finally:
                     self._done(len(results))
                 now = time.monotonic()
-                delivered = metrics.STAGE_LATENCY.labels("deliver")
+                delivered = monitoring.STAGE_LATENCY.labels("deliver")
                 for r in results:
                     delivered.observe(now - r.inferred)
         except asyncio.CancelledError:
@@ -325,24 +320,23 @@ class Batcher:
     async def _infer(self, predictor: Predictor, batch: list[Request]) -> list[Result]:
         """predict, then observe, one batch.
 
-        A predictor with ``predict_async`` (the inference process, :mod:`stream_app.remote`, which
-        waits on its pipe) is awaited on the event loop, so no thread has to win the GIL back from
-        the event loop after every pipe read and write; its ``observe`` must be cheap (it buffers).
-        Any other predictor runs in the executor thread, predict and observe in one hop, while the
-        event loop keeps consuming and publishing.
+        A predictor that ``runs_elsewhere`` (the inference process) is awaited on the event loop, so
+        no thread has to win the GIL back from the event loop after every pipe read and write; its
+        ``observe`` must be cheap (it buffers). Any other predictor runs in the inference thread,
+        predict and observe in one hop, while the event loop keeps consuming and publishing.
         """
         t0 = time.perf_counter()
-        if getattr(predictor, "predict_async", None) is not None:
-            preds, errors = await self._predict_robust(self._caller(predictor, batch), len(batch))
+        if predictor.runs_elsewhere:
+            preds, errors = await self._predict_robust(predictor, batch)
             self._observe(predictor, batch)
         else:
             preds, errors = await asyncio.get_running_loop().run_in_executor(
                 self._executor, self._infer_in_thread, predictor, batch)
         dt = time.perf_counter() - t0
         done = time.monotonic()
-        metrics.BATCH_SIZE.observe(len(batch))
-        metrics.PREDICT_LATENCY.observe(dt)
-        inferred = metrics.STAGE_LATENCY.labels("infer")
+        monitoring.BATCH_SIZE.observe(len(batch))
+        monitoring.PREDICT_LATENCY.observe(dt)
+        inferred = monitoring.STAGE_LATENCY.labels("infer")
         for _ in batch:
             inferred.observe(dt)
         self.stats["batches"] += 1
@@ -357,64 +351,50 @@ class Batcher:
             out.append(Result(r, p, version, e, done))
         return out
 
-    def _caller(self, predictor: Predictor, batch: list[Request]
-                ) -> Callable[[list[int]], Awaitable[Sequence[Prediction]]]:
-        """``call(ids)``: the predictor's predictions for the requests at ``ids`` (users too, if it takes them)."""
-        users = [r.user_id for r in batch] if getattr(predictor, "accepts_users", False) else None
-        predict_async = getattr(predictor, "predict_async", None)
-
-        async def call(ids: list[int]) -> Sequence[Prediction]:
-            hs = [batch[i].history for i in ids]
-            kw = {"users": [users[i] for i in ids]} if users is not None else {}
-            if predict_async is not None:
-                return await predict_async(hs, self.k, **kw)
-            return predictor.predict(hs, self.k, **kw)  # never suspends: see _infer_in_thread
-
-        return call
-
     def _infer_in_thread(self, predictor: Predictor, batch: list[Request]
                          ) -> tuple[list[Prediction | None], list[str | None]]:
-        """The executor thread's share: the robust predict (its coroutine never suspends with a
-        synchronous predictor, so it runs to completion on the first step) and the observes."""
-        coro = self._predict_robust(self._caller(predictor, batch), len(batch))
+        """The inference thread's share: the robust predict (its coroutine never suspends with a
+        predictor that runs here, so it completes on the first step) and the observes."""
+        coro = self._predict_robust(predictor, batch)
         try:
             coro.send(None)
         except StopIteration as done:
             self._observe(predictor, batch)
             return done.value
         coro.close()
-        raise RuntimeError("_predict_robust suspended with a synchronous predictor")
+        raise RuntimeError(f"{type(predictor).__name__}.predict_async suspended but runs_elsewhere is False")
 
     @staticmethod
     def _observe(predictor: Predictor, batch: list[Request]) -> None:
         """observe() each request's history after the batch's predictions (prequential order: a
-        prediction must not see events later than its own); best effort. A predictor with
-        ``learns = False`` (a fixed checkpoint) is not called at all."""
-        if not getattr(predictor, "learns", True):
+        prediction must not see events later than its own); best effort, and only if it ``learns``."""
+        if not predictor.learns:
             return
         for r in batch:
             if r.observe:
                 try:
                     predictor.observe(r.history)
                 except Exception:  # noqa: BLE001 - the predictions are already made
-                    metrics.OBSERVE_ERRORS.inc()
+                    monitoring.OBSERVE_ERRORS.inc()
                     log.exception("predictor %s observe() failed for user %r", predictor.version, r.user_id)
 
-    async def _predict_robust(self, call: Callable[[list[int]], Awaitable[Sequence[Prediction]]], n: int
+    async def _predict_robust(self, predictor: Predictor, batch: list[Request]
                               ) -> tuple[list[Prediction | None], list[str | None]]:
-        """``call(ids)`` predicts the requests at ``ids``; a failing call is split in halves and each half
-        retried, down to single requests (tried twice); returns (predictions, errors) per request."""
+        """Predict the batch; a failing call is split in halves and each half retried, down to
+        single requests (tried twice); returns (predictions, errors) per request."""
+        n = len(batch)
         preds: list[Prediction | None] = [None] * n
         errors: list[str | None] = [None] * n
 
         async def attempt(ids: list[int], tries: int) -> None:
             try:
-                got = await call(ids)
+                got = await predictor.predict_async([batch[i].history for i in ids], self.k,
+                                                    [batch[i].user_id for i in ids])
                 if len(got) != len(ids):
                     raise PredictorError(f"predict() returned {len(got)} predictions for {len(ids)} histories")
             except Exception as exc:  # noqa: BLE001 - any predictor failure is isolated, then reported
                 self.stats["predict_errors"] += 1
-                metrics.PREDICT_ERRORS.inc()
+                monitoring.PREDICT_ERRORS.inc()
                 if len(ids) > 1:  # bisect: isolate the poison history, keep the rest
                     mid = len(ids) // 2
                     await attempt(ids[:mid], 2)
@@ -440,6 +420,5 @@ class Batcher:
 
     @staticmethod
     def _check_predictor(predictor: Any) -> None:
-        missing = [a for a in ("version", "predict", "observe") if not hasattr(predictor, a)]
-        if missing:
-            raise TypeError(f"{type(predictor).__name__} is not a Predictor: missing {', '.join(missing)}")
+        if not isinstance(predictor, Predictor):
+            raise TypeError(f"{type(predictor).__name__} is not a models.predictor.Predictor")

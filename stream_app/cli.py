@@ -1,6 +1,6 @@
 """The ``nextaction`` command line.
 
-``nextaction kafka start|stop|status|logs``  the embedded single-node broker (:mod:`stream_app.kafka_local`)
+``nextaction kafka start|stop|status|logs``  the embedded single-node broker (:mod:`stream_app.broker`)
 ``nextaction worker``                        ``faust -A stream_app.app:app worker`` with the configured web bind/port
 ``nextaction replay taobao|csv|synthetic``   produce events into the events topic
 ``nextaction tail TOPIC``                    pretty-print the JSON records of a topic
@@ -32,8 +32,9 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from stream_app.errors import BrokerError, NextActionError
-from stream_app.kafka_local import start_client
+from models.errors import NextActionError
+from stream_app.errors import BrokerError
+from stream_app.kafka_admin import start_client
 from stream_app.settings import SettingsType, get_settings
 
 console = Console()
@@ -103,14 +104,14 @@ def kafka_start(
     topics: bool = typer.Option(True, "--topics/--no-topics", help="Create the app's topics if missing."),
 ) -> None:
     """Install (once), format (once) and start the broker; wait until it answers. Idempotent."""
-    from stream_app import kafka_local
+    from stream_app import broker, kafka_admin
 
     with _errors():
         settings = _settings()
         t0 = time.monotonic()
         with console.status(f"starting Kafka {settings.kafka_version} on 127.0.0.1:{settings.kafka_port} "
                             "(first run downloads the jars with Maven)..."):
-            st = kafka_local.start(settings, timeout=timeout)
+            st = broker.start(settings, timeout=timeout)
         if st.started:
             console.print(f"[green]started[/] Kafka {st.version} (pid {st.pid}) on [bold]{st.bootstrap}[/] "
                           f"in {time.monotonic() - t0:.1f} s; log: {st.log}")
@@ -119,7 +120,7 @@ def kafka_start(
                           f"log: {st.log}")
         _warn_if_broker_url_elsewhere(settings)
         if topics:
-            counts = kafka_local.ensure_topics(_local_settings(settings))
+            counts = kafka_admin.ensure_topics(_local_settings(settings))
             console.print("topics: " + ", ".join(f"{t} ({n} partitions)" for t, n in counts.items()))
 
 
@@ -127,24 +128,24 @@ def kafka_start(
 def kafka_stop(timeout: float = typer.Option(30.0, help="Seconds before SIGTERM becomes SIGKILL.",
                                              callback=_positive("--timeout"))) -> None:
     """Stop the broker (SIGTERM, then SIGKILL after --timeout). Idempotent."""
-    from stream_app import kafka_local
+    from stream_app import broker
 
     with _errors():
         settings = _settings()
         with console.status("stopping Kafka..."):
-            was_running = kafka_local.stop(settings, timeout=timeout)
+            was_running = broker.stop(settings, timeout=timeout)
         console.print("[green]stopped[/] Kafka" if was_running else
-                      f"Kafka was not running (data dir {kafka_local.BrokerPaths.of(settings).root})")
+                      f"Kafka was not running (data dir {broker.BrokerPaths.of(settings).root})")
 
 
 @kafka_app.command("status")
 def kafka_status() -> None:
     """Show whether the broker runs and answers; exit status 1 if it does not answer."""
-    from stream_app import kafka_local
+    from stream_app import broker
 
     with _errors():
         settings = _settings()
-        st = kafka_local.status(settings)
+        st = broker.status(settings)
     table = Table(show_header=False, box=None, pad_edge=False)
     table.add_column(style="bold")
     table.add_column()
@@ -167,21 +168,21 @@ def kafka_status() -> None:
 @kafka_app.command("logs")
 def kafka_logs(lines: int = typer.Option(40, "--lines", "-n", callback=_positive("--lines"))) -> None:
     """Print the tail of the broker log."""
-    from stream_app import kafka_local
+    from stream_app import broker
 
     with _errors():
-        console.print(escape(kafka_local.log_tail(_settings(), lines)), highlight=False, soft_wrap=True)
+        console.print(escape(broker.log_tail(_settings(), lines)), highlight=False, soft_wrap=True)
 
 
 @kafka_app.command("install")
 def kafka_install() -> None:
     """Download the broker jars from Maven Central (start does this on first use)."""
-    from stream_app import kafka_local
+    from stream_app import broker
 
     with _errors():
         t0 = time.monotonic()
         with console.status("fetching Kafka jars with Maven..."):
-            jars = kafka_local.install(_settings())
+            jars = broker.install(_settings())
         console.print(f"[green]installed[/] {jars} ({time.monotonic() - t0:.1f} s)")
 
 
@@ -424,7 +425,7 @@ def _replay_module():
 
 
 def _replay(events, *, limit: int | None, rate: float | None, progress: bool) -> None:
-    from stream_app.kafka_local import require_broker
+    from stream_app.kafka_admin import require_broker
 
     replay = _replay_module()
     settings = _settings()
@@ -450,17 +451,15 @@ def deploy(
 ) -> None:
     """Verify a checkpoint and publish it on the model-updates topic: every worker loads, checks and
     swaps to it between batches (the path must be readable by the workers)."""
-    import orjson
 
-    from stream_app.updates import RECORD_KEY, update_record
+    from stream_app.updates import update_record
 
     with _errors():
         settings = _settings()
-        record = update_record(checkpoint, version)
-        asyncio.run(_send_one(settings, settings.topic_model_updates, RECORD_KEY, record))
-    rec = orjson.loads(record)
-    console.print(f"[green]announced[/] {rec['path']} (content hash {rec['sha256'][:12]}) on "
-                  f"[bold]{settings.topic_model_updates}[/]; workers report it as model_version {rec['sha256'][:12]}")
+        update = update_record(checkpoint, version)
+        asyncio.run(_send_one(settings, settings.topic_model_updates, update.KEY, update.encode()))
+    console.print(f"[green]announced[/] {update.path} (content hash {update.sha256[:12]}) on "
+                  f"[bold]{settings.topic_model_updates}[/]; workers report it as model_version {update.sha256[:12]}")
 
 
 async def _send_one(settings: SettingsType, topic: str, key: bytes | None, value: bytes) -> None:
@@ -585,20 +584,20 @@ def demo(
                                     "synthetic), if models/cli.py is there; else serve the baseline."),
 ) -> None:
     """Start the broker, run a worker, replay synthetic events and show live predictions."""
-    from stream_app import kafka_local
+    from stream_app import broker, kafka_admin
 
     with _errors():
         settings = _settings()
         console.rule("[bold]1. Kafka")
         if _points_at_embedded(settings):
             with console.status("starting the embedded broker (first run downloads the jars)..."):
-                st = kafka_local.start(settings)
+                st = broker.start(settings)
             console.print(f"Kafka {st.version} {'started' if st.started else 'already running'} on {st.bootstrap} "
                           f"(pid {st.pid})")
         else:
-            kafka_local.require_broker(settings)
+            kafka_admin.require_broker(settings)
             console.print(f"using the Kafka cluster at {settings.bootstrap_servers} (NEXTACTION_BROKER_URL)")
-        counts = kafka_local.ensure_topics(settings)
+        counts = kafka_admin.ensure_topics(settings)
         console.print("topics: " + ", ".join(f"{t} ({n})" for t, n in counts.items()))
 
         console.rule("[bold]2. Model")

@@ -28,7 +28,8 @@ stream_app.errors.EventRejected: bad_action: action must be one of view, click, 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
+from typing import Any
 
 import orjson
 
@@ -42,6 +43,8 @@ MIN_TS_MS = 946_684_800_000  # 2000-01-01: smaller values are seconds, not milli
 MAX_ID_LEN = 256
 MAX_TEXT_LEN = 2048
 _OPTIONAL_STR = ("session_id", "device", "location", "category")
+#: Attribute set on each validated Faust event: its event time in seconds (:func:`event_time_s`).
+EVENT_TS_ATTR = "nextaction_ts_s"
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,6 +64,25 @@ class Event:
 
     def to_json(self) -> bytes:
         return orjson.dumps({k: v for k, v in asdict(self).items() if v not in ("", None)})
+
+
+#: The event fields, in schema order (the one list: replay mappings and CSV options use it).
+FIELDS: tuple[str, ...] = tuple(f.name for f in fields(Event))
+#: Fields every event must have.
+REQUIRED_FIELDS: tuple[str, ...] = ("user_id", "item_id", "action", "ts")
+
+
+def event_time_s(event: Any) -> float:
+    """Event time (seconds) of a *validated* Faust event: the activity windows' time-relativity.
+
+    The ``events`` topic carries raw bytes (validation must see the original message), so Faust's
+    ``relative_to_field`` (an attribute of a Record value) cannot be used; the agent stamps
+    :data:`EVENT_TS_ATTR` on each event it validated, and this falls back to parsing ``ts``.
+    """
+    ts = getattr(event, EVENT_TS_ATTR, None)
+    if ts is not None:
+        return ts
+    return orjson.loads(event.value)["ts"] / 1000.0
 
 
 def parse_event(raw: bytes, *, now_ms: int, key: bytes | None = None, max_bytes: int = 16_384,
@@ -143,17 +165,3 @@ def _required_id(obj: dict, name: str) -> str:
     if not v or len(v) > MAX_ID_LEN:
         raise EventRejected("bad_value", f"{name} must be 1..{MAX_ID_LEN} characters", v)
     return v
-
-
-def dlq_record(raw: bytes | None, reason: str, detail: str, *, topic: str, partition: int, offset: int,
-               key: bytes | None = None) -> bytes:
-    """The dead-letter record: the original bytes (as UTF-8 text, or base64 if not UTF-8) + why + where."""
-    import base64
-
-    try:
-        original, encoding = (raw or b"").decode("utf-8"), "utf-8"
-    except UnicodeDecodeError:
-        original, encoding = base64.b64encode(raw).decode(), "base64"
-    return orjson.dumps({"reason": reason, "detail": detail, "original": original, "encoding": encoding,
-                         "key": key.decode("utf-8", "replace") if key else None,
-                         "source": {"topic": topic, "partition": partition, "offset": offset}})

@@ -1,8 +1,7 @@
 """The per-user window: bounded by count and by age, tolerant of out-of-order events (pure).
 
-The value stored in the ``histories`` table is a :class:`UserState` (the window and the user's latest
-prediction; :func:`encode_value`). Age is measured against
-the user's newest event time, not the wall clock, so replays of old logs keep their history.
+Age is measured against the user's newest event time, not the wall clock, so replays of old logs
+keep their history.
 
 >>> h = EventSeq.empty()
 >>> for i, t in enumerate([1_000, 2_000, 3_000, 4_000]):
@@ -17,12 +16,9 @@ the user's newest event time, not the wall clock, so replays of old logs keep th
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
-import orjson
 
-from models.schema import EventSeq
+from models.schema import ACTION_INDEX, EventSeq
 
 
 def add_event(history: EventSeq, item: str, action: str | int, ts: int, *, max_events: int, ttl_ms: int,
@@ -43,39 +39,24 @@ def bound(history: EventSeq, *, max_events: int, ttl_ms: int) -> EventSeq:
     return history.tail(max_events)
 
 
-@dataclass(slots=True)
-class UserState:
-    """One user's ``histories`` table value: the event window and a summary of the latest prediction
-    published for the user (``None`` before the first; it pairs with the next event as an outcome).
+def contains(history: EventSeq, item: str, action: str, ts: int) -> bool:
+    """Is this exact event (time, item, action) already in the history (a redelivery)?
 
-    Stored as one orjson object: the :meth:`EventSeq.to_json` columns plus ``"p"`` for the
-    prediction, so one table write (one changelog record) per event keeps both. A value without
-    ``"p"`` (written before the two were merged) reads as a history with no prediction yet.
-
-    >>> st = UserState(EventSeq.from_columns(["a"], ["cart"], [5]), {"v": "m1", "event_ts": 5})
-    >>> back = decode_value(encode_value(st))
-    >>> back.history.items, back.last
-    (['a'], {'v': 'm1', 'event_ts': 5})
-    >>> decode_value(EventSeq.from_columns(["a"], ["view"], [1]).pack()).last is None
-    True
+    >>> h = EventSeq.from_columns(["a", "b"], ["view", "cart"], [1, 2])
+    >>> contains(h, "b", "cart", 2), contains(h, "b", "view", 2)
+    (True, False)
     """
-
-    history: EventSeq
-    last: dict | None = None
-
-
-def encode_value(state: UserState) -> bytes:
-    """Table value bytes (what also goes to the changelog)."""
-    d = state.history.to_json()
-    if state.last is not None:
-        d["p"] = state.last
-    return orjson.dumps(d)
+    lo = int(np.searchsorted(history.ts, ts, side="left"))
+    hi = int(np.searchsorted(history.ts, ts, side="right"))
+    a = ACTION_INDEX[action]
+    return any(history.items[i] == item and int(history.actions[i]) == a for i in range(lo, hi))
 
 
-def decode_value(value: bytes | None) -> UserState:
-    """Inverse of :func:`encode_value`; ``None`` (no entry yet) is the empty history."""
-    if value is None:
-        return UserState(EventSeq.empty())
-    d = orjson.loads(value)
-    last = d.pop("p", None)
-    return UserState(EventSeq.from_json(d), last)
+def as_of(history: EventSeq, ts: int) -> EventSeq:
+    """The events up to and including time ``ts`` (the context a prediction for that event sees).
+
+    >>> as_of(EventSeq.from_columns(["a", "b", "c"], ["view"] * 3, [1, 2, 3]), 2).items
+    ['a', 'b']
+    """
+    end = int(np.searchsorted(history.ts, ts, side="right"))
+    return history if end == len(history) else history[:end]

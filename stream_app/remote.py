@@ -1,30 +1,22 @@
-"""The predictor in a child process: inference outside the worker's GIL.
+"""The predictor in a child process: inference outside the worker's GIL (setting ``serve_process``).
 
-Measured on the 2-core box (benchmarks/RESULTS.md, e2e at half the maximum rate): a batch of ~20
-Taobao events took 19 ms in a bare process but 124 ms on average inside the Faust worker, because
-the inference thread needs the GIL between every torch kernel and the event loop (parsing, state,
-Kafka I/O) holds it most of the time; a 10× shorter GIL switch interval barely helped. So the
-model runs in a **child process** (``spawn``), and the worker only ships requests and reads the
-answers: the batcher awaits :meth:`RemotePredictor.predict_async` on the event loop, which writes
-the request and is woken by ``add_reader`` when the reply is there (no thread waits on the pipe
-and then on the GIL; the synchronous ``predict`` remains for other callers):
+Inside the worker, the inference thread needs the GIL between every torch kernel while the event
+loop (parsing, state, Kafka I/O) holds it most of the time, so the model runs in a **child
+process** (``spawn``) and the worker only ships requests and reads answers (measurements:
+docs/serving.md, "The inference process").
 
-* :class:`RemotePredictor` implements the :class:`~models.predictor.Predictor` protocol in the
-  worker. ``predict`` sends one message per batch: the packed histories, the user ids (the child
-  keeps the per-user KV cache), K, and the histories ``observe``\\ d since the last batch (so learning
-  still happens after predicting, before the next batch, as in-process). ``successor(path)`` has the
-  child load, verify and warm up the next checkpoint next to the current one; the first batch
-  that names the new version makes the child drop the old one, so a swap stays atomic between
-  batches and every prediction carries exactly one version.
-* :func:`serve` is the child's loop: it builds the start-up predictor with
-  :func:`stream_app.agents.default_predictor` (the checkpoint, or the baseline with a loud warning),
-  then answers requests until the pipe closes (the worker exited: the child exits too).
-* Messages are orjson (no pickle): histories travel as ``EventSeq.to_json()`` objects; a model
-  whose ``observe`` is a no-op (``learns = False``, the Transformer) is sent no observations.
-* If the child dies (killed, out of memory), the next call starts a new one with the same settings
-  and the checkpoint last loaded, and retries once; its KV cache starts empty.
-
-Setting: ``serve_process`` (default on). Off, the predictor runs in the worker's inference thread.
+* :class:`RemotePredictor` is the worker's :class:`~models.predictor.Predictor`; it ``runs_elsewhere``:
+  the batcher awaits :meth:`~RemotePredictor.predict_async`, which writes one message per batch
+  (histories, user ids, K, and the histories ``observe``\\ d since the last batch, for a child model
+  that ``learns``) and is woken by ``add_reader`` when the reply is there.
+  :meth:`~RemotePredictor.successor` has the child load, verify and warm up the next checkpoint
+  beside the current one; the first batch naming the new version makes the child drop the old one.
+* :func:`serve` is the child's loop (:func:`stream_app.predictors.load_local` at start), answering
+  until the pipe closes (the worker is gone: the child exits too).
+* Messages are orjson (no pickle): histories as ``EventSeq.to_json()``, predictions as
+  ``Prediction.to_json()``. A child that dies is replaced on the next call (same settings, the
+  checkpoint last loaded) and the call retried once; a call cancelled or timed out mid-way kills
+  the child, whose late reply would otherwise answer the next request.
 """
 
 from __future__ import annotations
@@ -38,10 +30,11 @@ from typing import Any, Sequence
 
 import orjson
 
-from models.predictor import Prediction
+from models.errors import PredictorError
+from models.predictor import Prediction, Predictor
 from models.schema import EventSeq
-from stream_app import metrics
-from stream_app.errors import PredictorError
+from stream_app import monitoring, predictors, runtime
+from stream_app.settings import Settings, SettingsType
 
 log = logging.getLogger(__name__)
 
@@ -49,33 +42,24 @@ log = logging.getLogger(__name__)
 CALL_TIMEOUT_S = 300.0
 
 
-def _pred_to_json(p: Prediction) -> list:
-    return [p.action_probs, p.top_items, p.next_gap_s, p.explanation]
-
-
 def serve(conn: Any, settings_payload: dict, path: str | None) -> None:
     """The child process: build the predictor, then answer requests until the pipe closes."""
     import signal
 
-    from stream_app.agents import build_successor, default_predictor
-    from stream_app.settings import Settings
-
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the worker handles Ctrl-C and closes the pipe
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s] [%(process)d] [%(levelname)s] %(message)s")
     settings = Settings(**{**settings_payload, "serve_process": False})  # no grandchildren
-    models: dict[str, Any] = {}
+    models: dict[str, Predictor] = {}
     try:
-        first = default_predictor(settings)
+        first = predictors.load_local(settings)
         if path is not None and path != str(settings.checkpoint):  # a respawn after a hot swap
-            first = build_successor(first, path, None, settings)
+            first = _load(first, path, None, settings)
     except Exception as exc:  # noqa: BLE001 - tell the worker, then exit
         conn.send_bytes(orjson.dumps({"ok": False, "error": f"{type(exc).__name__}: {exc}"}))
         return
     models[str(first.version)] = first
-    if settings.gc_freeze:  # as in the worker (agents.freeze_heap): no full collections over torch's heap
-        from stream_app.agents import freeze_heap
-
-        freeze_heap()
+    if settings.gc_freeze:  # as in the worker: no full collections over torch's heap
+        runtime.freeze_heap()
     conn.send_bytes(orjson.dumps({"ok": True, **_describe(first)}))
     while True:
         try:
@@ -96,15 +80,16 @@ def serve(conn: Any, settings_payload: dict, path: str | None) -> None:
             return
 
 
-def _describe(predictor: Any) -> dict:
+def _describe(predictor: Predictor) -> dict:
     """What the worker-side proxy mirrors of a predictor in the child."""
-    return {"version": str(predictor.version), "accepts_users": bool(getattr(predictor, "accepts_users", False)),
-            "learns": bool(getattr(predictor, "learns", True))}
+    return {"version": str(predictor.version), "learns": bool(predictor.learns)}
 
 
-def _handle(msg: dict, models: dict[str, Any], settings: Any) -> dict | None:
-    from stream_app.agents import build_successor
+def _load(current: Predictor, path: str, sha256: str | None, settings: SettingsType) -> Predictor:
+    return predictors.load_successor(current, path, sha256, lambda p: predictors.load_transformer(settings, p))
 
+
+def _handle(msg: dict, models: dict[str, Predictor], settings: SettingsType) -> dict | None:
     op = msg["op"]
     if op == "predict":
         version = msg["v"]
@@ -118,15 +103,11 @@ def _handle(msg: dict, models: dict[str, Any], settings: Any) -> dict | None:
                 pred.observe(EventSeq.from_json(seq))
             except Exception:  # noqa: BLE001 - learning must not fail the batch (nor be retried with it)
                 log.exception("predictor %s observe() failed", version)
-        histories = [EventSeq.from_json(h) for h in msg["h"]]
-        if msg.get("users") is not None and getattr(pred, "accepts_users", False):
-            out = pred.predict(histories, msg["k"], users=msg["users"])
-        else:
-            out = pred.predict(histories, msg["k"])
-        return {"ok": True, "p": [_pred_to_json(p) for p in out]}
+        out = pred.predict([EventSeq.from_json(h) for h in msg["h"]], msg["k"], msg.get("users"))
+        return {"ok": True, "p": [p.to_json() for p in out]}
     if op == "load":
         current = models[msg["current"]]
-        new = build_successor(current, msg["path"], msg.get("sha256"), settings)
+        new = _load(current, msg["path"], msg.get("sha256"), settings)
         models[str(new.version)] = new
         return {"ok": True, **_describe(new)}
     if op == "close":
@@ -137,7 +118,7 @@ def _handle(msg: dict, models: dict[str, Any], settings: Any) -> dict | None:
 class _Channel:
     """The child process and its pipe, shared by every :class:`RemotePredictor` of one worker."""
 
-    def __init__(self, settings: Any) -> None:
+    def __init__(self, settings: SettingsType) -> None:
         self.payload = settings.model_dump(mode="json")
         self.ctx = mp.get_context("spawn")
         self.lock = threading.Lock()
@@ -253,15 +234,17 @@ def _checked(reply: dict) -> dict:
     return reply
 
 
-class RemotePredictor:
+class RemotePredictor(Predictor):
     """A :class:`~models.predictor.Predictor` whose model lives in the worker's inference process."""
 
-    def __init__(self, channel: _Channel, version: str, accepts_users: bool, learns: bool = True) -> None:
-        self._channel, self.version, self.accepts_users = channel, version, accepts_users
-        self.learns = learns  # False: the child's observe is a no-op, so histories are not shipped for it
+    runs_elsewhere = True
+
+    def __init__(self, channel: _Channel, version: str, learns: bool) -> None:
+        self._channel, self.version = channel, version
+        self.learns = learns  # the child model's: False, and observations are not even shipped
 
     @classmethod
-    def start(cls, settings: Any) -> "RemotePredictor":
+    def start(cls, settings: SettingsType) -> "RemotePredictor":
         """Spawn the inference process; it loads ``settings.checkpoint`` (or falls back to the baseline)."""
         channel = _Channel(settings)
         return cls._described(channel, channel.start())
@@ -269,7 +252,7 @@ class RemotePredictor:
     @classmethod
     def _described(cls, channel: _Channel, reply: dict) -> "RemotePredictor":
         """The proxy for the model the child described in ``reply`` (see :func:`_describe`)."""
-        return cls(channel, reply["version"], reply["accepts_users"], reply["learns"])
+        return cls(channel, reply["version"], reply["learns"])
 
     @property
     def pid(self) -> int | None:
@@ -298,16 +281,16 @@ class RemotePredictor:
     @staticmethod
     def _predictions(reply: dict, n: int) -> list[Prediction]:
         wall, cpu = reply["t"]
-        metrics.INFERENCE_PROCESS.labels("wall").observe(wall)
-        metrics.INFERENCE_PROCESS.labels("cpu").observe(cpu)
-        out = [Prediction(list(p[0]), [(str(i), float(s)) for i, s in p[1]], float(p[2]), p[3] or "")
-               for p in reply["p"]]
+        monitoring.INFERENCE_PROCESS.labels("wall").observe(wall)
+        monitoring.INFERENCE_PROCESS.labels("cpu").observe(cpu)
+        out = [Prediction.from_json(p) for p in reply["p"]]
         if len(out) != n:
             raise PredictorError(f"inference process returned {len(out)} predictions for {n} histories")
         return out
 
     def observe(self, history: EventSeq) -> None:
-        """Buffered: sent with the next batch, learned before it is predicted (as in-process)."""
+        """Buffered: sent with the next batch, learned before it is predicted (as in-process); a
+        child model that does not learn is sent nothing."""
         if self.learns:
             self._channel.pending_observe.append(history.to_json())
 

@@ -36,7 +36,8 @@ from typing import Callable, Iterable, Iterator
 import orjson
 
 from models.schema import canonical_action
-from stream_app.errors import BrokerError, DatasetError
+from models.errors import DatasetError
+from stream_app.errors import BrokerError
 
 log = logging.getLogger(__name__)
 

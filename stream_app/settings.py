@@ -10,7 +10,7 @@ Every field can be set with an environment variable ``NEXTACTION_<FIELD>`` (uppe
 >>> Settings(window_events=0)
 Traceback (most recent call last):
 ...
-stream_app.errors.ConfigError: setting 'window_events' = 0: must be >= 1
+models.errors.ConfigError: 'window_events' = 0: must be >= 1
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from typing import Literal
 from pydantic import ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from stream_app.errors import ConfigError
+from models.errors import ConfigError
 
 CACHE_ROOT = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "nextaction"
 

@@ -14,8 +14,8 @@ record goes to the ``handle`` coroutine (:meth:`stream_app.agents.Pipeline.handl
 which loads, verifies and swaps; it never raises for a bad record. The listener never stops the
 worker.
 
-Records are ``{"version", "path", "sha256"}`` (orjson); ``nextaction deploy <checkpoint>`` writes
-one (see :func:`update_record`).
+Records are :class:`~stream_app.records.ModelUpdate`\\ s; ``nextaction deploy <checkpoint>`` writes
+one (:func:`update_record`).
 """
 
 from __future__ import annotations
@@ -25,8 +25,8 @@ import logging
 from pathlib import Path
 from typing import Any, Awaitable, Callable
 
-import orjson
-
+from stream_app.kafka_admin import ensure_topics_async, start_client
+from stream_app.records import ModelUpdate
 from stream_app.settings import SettingsType
 
 log = logging.getLogger(__name__)
@@ -34,21 +34,14 @@ log = logging.getLogger(__name__)
 Handle = Callable[[bytes | None], Awaitable[str]]
 
 
-def update_record(checkpoint: str | Path, version: str | None = None) -> bytes:
-    """The ``model-updates`` record announcing ``checkpoint`` (its manifest is read and every file's
-    hash verified first: a broken checkpoint is refused here, before any worker sees it).
-
-    Raises :class:`~stream_app.errors.CheckpointError` for a missing or corrupt checkpoint.
-    """
+def update_record(checkpoint: str | Path, version: str | None = None) -> ModelUpdate:
+    """The update announcing ``checkpoint`` (every file's hash is verified first: a broken checkpoint
+    is refused here, before any worker sees it). Raises :class:`~models.errors.CheckpointError`."""
     from models.checkpoint import verify_checkpoint  # noqa: PLC0415 - imports safetensors/torch
 
     path = Path(checkpoint).expanduser().absolute()
     sha = verify_checkpoint(path)
-    return orjson.dumps({"version": version or sha[:12], "path": str(path), "sha256": sha})
-
-
-#: Key of every ``model-updates`` record: one key, so every update lands in one partition, in order.
-RECORD_KEY = b"model"
+    return ModelUpdate(version or sha[:12], str(path), sha)
 
 
 class ModelUpdateListener:
@@ -82,8 +75,6 @@ class ModelUpdateListener:
 
     async def _follow(self) -> None:
         from aiokafka import AIOKafkaConsumer, TopicPartition  # noqa: PLC0415
-
-        from stream_app.kafka_local import ensure_topics_async, start_client  # noqa: PLC0415
 
         n = (await ensure_topics_async(self.settings, [self.topic], partitions=1))[self.topic]
         consumer = AIOKafkaConsumer(bootstrap_servers=self.settings.bootstrap_servers, group_id=None,

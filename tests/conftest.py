@@ -1,7 +1,7 @@
 """Shared fixtures.
 
 Integration tests (``@pytest.mark.integration``) ask for :func:`kafka_broker`: one real Apache
-Kafka broker per test session, started through :mod:`stream_app.kafka_local` on non-default ports
+Kafka broker per test session, started through :mod:`stream_app.broker` on non-default ports
 (19092/19093, or two free ports when another session holds those) with its data in a pytest temp
 dir, and stopped when the session ends. Unit tests never request it, so they never start a broker.
 
@@ -69,22 +69,22 @@ def settings_env(settings: SettingsType) -> dict[str, str]:
 @pytest.fixture(scope="session")
 def kafka_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SettingsType]:
     """Settings of a running broker for this test session (``broker_url``, ports, its data dir)."""
-    from stream_app import kafka_local
+    from stream_app import broker, kafka_admin
 
     external = os.environ.get("NEXTACTION_TEST_BROKER_URL")
     if external:
         settings = Settings(broker_url=external)
-        kafka_local.require_broker(settings)
+        kafka_admin.require_broker(settings)
         yield settings
         return
     port, cport = _broker_ports()
     settings = Settings(broker_url=f"kafka://127.0.0.1:{port}", kafka_port=port, kafka_controller_port=cport,
                         data_dir=tmp_path_factory.mktemp("kafka-broker"))
-    kafka_local.start(settings, timeout=120)
+    broker.start(settings, timeout=120)
     try:
         yield settings
     finally:
-        kafka_local.stop(settings)
+        broker.stop(settings)
 
 
 @pytest.fixture
@@ -98,7 +98,7 @@ def unique_id(request: pytest.FixtureRequest) -> str:
 def app_settings(kafka_broker: SettingsType, unique_id: str, tmp_path: Path) -> SettingsType:
     """Settings for one test on the session broker: own app id, topics, data dir and web port.
 
-    Topics are not created here; call ``kafka_local.ensure_topics(app_settings)`` when needed.
+    Topics are not created here; call ``kafka_admin.ensure_topics(app_settings)`` when needed.
     """
     return Settings(
         broker_url=kafka_broker.broker_url,
@@ -119,3 +119,32 @@ def app_settings(kafka_broker: SettingsType, unique_id: str, tmp_path: Path) -> 
 def app_env(app_settings: SettingsType) -> dict[str, str]:
     """Environment for a subprocess (e.g. a Faust worker) that must see :func:`app_settings`."""
     return settings_env(app_settings)
+
+
+@pytest.fixture(scope="session")
+def make_checkpoint(tmp_path_factory: pytest.TempPathFactory):
+    """``make(seed=0, items=40, **config) -> path``: a tiny random Transformer saved as a real
+    checkpoint (safetensors + manifest) in a temp dir; the same arguments give the same path."""
+    made: dict[tuple, Path] = {}
+
+    def make(seed: int = 0, items: int = 40, **config) -> Path:
+        key = (seed, items, tuple(sorted(config.items())))
+        if key not in made:
+            import torch
+
+            from models.checkpoint import save_checkpoint
+            from models.config import ModelConfig
+            from models.encoding import ItemVocab
+            from models.model import NextActionModel
+
+            vocab = ItemVocab([f"i{k}" for k in range(items)], n_hash_buckets=4)
+            kw = dict(n_items=len(vocab), n_hash_buckets=4, max_len=8, d_model=32, n_heads=2, dropout=0.0,
+                      n_device_buckets=8, n_location_buckets=8) | config
+            torch.manual_seed(seed)
+            model = NextActionModel(ModelConfig(**kw)).eval()
+            with torch.no_grad():  # make the otherwise zero-initialised parts matter too
+                model.item_bias.normal_(0, 0.5)
+            made[key] = save_checkpoint(tmp_path_factory.mktemp("checkpoint") / f"s{seed}", model, vocab)
+        return made[key]
+
+    return make

@@ -32,7 +32,7 @@ from models.datasets.core import (Case, Dataset, Split, _take, dataset_from_colu
                                   prefix_cases, session_split)
 from models.datasets.generic import load_csv, load_parquet, load_sequence_lines
 from models.datasets.synthetic import synthetic
-from stream_app.errors import DatasetError
+from models.errors import DatasetError
 
 __all__ = ["Case", "Dataset", "Split", "load", "leave_one_out", "fit_sequences", "session_split", "prefix_cases",
            "yoochoose_split", "datasets_root", "dataset_from_columns", "load_csv", "load_sequence_lines",

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from models.schema import ACTIONS, EventSeq
-from stream_app.errors import DatasetError
+from models.errors import DatasetError
 
 #: Spacing of the synthetic timestamps given to datasets without time (index * 60 s, in ms).
 SYNTHETIC_STEP_MS = 60_000

@@ -29,7 +29,7 @@ import numpy as np
 
 from models.datasets.core import Dataset, dataset_from_columns
 from models.schema import ACTION_INDEX, canonical_action
-from stream_app.errors import DatasetError
+from models.errors import DatasetError
 
 ROLES = ("user", "item", "time", "action", "device", "location", "category")
 

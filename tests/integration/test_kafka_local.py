@@ -7,7 +7,7 @@ import socket
 
 import pytest
 
-from stream_app import kafka_local
+from stream_app import broker, kafka_admin
 from stream_app.errors import BrokerError
 from stream_app.settings import Settings
 
@@ -15,21 +15,21 @@ pytestmark = pytest.mark.integration
 
 
 def _own_broker(settings) -> bool:
-    return kafka_local.BrokerPaths.of(settings).pid_file.is_file()
+    return broker.BrokerPaths.of(settings).pid_file.is_file()
 
 
 def test_start_is_idempotent_and_status_answers(kafka_broker):
     if not _own_broker(kafka_broker):
         pytest.skip("NEXTACTION_TEST_BROKER_URL: the broker is not ours to start")
-    before = kafka_local.status(kafka_broker)
-    again = kafka_local.start(kafka_broker, timeout=30)
+    before = broker.status(kafka_broker)
+    again = broker.start(kafka_broker, timeout=30)
     assert again.started is False
     assert again.pid == before.pid
-    st = kafka_local.status(kafka_broker)
+    st = broker.status(kafka_broker)
     assert st.running and st.answering and st.brokers == 1
     assert st.bootstrap == f"127.0.0.1:{kafka_broker.kafka_port}"
     assert st.log.is_file() and "Kafka Server started" in st.log.read_text()
-    props = kafka_local.BrokerPaths.of(kafka_broker).properties.read_text()
+    props = broker.BrokerPaths.of(kafka_broker).properties.read_text()
     for line in ("process.roles=broker,controller", "group.initial.rebalance.delay.ms=0",
                  "transaction.state.log.min.isr=1", "transaction.state.log.replication.factor=1",
                  f"controller.quorum.voters=1@127.0.0.1:{kafka_broker.kafka_controller_port}"):
@@ -37,12 +37,12 @@ def test_start_is_idempotent_and_status_answers(kafka_broker):
 
 
 def test_ensure_topics_creates_missing_with_partitions(app_settings):
-    counts = kafka_local.ensure_topics(app_settings, partitions=3)
-    assert counts == {t: 3 for t in kafka_local.app_topics(app_settings)}
+    counts = kafka_admin.ensure_topics(app_settings, partitions=3)
+    assert counts == {t: 3 for t in kafka_admin.app_topics(app_settings)}
     # Existing topics are left alone (and reported with their real partition count).
-    again = kafka_local.ensure_topics(app_settings, partitions=5)
+    again = kafka_admin.ensure_topics(app_settings, partitions=5)
     assert again == counts
-    other = kafka_local.ensure_topics(app_settings, [f"{app_settings.app_id}.extra"])
+    other = kafka_admin.ensure_topics(app_settings, [f"{app_settings.app_id}.extra"])
     assert other == {f"{app_settings.app_id}.extra": app_settings.partitions}
 
 
@@ -50,7 +50,7 @@ def test_produce_consume_round_trip(app_settings):
     from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
     topic = app_settings.topic_events
-    kafka_local.ensure_topics(app_settings, [topic], partitions=2)
+    kafka_admin.ensure_topics(app_settings, [topic], partitions=2)
     sent = {f"u{i}": f'{{"n": {i}}}'.encode() for i in range(50)}
 
     async def run() -> dict[str, bytes]:
@@ -90,8 +90,8 @@ def test_start_refuses_a_port_held_by_another_process(tmp_path):
                             broker_url=f"kafka://127.0.0.1:{port}")
         with pytest.raises(BrokerError, match=rf"port {port} on 127\.0\.0\.1 \(kafka_port\) is already in use by "
                                               r"another process"):
-            kafka_local.start(settings, timeout=10)
-    assert not kafka_local.BrokerPaths.of(settings).pid_file.exists()
+            broker.start(settings, timeout=10)
+    assert not broker.BrokerPaths.of(settings).pid_file.exists()
 
 
 def test_start_names_a_foreign_kafka_broker(kafka_broker, tmp_path):
@@ -100,19 +100,19 @@ def test_start_names_a_foreign_kafka_broker(kafka_broker, tmp_path):
                         data_dir=tmp_path, broker_url=kafka_broker.broker_url)
     with pytest.raises(BrokerError, match=rf"port {kafka_broker.kafka_port} .* in use by a Kafka broker .*"
                                           "NEXTACTION_BROKER_URL"):
-        kafka_local.start(settings, timeout=10)
+        broker.start(settings, timeout=10)
 
 
 def test_stop_is_idempotent_and_status_reports_down(tmp_path):
     settings = Settings(kafka_port=1, kafka_controller_port=2, data_dir=tmp_path)  # nothing was ever started
-    assert kafka_local.stop(settings) is False
-    assert kafka_local.stop(settings) is False
-    paths = kafka_local.BrokerPaths.of(settings)
+    assert broker.stop(settings) is False
+    assert broker.stop(settings) is False
+    paths = broker.BrokerPaths.of(settings)
     paths.root.mkdir(parents=True)
     paths.pid_file.write_text("999999\n")  # stale pid file
-    assert kafka_local.stop(settings) is False
+    assert broker.stop(settings) is False
     assert not paths.pid_file.exists()
-    st = kafka_local.status(settings, probe_timeout=1.0)
+    st = broker.status(settings, probe_timeout=1.0)
     assert not st.running and not st.answering and st.pid is None
 
 
@@ -122,7 +122,7 @@ def test_ensure_topics_names_an_unreachable_broker(tmp_path):
         port = sock.getsockname()[1]  # bound, never listening: connections are refused
         settings = Settings(broker_url=f"kafka://127.0.0.1:{port}", data_dir=tmp_path)
         with pytest.raises(BrokerError, match=rf"cannot reach Kafka at 127\.0\.0\.1:{port}"):
-            kafka_local.ensure_topics(settings, timeout=5)
+            kafka_admin.ensure_topics(settings, timeout=5)
 
 
 def test_stop_then_start_again_keeps_data(tmp_path_factory):
@@ -134,16 +134,16 @@ def test_stop_then_start_again_keeps_data(tmp_path_factory):
     settings = Settings(broker_url=f"kafka://127.0.0.1:{port}", kafka_port=port, kafka_controller_port=cport,
                         data_dir=tmp_path_factory.mktemp("kafka-restart"), partitions=2)
     try:
-        first = kafka_local.start(settings, timeout=120)
+        first = broker.start(settings, timeout=120)
         assert first.started and first.answering
-        kafka_local.ensure_topics(settings, ["kept"])
-        cluster_id = kafka_local.BrokerPaths.of(settings).cluster_id_file.read_text()
-        assert kafka_local.stop(settings) is True
-        assert kafka_local.stop(settings) is False
-        assert not kafka_local.status(settings, probe_timeout=1.0).answering
-        second = kafka_local.start(settings, timeout=120)
+        kafka_admin.ensure_topics(settings, ["kept"])
+        cluster_id = broker.BrokerPaths.of(settings).cluster_id_file.read_text()
+        assert broker.stop(settings) is True
+        assert broker.stop(settings) is False
+        assert not broker.status(settings, probe_timeout=1.0).answering
+        second = broker.start(settings, timeout=120)
         assert second.started and second.pid != first.pid
-        assert kafka_local.BrokerPaths.of(settings).cluster_id_file.read_text() == cluster_id
-        assert kafka_local.ensure_topics(settings, ["kept"]) == {"kept": 2}
+        assert broker.BrokerPaths.of(settings).cluster_id_file.read_text() == cluster_id
+        assert kafka_admin.ensure_topics(settings, ["kept"]) == {"kept": 2}
     finally:
-        kafka_local.stop(settings)
+        broker.stop(settings)

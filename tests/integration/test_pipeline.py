@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import json
 import math
-import os
 import signal
 import subprocess
 import sys
@@ -26,7 +25,7 @@ import orjson
 import pytest
 
 from models.schema import ACTIONS
-from stream_app import kafka_local
+from stream_app import broker, kafka_admin
 from stream_app.errors import EventRejected
 from stream_app.events import parse_event
 from stream_app.replay import encode, produce, synthetic
@@ -214,7 +213,7 @@ def metric(text: str, name: str) -> float:
 @pytest.fixture
 def pipeline_settings(app_settings):
     s = app_settings.model_copy(update={"window_events": 1000, "window_ttl_s": 10 * 365 * 86400})
-    kafka_local.ensure_topics(s)
+    kafka_admin.ensure_topics(s)
     return s
 
 

@@ -15,10 +15,11 @@ import time
 import orjson
 import pytest
 
+from models.predictor import Predictor
 from models.schema import ACTIONS, EventSeq
-from stream_app import metrics
+from stream_app import monitoring
 from stream_app.app import create_app
-from stream_app.history import decode_value
+from stream_app.records import decode_state
 from stream_app.settings import Settings
 
 _ids = itertools.count()
@@ -35,10 +36,10 @@ class Recorder:
         return [v for k, _, v in self.sent if k == kind]
 
 
-class Exploding:
+class Exploding(Predictor):
     version = "exploding-1"
 
-    def predict(self, histories, k):
+    def predict(self, histories, k, users=None):
         raise RuntimeError("model on fire")
 
     def observe(self, history):
@@ -80,7 +81,7 @@ async def put_all(app, messages, one_at_a_time=True):
         inflight = max((p.inflight for p in app.pipeline.pending.values()), default=0)
         await app.pipeline.batcher.drain()
         app.max_inflight = inflight
-        states = {k: decode_value(app.topology.histories.get(k)) for k in ("u1", "u2")}
+        states = {k: decode_state(app.topology.histories.get(k)) for k in ("u1", "u2")}
         assert app.pipeline.pending == {}  # every event delivered: nothing left between handle and deliver
         app.states = states
         return agent.results, {k: st.history for k, st in states.items()}
@@ -107,7 +108,7 @@ def test_invalid_events_go_to_dlq_with_reason_and_source(make_app):
     app, rec = make_app()
     msgs = [(b"u1", b"{broken"), (b"u1", ev(action="teleport")), (b"u2", ev(user="u1")), (None, ev()),
             (b"u1", ev(ts=int(time.time() * 1000) + 3_600_000))]
-    before = metrics.EVENTS_REJECTED.labels("bad_action")._value.get()
+    before = monitoring.EVENTS_REJECTED.labels("bad_action")._value.get()
     results, hist = asyncio.run(put_all(app, msgs))
     assert list(results.values()) == ["rejected:not_json", "rejected:bad_action", "rejected:key_mismatch",
                                       "rejected:key_mismatch", "rejected:clock_skew"]
@@ -117,7 +118,7 @@ def test_invalid_events_go_to_dlq_with_reason_and_source(make_app):
     assert [d["source"]["offset"] for d in dlq] == [0, 1, 2, 3, 4]
     assert "teleport" in dlq[1]["detail"]
     assert rec.of("predictions") == [] and len(hist["u1"]) == 0
-    assert metrics.EVENTS_REJECTED.labels("bad_action")._value.get() == before + 1
+    assert monitoring.EVENTS_REJECTED.labels("bad_action")._value.get() == before + 1
 
 
 def test_outcome_pairs_previous_prediction_with_what_happened(make_app):
@@ -139,8 +140,9 @@ def test_outcome_pairs_previous_prediction_with_what_happened(make_app):
     assert tail.items == ["i0", "i1", "i2"] and o["history_len"] == 3
     assert hist["u1"].items == ["i0", "i1", "i2"] and hist["u2"].items == ["i1"]
     last = app.states["u1"].last  # stored with the window: the next event's outcome pairs with it
-    assert (last["offset"], last["event_ts"], last["top"]) == (preds[2]["offset"], t + 20_000, preds[2]["top_items"])
-    assert app.states["u2"].last["offset"] == preds[3]["offset"]
+    assert (last.offset, last.event_ts, [list(x) for x in last.prediction.top_items]) == (
+        preds[2]["offset"], t + 20_000, preds[2]["top_items"])
+    assert app.states["u2"].last.offset == preds[3]["offset"]
 
 
 def test_a_users_events_in_flight_together_see_each_other_and_pair_in_order(make_app):
@@ -156,7 +158,7 @@ def test_a_users_events_in_flight_together_see_each_other_and_pair_in_order(make
     assert sorted(p["history_len"] for p in preds if p["user_id"] == "u1") == [1, 2, 3, 4]
     assert [o["context"]["offset"] for o in outs] == [0, 1, 2]  # each paired with the previous event
     assert [o["happened"]["item_id"] for o in outs] == ["i1", "i2", "i3"]
-    assert hist["u1"].items == ["i0", "i1", "i2", "i3"] and app.states["u1"].last["offset"] == 3
+    assert hist["u1"].items == ["i0", "i1", "i2", "i3"] and app.states["u1"].last.offset == 3
 
 
 def test_history_is_bounded_and_redelivery_is_idempotent(make_app):
@@ -197,7 +199,7 @@ def test_gc_freeze_setting_freezes_the_start_up_heap(make_app):
 
 
 def test_metrics_render_prometheus_text():
-    body, ctype = metrics.render()
+    body, ctype = monitoring.render()
     assert b"nextaction_events_in_total" in body and b"nextaction_batch_size_bucket" in body
     assert ctype.startswith("text/plain")
 

@@ -11,7 +11,7 @@ from models.datasets import Case, fit_sequences, leave_one_out, synthetic
 from models.datasets.core import dataset_from_columns
 from models.evaluate import evaluate, format_table, purchase_session_cases, run_evaluate
 from models.schema import ACTION_INDEX, EventSeq
-from stream_app.errors import ConfigError
+from models.errors import ConfigError
 
 
 @pytest.fixture(scope="module")

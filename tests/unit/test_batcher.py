@@ -10,15 +10,17 @@ import time
 
 import pytest
 
-from models.predictor import Prediction
+from models.predictor import Prediction, Predictor
 from models.schema import EventSeq
 from online.baseline import PopularityMarkovPredictor
 from stream_app.batcher import PREDICT_FAILED, Batcher, Request, check_prediction
-from stream_app.errors import PredictorError
+from models.errors import PredictorError
 
 
-class EchoPredictor:
+class EchoPredictor(Predictor):
     """Deterministic: echoes the history's last item and length, so results can be routed back."""
+
+    learns = True
 
     def __init__(self, version="echo-1", delay=0.0, fail_items=(), fail_batches_larger_than=None, nan_items=()):
         self.version, self.delay = version, delay
@@ -27,7 +29,7 @@ class EchoPredictor:
         self.threads: set[str] = set()
         self.observed = 0
 
-    def predict(self, histories, k):
+    def predict(self, histories, k, users=None):
         self.threads.add(threading.current_thread().name)
         self.batches.append(len(histories))
         if self.delay:
@@ -145,7 +147,9 @@ def test_failing_batch_is_bisected_and_only_poison_events_fail():
 class AsyncEcho(EchoPredictor):
     """The inference-process shape: ``predict_async`` awaited on the event loop, no executor thread."""
 
-    async def predict_async(self, histories, k):
+    runs_elsewhere = True
+
+    async def predict_async(self, histories, k, users=None):
         await asyncio.sleep(0.001)
         return self.predict(histories, k)
 
@@ -189,7 +193,7 @@ def test_hot_swap_gives_every_prediction_exactly_one_version():
     for n, p in enumerate(versions):  # each predictor predicted exactly the requests stamped with it
         assert sum(p.batches) >= seq.count(f"v{n}")
     assert b.stats["swaps"] == 4
-    with pytest.raises(TypeError, match="missing"):
+    with pytest.raises(TypeError, match="not a models.predictor.Predictor"):
         b.swap(object())
 
 
@@ -234,10 +238,10 @@ def test_observe_follows_predict_and_is_skipped_for_a_predictor_that_does_not_le
 
 
 def test_every_request_is_timed_in_each_stage():
-    from stream_app import metrics
+    from stream_app import monitoring
 
     def count(stage):
-        get = metrics.REGISTRY.get_sample_value
+        get = monitoring.REGISTRY.get_sample_value
         return (get("nextaction_stage_latency_seconds_sum", {"stage": stage}) or 0.0,
                 get("nextaction_stage_latency_seconds_count", {"stage": stage}) or 0.0)
 
@@ -305,18 +309,25 @@ def test_transformer_gets_users_and_hot_swap_under_load_switches_at_a_batch_boun
     v2 = v1.successor(tiny_checkpoints[1])
     assert v1.version != v2.version
     seen_users = []
-    predict = v1.predict
 
-    def spy(histories, k, users=None):
-        seen_users.append(users)
-        return predict(histories, k, users=users)
+    def spy(pred):  # records the users passed, and signs each prediction with the model that made it
+        predict = pred.predict
 
-    v1.predict = spy
+        def call(histories, k, users=None):
+            seen_users.append(users)
+            out = predict(histories, k, users=users)
+            for p in out:
+                p.explanation = pred.version
+            return out
+        pred.predict = call
+
+    spy(v1)
+    spy(v2)
     delivered = []
 
     async def deliver(results):
-        delivered.append([(r.request.user_id, r.request.event_ts, r.version,
-                           r.prediction.extra["model_version"]) for r in results])
+        delivered.append([(r.request.user_id, r.request.event_ts, r.version, r.prediction.explanation)
+                          for r in results])
 
     async def main():
         b = Batcher(v1, deliver, k=5, max_batch=16, max_wait_ms=1, max_queue=64)

@@ -16,7 +16,7 @@ from models.model import NextActionModel
 from models.predictor import Predictor
 from models.schema import EventSeq
 from models.scorer import TransformerScorer
-from stream_app.errors import CheckpointError, ConfigError
+from models.errors import CheckpointError, ConfigError
 
 torch.set_num_threads(1)  # tiny models: threads only add sync overhead (and thrash on a shared CPU)
 ITEMS = [f"i{k}" for k in range(15)]

@@ -67,7 +67,7 @@ def fake_replay(monkeypatch):
     import stream_app
 
     monkeypatch.setattr(stream_app, "replay", mod, raising=False)
-    monkeypatch.setattr("stream_app.kafka_local.require_broker", lambda settings, timeout=5.0: 1)
+    monkeypatch.setattr("stream_app.kafka_admin.require_broker", lambda settings, timeout=5.0: 1)
     return calls
 
 
@@ -190,13 +190,13 @@ def test_kafka_stop_when_not_running():
 def test_bad_setting_in_environment_is_named():
     res = _invoke("kafka", "status", env={"NEXTACTION_KAFKA_PORT": "0"})
     assert res.exit_code == 1
-    assert "setting 'kafka_port' = '0': must be >= 1" in _flat(res.output)
+    assert "'kafka_port' = '0': must be >= 1" in _flat(res.output)
 
 
 def test_same_kafka_and_controller_port_is_rejected():
     res = _invoke("kafka", "start", env={"NEXTACTION_KAFKA_PORT": "19555", "NEXTACTION_KAFKA_CONTROLLER_PORT": "19555"})
     assert res.exit_code == 1
-    assert "setting 'kafka_controller_port' = 19555: must differ from kafka_port" in _flat(res.output)
+    assert "'kafka_controller_port' = 19555: must differ from kafka_port" in _flat(res.output)
 
 
 # --- worker, train, evaluate ------------------------------------------------------------------ #
@@ -262,7 +262,7 @@ def test_replay_csv_through_the_real_csv_reader(monkeypatch, tmp_path):
         return len(sent["events"])
 
     monkeypatch.setattr(replay, "produce", produce)
-    monkeypatch.setattr("stream_app.kafka_local.require_broker", lambda settings, timeout=5.0: 1)
+    monkeypatch.setattr("stream_app.kafka_admin.require_broker", lambda settings, timeout=5.0: 1)
     path = tmp_path / "log.csv"
     path.write_text("visitor,sku,event,time\nv1,i1,view,1700000000\nv1,i2,addtocart,1700000060\n")
     res = _invoke("replay", "csv", str(path), "--map", "user_id=visitor,item_id=sku,action=event,ts=time",

@@ -11,7 +11,7 @@ from models.datasets import (Dataset, datasets_root, fit_sequences, leave_one_ou
                              prefix_cases, session_split, synthetic, yoochoose_split)
 from models.datasets.core import SYNTHETIC_STEP_MS, dataset_from_columns
 from models.schema import ACTION_INDEX
-from stream_app.errors import DatasetError
+from models.errors import DatasetError
 
 
 @pytest.fixture()

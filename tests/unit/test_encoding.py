@@ -17,7 +17,7 @@ from models.encoding import INT_FEATURES, ItemVocab, collate, encode, encode_las
 from models.schema import EventSeq
 from models.scorer import TransformerScorer
 from models.train import build_examples
-from stream_app.errors import CheckpointError
+from models.errors import CheckpointError
 
 ITEMS = [f"i{k}" for k in range(20)]
 VOCAB = ItemVocab(ITEMS, n_hash_buckets=8)

@@ -8,7 +8,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from stream_app.errors import EventRejected
-from stream_app.events import MAX_ID_LEN, REASONS, Event, dlq_record, parse_event
+from stream_app.events import MAX_ID_LEN, REASONS, Event, parse_event
+from stream_app.records import dlq_record
 
 NOW = 1_700_000_000_000
 GOOD = {"user_id": "u1", "item_id": "i1", "action": "view", "ts": NOW}

@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from models.schema import ACTIONS, EventSeq
-from stream_app.history import UserState, add_event, bound, decode_value, encode_value
+from stream_app.history import add_event, as_of, bound, contains
 
 
 def build(ts_list, max_events=1000, ttl_ms=10**12, items=None):
@@ -40,18 +40,12 @@ def test_late_event_older_than_ttl_is_dropped():
     assert h.items == ["i0"]
 
 
-def test_pack_unpack_round_trip_unicode_and_columns():
-    h = EventSeq.empty()
-    h = h.appended("商品-1 🍵", "purchase", 1_700_000_000_000, device="ios", location="de-be", category="茶")
-    h = h.appended("item\"quote", "cart", 1_700_000_000_500)
-    back = decode_value(encode_value(UserState(h))).history
-    assert back == h and back.items[0] == "商品-1 🍵" and back.actions.dtype == np.uint8
-    assert decode_value(None).history == EventSeq.empty() and decode_value(None).last is None
-    last = {"v": "abc", "top": [["商品-1 🍵", 0.5]], "p": [0.2, 0.8]}
-    both = decode_value(encode_value(UserState(h, last)))
-    assert both.history == h and both.last == last
-    assert decode_value(h.pack()).history == h  # a value written before the prediction joined it
+def test_empty_history_stays_empty_and_redeliveries_are_recognised():
     assert bound(EventSeq.empty(), max_events=3, ttl_ms=1) == EventSeq.empty()
+    h = build([1_000, 2_000, 2_000], items=["a", "b", "c"])
+    assert contains(h, "c", "view", 2_000) and not contains(h, "c", "cart", 2_000)
+    assert not contains(h, "a", "view", 2_000)  # the same item at another time is a new event
+    assert as_of(h, 1_999).items == ["a"] and as_of(h, 2_000) is h
 
 
 @settings(max_examples=100, deadline=None)
@@ -66,4 +60,4 @@ def test_property_sorted_bounded_and_round_trips(events, max_events, ttl_ms):
         assert np.all(np.diff(h.ts) >= 0)
         assert int(h.ts[-1]) - int(h.ts[0]) <= ttl_ms
         assert len(h.items) == len(h.actions) == len(h.devices) == len(h.locations) == len(h.categories)
-    assert decode_value(encode_value(UserState(h))).history == h
+    assert EventSeq.unpack(h.pack()) == h

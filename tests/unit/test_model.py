@@ -94,7 +94,7 @@ def test_gru_baseline_is_served_by_full_recomputation():
     """The GRU4Rec-style baseline runs through the same predictor, with the KV cache off; the config
     refuses it the masked objective."""
     from models.serving import TransformerPredictor
-    from stream_app.errors import ConfigError
+    from models.errors import ConfigError
 
     torch.manual_seed(0)
     m = NextActionModel(_cfg(backbone="gru")).eval()

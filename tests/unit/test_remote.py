@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 from models.serving import TransformerPredictor
-from stream_app import metrics
-from stream_app.errors import PredictorError
+from stream_app import monitoring
+from models.errors import PredictorError
 from stream_app.remote import RemotePredictor
 from stream_app.settings import Settings
 from tests.unit.test_batcher import _tiny_checkpoint
@@ -49,14 +49,14 @@ def test_child_process_answers_like_the_in_process_predictor_and_swaps(checkpoin
     local2 = TransformerPredictor.from_checkpoint(v2, device="cpu", num_threads=1)
     remote = RemotePredictor.start(Settings(checkpoint=v1, device="cpu", serve_threads=1))
     try:
-        assert remote.pid != os.getpid() and remote.version == local1.version and remote.accepts_users
+        assert remote.pid != os.getpid() and remote.version == local1.version and remote.runs_elsewhere
         hs = _histories(6)
         users = [f"u{i}" for i in range(len(hs))]
-        batches = metrics.INFERENCE_PROCESS.labels("cpu")._sum.get(), metrics.INFERENCE_PROCESS.labels("wall")._sum.get()
+        batches = monitoring.INFERENCE_PROCESS.labels("cpu")._sum.get(), monitoring.INFERENCE_PROCESS.labels("wall")._sum.get()
         for a, b in zip(remote.predict(hs, 5, users=users), local1.predict(hs, 5, users=users)):
             _same(a, b)
-        cpu = metrics.INFERENCE_PROCESS.labels("cpu")._sum.get() - batches[0]
-        wall = metrics.INFERENCE_PROCESS.labels("wall")._sum.get() - batches[1]
+        cpu = monitoring.INFERENCE_PROCESS.labels("cpu")._sum.get() - batches[0]
+        wall = monitoring.INFERENCE_PROCESS.labels("wall")._sum.get() - batches[1]
         assert 0 < cpu and 0 < wall < 60  # the child's own time for that batch reached the worker's /metrics
         assert not remote.learns  # a fixed checkpoint: its observe is a no-op, so nothing is shipped
         for h in hs:
@@ -132,7 +132,7 @@ def test_the_event_loop_path_answers_alike_and_replaces_a_dead_child(checkpoints
 def test_bad_checkpoint_in_the_child_falls_back_to_the_baseline_which_learns(tmp_path):
     remote = RemotePredictor.start(Settings(checkpoint=tmp_path / "missing", device="cpu", serve_threads=1))
     try:
-        assert remote.version.startswith("baseline") and not remote.accepts_users and remote.learns
+        assert remote.version.startswith("baseline") and remote.learns
         probe = EventSeq.from_columns(["a"], ["view"], [1_700_000_000_000])
         assert "hot" not in [i for i, _ in remote.predict([probe], 3)[0].top_items]
         for n in range(5):  # buffered, then learned in the child before the next batch is predicted

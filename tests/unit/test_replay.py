@@ -9,7 +9,8 @@ from collections import Counter, defaultdict
 import pytest
 
 from models.schema import ACTIONS
-from stream_app.errors import DatasetError, EventRejected
+from models.errors import DatasetError
+from stream_app.errors import EventRejected
 from stream_app.events import parse_event
 from stream_app.replay import RAW, encode, generic_csv, rebase, synthetic, taobao_csv
 

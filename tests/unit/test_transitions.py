@@ -14,7 +14,7 @@ from models.encoding import ItemVocab, collate, encode
 from models.model import NextActionModel
 from models.schema import EventSeq
 from models.transitions import count_transitions
-from stream_app.errors import CheckpointError, ConfigError
+from models.errors import CheckpointError, ConfigError
 
 ITEMS = [f"i{k}" for k in range(12)]
 VOCAB = ItemVocab(ITEMS, n_hash_buckets=4)

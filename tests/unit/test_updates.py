@@ -6,7 +6,7 @@ from __future__ import annotations
 import orjson
 import pytest
 
-from stream_app.errors import CheckpointError
+from models.errors import CheckpointError
 from stream_app.updates import update_record
 from tests.unit.test_batcher import _tiny_checkpoint
 
@@ -15,10 +15,10 @@ def test_update_record_names_the_verified_checkpoint(tmp_path):
     from models.checkpoint import read_manifest
 
     path = _tiny_checkpoint(tmp_path / "v1", 0)
-    rec = orjson.loads(update_record(path))
+    rec = orjson.loads(update_record(path).encode())
     sha = read_manifest(path)["content_hash"]
     assert rec == {"version": sha[:12], "path": str(path.absolute()), "sha256": sha}
-    assert orjson.loads(update_record(path, version="canary-7"))["version"] == "canary-7"
+    assert update_record(path, version="canary-7").version == "canary-7"
 
 
 def test_update_record_refuses_a_corrupt_or_missing_checkpoint(tmp_path):

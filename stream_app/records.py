@@ -1,0 +1,177 @@
+"""Every record the stream writes or stores, with its one codec (orjson; never pickle).
+
+=====================  ============================================  ==================================
+record                 where                                         codec
+=====================  ============================================  ==================================
+prediction             topic ``predictions`` (key: user id)          :func:`prediction_record`
+outcome                topic ``outcomes`` (key: user id)             :func:`outcome_record`
+dead letter            topic ``events.dlq`` (key: the event's key)   :func:`dlq_record`
+user state             table ``histories`` (+ its changelog)         :func:`encode_state` / :func:`decode_state`
+model update           topic ``model-updates`` (key: ``b"model"``)   :class:`ModelUpdate`
+=====================  ============================================  ==================================
+
+A user's state is one value: the event window (:meth:`EventSeq.to_json` columns) plus ``"p"``,
+the :class:`StoredPrediction` the user's next event turns into an outcome.
+
+>>> h = EventSeq.from_columns(["a"], ["cart"], [5])
+>>> last = StoredPrediction("m1", 5, 0, 7, Prediction([0.2, 0.8, 0, 0, 0], [("b", 0.5)], 60.0))
+>>> back = decode_state(encode_state(UserState(h, last)))
+>>> back.history.items, back.last.version, back.last.prediction.top_items
+(['a'], 'm1', [('b', 0.5)])
+>>> decode_state(None).last is None, decode_state(h.pack()).last is None  # no entry; no prediction yet
+(True, True)
+>>> ModelUpdate.decode(ModelUpdate("v1", "/models/v1", "ab" * 32).encode()).path
+'/models/v1'
+"""
+
+from __future__ import annotations
+
+import base64
+from dataclasses import dataclass
+
+import orjson
+
+from models.predictor import Prediction
+from models.schema import ACTION_INDEX, EventSeq
+
+#: Events of history sent with each outcome record (the online trainer's context).
+OUTCOME_TAIL = 32
+
+
+# --- user state (table ``histories``) ----------------------------------------------------------------
+@dataclass(slots=True)
+class StoredPrediction:
+    """The latest prediction published for a user, as stored with the user's window: the next event
+    of the user pairs with it as an outcome."""
+
+    version: str
+    event_ts: int  # the event it was made for
+    partition: int  # ... and that event's source partition and offset
+    offset: int
+    prediction: Prediction
+
+    def to_json(self) -> dict:
+        return {"v": self.version, "event_ts": self.event_ts, "partition": self.partition, "offset": self.offset,
+                **self.prediction.to_json()}
+
+    @classmethod
+    def from_json(cls, d: dict) -> "StoredPrediction":
+        return cls(str(d["v"]), int(d["event_ts"]), int(d["partition"]), int(d["offset"]), Prediction.from_json(d))
+
+    def covers(self, partition: int, offset: int) -> bool:
+        """Was the event at ``partition``/``offset`` already processed when this was stored (a redelivery)?"""
+        return self.partition == partition and self.offset >= offset
+
+
+@dataclass(slots=True)
+class UserState:
+    """One user's ``histories`` value: the event window and the latest prediction (``None`` before the first)."""
+
+    history: EventSeq
+    last: StoredPrediction | None = None
+
+
+def encode_state(state: UserState) -> bytes:
+    """Table value bytes (what also goes to the changelog)."""
+    d = state.history.to_json()
+    if state.last is not None:
+        d["p"] = state.last.to_json()
+    return orjson.dumps(d)
+
+
+def decode_state(value: bytes | None) -> UserState:
+    """Inverse of :func:`encode_state`; ``None`` (no entry yet) is the empty history, and a value
+    without ``"p"`` (written before the prediction joined the window) has no prediction yet."""
+    if value is None:
+        return UserState(EventSeq.empty())
+    d = orjson.loads(value)
+    last = d.pop("p", None)
+    return UserState(EventSeq.from_json(d), StoredPrediction.from_json(last) if last is not None else None)
+
+
+# --- topic records ----------------------------------------------------------------------------------
+def prediction_record(user_id: str, stored: StoredPrediction, *, latency_ms: float, history_len: int, activity: int,
+                      duplicate: bool, published_ms: int) -> bytes:
+    """The ``predictions`` record (README, "A prediction")."""
+    p = stored.prediction
+    record = {"user_id": user_id, "event_ts": stored.event_ts, "model_version": stored.version,
+              "action_probs": p.action_dict(), "top_items": [[i, s] for i, s in p.top_items],
+              "next_gap_s": p.next_gap_s, "latency_ms": round(latency_ms, 3), "history_len": history_len,
+              "activity": activity, "partition": stored.partition, "offset": stored.offset, "duplicate": duplicate,
+              "published_ms": published_ms}
+    if p.explanation:
+        record["explanation"] = p.explanation
+    return orjson.dumps(record)
+
+
+def outcome_record(user_id: str, last: StoredPrediction, *, action: str, item_id: str, event_ts: int,
+                   history: EventSeq, partition: int, offset: int) -> bytes:
+    """The ``outcomes`` record: the previous prediction (context) and what the user did next (target),
+    with the last :data:`OUTCOME_TAIL` events of the history as of the new event."""
+    p = last.prediction
+    ranks = {item: n for n, (item, _) in enumerate(p.top_items, start=1)}
+    return orjson.dumps({
+        "user_id": user_id,
+        "context": {"model_version": last.version, "event_ts": last.event_ts, "action_probs": p.action_dict(),
+                    "top_items": [[i, s] for i, s in p.top_items], "next_gap_s": p.next_gap_s,
+                    "partition": last.partition, "offset": last.offset},
+        "happened": {"action": action, "item_id": item_id, "ts": event_ts,
+                     "gap_s": (event_ts - last.event_ts) / 1000.0, "item_rank": ranks.get(item_id),
+                     "action_prob": p.action_probs[ACTION_INDEX[action]]},
+        "history_len": len(history),
+        "history_tail": history.tail(OUTCOME_TAIL).to_json(),
+        "partition": partition, "offset": offset,
+    })
+
+
+def dlq_record(raw: bytes | None, reason: str, detail: str, *, topic: str, partition: int, offset: int,
+               key: bytes | None = None) -> bytes:
+    """The dead-letter record: the original bytes (as UTF-8 text, or base64 if not UTF-8) + why + where.
+
+    >>> orjson.loads(dlq_record(b"\\xff", "not_json", "invalid", topic="events", partition=0, offset=3))["encoding"]
+    'base64'
+    """
+    try:
+        original, encoding = (raw or b"").decode("utf-8"), "utf-8"
+    except UnicodeDecodeError:
+        original, encoding = base64.b64encode(raw).decode(), "base64"
+    return orjson.dumps({"reason": reason, "detail": detail, "original": original, "encoding": encoding,
+                         "key": key.decode("utf-8", "replace") if key else None,
+                         "source": {"topic": topic, "partition": partition, "offset": offset}})
+
+
+# --- model updates (topic ``model-updates``) -----------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class ModelUpdate:
+    """A ``model-updates`` record: serve the checkpoint at ``path`` (``sha256`` = its manifest's
+    ``content_hash``; ``version`` a label, by default the hash's first 12 hex digits)."""
+
+    version: str | None
+    path: str
+    sha256: str | None = None
+
+    #: Key of every record: one key, so every update lands in one partition, in order.
+    KEY = b"model"
+
+    def encode(self) -> bytes:
+        return orjson.dumps({"version": self.version, "path": self.path, "sha256": self.sha256})
+
+    @classmethod
+    def decode(cls, value: bytes | None) -> "ModelUpdate":
+        """Parse a record; ``ValueError`` names what is wrong with it."""
+        try:
+            rec = orjson.loads(value) if value is not None else None
+        except orjson.JSONDecodeError as exc:
+            raise ValueError(f"not JSON: {exc}") from None
+        if not isinstance(rec, dict) or not isinstance(rec.get("path"), str) or not rec["path"]:
+            raise ValueError("expected a JSON object with a non-empty string 'path'")
+        sha = rec.get("sha256")
+        if sha is not None and (not isinstance(sha, str) or not sha):
+            raise ValueError(f"'sha256' must be a hex string (got {sha!r})")
+        version = rec.get("version")
+        return cls(None if version is None else str(version), rec["path"], sha)
+
+    def names(self, version: str) -> bool:
+        """Does this update announce the model ``version`` (a content-hash prefix) that is already served?"""
+        return self.sha256 is not None and len(version) >= 8 and self.sha256.lower().startswith(version.lower())
+
