@@ -30,20 +30,17 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from models.schema import ACTIONS
-from models.transitions import FEATURES as TRANSITION_FEATURES
 from models.errors import ConfigError
+from models.features import FEATURES, first_item
+from models.schema import N_ACTIONS
+from models.transitions import TRANSITION_SCORES
 
-N_ACTIONS = len(ACTIONS)
-
-BACKBONES = ("llama", "gpt2", "bert", "gru")  # gru: the GRU4Rec-style baseline (models.model.GRUBackbone)
+BACKBONES = ("llama", "gpt2", "bert", "gru")  # gru: the GRU4Rec-style baseline (models.backbones.GRUBackbone)
 OBJECTIVES = ("causal", "masked_then_causal")
 DEVICES = ("auto", "cpu", "cuda")
 #: Serving choices (models.serving, models.devices), here so that settings can name them without torch.
 SCORE_DTYPES = ("auto", "float32", "bfloat16")
 OVERFLOW_MODES = ("exact", "evict")
-#: Token features :func:`models.encoding.encode` can produce (``item`` is always on).
-FEATURES = ("item", "action", "gap", "hour", "dow", "device", "location")
 
 
 class _JsonMixin:
@@ -109,22 +106,18 @@ class ModelConfig(_JsonMixin):
     backbone: str = "llama"  # llama: RoPE + causal + KV cache; gpt2: learned positions; bert (is_decoder)
     objective: str = "causal"  # or masked_then_causal (BERT4Rec-style pretraining, then causal)
     # --- token features -------------------------------------------------------------------------
-    n_hash_buckets: int = 1024  # item ids not in the vocabulary hash into these
-    # Unknown item ids, and catalogue items that never occurred in training, read a hash bucket's
-    # embedding as input (NextActionModel.item_input). 0: the bucket rows are set to the mean trained
-    # item embedding (set_unknown_item_rows); > 0: training replaces this fraction of input items by
-    # a random bucket, so the buckets learn "an unseen item" (measured on Taobao: 0.01 / 0.05 / 0.15
-    # all gave lower validation NDCG@10 than 0, 0.0767-0.0774 vs 0.0793; benchmarks/RESULTS.md)
+    n_hash_buckets: int = 1024  # item ids not in the vocabulary hash into these (models.features layout)
+    # fraction of input items training replaces by a random hash bucket (0 = off: the bucket rows are set to
+    # the mean trained item embedding instead; benchmarks/RESULTS.md, "Transformer training", session 3)
     unknown_item_rate: float = 0.0
-    # tie every item to a learned embedding of its catalogue category (hashed into n_category_buckets),
-    # added to its own row as input and as output: rare items share what their category learned
+    # add a learned embedding of each item's catalogue category (hashed into n_category_buckets) to its row
     item_categories: bool = False
     item_categories_input: bool = True  # ... also on the input tokens (False: scored rows only)
     n_category_buckets: int = 1024
     n_gap_buckets: int = 32  # log2-scale buckets of the gap to the previous event
     n_device_buckets: int = 64
     n_location_buckets: int = 1024
-    features: tuple[str, ...] = FEATURES  # which token features are summed into the embedding
+    features: tuple[str, ...] = FEATURES  # token features summed into the embedding (models.features)
     # --- heads ----------------------------------------------------------------------------------
     repeat_head: bool = True  # learned copy score over the user's own history items
     action_head: bool = True
@@ -132,8 +125,8 @@ class ModelConfig(_JsonMixin):
     gap_head: bool = True  # regression on log1p(seconds to next event); needs timestamps
     # --- loss -----------------------------------------------------------------------------------
     # 0 = full-softmax CE over the catalogue; K > 0 = sampled softmax against K distinct uniform negatives
-    # shared by the batch (= full softmax when K >= catalogue). Full softmax costs ~V/K times more per
-    # target: on a CPU, K = 2048 trained ~5x more epochs per minute on Beauty (12k items).
+    # shared by the batch, ~V/K times cheaper per target (benchmarks/RESULTS.md, "Transformer training", where an
+    # epoch went)
     n_negatives: int = 0
     action_loss_weight: float = 0.5
     gap_loss_weight: float = 0.1
@@ -144,7 +137,7 @@ class ModelConfig(_JsonMixin):
     action_bias: tuple[float, ...] = ()  # () = none, else one bias per action
     # --- item transitions (models/transitions.py; table counted and weight fitted after training) -
     transition_top: int = 100  # successors kept per item (0 = no table)
-    transition_feature: str = "log"  # log = log1p(count), prob = count / row total (fitted choice)
+    transition_feature: str = "log"  # a models.transitions.TRANSITION_SCORES kind (fitted choice)
     transition_weight: float = 0.0  # item score += weight * feature(last item -> item); 0 = off
 
     def __post_init__(self) -> None:
@@ -152,8 +145,9 @@ class ModelConfig(_JsonMixin):
 
     def validate(self) -> None:
         _int("n_items", self.n_items, 0)
-        _check(self.n_items == 0 or self.n_items >= self.n_hash_buckets + 3, "n_items", self.n_items,
-               f"must be 0 (unset) or len(ItemVocab) >= n_hash_buckets + 3 = {self.n_hash_buckets + 3}")
+        min_items = first_item(self.n_hash_buckets) + 1  # padding, mask, the hash buckets and one known item
+        _check(self.n_items == 0 or self.n_items >= min_items, "n_items", self.n_items,
+               f"must be 0 (unset) or len(ItemVocab) >= n_hash_buckets + 3 = {min_items}")
         for name in ("d_model", "n_layers", "n_heads", "ffn_mult", "max_len", "n_hash_buckets", "n_gap_buckets",
                      "n_device_buckets", "n_location_buckets"):
             _int(name, getattr(self, name), 1)
@@ -187,8 +181,8 @@ class ModelConfig(_JsonMixin):
                and all(isinstance(b, (int, float)) and math.isfinite(b) for b in self.action_bias),
                "action_bias", self.action_bias, f"must be () or {N_ACTIONS} finite numbers")
         _int("transition_top", self.transition_top, 0)
-        _check(self.transition_feature in TRANSITION_FEATURES, "transition_feature", self.transition_feature,
-               f"must be one of {TRANSITION_FEATURES}")
+        _check(self.transition_feature in TRANSITION_SCORES, "transition_feature", self.transition_feature,
+               f"must be one of {TRANSITION_SCORES}")
         _num("transition_weight", self.transition_weight)
         _check(math.isfinite(self.transition_weight) and self.transition_weight >= 0, "transition_weight",
                self.transition_weight, "must be finite and >= 0")
@@ -205,7 +199,7 @@ class ModelConfig(_JsonMixin):
 class TrainConfig(_JsonMixin):
     """How to train. ``budget_min`` bounds wall-clock time (0 = no bound)."""
 
-    lr: float = 5e-3  # measured on Beauty (batch 256): 5e-3 beat 2e-3 by ~50% valid NDCG@10 in a 9-min budget
+    lr: float = 5e-3  # peak learning rate (benchmarks/RESULTS.md, "Transformer training", Beauty recipe runs B vs D)
     warmup_steps: int = 100
     schedule: str = "cosine"  # cosine | linear | constant (after warm-up)
     weight_decay: float = 0.01
@@ -213,8 +207,8 @@ class TrainConfig(_JsonMixin):
     epochs: int = 200
     pretrain_epochs: int = 0  # masked_then_causal: epochs of masked pretraining (0 = 25% of epochs)
     batch_size: int = 256
-    # evaluations without validation NDCG@10 improvement before stopping; a plateau while the lr is
-    # still >= 25 % of its peak first decays the lr to 0 over `patience` more epochs (models/train.py)
+    # evaluations without validation NDCG@10 improvement before stopping (a plateau at a high lr first
+    # anneals: models.train.ANNEAL_BELOW)
     patience: int = 5
     eval_every: int = 1  # epochs between validation passes
     seed: int = 42

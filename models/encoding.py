@@ -12,13 +12,11 @@ model input. Properties the rest of the system relies on:
   encode one new token per event.
 * **Index 0 is padding** in every integer feature.
 
-Token features (all ``int64`` arrays of length ``L``):
-``item`` (vocabulary index; unknown items → a hashed bucket), ``action`` (1 + action index),
-``gap`` (1 = first event of the user's history, else ``2 + floor(log2(1 + gap_s))``, capped),
-``hour`` (1..24, UTC), ``dow`` (1..7, Monday = 1), ``device`` and ``location`` (0 = unknown,
-else a stable crc32 hash bucket). ``gap_log`` (``float32``) is ``log1p`` of the gap in seconds to the
-previous event (0 for the first) and is the regression target of the time head. Features switched
-off in ``cfg.features`` are all zeros (the padding embedding contributes nothing).
+The token features and the vocabulary layout are declared in :mod:`models.features` (all ``int64``
+arrays of length ``L``, in :data:`~models.features.FEATURES` order); features switched off in
+``cfg.features`` are all zeros (the padding embedding contributes nothing). ``gap_log``
+(``float32``) is ``log1p`` of the gap in seconds to the previous event (0 for the first) and is the
+regression target of the time head.
 
 >>> from models.config import ModelConfig
 >>> from models.schema import EventSeq
@@ -47,25 +45,21 @@ True
 from __future__ import annotations
 
 import json
-import math
 import zlib
 from functools import lru_cache
 from typing import TYPE_CHECKING, Iterable, Sequence
 
 import numpy as np
 
-from models.schema import EventSeq
 from models.errors import CheckpointError
+from models.features import FEATURES, N_SPECIAL, first_item
+from models.schema import EventSeq
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
     from models.config import ModelConfig
 
-PAD = 0
-MASK = 1
-#: Integer token features, in a fixed order (all int64; 0 = padding).
-INT_FEATURES = ("item", "action", "gap", "hour", "dow", "device", "location")
 _MS_HOUR = 3_600_000
 _MS_DAY = 86_400_000
 
@@ -92,16 +86,13 @@ def hash_bucket(text: str, n_buckets: int) -> int:
 
 
 class ItemVocab:
-    """Item id ↔ index. Layout: ``0`` padding, ``1`` mask token, ``2 .. 2+H-1`` hash buckets for
-    unknown items, then the known items in the given order (``first_item`` onwards).
-
-    The hash buckets come *before* the items so that growing the vocabulary (:meth:`extended`)
-    appends rows at the end and every existing index — and so every trained embedding row — stays
-    where it was.
+    """Item id ↔ index, in the layout of :mod:`models.features`: padding, mask token, ``H`` hash
+    buckets for unknown items, then the known items in the given order (``first_item`` onwards).
+    Growing the vocabulary (:meth:`extended`) appends rows: every existing index stays where it was.
 
     >>> v = ItemVocab(["x", "y"], n_hash_buckets=2)
-    >>> v.first_item, len(v), v.item_at(4), v.item_at(1)
-    (4, 6, 'x', None)
+    >>> v.first_item, len(v), v.index("x"), N_SPECIAL <= v.index("unseen") < v.first_item
+    (4, 6, 4, True)
     >>> ItemVocab.from_json(v.to_json()) == v
     True
     >>> w = v.extended(["z", "x"])
@@ -114,7 +105,7 @@ class ItemVocab:
             raise ValueError(f"n_hash_buckets must be >= 1, got {n_hash_buckets}")
         self.items: list[str] = [str(i) for i in items]
         self.n_hash_buckets = int(n_hash_buckets)
-        self.first_item = 2 + self.n_hash_buckets
+        self.first_item = first_item(self.n_hash_buckets)
         self._index = {item: self.first_item + k for k, item in enumerate(self.items)}
         if len(self._index) != len(self.items):
             seen: set[str] = set()
@@ -139,17 +130,13 @@ class ItemVocab:
         return idx
 
     def bucket(self, item: str) -> int:
-        """The hash-bucket index of ``item`` (known or not): ``2 + crc32(id) % n_hash_buckets``."""
-        return 2 + stable_hash(item) % self.n_hash_buckets
+        """The hash-bucket index of ``item`` (known or not): ``N_SPECIAL + crc32(id) % n_hash_buckets``."""
+        return N_SPECIAL + stable_hash(item) % self.n_hash_buckets
 
     def indices(self, items: Sequence[str]) -> np.ndarray:
-        get, first, nb = self._index.get, 2, self.n_hash_buckets
+        """:meth:`index` of each item, as ``int64[len(items)]``."""
+        get, first, nb = self._index.get, N_SPECIAL, self.n_hash_buckets
         return np.fromiter((get(i) or first + stable_hash(i) % nb for i in items), np.int64, len(items))
-
-    def item_at(self, index: int) -> str | None:
-        """The item id at ``index`` or ``None`` for padding / mask / hash buckets."""
-        k = int(index) - self.first_item
-        return self.items[k] if 0 <= k < len(self.items) else None
 
     def extended(self, new_items: Iterable[str]) -> "ItemVocab":
         """A vocabulary with ``new_items`` (not yet known) appended; existing indices unchanged."""
@@ -184,17 +171,15 @@ def encode(history: EventSeq, vocab: ItemVocab, cfg: "ModelConfig", max_len: int
            ) -> dict[str, np.ndarray]:
     """Encode the last ``max_len`` (default ``cfg.max_len``) events of ``history``, left-aligned.
 
-    Returns ``{feature: int64[L]}`` for :data:`INT_FEATURES` plus ``gap_log`` (float32[L]),
-    ``L = min(len(history), max_len)``. Pure: same input, same output, in every process.
+    Returns ``{feature: int64[L]}`` for every :data:`~models.features.FEATURES` entry, in that
+    order, plus ``gap_log`` (float32[L]), ``L = min(len(history), max_len)``. Pure: same input, same
+    output, in every process.
     """
     n_all = len(history)
     max_len = cfg.max_len if max_len is None else max_len
     L = min(n_all, max_len)
     start = n_all - L
     ev = history[start:] if start else history
-    out: dict[str, np.ndarray] = {"item": vocab.indices(ev.items)}
-    zeros = np.zeros(L, np.int64)
-    out["action"] = ev.actions.astype(np.int64) + 1 if cfg.uses("action") else zeros
     ts = ev.ts.astype(np.int64)
     prev = np.empty(L, np.int64)
     if L:
@@ -202,23 +187,24 @@ def encode(history: EventSeq, vocab: ItemVocab, cfg: "ModelConfig", max_len: int
         prev[0] = history.ts[start - 1] if start else ts[0]
     gap_s = (ts - prev).astype(np.float64) / 1000.0
     gap_log = np.log1p(np.maximum(gap_s, 0.0)).astype(np.float32)
-    if cfg.uses("gap"):
-        gap = _gap_buckets(gap_s, cfg.n_gap_buckets)
+
+    def gap() -> np.ndarray:
+        g = _gap_buckets(gap_s, cfg.n_gap_buckets)
         if L and start == 0:
-            gap[0] = 1  # the user's first event: no predecessor
-        out["gap"] = gap
-    else:
-        out["gap"] = zeros
-    out["hour"] = (ts // _MS_HOUR) % 24 + 1 if cfg.uses("hour") else zeros
-    out["dow"] = (ts // _MS_DAY + 3) % 7 + 1 if cfg.uses("dow") else zeros
-    if cfg.uses("device"):
-        out["device"] = np.fromiter((hash_bucket(d, cfg.n_device_buckets) for d in ev.devices), np.int64, L)
-    else:
-        out["device"] = zeros
-    if cfg.uses("location"):
-        out["location"] = np.fromiter((hash_bucket(d, cfg.n_location_buckets) for d in ev.locations), np.int64, L)
-    else:
-        out["location"] = zeros
+            g[0] = 1  # the user's first event: no predecessor
+        return g
+
+    values = {  # one entry per models.features.FEATURES name (a missing one fails every call)
+        "item": lambda: vocab.indices(ev.items),
+        "action": lambda: ev.actions.astype(np.int64) + 1,
+        "gap": gap,
+        "hour": lambda: (ts // _MS_HOUR) % 24 + 1,
+        "dow": lambda: (ts // _MS_DAY + 3) % 7 + 1,
+        "device": lambda: np.fromiter((hash_bucket(d, cfg.n_device_buckets) for d in ev.devices), np.int64, L),
+        "location": lambda: np.fromiter((hash_bucket(d, cfg.n_location_buckets) for d in ev.locations), np.int64, L),
+    }
+    zeros = np.zeros(L, np.int64)
+    out: dict[str, np.ndarray] = {f: values[f]() if f == "item" or cfg.uses(f) else zeros for f in FEATURES}
     if L and start == 0:
         gap_log[0] = 0.0
     out["gap_log"] = gap_log
@@ -246,7 +232,7 @@ def collate(encoded: Sequence[dict[str, np.ndarray]], pad_to: int | None = None)
     lengths = np.fromiter((len(e["item"]) for e in encoded), np.int64, B)
     T = int(lengths.max(initial=0)) if pad_to is None else int(pad_to)
     out: dict[str, torch.Tensor] = {}
-    for key in (*INT_FEATURES, "gap_log"):
+    for key in (*FEATURES, "gap_log"):
         arr = np.zeros((B, T), np.float32 if key == "gap_log" else np.int64)
         for r, e in enumerate(encoded):
             v = e[key]
@@ -254,17 +240,3 @@ def collate(encoded: Sequence[dict[str, np.ndarray]], pad_to: int | None = None)
         out[key] = torch.from_numpy(arr)
     out["lengths"] = torch.from_numpy(np.minimum(lengths, T))
     return out
-
-
-def encode_batch(histories: Sequence[EventSeq], vocab: ItemVocab, cfg: "ModelConfig") -> dict[str, "torch.Tensor"]:
-    """``collate([encode(h) for h in histories])`` — the serving entry point."""
-    return collate([encode(h, vocab, cfg) for h in histories])
-
-
-def gap_bucket_upper_s(bucket: int) -> float:
-    """Upper bound in seconds of gap bucket ``bucket`` (>= 2), for reports.
-
-    >>> gap_bucket_upper_s(2), gap_bucket_upper_s(7)
-    (1.0, 63.0)
-    """
-    return math.pow(2.0, bucket - 1) - 1.0

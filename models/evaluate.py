@@ -90,19 +90,23 @@ def evaluate(scorer, ds: Dataset, cases: Sequence[Case], *, protocol: str = "ful
 
     ``beyond_accuracy=False`` skips coverage / novelty (the top-10 extraction), for speed.
     ``return_ranks=True`` adds ``ranks``: each case's 0-based target rank (for paired tests).
+
+    Raises :class:`~models.errors.ConfigError` for a bad ``protocol`` (the CLI's ``--protocol``) and
+    ``ValueError`` naming the argument for other bad arguments, no cases, or a scorer that breaks
+    its contract (wrong shape, NaN scores).
     """
     if protocol not in ("full", "sampled100"):
         raise ConfigError("protocol", protocol, "must be 'full' or 'sampled100'")
     if ties not in ("popularity", "pessimistic", "optimistic", "mean"):
-        raise ConfigError("ties", ties, "must be popularity/pessimistic/optimistic/mean")
+        raise ValueError(f"ties must be popularity/pessimistic/optimistic/mean, got {ties!r}")
     if negatives not in ("uniform", "popularity"):
-        raise ConfigError("negatives", negatives, "must be 'uniform' or 'popularity'")
+        raise ValueError(f"negatives must be 'uniform' or 'popularity', got {negatives!r}")
     t0 = time.perf_counter()
     N = len(ds.items)
     ix = ds.item_index
     cases = list(cases)
     if not cases:
-        raise ConfigError("cases", 0, "nothing to evaluate")
+        raise ValueError("cases is empty: nothing to evaluate")
     pop = (history_popularity(ds, cases) if popularity is None else
            history_popularity(ds, popularity) if isinstance(popularity, dict) else np.asarray(popularity, np.float64))
     item_prob = _item_prob(ds, cases) if beyond_accuracy else None
@@ -130,11 +134,11 @@ def evaluate(scorer, ds: Dataset, cases: Sequence[Case], *, protocol: str = "ful
         B = len(batch)
         S = np.asarray(scorer.score_items(hists))
         if S.shape != (B, N):
-            raise ConfigError("score_items", S.shape, f"expected shape {(B, N)}")
+            raise ValueError(f"scorer.score_items returned shape {S.shape}, expected shape {(B, N)}")
         if S.dtype not in (np.float32, np.float64):
             S = S.astype(np.float64)
         if not np.isfinite(S.sum()) and np.isnan(S).any():
-            raise ConfigError("score_items", "NaN", "scorer returned NaN scores")
+            raise ValueError("scorer.score_items returned NaN scores")
         if not S.flags.writeable and mask_history:
             S = S.copy()
         tgt = np.array([ix.get(c.target_item, -1) for c in batch], np.int64)
@@ -161,7 +165,7 @@ def evaluate(scorer, ds: Dataset, cases: Sequence[Case], *, protocol: str = "ful
                 excl = np.unique(np.concatenate([hidx[b][hidx[b] >= 0], tg[b: b + 1]]))
                 avail = N - excl.size
                 if avail < n_negatives:
-                    raise ConfigError("n_negatives", n_negatives, f"only {avail} items not interacted with")
+                    raise ValueError(f"n_negatives={n_negatives}: only {avail} items not interacted with")
                 picked: np.ndarray = np.zeros(0, np.int64)
                 while picked.size < n_negatives:
                     draw = rng.choice(N, size=2 * n_negatives, p=neg_p) if neg_p is not None else \
@@ -276,6 +280,7 @@ def run_evaluate(dataset: str, checkpoint: Path | None = None, baselines: Sequen
     """
     from models.baselines import make_baseline
     from models.datasets import fit_sequences, leave_one_out, load, yoochoose_split
+    from models.scorer import TransformerScorer
 
     if split not in ("test", "valid"):
         raise ConfigError("split", split, "must be 'test' or 'valid'")
@@ -295,24 +300,12 @@ def run_evaluate(dataset: str, checkpoint: Path | None = None, baselines: Sequen
     for b in baselines:
         scorers[b] = make_baseline(b, ds, fit)
     if checkpoint is not None:
-        scorers["transformer"] = _load_transformer(Path(checkpoint), ds)
+        scorers["transformer"] = TransformerScorer.from_checkpoint(Path(checkpoint), ds)
     results = {name: evaluate(s, ds, cases, protocol=protocol, mask_history=mask_history, ks=ks, seed=seed,
                               progress=progress)
                for name, s in scorers.items()}
     return {"dataset": ds.name, "protocol": protocol, "mask_history": mask_history, "split": split,
             "n_cases": len(cases), "results": results}
-
-
-def _load_transformer(path: Path, ds: Dataset):
-    try:
-        from models.scorer import TransformerScorer  # written alongside the model
-    except ImportError as e:
-        raise ConfigError("checkpoint", str(path), f"the Transformer scorer is not available ({e})") from None
-    for ctor in ("from_checkpoint", "load"):
-        f = getattr(TransformerScorer, ctor, None)
-        if f is not None:
-            return f(path, ds)
-    return TransformerScorer(path, ds)
 
 
 def format_table(res: dict, metrics: Sequence[str] = ("HR@10", "NDCG@10", "MRR", "coverage@10",

@@ -1,275 +1,66 @@
-"""The next-action Transformer: our embeddings and heads around a `transformers` backbone.
+"""The next-action Transformer: :class:`NextActionModel`, our embeddings and heads around a backbone.
 
-Token embedding = LayerNorm(sum of item / action / gap / hour / dow / device / location embeddings),
-positions come from the backbone (RoPE in ``llama``, learned in ``gpt2``/``bert``). The backbone is
-built from a config (never downloaded) and fed ``inputs_embeds``. Heads, on every position ``t``
-(each predicts event ``t + 1``):
+Input: a :func:`models.encoding.collate` batch. Each token is embedded as
+``LayerNorm(item row + one embedding per token feature)`` (:mod:`models.features`) and run through
+a backbone (:mod:`models.backbones`, built from the config, never downloaded). Heads, at every
+position ``t`` (each predicts event ``t + 1``):
 
-* next item: ``h_t · E_item`` (the item table is tied to the input) + a per-item bias + a **repeat
-  score** added to the items of the user's own history: ``q(h_t) · k(h_j) / sqrt(d) + recency(t - j)``
-  summed over ``j <= t`` with item ``i_j`` — so the model can learn to favour (or suppress) repeat
-  consumption, which first-order Markov / recent-items baselines exploit; and, when the checkpoint
-  has one, a **transition score** ``w * f(count(last item -> j))`` from a sparse item-to-item table
-  counted on the training sequences (:mod:`models.transitions`; ``w`` fitted on validation after
-  training, not trained by gradient) — what sparse logs' rare items cannot memorise. Trained with full-softmax
-  cross-entropy (SASRec+/gSASRec), or a sampled softmax over ``n_negatives`` uniform negatives shared
-  by the batch (huge catalogues, and the CPU recipe: the catalogue softmax dominates a CPU step).
-* next action: 5-way softmax.  * time to next event: regression on ``log1p(seconds)`` (Huber).
+* next item: ``h_t · E_item + bias`` over the vocabulary (the item table is tied to the input),
+  plus a learned **repeat score** ``q(h_t) · k(h_j) / sqrt(d) + recency(t - j)`` added to the item
+  of each history position ``j <= t`` and, when the checkpoint has one, a **transition score**
+  ``w * f(count(last item -> j))`` (:mod:`models.transitions`).
+  Trained with full-softmax cross-entropy, or a sampled softmax over ``cfg.n_negatives`` uniform
+  negatives shared by the batch.
+* next action: a softmax over :data:`models.schema.ACTIONS` (optionally calibrated:
+  :mod:`models.calibration`).
+* time to the next event: regression on ``log1p(seconds)`` (Huber).
 
-Serving: :meth:`NextActionModel.score_last` on a batch, or incrementally :meth:`prefill` once per
-user then :meth:`step` with one new token per event (:class:`KVState` holds the per-user attention
-keys/values plus the repeat keys). Incremental outputs equal full recomputation while the user's
-window is not full (``length < max_len``); after that :meth:`step` either asks for a re-prefill
-or, with ``evict=True`` (``llama`` only), drops the oldest token (sliding-window attention: RoPE
-keeps relative positions exact; the remaining cached states still remember the evicted token, a
-small approximation — re-prefill every few events to bound it).
+Serving: :meth:`NextActionModel.score_last` on a batch, or incrementally :meth:`~NextActionModel.prefill`
+once per user, then :meth:`~NextActionModel.step` with one new token per event
+(:class:`~models.kv_state.KVState`). Incremental outputs equal full recomputation while the window
+is not full (``length < max_len``); at the cap :meth:`~NextActionModel.step` raises unless
+``evict=True`` (``llama`` only), which drops the oldest token (an approximation: the remaining
+cached states still remember it). Why it is built this way: docs/architecture.md, "The model" and
+"Model defaults and why".
+
+>>> from models.config import ModelConfig
+>>> from models.encoding import ItemVocab, collate, encode, encode_last
+>>> from models.schema import EventSeq
+>>> vocab = ItemVocab(["a", "b", "c"], n_hash_buckets=4)
+>>> cfg = ModelConfig(n_items=len(vocab), n_hash_buckets=4, d_model=16, max_len=8, dropout=0.0)
+>>> _ = torch.manual_seed(0)
+>>> model = NextActionModel(cfg).eval()
+>>> h = EventSeq.from_columns(["a", "b", "c"], ["view", "cart", "view"], [0, 60_000, 120_000])
+>>> out = model.score_last(collate([encode(h, vocab, cfg)]))
+>>> out["item_scores"].shape, out["action_probs"].shape, out["gap_log_s"].shape  # V = len(vocab)
+(torch.Size([1, 9]), torch.Size([1, 5]), torch.Size([1]))
+>>> _, state = model.prefill(collate([encode(h[:2], vocab, cfg)]))
+>>> inc, state = model.step(collate([encode_last(h, vocab, cfg)]), state)
+>>> torch.allclose(inc["item_scores"], out["item_scores"], atol=1e-4), state.lengths.tolist()
+(True, [3])
+>>> _, loss = model.train()(collate([encode(h, vocab, cfg)]))  # training: (outputs, scalar loss)
+>>> loss.dim()
+0
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from models.backbones import build_backbone, cache_tensors, llama_forward
 from models.config import ModelConfig
-from models.encoding import MASK, PAD
-from models.schema import ACTIONS
+from models.errors import ConfigError
+from models.features import MASK, N_SPECIAL, PAD, embedding_rows, first_item
+from models.kv_state import KVState, LastHidden
+from models.schema import N_ACTIONS
 from models.topk import chunked_topk
 
-N_ACTIONS = len(ACTIONS)
-_N_SPECIAL = 2  # padding and mask rows are never scored
 #: Extra candidates a reduced-precision catalogue scan keeps for exact rescoring (:meth:`NextActionModel.top_items`).
 TOPK_MARGIN = 32
-
-
-class _DropFirst(nn.Module):
-    """Dropout on a module's output (first element when it returns a tuple): residual dropout
-    for backbones such as Llama that have none of their own."""
-
-    def __init__(self, inner: nn.Module, p: float) -> None:
-        super().__init__()
-        self.inner, self.drop = inner, nn.Dropout(p)
-
-    def forward(self, *args, **kwargs):
-        return self.drop(self.inner(*args, **kwargs))
-
-
-@dataclass
-class _BackboneOutput:
-    last_hidden_state: torch.Tensor
-    past_key_values: None = None
-
-
-class GRUBackbone(nn.Module):
-    """A GRU4Rec-style recurrent backbone with the `transformers` call shape (``inputs_embeds`` in,
-    ``last_hidden_state`` out): the second neural baseline, trained and served by the same code as
-    the Transformer. Causal by construction (right padding never reaches a valid position); it has
-    no attention cache, so serving recomputes the window (``TransformerPredictor`` turns its KV cache
-    off) and the masked objective, which needs bidirectional context, is not available."""
-
-    def __init__(self, cfg: ModelConfig) -> None:
-        super().__init__()
-        self.gru = nn.GRU(cfg.d_model, cfg.d_model, num_layers=cfg.n_layers, batch_first=True,
-                          dropout=cfg.dropout if cfg.n_layers > 1 else 0.0)
-        self.norm = nn.LayerNorm(cfg.d_model)
-
-    def forward(self, inputs_embeds: torch.Tensor, attention_mask=None, past_key_values=None, use_cache: bool = False,
-                **_: object) -> _BackboneOutput:
-        if past_key_values is not None or use_cache:
-            raise ValueError("the gru backbone has no attention cache: serve it with full recomputation")
-        if attention_mask is not None and attention_mask.dim() == 4:
-            raise ValueError("the gru backbone is causal only: the masked objective needs a Transformer backbone")
-        h, _ = self.gru(inputs_embeds)  # (B, T, d)
-        return _BackboneOutput(self.norm(h))
-
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
-
-def llama_forward(model: nn.Module, x: torch.Tensor, position_ids: torch.Tensor,
-                  past_keys: list[torch.Tensor] | None = None, past_values: list[torch.Tensor] | None = None,
-                  key_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
-    """A `transformers` ``LlamaModel`` forward for serving, without its per-call machinery.
-
-    The same modules and the same operations as ``LlamaModel.forward`` with ``sdpa`` attention
-    (RMSNorm, rotary positions, attention, gated MLP, final norm), minus what costs more than the
-    math at serving sizes on CPU: mask builders, cache objects, output capture and config lookups
-    (the `transformers` forward costs 1.14x as much per request on the replayed Taobao stream:
-    ``benchmarks/serve_replay.py``). Inference only; training and full recomputation keep the
-    `transformers` forward, and the serving tests hold the two to 1e-4.
-
-    ``x [B, S, d]``, ``position_ids [B|1, S]``. Without ``past_keys``: causal attention over the S
-    positions (right padding needs no mask). With them (per layer ``[B, H, T, dh]``, post-rotary, as
-    `transformers` caches them): ``S == 1`` and ``key_mask [B, T + 1]`` (True = may attend).
-    Returns ``(h [B, S, d], keys, values)``, per layer ``[B, H, T + S, dh]`` (past, then the new).
-    """
-    B, S, _ = x.shape
-    if past_keys is not None and (S != 1 or key_mask is None):
-        raise ValueError(f"with past keys, one new position and a key_mask are needed (got S={S}, "
-                         f"key_mask={'set' if key_mask is not None else None})")
-    cos, sin = model.rotary_emb(x, position_ids)  # (B|1, S, dh)
-    cos, sin = cos[:, None], sin[:, None]  # (B|1, 1, S, dh)
-    mask = key_mask[:, None, None, :] if key_mask is not None else None  # (B, 1, 1, T + 1)
-    keys, values = [], []
-    h = x
-    for i, layer in enumerate(model.layers):
-        attn = layer.self_attn
-        y = layer.input_layernorm(h)
-        shape = (B, S, -1, attn.head_dim)
-        q = attn.q_proj(y).view(shape).transpose(1, 2)  # (B, H, S, dh)
-        k = attn.k_proj(y).view(shape).transpose(1, 2)
-        v = attn.v_proj(y).view(shape).transpose(1, 2)
-        q, k = q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
-        if past_keys is not None:
-            k, v = torch.cat([past_keys[i], k], dim=2), torch.cat([past_values[i], v], dim=2)
-        keys.append(k)
-        values.append(v)
-        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=attn.scaling,
-                                           is_causal=past_keys is None and S > 1)  # (B, H, S, dh)
-        h = h + attn.o_proj(o.transpose(1, 2).reshape(B, S, -1))
-        h = h + layer.mlp(layer.post_attention_layernorm(h))
-    return model.norm(h), keys, values
-
-
-def build_backbone(cfg: ModelConfig) -> nn.Module:
-    """A freshly initialised `transformers` backbone for ``cfg`` (no hub access), or the GRU baseline."""
-    d, ff = cfg.d_model, cfg.ffn_mult * cfg.d_model
-    if cfg.backbone == "gru":
-        return GRUBackbone(cfg)
-    if cfg.backbone == "llama":
-        from transformers import LlamaConfig, LlamaModel
-
-        hf = LlamaConfig(vocab_size=1, hidden_size=d, intermediate_size=ff, num_hidden_layers=cfg.n_layers,
-                         num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.n_heads,
-                         max_position_embeddings=max(4 * cfg.max_len, 512), attention_dropout=cfg.dropout,
-                         rms_norm_eps=1e-6, pad_token_id=None, bos_token_id=None, eos_token_id=None,
-                         tie_word_embeddings=False, use_cache=False, attn_implementation="sdpa")
-        model = LlamaModel(hf)
-        if cfg.dropout > 0:
-            for layer in model.layers:
-                layer.mlp = _DropFirst(layer.mlp, cfg.dropout)
-                layer.self_attn.o_proj = _DropFirst(layer.self_attn.o_proj, cfg.dropout)
-        return model
-    if cfg.backbone == "gpt2":
-        from transformers import GPT2Config, GPT2Model
-
-        hf = GPT2Config(vocab_size=1, n_positions=cfg.max_len, n_embd=d, n_layer=cfg.n_layers, n_head=cfg.n_heads,
-                        n_inner=ff, resid_pdrop=cfg.dropout, embd_pdrop=cfg.dropout, attn_pdrop=cfg.dropout,
-                        bos_token_id=None, eos_token_id=None, pad_token_id=None,
-                        use_cache=False, attn_implementation="sdpa")
-        return GPT2Model(hf)
-    if cfg.backbone == "bert":
-        from transformers import BertConfig, BertModel
-
-        hf = BertConfig(vocab_size=1, hidden_size=d, num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads,
-                        intermediate_size=ff, hidden_dropout_prob=cfg.dropout,
-                        attention_probs_dropout_prob=cfg.dropout, max_position_embeddings=cfg.max_len,
-                        type_vocab_size=1, is_decoder=True, use_cache=False, attn_implementation="sdpa")
-        return BertModel(hf, add_pooling_layer=False)
-    raise ValueError(f"unknown backbone {cfg.backbone!r}")
-
-
-@dataclass
-class LastHidden:
-    """What the heads need for the last event of each history: serving runs a batch's prefills and
-    steps first and then all heads in one :meth:`NextActionModel.heads` call, so the catalogue is
-    scored (and its ``[V, d]`` table read from memory) once per batch, not once per model call.
-
-    ``h [B, d]``; ``rep [B, T]`` repeat scores over the history positions and ``hist [B, T]`` the
-    item indices there (``None`` without a repeat head); ``action [B]`` the last event's action and
-    ``item [B]`` its vocabulary index (for the transition table).
-    """
-
-    h: torch.Tensor
-    rep: torch.Tensor | None
-    hist: torch.Tensor | None
-    action: torch.Tensor
-    item: torch.Tensor
-
-    @staticmethod
-    def cat(parts: list["LastHidden"]) -> "LastHidden":
-        """Rows of several parts in order; ``rep``/``hist`` right-padded with 0 / padding (a zero
-        repeat score added onto the padding column, which is never scored)."""
-        if len(parts) == 1:
-            return parts[0]
-        rep = hist = None
-        if parts[0].rep is not None:
-            T = max(p.rep.shape[1] for p in parts)
-            rep = torch.cat([F.pad(p.rep.float(), (0, T - p.rep.shape[1])) for p in parts])
-            hist = torch.cat([F.pad(p.hist, (0, T - p.hist.shape[1]), value=PAD) for p in parts])
-        return LastHidden(torch.cat([p.h for p in parts]), rep, hist, torch.cat([p.action for p in parts]),
-                          torch.cat([p.item for p in parts]))
-
-    def rows(self, start: int, stop: int) -> "LastHidden":
-        sl = slice(start, stop)
-        return LastHidden(self.h[sl], None if self.rep is None else self.rep[sl],
-                          None if self.hist is None else self.hist[sl], self.action[sl], self.item[sl])
-
-
-@dataclass
-class KVState:
-    """Per-user incremental state for a batch of users (right-padded along ``T``).
-
-    ``keys``/``values``: one ``[B, H, T, dh]`` tensor per layer; ``rep_k``: ``[B, T, d]`` repeat-head
-    keys; ``items``: ``[B, T]`` vocabulary indices of the cached events (0 = empty slot);
-    ``lengths``: ``[B]`` cached tokens per user; ``positions``: ``[B]`` the position id the next
-    token gets (equals ``lengths`` until tokens are evicted).
-    """
-
-    keys: list[torch.Tensor]
-    values: list[torch.Tensor]
-    rep_k: torch.Tensor
-    items: torch.Tensor
-    lengths: torch.Tensor
-    positions: torch.Tensor
-
-    @property
-    def batch_size(self) -> int:
-        return int(self.lengths.shape[0])
-
-    def split(self) -> list["KVState"]:
-        """One state per user, trimmed to its own length (for a per-user LRU cache)."""
-        out = []
-        for b in range(self.batch_size):
-            n = int(self.lengths[b])
-            out.append(KVState([k[b:b + 1, :, :n].clone() for k in self.keys],
-                               [v[b:b + 1, :, :n].clone() for v in self.values],
-                               self.rep_k[b:b + 1, :n].clone(), self.items[b:b + 1, :n].clone(),
-                               self.lengths[b:b + 1].clone(), self.positions[b:b + 1].clone()))
-        return out
-
-    @staticmethod
-    def stack(states: list["KVState"]) -> "KVState":
-        """Right-pad and concatenate single- or multi-user states into one batch state."""
-        T = max(int(s.lengths.max()) for s in states)
-
-        def pad(t: torch.Tensor, dim: int) -> torch.Tensor:
-            extra = T - t.shape[dim]
-            if extra == 0:
-                return t
-            shape = list(t.shape)
-            shape[dim] = extra
-            return torch.cat([t, t.new_zeros(shape)], dim=dim)
-
-        n_layers = len(states[0].keys)
-        return KVState([torch.cat([pad(s.keys[i], 2) for s in states]) for i in range(n_layers)],
-                       [torch.cat([pad(s.values[i], 2) for s in states]) for i in range(n_layers)],
-                       torch.cat([pad(s.rep_k, 1) for s in states]), torch.cat([pad(s.items, 1) for s in states]),
-                       torch.cat([s.lengths for s in states]), torch.cat([s.positions for s in states]))
-
-    def to(self, device: torch.device | str) -> "KVState":
-        return KVState([k.to(device) for k in self.keys], [v.to(device) for v in self.values],
-                       self.rep_k.to(device), self.items.to(device), self.lengths.to(device),
-                       self.positions.to(device))
-
-    def nbytes(self) -> int:
-        ts = [*self.keys, *self.values, self.rep_k, self.items, self.lengths, self.positions]
-        return sum(t.numel() * t.element_size() for t in ts)
 
 
 class NextActionModel(nn.Module):
@@ -278,12 +69,10 @@ class NextActionModel(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         if cfg.n_items == 0:
-            from models.errors import ConfigError
-
             raise ConfigError("n_items", 0, "set it to len(ItemVocab) (models.train.model_config_for does)")
         self.cfg = cfg
         d = cfg.d_model
-        self.first_item = _N_SPECIAL + cfg.n_hash_buckets  # ItemVocab layout: pad, mask, buckets, items
+        self.first_item = first_item(cfg.n_hash_buckets)  # models.features layout: pad, mask, buckets, items
         self.item_emb = nn.Embedding(cfg.n_items, d, padding_idx=PAD)
         # the embedding row each vocabulary index reads as *input*: itself, or for a known item that
         # never occurred in training its hash bucket (its own row was only ever trained as an output
@@ -300,10 +89,7 @@ class NextActionModel(nn.Module):
         self.register_buffer("trans_ptr", torch.zeros(0, dtype=torch.long), persistent=True)
         self.register_buffer("trans_idx", torch.zeros(0, dtype=torch.int32), persistent=True)
         self.register_buffer("trans_val", torch.zeros(0), persistent=True)
-        sizes = {"action": N_ACTIONS + 1, "gap": cfg.n_gap_buckets, "hour": 25, "dow": 8,
-                 "device": cfg.n_device_buckets, "location": cfg.n_location_buckets}
-        self.feat_emb = nn.ModuleDict({f: nn.Embedding(n, d, padding_idx=0) for f, n in sizes.items()
-                                       if cfg.uses(f)})
+        self.feat_emb = nn.ModuleDict({f: nn.Embedding(n, d, padding_idx=0) for f, n in embedding_rows(cfg).items()})
         self.emb_norm = nn.LayerNorm(d)
         self.emb_drop = nn.Dropout(cfg.dropout)
         self.backbone = build_backbone(cfg)
@@ -368,12 +154,11 @@ class NextActionModel(nn.Module):
         """Set every hash-bucket row to the mean embedding of the items at ``trained_indices`` (the
         known items training saw): the expected embedding of an item of unknown identity, for unknown
         ids and untrained catalogue items alike (see ``item_input``). Only for models trained with
-        ``unknown_item_rate = 0``, whose bucket rows training never touches (measured on Taobao,
-        where 60 % of test histories end in such an item: NDCG@10 0.0991 with the rows at their
-        random init, 0.1017 with the mean; action log loss 0.577 -> 0.574)."""
+        ``unknown_item_rate = 0``, whose bucket rows training never touches (why the mean:
+        benchmarks/RESULTS.md, "Transformer training", session 3)."""
         idx = torch.as_tensor(trained_indices, dtype=torch.long, device=self.item_emb.weight.device)
         if idx.numel():
-            self.item_emb.weight[_N_SPECIAL:self.first_item] = self.item_emb.weight[idx].mean(0)
+            self.item_emb.weight[N_SPECIAL:self.first_item] = self.item_emb.weight[idx].mean(0)  # bucket rows
 
     @torch.no_grad()
     def set_item_categories(self, buckets) -> None:
@@ -412,10 +197,8 @@ class NextActionModel(nn.Module):
             ptr, idx, val = torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.int32), torch.zeros(0)
         else:
             if table.n_items != self.cfg.n_items:
-                from models.errors import ConfigError
-
-                raise ConfigError("transitions", table.n_items, f"table has {table.n_items} rows, the model "
-                                                                f"n_items={self.cfg.n_items}")
+                raise ValueError(f"table has {table.n_items} rows, expected the model's n_items="
+                                 f"{self.cfg.n_items}")
             ptr, idx, val = (torch.as_tensor(table.ptr, dtype=torch.long), torch.as_tensor(table.idx, dtype=torch.int32),
                              torch.as_tensor(table.val, dtype=torch.float32))
         self.trans_ptr, self.trans_idx, self.trans_val = ptr.to(dev), idx.to(dev), val.to(dev)
@@ -446,7 +229,7 @@ class NextActionModel(nn.Module):
         idx = self.item_input[batch["item"] if items is None else items]  # (B, T)
         if self.training and self.cfg.unknown_item_rate > 0:  # teach the buckets "an unseen item"
             drop = (idx >= self.first_item) & (torch.rand(idx.shape, device=idx.device) < self.cfg.unknown_item_rate)
-            idx = torch.where(drop, torch.randint_like(idx, _N_SPECIAL, self.first_item), idx)
+            idx = torch.where(drop, torch.randint_like(idx, N_SPECIAL, self.first_item), idx)
         x = self.item_emb(idx)  # (B, T, d)
         if self.cat_emb is not None and self.cfg.item_categories_input:  # the item's own category
             x = x + self.cat_emb(self.item_category[batch["item"] if items is None else items])
@@ -508,7 +291,7 @@ class NextActionModel(nn.Module):
             logits.scatter_add_(1, hist_items, rep.to(logits.dtype))
         if last_item is not None and self.uses_transitions:
             self._add_transitions(logits, last_item)
-        logits[:, :_N_SPECIAL] = float("-inf")
+        logits[:, :N_SPECIAL] = float("-inf")  # padding and mask are never predicted
         return logits
 
     def _item_table(self, dtype: torch.dtype | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -549,11 +332,9 @@ class NextActionModel(nn.Module):
         """The ``k`` best known items per row: ``(scores [N, k] fp32, vocabulary indices [N, k])``.
 
         ``coarse=None``: one exact scan of the catalogue. ``coarse=torch.bfloat16``: the catalogue
-        is scanned in bf16 (3-4x faster on CPUs with AVX512-BF16/AMX, and what CUDA's autocast
-        does anyway), the best ``k + margin`` are kept and rescored exactly
+        is scanned in bf16, the best ``k + margin`` are kept and rescored exactly
         (:meth:`rescore_items`), and the top ``k`` of those are returned: the exact top-K unless an
-        item outside the coarse top ``k + margin`` belongs in it (bf16 keeps ~3 significant digits;
-        on the Taobao model a margin of 5 already gave the fp32 top-10 for 2,500 of 2,500 requests).
+        item outside the coarse top ``k + margin`` belongs in it (docs/serving.md, top-K on the device).
         """
         first = self.first_item
         exact = coarse is None or coarse == torch.float32
@@ -741,7 +522,7 @@ class NextActionModel(nn.Module):
             h, keys, values = llama_forward(self.backbone, x, torch.arange(T, device=x.device)[None])
         else:
             h, cache = self._run_backbone(x, use_cache=True)
-            keys, values = _cache_tensors(cache)
+            keys, values = cache_tensors(cache)
         h = self.out_drop(h)
         ar = torch.arange(B, device=items.device)
         last = (lengths - 1).clamp(min=0)
@@ -777,7 +558,7 @@ class NextActionModel(nn.Module):
                                  "re-prefill from the history or call step(..., evict=True)")
             if cfg.backbone != "llama":
                 raise ValueError(f"evict=True needs relative positions (llama backbone), not {cfg.backbone!r}")
-            state = _evict_oldest(state, full)
+            state = state.evict_oldest(full)
             lengths = state.lengths
         T = state.keys[0].shape[2]
         x = self.embed(tokens)  # (B, 1, d)
@@ -796,7 +577,7 @@ class NextActionModel(nn.Module):
                 cache.update(k, v, i)
             h, cache = self._run_backbone(x, attention_mask=attn.long(), position_ids=pos_ids,
                                           past_key_values=cache, use_cache=True)
-            new_k, new_v = _cache_tensors(cache)
+            new_k, new_v = cache_tensors(cache)
         h = self.out_drop(h)[:, 0]  # (B, d)
         # new_k/new_v: each (B, H, T+1, dh); the new token sits at index T
         ar_b = torch.arange(B, device=dev)
@@ -822,7 +603,7 @@ class NextActionModel(nn.Module):
         else:
             rk = state.rep_k.new_zeros(B, T + 1, 0)
         new_state = KVState(keys, values, rk, items, lengths + 1, positions + 1)
-        new_state = _trim(new_state)
+        new_state = new_state.trimmed()
         out = LastHidden(h, rep, items if rep is not None else None, tokens["action"][:, 0], tokens["item"][:, 0])
         return (self.heads(out) if heads else out), new_state
 
@@ -835,37 +616,3 @@ def _inputs(batch: dict[str, torch.Tensor], max_len: int) -> tuple[dict[str, tor
         return batch, T
     inp = {k: (v[:, :max_len] if k != "lengths" else v.clamp(max=max_len)) for k, v in batch.items()}
     return inp, max_len
-
-
-def _cache_tensors(cache) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """Per-layer key and value tensors ``[B, H, T, dh]`` of a `transformers` cache."""
-    if hasattr(cache, "layers"):
-        return [lay.keys for lay in cache.layers], [lay.values for lay in cache.layers]
-    if hasattr(cache, "self_attention_cache"):  # encoder-decoder wrapper (bert as decoder)
-        return _cache_tensors(cache.self_attention_cache)
-    raise TypeError(f"unsupported cache type {type(cache).__name__}")
-
-
-def _evict_oldest(state: KVState, rows: torch.Tensor) -> KVState:
-    """Drop the first cached token of the users in ``rows`` (bool ``[B]``), shifting left."""
-    T = state.keys[0].shape[2]
-    dev = state.lengths.device
-    idx = torch.arange(T, device=dev)[None, :] + rows.long()[:, None]  # (B, T)
-    idx = idx.clamp(max=T - 1)
-
-    def shift(t: torch.Tensor, dim: int) -> torch.Tensor:
-        shape = [t.shape[0]] + [1] * (t.dim() - 1)
-        shape[dim] = T
-        return torch.gather(t, dim, idx.view(shape).expand_as(t))
-
-    lengths = state.lengths - rows.long()
-    return KVState([shift(k, 2) for k in state.keys], [shift(v, 2) for v in state.values], shift(state.rep_k, 1)
-                   if state.rep_k.shape[-1] else state.rep_k, shift(state.items, 1), lengths, state.positions)
-
-
-def _trim(state: KVState) -> KVState:
-    T = int(state.lengths.max())
-    if T == state.keys[0].shape[2]:
-        return state
-    return KVState([k[:, :, :T] for k in state.keys], [v[:, :, :T] for v in state.values], state.rep_k[:, :T],
-                   state.items[:, :T], state.lengths, state.positions)

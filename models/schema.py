@@ -27,6 +27,7 @@ from models.errors import DatasetError
 #: Canonical action types, in the order of the model's action head.
 ACTIONS: tuple[str, ...] = ("view", "click", "cart", "fav", "purchase")
 ACTION_INDEX: dict[str, int] = {a: i for i, a in enumerate(ACTIONS)}
+N_ACTIONS = len(ACTIONS)
 
 #: Aliases mapped by dataset loaders (never by the stream, which expects canonical names).
 ACTION_ALIASES: dict[str, str] = {"pv": "view", "buy": "purchase", "addtocart": "cart",

@@ -28,8 +28,6 @@ from __future__ import annotations
 
 import logging
 import math
-from collections import OrderedDict
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -41,10 +39,12 @@ from torch.nn.utils.rnn import pad_sequence
 from models.config import OVERFLOW_MODES
 from models.devices import default_cpu_threads, resolve_device, resolve_score_dtype
 from models.encoding import ItemVocab, collate, encode, encode_last
-from models.model import KVState, LastHidden, NextActionModel
+from models.errors import CheckpointError, ConfigError
+from models.kv_cache import CacheEntry, KVCache, flatten_state, window_key
+from models.kv_state import KVState, LastHidden
+from models.model import NextActionModel
 from models.predictor import Prediction, Predictor
 from models.schema import EventSeq
-from models.errors import CheckpointError, ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -74,123 +74,6 @@ def _bucket(n: int, buckets: Sequence[int]) -> int:
     return buckets[-1]
 
 
-def window_key(history: EventSeq, end: int, max_len: int) -> int:
-    """Digest of the window :func:`~models.encoding.encode` builds from ``history[:end]``: its last
-    ``max_len`` events and, when the window does not start at the user's first event, the
-    predecessor's timestamp (the first token's gap feature depends on it). Equal digests ⇒ equal
-    model input, so a state cached under this digest is valid for any history that produces it."""
-    start = max(0, end - max_len)
-    prev = int(history.ts[start - 1]) if start else None
-    return hash((end - start, prev, history.ts[start:end].tobytes(), history.actions[start:end].tobytes(),
-                 tuple(history.items[start:end]), tuple(history.devices[start:end]),
-                 tuple(history.locations[start:end])))
-
-
-# ----------------------------------------------------------------------------------------------
-# the per-user KV cache
-# ----------------------------------------------------------------------------------------------
-@dataclass(slots=True)
-class CacheEntry:
-    """One user's cached window. ``kv``: ``[n, F]`` — per token, the keys and values of every layer
-    (``H * dh`` each) followed by the repeat-head key (``d`` or 0), in the model's compute dtype and on
-    its device; ``items``: ``[n]`` vocabulary indices of the window's events."""
-
-    kv: torch.Tensor  # (n, F)
-    items: torch.Tensor  # (n,) int64
-    n: int  # cached tokens
-    position: int  # position id the next token gets (== n unless tokens were evicted)
-    since_prefill: int  # evicting (approximate) steps since the state was rebuilt from the history
-    user: str | None
-    nbytes: int
-
-
-class KVCache:
-    """LRU of :class:`CacheEntry` keyed by window digest, bounded by entries and by bytes.
-
-    With user ids (``put(..., user=...)``) a user holds at most one entry: storing a new one drops
-    the user's previous entry, and :meth:`forget_user` drops it on request.
-    """
-
-    def __init__(self, max_entries: int, max_bytes: int) -> None:
-        if max_entries < 0:
-            raise ConfigError("kv_cache_users", max_entries, "must be >= 0 (0 disables the cache)")
-        if max_bytes < 0:
-            raise ConfigError("kv_cache_bytes", max_bytes, "must be >= 0 (0 disables the cache)")
-        self.max_entries, self.max_bytes = int(max_entries), int(max_bytes)
-        self._d: OrderedDict[int, CacheEntry] = OrderedDict()
-        self._by_user: dict[str, int] = {}
-        self.nbytes = 0
-        self.stats = {"hits": 0, "misses": 0, "evictions": 0, "stores": 0}
-
-    @property
-    def enabled(self) -> bool:
-        return self.max_entries > 0 and self.max_bytes > 0
-
-    def __len__(self) -> int:
-        return len(self._d)
-
-    def __contains__(self, key: int) -> bool:
-        return key in self._d
-
-    def get(self, key: int) -> CacheEntry | None:
-        """The entry (marked most recently used) or None; counts a hit or a miss."""
-        e = self._d.get(key)
-        if e is None:
-            self.stats["misses"] += 1
-            return None
-        self._d.move_to_end(key)
-        self.stats["hits"] += 1
-        return e
-
-    def pop(self, key: int) -> CacheEntry | None:
-        e = self._d.pop(key, None)
-        if e is not None:
-            self.nbytes -= e.nbytes
-            if e.user is not None and self._by_user.get(e.user) == key:
-                del self._by_user[e.user]
-        return e
-
-    def put(self, key: int, entry: CacheEntry) -> None:
-        if not self.enabled or entry.nbytes > self.max_bytes:
-            return
-        if entry.user is not None:
-            old = self._by_user.get(entry.user)
-            if old is not None and old != key:
-                self.pop(old)
-        self.pop(key)
-        self._d[key] = entry
-        self.nbytes += entry.nbytes
-        if entry.user is not None:
-            self._by_user[entry.user] = key
-        self.stats["stores"] += 1
-        while len(self._d) > self.max_entries or self.nbytes > self.max_bytes:
-            k, _ = next(iter(self._d.items()))
-            self.pop(k)
-            self.stats["evictions"] += 1
-
-    def forget_user(self, user: str) -> bool:
-        """Drop ``user``'s entry (privacy deletion); True if there was one."""
-        key = self._by_user.get(user)
-        return key is not None and self.pop(key) is not None
-
-    def clear(self) -> None:
-        self._d.clear()
-        self._by_user.clear()
-        self.nbytes = 0
-
-
-def _flatten_state(state: KVState) -> torch.Tensor:
-    """``KVState`` → ``[B, T, F]``: per token, layer keys, layer values (``H*dh`` each), repeat key."""
-    parts = [k.transpose(1, 2).flatten(2) for k in state.keys]  # each (B, T, H*dh)
-    parts += [v.transpose(1, 2).flatten(2) for v in state.values]
-    if state.rep_k.shape[-1]:
-        parts.append(state.rep_k.to(parts[0].dtype))  # (B, T, d)
-    return torch.cat(parts, dim=-1)
-
-
-# ----------------------------------------------------------------------------------------------
-# the predictor
-# ----------------------------------------------------------------------------------------------
 class TransformerPredictor(Predictor):
     """A :class:`~models.model.NextActionModel` served with batching, device top-K and a KV cache.
 
@@ -210,6 +93,11 @@ class TransformerPredictor(Predictor):
             the exact rescoring of its best candidates (module docstring, :func:`resolve_score_dtype`).
         score_budget: most ``rows × n_items`` score elements per model call (bounds memory).
         buckets: padded sequence lengths (default :func:`length_buckets` of ``max_len``).
+
+    A bad value of an argument that a setting supplies (``stream_app.predictors.SERVING_OPTIONS``:
+    ``device``, ``num_threads``, ``cache_users``, ``cache_bytes``, ``overflow``, ``refresh_every``,
+    ``score_dtype``) raises :class:`~models.errors.ConfigError` naming the setting (``serve_threads``,
+    ``kv_cache_mb`` ...); one of the other arguments raises ``ValueError`` naming the argument.
     """
 
     def __init__(self, model: NextActionModel, vocab: ItemVocab, *, version: str, device: str = "auto",
@@ -226,9 +114,10 @@ class TransformerPredictor(Predictor):
         if overflow == "evict" and cfg.backbone != "llama":
             raise ConfigError("kv_overflow", overflow, f"'evict' needs the llama backbone (relative positions), "
                                                        f"this model uses {cfg.backbone!r}")
-        for name, v, lo in (("refresh_every", refresh_every, 1), ("max_rounds", max_rounds, 1)):
-            if not isinstance(v, int) or v < lo:
-                raise ConfigError(name, v, f"must be an integer >= {lo}")
+        if not isinstance(refresh_every, int) or refresh_every < 1:
+            raise ConfigError("kv_refresh_every", refresh_every, "must be an integer >= 1")
+        if not isinstance(max_rounds, int) or max_rounds < 1:
+            raise ValueError(f"max_rounds must be an integer >= 1, got {max_rounds!r}")
         self.device = torch.device(resolve_device(device))
         self.cuda = self.device.type == "cuda"
         if self.cuda:
@@ -236,7 +125,7 @@ class TransformerPredictor(Predictor):
         else:
             n = default_cpu_threads() if num_threads is None else num_threads
             if not isinstance(n, int) or n < 1:
-                raise ConfigError("num_threads", num_threads, "must be an integer >= 1")
+                raise ConfigError("serve_threads", num_threads, "must be an integer >= 1")
             self.num_threads = n
             torch.set_num_threads(n)
         self.model = model.to(self.device).eval()
@@ -248,12 +137,16 @@ class TransformerPredictor(Predictor):
         self.max_rounds = max_rounds
         self.buckets = tuple(sorted(buckets)) if buckets else length_buckets(cfg.max_len)
         if self.buckets[-1] < cfg.max_len:
-            raise ConfigError("buckets", self.buckets, f"the largest bucket must be >= max_len ({cfg.max_len})")
+            raise ValueError(f"buckets: the largest bucket must be >= max_len ({cfg.max_len}), got {self.buckets}")
         budget = DEFAULT_SCORE_BUDGET[self.device.type] if score_budget is None else int(score_budget)
         if budget < 1:
-            raise ConfigError("score_budget", score_budget, "must be >= 1")
+            raise ValueError(f"score_budget must be >= 1, got {score_budget!r}")
         self.max_rows = max(1, budget // cfg.n_items)
         self.score_dtype = resolve_score_dtype(score_dtype, self.device.type, cfg.n_items * cfg.d_model * 4)
+        if self.incremental and cache_users < 0:
+            raise ConfigError("kv_cache_users", cache_users, "must be >= 0 (0 disables the cache)")
+        if self.incremental and cache_bytes < 0:
+            raise ConfigError("kv_cache_mb", cache_bytes / (1 << 20), "must be >= 0 (0 disables the cache)")
         self.cache = KVCache(cache_users if self.incremental else 0, cache_bytes if self.incremental else 0)
         self._options = dict(device=device, num_threads=num_threads, compile=compile, incremental=incremental,
                              cache_users=cache_users, cache_bytes=cache_bytes, overflow=overflow,
@@ -511,7 +404,7 @@ class TransformerPredictor(Predictor):
         keep = [b for b, m in enumerate(n_tokens) if self._cacheable(m) and cur_keys[rows[b]] is not None]
         if not keep:
             return
-        flat = _flatten_state(state).to(self._kv_dtype)  # (B, T, F)
+        flat = flatten_state(state).to(self._kv_dtype)  # (B, T, F)
         per_tok = flat.shape[-1] * flat.element_size() + state.items.element_size()
         lengths = state.lengths.tolist()
         positions = state.positions.tolist()

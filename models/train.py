@@ -5,17 +5,32 @@
   events with :func:`models.encoding.encode` (``max_len`` inputs, each predicting its successor);
   long histories give several windows (``window_stride``). All windows are encoded and padded once
   (:func:`pack_examples`); a batch is a row slice of windows of similar length, padded only to its
-  own longest window (Beauty: median 4 inputs, so most batches are far shorter than ``max_len``).
+  own longest window.
 * AdamW (no weight decay on embeddings, biases, norms), linear warm-up then cosine/linear decay
   (fitted to the time budget after the first epoch), gradient clipping, seeded; bf16 autocast on
   CUDA, fp32 on CPU.
 * Validation NDCG@10 (full ranking, :func:`models.evaluate.evaluate`) every ``eval_every`` epochs,
   early stopping with ``patience``; the best epoch is checkpointed (atomically) to ``out_dir``. A
-  plateau while the lr is still high (>= ``ANNEAL_BELOW`` of its peak, i.e. the decay has not paid
-  off yet) does not stop training at once: the lr decays to 0 over the next ``patience`` epochs
-  first (Beauty, 10-minute budget, patience 5: test NDCG@10 0.0544 when stopping at the first
-  plateau, 0.0596 with the anneal, 0.0612 with the whole 40-epoch schedule; no transition table).
+  plateau while the lr is still >= :data:`ANNEAL_BELOW` of its peak first decays the lr to 0 over
+  ``patience`` more epochs, then stops if that did not help (why: benchmarks/RESULTS.md,
+  "Transformer training", session 4, Beauty recipe).
 * ``objective='masked_then_causal'``: BERT4Rec-style masked pretraining first, then causal.
+* After training, on the best checkpoint: action calibration (:func:`calibrate_actions`), the
+  item-transition table (:func:`fit_transitions`) and, with ``eval_test``, the test metrics, all
+  saved in the checkpoint's metadata.
+
+>>> import tempfile
+>>> from models.checkpoint import load_checkpoint
+>>> from models.datasets import synthetic
+>>> ds = synthetic(n_users=30, n_items=40, seed=1)
+>>> with tempfile.TemporaryDirectory() as out:
+...     path, history = train(ds, ModelConfig(d_model=16, max_len=8, n_hash_buckets=8),
+...                           TrainConfig(epochs=2, progress=False, device="cpu"), out)
+...     ck = load_checkpoint(path)
+>>> [h["phase"] for h in history], sorted(history[0]["valid"])
+(['causal', 'causal', 'test'], ['HR@10', 'NDCG@10'])
+>>> ck.model.cfg.n_items == len(ds.items) + 2 + 8, sorted(k for k in ck.metadata if k in ("test", "transitions"))
+(True, ['test', 'transitions'])
 """
 
 from __future__ import annotations
@@ -30,6 +45,7 @@ import numpy as np
 from models.config import ModelConfig, TrainConfig
 from models.devices import resolve_device
 from models.encoding import ItemVocab, encode
+from models.evaluate import evaluate
 from models.schema import EventSeq
 
 
@@ -171,31 +187,8 @@ def _batches(lengths: np.ndarray, batch_size: int, rng: np.random.Generator, buc
     return groups
 
 
-def _local_ndcg(scorer, cases, mask_history: bool, k: int = 10) -> dict:
-    """Fallback metric (full ranking) when :mod:`models.evaluate` is unavailable."""
-    cols = {it: i for i, it in enumerate(scorer.items)}
-    ranks = []
-    for s in range(0, len(cases), 512):
-        part = cases[s: s + 512]
-        S = scorer.score_items([c.history for c in part]).astype(np.float64)
-        for b, c in enumerate(part):
-            t = cols.get(c.target_item, -1)
-            if t < 0:
-                ranks.append(10 ** 9)
-                continue
-            if mask_history:
-                h = [cols[i] for i in c.history.items if i in cols and cols[i] != t]
-                S[b, h] = -np.inf
-            ranks.append(int((S[b] > S[b, t]).sum()) + 1)
-    r = np.asarray(ranks)
-    return {f"NDCG@{k}": float(np.where(r <= k, 1 / np.log2(r + 1), 0).mean()), f"HR@{k}": float((r <= k).mean())}
-
-
 def evaluate_cases(scorer, ds, cases, mask_history: bool) -> dict:
-    try:
-        from models.evaluate import evaluate
-    except ImportError:  # pragma: no cover - the shared evaluator is part of the repo
-        return _local_ndcg(scorer, cases, mask_history)
+    """The validation / test metrics of ``scorer`` on ``cases``: :func:`models.evaluate.evaluate`, full ranking."""
     return evaluate(scorer, ds, cases, protocol="full", mask_history=mask_history)
 
 
@@ -518,7 +511,7 @@ def fit_transitions(ck, ds, cases, fit_seqs: dict[str, EventSeq], final_seqs: di
     import scipy.sparse as sp
 
     from models.scorer import TransformerScorer
-    from models.transitions import FEATURES, count_transitions
+    from models.transitions import TRANSITION_SCORES, count_transitions
 
     cfg = ck.model.cfg
     if cfg.transition_top == 0:
@@ -557,7 +550,7 @@ def fit_transitions(ck, ds, cases, fit_seqs: dict[str, EventSeq], final_seqs: di
     best = (before, cfg.transition_feature, 0.0)
     tried = {}
     rows = {}
-    for feat in FEATURES:
+    for feat in TRANSITION_SCORES:
         t = counts.with_feature(feat)
         rows[feat] = sp.csr_matrix((t.val, t.idx, t.ptr), shape=(cfg.n_items, cfg.n_items))[last][:, cols].tocsr()
         for w in weights:

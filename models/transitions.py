@@ -29,7 +29,8 @@ import numpy as np
 
 from models.errors import ConfigError
 
-FEATURES = ("log", "prob")
+#: The transition score kinds: ``log`` = ``log1p(count)``, ``prob`` = ``count / row total``.
+TRANSITION_SCORES = ("log", "prob")
 
 
 @dataclass(frozen=True)
@@ -54,8 +55,8 @@ class Transitions:
 
     def with_feature(self, kind: str) -> "Transitions":
         """The same table with counts turned into the scored feature (``log`` or ``prob``)."""
-        if kind not in FEATURES:
-            raise ConfigError("transition_feature", kind, f"must be one of {FEATURES}")
+        if kind not in TRANSITION_SCORES:
+            raise ConfigError("transition_feature", kind, f"must be one of {TRANSITION_SCORES}")
         if kind == "log":
             return Transitions(self.ptr, self.idx, np.log1p(self.val).astype(np.float32))
         rows = np.repeat(np.arange(self.n_items), np.diff(self.ptr))

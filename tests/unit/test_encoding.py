@@ -13,7 +13,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from models.config import ModelConfig
-from models.encoding import INT_FEATURES, ItemVocab, collate, encode, encode_last
+from models.encoding import ItemVocab, collate, encode, encode_last
+from models.features import FEATURES
 from models.schema import EventSeq
 from models.scorer import TransformerScorer
 from models.train import build_examples
@@ -51,11 +52,11 @@ def test_token_features_are_local(n, seed):
     full = encode(s, VOCAB, CFG, max_len=100)
     for m in range(1, n + 1):
         pre = encode(s[:m], VOCAB, CFG, max_len=100)
-        for k in (*INT_FEATURES, "gap_log"):
+        for k in (*FEATURES, "gap_log"):
             np.testing.assert_array_equal(pre[k], full[k][:m])
     last = encode_last(s, VOCAB, CFG)
     windowed = encode(s, VOCAB, CFG)
-    for k in (*INT_FEATURES, "gap_log"):
+    for k in (*FEATURES, "gap_log"):
         np.testing.assert_array_equal(last[k], windowed[k][-1:])
 
 
@@ -98,5 +99,5 @@ def test_served_input_equals_training_example():
     train_ex = build_examples({"u": s}, VOCAB, CFG, stride=0)[0]  # max_len + 1 events: inputs + target
     scorer = TransformerScorer(NextActionModel(CFG), VOCAB)
     served = scorer.encode_batch([s[:-1]])  # what predict() sees just before the last event
-    for k in (*INT_FEATURES, "gap_log"):
+    for k in (*FEATURES, "gap_log"):
         np.testing.assert_array_equal(served[k][0].numpy(), train_ex[k][:-1])

@@ -10,7 +10,8 @@ import torch
 
 from models.config import ModelConfig
 from models.encoding import ItemVocab, collate, encode, encode_last
-from models.model import KVState, NextActionModel
+from models.kv_state import KVState
+from models.model import NextActionModel
 from models.schema import ACTIONS, EventSeq
 
 torch.set_num_threads(1)  # tiny models: threads only add sync overhead (and thrash on a shared CPU)

@@ -8,8 +8,6 @@ serving code.
 
 from __future__ import annotations
 
-import logging
-
 import numpy as np
 import pytest
 import torch
@@ -21,7 +19,8 @@ from models.model import NextActionModel
 from models.schema import EventSeq
 from models.devices import cpu_has_native_bf16, resolve_score_dtype
 from models.errors import ConfigError
-from models.serving import KVCache, TransformerPredictor, length_buckets, window_key
+from models.kv_cache import KVCache, window_key
+from models.serving import TransformerPredictor, length_buckets
 
 ITEMS = [f"i{k}" for k in range(40)]
 VOCAB = ItemVocab(ITEMS, n_hash_buckets=4)
@@ -250,6 +249,32 @@ def test_device_auto_threads_and_arguments(ckpt):
     assert len(empty.top_items) == 3 and abs(sum(empty.action_probs) - 1) < 1e-9
     h = EventSeq.from_columns(["i1", "i2"], ["view", "view"], [T0, T0 + 5])
     assert window_key(h, 1, 8) == window_key(h[:1], 1, 8) != window_key(h, 2, 8)
+
+
+def test_bad_arguments_name_the_setting_or_the_argument():
+    """A value a setting supplies (stream_app.predictors.SERVING_OPTIONS) is reported under the
+    setting's name; other arguments raise a plain ValueError naming the argument."""
+    m = _model(0)
+
+    def make(**kw):
+        return TransformerPredictor(m, VOCAB, version="t", device="cpu", **{"num_threads": 1, **kw})
+
+    for kw, setting in (({"num_threads": 0}, "serve_threads"), ({"refresh_every": 0}, "kv_refresh_every"),
+                        ({"cache_users": -1}, "kv_cache_users"), ({"cache_bytes": -(1 << 20)}, "kv_cache_mb"),
+                        ({"overflow": "sometimes"}, "kv_overflow")):
+        with pytest.raises(ConfigError, match=f"^'{setting}'") as exc:
+            make(**kw)
+        assert exc.value.name == setting
+    for kw, arg in (({"max_rounds": 0}, "max_rounds"), ({"score_budget": 0}, "score_budget"),
+                    ({"buckets": (4,)}, "buckets")):
+        with pytest.raises(ValueError, match=arg) as exc:
+            make(**kw)
+        assert not isinstance(exc.value, ConfigError)
+    assert make(incremental=False, cache_users=-1).cache.max_entries == 0  # no cache: its bounds are unused
+    with pytest.raises(ValueError, match="max_entries must be >= 0"):
+        KVCache(max_entries=-1, max_bytes=0)
+    with pytest.raises(ValueError, match="max_bytes must be >= 0"):
+        KVCache(max_entries=0, max_bytes=-1)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(),
