@@ -19,10 +19,6 @@ __all__ = [
 ]
 
 
-def _r4(x: float) -> float:
-    return float(round(x, 4))
-
-
 # ----------------------------------------------------------------------------- ranking
 
 def target_ranks(scores: np.ndarray, target: np.ndarray, *, tiebreak: np.ndarray | None = None,
