@@ -1,4 +1,4 @@
-"""Event sources for replays (Taobao CSV, generic CSV, a seeded synthetic generator) and the producer.
+"""Event sources for replays (Taobao CSV, generic CSV, the seeded synthetic sessions) and the producer.
 
 Every source yields event dicts in the ``events`` topic schema (see ``DESIGN.md``); :func:`produce`
 sends them to Kafka keyed by user id. Sources that read files are :class:`CsvSource` iterators:
@@ -6,38 +6,37 @@ malformed rows are skipped and counted (``source.dropped``, by reason) instead o
 replay, and the count is logged when the file is done.
 
 A dict with the key :data:`RAW` is sent as those exact bytes (keyed by :data:`RAW_KEY`, if
-present): that is how :func:`synthetic` produces deliberately malformed messages.
+present): that is how :func:`synthetic` (the sessions of :mod:`models.datasets.synthetic`, the
+generator the demo's model is trained on) mixes in deliberately malformed messages.
 
->>> evs = list(synthetic(200, 10, seed=7))
->>> len(evs), evs == list(synthetic(200, 10, seed=7))
+>>> evs = list(synthetic(200, 10, seed=7, bad_fraction=0.1))
+>>> len(evs), evs == list(synthetic(200, 10, seed=7, bad_fraction=0.1))
 (200, True)
->>> sorted(evs[0])
-['action', 'category', 'device', 'item_id', 'location', 'session_id', 'ts', 'user_id']
->>> all(a["ts"] <= b["ts"] for a, b in zip(evs, evs[1:]))
-True
+>>> key, value = encode(next(e for e in evs if RAW in e)); value[:14]
+b'{"user_id": "u'
 """
 
 from __future__ import annotations
 
 import asyncio
-import bisect
 import csv
-import heapq
 import logging
 import math
 import random
 import time
 from collections import Counter
 from datetime import datetime, timezone
-from itertools import accumulate
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
 import orjson
 
-from models.schema import canonical_action
+from models.datasets.synthetic import N_ITEMS
+from models.datasets.synthetic import events as synthetic_events
 from models.errors import DatasetError
+from models.schema import canonical_action
 from stream_app.errors import BrokerError
+from stream_app.events import FIELDS, REQUIRED_FIELDS
 
 log = logging.getLogger(__name__)
 
@@ -45,9 +44,6 @@ RAW = "__raw__"  #: dict key: send these bytes as the message value, verbatim
 RAW_KEY = "__key__"  #: dict key: the message key for a RAW message
 
 TS_UNITS = {"s": 1000.0, "ms": 1.0, "us": 1e-3, "ns": 1e-6}
-EVENT_FIELDS = ("user_id", "item_id", "action", "ts", "session_id", "device", "location", "category", "price",
-                "item_text")
-_REQUIRED = ("user_id", "item_id", "action", "ts")
 TAOBAO_ACTIONS = {"pv": "view", "cart": "cart", "fav": "fav", "buy": "purchase"}
 
 
@@ -167,10 +163,10 @@ def generic_csv(path: str | Path, mapping: dict[str, str], rebase_time: bool = F
     (``pv``, ``buy``, ``addtocart``, ``transaction`` ...). Rows with a missing value, an unknown
     action or a bad timestamp/price are skipped and counted in ``dropped``.
     """
-    unknown = sorted(set(mapping) - set(EVENT_FIELDS))
+    unknown = sorted(set(mapping) - set(FIELDS))
     if unknown:
-        raise DatasetError(f"mapping names unknown event fields {unknown}; known: {', '.join(EVENT_FIELDS)}")
-    missing = [f for f in _REQUIRED if f not in mapping]
+        raise DatasetError(f"mapping names unknown event fields {unknown}; known: {', '.join(FIELDS)}")
+    missing = [f for f in REQUIRED_FIELDS if f not in mapping]
     if missing:
         raise DatasetError(f"mapping must name a column for {', '.join(missing)} (got {mapping!r})")
     if ts_unit not in TS_UNITS and ts_unit != "iso":
@@ -193,7 +189,7 @@ def generic_csv(path: str | Path, mapping: dict[str, str], rebase_time: bool = F
                 for field, column in mapping.items():
                     value = row[column].strip()
                     if not value:
-                        if field in _REQUIRED:
+                        if field in REQUIRED_FIELDS:
                             src.drop(f"empty_{field}")
                             ok = False
                             break
@@ -228,82 +224,6 @@ def rebase(events: Iterable[dict], now_ms: int | None = None) -> list[dict]:
 
 
 # --- synthetic sessions ----------------------------------------------------------------------------
-SYNTHETIC_START_MS = 1_700_000_000_000  # 2023-11-14T22:13:20Z: fixed, so a seed fully determines the data
-_DEVICES = ("ios", "android", "web")
-_DEVICE_W = (0.45, 0.40, 0.15)
-_LOCATIONS = ("de-be", "de-by", "fr-idf", "es-md", "it-lo", "gb-lnd", "us-ca", "us-ny", "us-tx", "br-sp",
-              "in-mh", "jp-13", "cn-bj", "au-nsw", "ca-on", "mx-cmx", "pl-mz", "nl-nh", "se-ab", "kr-11")
-# next action given the previous one (same item for click/cart/fav/purchase; "view" = another item)
-_FUNNEL = {
-    "view": (("view", 0.68), ("click", 0.15), ("cart", 0.12), ("fav", 0.05)),
-    "click": (("view", 0.65), ("cart", 0.25), ("fav", 0.10)),
-    "cart": (("view", 0.60), ("purchase", 0.40)),
-    "fav": (("view", 0.80), ("cart", 0.20)),
-    "purchase": (("view", 1.0),),
-}
-
-
-class _Catalog:
-    """Items in categories; Zipf popularity within a category; a fixed 'related items' structure."""
-
-    def __init__(self, n_items: int, rng: random.Random) -> None:
-        self.n_cat = max(3, min(40, n_items // 25))
-        self.by_cat: list[list[str]] = [[] for _ in range(self.n_cat)]
-        for i in range(n_items):
-            self.by_cat[i % self.n_cat].append(f"i{i}")
-        self.cum = [list(accumulate(1.0 / (r + 1) ** 1.1 for r in range(len(items)))) for items in self.by_cat]
-        self.price = {f"i{i}": round(rng.lognormvariate(3.2, 0.8), 2) for i in range(n_items)}
-        self.cat_of = {item: c for c, items in enumerate(self.by_cat) for item in items}
-        self.rank = {item: r for items in self.by_cat for r, item in enumerate(items)}
-
-    def sample(self, cat: int, rng: random.Random) -> str:
-        cum = self.cum[cat]
-        return self.by_cat[cat][bisect.bisect_left(cum, rng.random() * cum[-1])]
-
-    def related(self, item: str, rng: random.Random) -> str:
-        """One of the next 3 items in its category's list (co-viewed items)."""
-        items = self.by_cat[self.cat_of[item]]
-        return items[(self.rank[item] + 1 + int(rng.random() * 3)) % len(items)]
-
-
-def _user_events(uid: str, n: int, catalog: _Catalog, rng: random.Random) -> Iterator[dict]:
-    prefs = rng.sample(range(catalog.n_cat), k=min(catalog.n_cat, rng.choice((1, 2, 2, 3))))
-    pref_w = list(accumulate(rng.random() + 0.2 for _ in prefs))
-    devices = [rng.choices(_DEVICES, _DEVICE_W)[0]]
-    if rng.random() < 0.2:
-        devices.append(rng.choice([d for d in _DEVICES if d != devices[0]]))
-    location = rng.choice(_LOCATIONS)
-    ts = SYNTHETIC_START_MS + int(rng.random() * 6 * 3600 * 1000)
-    emitted, session = 0, 0
-    while emitted < n:
-        session += 1
-        device = devices[0] if len(devices) == 1 or rng.random() < 0.7 else devices[1]
-        length = max(1, min(n - emitted, int(rng.expovariate(1 / 7.0)) + 1))
-        item, action = None, None
-        for j in range(length):
-            if j:
-                ts += max(1000, int(rng.lognormvariate(math.log(25_000), 1.0)))  # in-session gap ~25 s
-                nxt = rng.random()
-                for action_next, p in _FUNNEL[action]:
-                    nxt -= p
-                    if nxt < 0:
-                        break
-                action = action_next
-                if action == "view":
-                    item = (catalog.related(item, rng) if rng.random() < 0.5
-                            else catalog.sample(prefs[bisect.bisect_left(pref_w, rng.random() * pref_w[-1])], rng))
-            else:
-                action = "view"
-                item = catalog.sample(prefs[bisect.bisect_left(pref_w, rng.random() * pref_w[-1])], rng)
-            ev = {"user_id": uid, "item_id": item, "action": action, "ts": ts, "session_id": f"{uid}-s{session}",
-                  "device": device, "location": location, "category": f"c{catalog.cat_of[item]}"}
-            if action in ("cart", "purchase"):
-                ev["price"] = catalog.price[item]
-            yield ev
-        emitted += length
-        ts += max(600_000, int(rng.lognormvariate(math.log(4 * 3600_000), 1.0)))  # between sessions ~4 h
-
-
 def _bad_event(ev: dict, rng: random.Random, n: int) -> dict:
     """A deliberately malformed variant of ``ev`` (one per reject reason, cycling)."""
     kind = n % 8
@@ -326,42 +246,20 @@ def _bad_event(ev: dict, rng: random.Random, n: int) -> dict:
     return {RAW: orjson.dumps(ev), RAW_KEY: uid + "-other"}  # key differs from user_id
 
 
-def synthetic(n_events: int, n_users: int, seed: int, bad_fraction: float = 0.0) -> Iterator[dict]:
-    """``n_events`` realistic, time-ordered events of up to ``n_users`` users, fully determined by ``seed``.
-
-    Users have 1–3 preferred categories, a main device (sometimes a second one) and a location;
-    their activity is heavy-tailed (log-normal weights). Sessions (mean ~8 events, gaps log-normal
-    around 25 s) follow a view → click/cart/fav → purchase funnel on the same item; a new view is
-    either a related item (the next few of its category: a learnable successor structure) or a
-    Zipf-popular item of a preferred category. Sessions are separated by hours. Timestamps start at
-    :data:`SYNTHETIC_START_MS` and are strictly increasing per user.
+def synthetic(n_events: int, n_users: int, seed: int, bad_fraction: float = 0.0,
+              n_items: int = N_ITEMS) -> Iterator[dict]:
+    """:func:`models.datasets.synthetic.events` (sessions of up to ``n_users`` users over a
+    catalogue of ``n_items``, fully determined by ``seed``), with malformed messages mixed in.
 
     ``bad_fraction`` of the events (chosen by the same seed) are replaced by malformed messages,
     one kind of rejection after another: not JSON, missing item_id, unknown action, seconds instead
     of milliseconds, ts as a string, negative price, an array, a key that is not the user id.
     """
-    if n_events < 0 or n_users < 1:
-        raise DatasetError(f"synthetic: need n_events >= 0 and n_users >= 1 (got {n_events}, {n_users})")
     if not 0.0 <= bad_fraction < 1.0:
         raise DatasetError(f"synthetic: bad_fraction must be in [0, 1) (got {bad_fraction})")
-    if n_events == 0:
-        return
-    rng = random.Random(seed)
-    n_users = min(n_users, n_events)
-    catalog = _Catalog(max(50, min(100_000, n_events // 8)), rng)
-    weights = [rng.lognormvariate(0.0, 1.0) for _ in range(n_users)]
-    total_w = sum(weights)
-    extra = n_events - n_users
-    counts = [1 + int(extra * w / total_w) for w in weights]
-    by_activity = sorted(range(n_users), key=lambda u: -weights[u])
-    for i in range(n_events - sum(counts)):  # rounding remainder, to the most active users first
-        counts[by_activity[i % n_users]] += 1
-    width = len(str(n_users - 1))
-    streams = [_user_events(f"u{u:0{width}d}", counts[u], catalog, random.Random(seed * 1_000_003 + u))
-               for u in range(n_users) if counts[u] > 0]
     bad_rng = random.Random(seed ^ 0x5EED)
     n_bad = 0
-    for ev in heapq.merge(*streams, key=lambda e: e["ts"]):
+    for ev in synthetic_events(n_events, n_users, seed, n_items):
         if bad_fraction and bad_rng.random() < bad_fraction:
             yield _bad_event(ev, bad_rng, n_bad)
             n_bad += 1

@@ -1,8 +1,9 @@
 """One settings object for the whole product, read once at start.
 
 Every field can be set with an environment variable ``NEXTACTION_<FIELD>`` (upper case), e.g.
-``NEXTACTION_BROKER_URL=kafka://broker:9092``. The CLI passes its options through
-:func:`get_settings` overrides; nothing else reads the environment.
+``NEXTACTION_BROKER_URL=kafka://broker:9092``; nothing else reads the environment. Each field's
+``description`` is its one-line meaning: :func:`settings_table` renders them, with the defaults, as
+README.md's settings table.
 
 >>> s = Settings(window_events=20)
 >>> s.window_events, s.topic_events, s.broker_url
@@ -11,6 +12,8 @@ Every field can be set with an environment variable ``NEXTACTION_<FIELD>`` (uppe
 Traceback (most recent call last):
 ...
 models.errors.ConfigError: 'window_events' = 0: must be >= 1
+>>> print(settings_table().splitlines()[2])
+| `BROKER_URL` | `kafka://127.0.0.1:9092` | Kafka bootstrap servers (`kafka://h1:9092;h2:9092`) |
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import ValidationError, field_validator
+from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from models.errors import ConfigError
@@ -32,75 +35,75 @@ class _Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="NEXTACTION_", extra="forbid", frozen=True)
 
     # --- Kafka ---------------------------------------------------------------------------------
-    broker_url: str = "kafka://127.0.0.1:9092"
-    app_id: str = "nextaction"
-    topic_events: str = "events"
-    topic_dlq: str = "events.dlq"
-    topic_predictions: str = "predictions"
-    topic_outcomes: str = "outcomes"
-    topic_model_updates: str = "model-updates"
-    partitions: int = 4
-    # Producer linger (ms): how long the producer waits to fill a batch (every event makes ~5 Kafka
-    # messages: 3 changelog records + prediction + outcome). Up to this much latency is added per
-    # publish at low rates. 5 vs 20 ms (and commit 1 vs 2 s, gc_freeze) measured within noise on
-    # the shared 2-core box (benchmarks/RESULTS.md, e2e-analysis), so the defaults stay as they were.
-    producer_linger_ms: float = 5.0
-    # Offset commit interval (s). A commit first flushes the producer. At-least-once either way: a
-    # crash reprocesses at most about this much input.
-    commit_interval_s: float = 1.0
-    # Faust's producer buffer for table changelog records: past this many, Faust stops feeding the
-    # stream until it drains ("producer buffer full"). Faust's 100 is less than one delivered batch
-    # writes (one histories record per event), so at ~1,000 events/s it stalled the stream for 9-31 ms
-    # about once a second (benchmarks/RESULTS.md, e2e-analysis). A full prediction queue's worth.
-    producer_buffer_max_messages: int = 4096
-    # Faust: messages buffered per partition stream and records per consumer poll (0 = Faust default).
-    stream_buffer_maxsize: int = 4096
-    max_poll_records: int = 0
-    # gc.freeze() the start-up heap once the worker serves (and in the inference process), so full
-    # collections skip it: at ~1,000 ev/s the worker's full-GC pauses went from 38 ms on average
-    # (p99 bucket <= 100 ms) to 9 ms (<= 50 ms); nextaction_gc_pause_seconds on /metrics.
-    gc_freeze: bool = True
+    broker_url: str = Field("kafka://127.0.0.1:9092", description="Kafka bootstrap servers (`kafka://h1:9092;h2:9092`)")
+    app_id: str = Field("nextaction", description="Faust app id (consumer group, changelog topic prefix)")
+    topic_events: str = Field("events", description="input topic")
+    topic_dlq: str = Field("events.dlq", description="dead-letter topic: rejected events with a reason code, the "
+                                                     "original bytes and the source offset")
+    topic_predictions: str = Field("predictions", description="output topic: one prediction per event")
+    topic_outcomes: str = Field("outcomes", description="output topic: (previous prediction, what the user did next)")
+    topic_model_updates: str = Field("model-updates", description="checkpoint announcements every worker follows "
+                                                                  "(`nextaction deploy`)")
+    partitions: int = Field(4, description="partitions of the app's topics and tables")
+    producer_linger_ms: float = Field(5.0, description="producer batching delay (more = fewer, larger produce "
+                                      "requests, more latency; 5 vs 20 ms: benchmarks/RESULTS.md, e2e-analysis)")
+    commit_interval_s: float = Field(1.0, description="consumer offset commit interval (a crash reprocesses at "
+                                                      "most about this much input)")
+    producer_buffer_max_messages: int = Field(4096, description="changelog records Faust buffers before it pauses "
+                                              "the stream to drain them (Faust: 100; benchmarks/RESULTS.md, "
+                                              "e2e-analysis)")
+    stream_buffer_maxsize: int = Field(4096, description="Faust's buffer of messages per partition stream")
+    max_poll_records: int = Field(0, description="records per consumer poll (0 = Faust's default)")
+    gc_freeze: bool = Field(True, description="`gc.freeze()` after start-up, so full collections skip the start-up "
+                                              "heap (pauses: benchmarks/RESULTS.md, e2e-analysis)")
     # --- embedded broker (``nextaction kafka start``) -------------------------------------------
-    kafka_version: str = "3.9.1"
-    kafka_port: int = 9092
-    kafka_controller_port: int = 9093
-    kafka_home: Path = CACHE_ROOT / "kafka"  # jars, outside the clone, shared by every checkout
+    kafka_version: str = Field("3.9.1", description="the embedded broker's Kafka version")
+    kafka_port: int = Field(9092, description="the embedded broker's port on 127.0.0.1")
+    kafka_controller_port: int = Field(9093, description="the embedded broker's KRaft controller port")
+    kafka_home: Path = Field(CACHE_ROOT / "kafka", description="the broker jars, outside the clone, shared by every "
+                                                               "checkout (under `$XDG_CACHE_HOME` if set)")
     # --- state ---------------------------------------------------------------------------------
-    data_dir: Path = Path("var")
-    window_events: int = 50  # per-user history bound by count ...
-    window_ttl_s: int = 7 * 24 * 3600  # ... and by age, relative to the user's newest event
-    activity_window_s: int = 3600  # tumbling window of the per-user activity counts
+    data_dir: Path = Field(Path("var"), description="RocksDB tables, broker data and logs")
+    window_events: int = Field(50, description="per-user history: at most this many events ...")
+    window_ttl_s: int = Field(7 * 24 * 3600, description="... no older than this before the user's newest event")
+    activity_window_s: int = Field(3600, description="tumbling window of the per-user activity counts (event time)")
     # --- validation ----------------------------------------------------------------------------
-    max_event_bytes: int = 16_384
-    max_future_skew_s: int = 300  # events stamped further ahead of the worker clock are rejected
-    max_event_age_s: int = 0  # 0 = accept any past timestamp (replays of old logs)
+    max_event_bytes: int = Field(16_384, description="larger messages are dead-lettered (`too_large`)")
+    max_future_skew_s: int = Field(300, description="events stamped further in the future are dead-lettered "
+                                                    "(`clock_skew`)")
+    max_event_age_s: int = Field(0, description="if > 0, older events are dead-lettered (0 accepts replays of "
+                                                "old logs)")
     # --- prediction ----------------------------------------------------------------------------
-    top_k: int = 10
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    checkpoint: Path | None = None
-    # at start, apply the newest ``model-updates`` record (the fleet's current version) over ``checkpoint``
-    model_updates_catch_up: bool = True
-    max_batch: int = 256
-    max_wait_ms: float = 5.0
-    predict_queue: int = 4096
-    serve_threads: int = 0  # intra-op threads for CPU inference; 0 = cores - 1 (the event loop keeps one)
-    serve_compile: bool = False  # torch.compile the model (CUDA nodes)
-    # catalogue scan precision before the exact rescoring of the best k + 32 (models.serving):
-    # auto = bf16 on CUDA, and on CPUs with AVX512-BF16/AMX for fp32 item tables > 8 MiB; else float32
-    serve_score_dtype: Literal["auto", "float32", "bfloat16"] = "auto"
-    # run the Transformer in a child process (stream_app.remote): inference outside the worker's GIL
-    serve_process: bool = True
-    # GIL switch interval of the worker process (Python's default is 5 ms): the inference thread
-    # releases the GIL around every torch op and must win it back from a busy event loop each time
-    gil_switch_interval_ms: float = 5.0
-    kv_cache_users: int = 100_000  # per-user attention key/value cache: at most this many users ...
-    kv_cache_mb: int = 1024  # ... and this many MiB
-    kv_overflow: Literal["exact", "evict"] = "exact"  # at max_len: rebuild (exact) or drop oldest token
-    kv_refresh_every: int = 16  # with "evict": rebuild after this many dropped tokens
+    top_k: int = Field(10, description="items per prediction")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="`auto`, `cpu` or `cuda` for the model")
+    checkpoint: Path | None = Field(None, description="model checkpoint folder; unset or bad → the baseline "
+                                                      "predictor, with a warning")
+    model_updates_catch_up: bool = Field(True, description="at start, apply the newest `model-updates` record (the "
+                                         "fleet's current version) over `CHECKPOINT`")
+    max_batch: int = Field(256, description="dynamic micro-batching: flush at this many requests ...")
+    max_wait_ms: float = Field(5.0, description="... or after this wait")
+    predict_queue: int = Field(4096, description="bound of the prediction queue (backpressure beyond it)")
+    serve_threads: int = Field(0, description="CPU intra-op threads for inference (0 = cores − 1; the event loop "
+                                              "keeps a core)")
+    serve_compile: bool = Field(False, description="`torch.compile` the model (GPU nodes)")
+    serve_score_dtype: Literal["auto", "float32", "bfloat16"] = Field(
+        "auto", description="catalogue scan precision: `bfloat16` scans in bf16 and rescores the best K + 32 "
+                            "exactly in fp32; `auto` = bf16 on CUDA and on CPUs with AVX512-BF16/AMX for tables "
+                            "> 8 MiB, else `float32` (docs/serving.md)")
+    serve_process: bool = Field(True, description="run the Transformer in a child inference process, outside the "
+                                                  "worker's GIL (docs/serving.md, the inference process)")
+    gil_switch_interval_ms: float = Field(5.0, description="the worker's GIL switch interval (Python's default; "
+                                          "measured: docs/serving.md, the inference process)")
+    kv_cache_users: int = Field(100_000, description="per-user attention key/value cache: at most this many users "
+                                                     "...")
+    kv_cache_mb: int = Field(1024, description="... and this many MiB (LRU)")
+    kv_overflow: Literal["exact", "evict"] = Field("exact", description="at a full window: rebuild (`exact`) or drop "
+                                                                        "the oldest token (`evict`)")
+    kv_refresh_every: int = Field(16, description="with `evict`: re-prefill after this many dropped tokens")
     # --- operations ----------------------------------------------------------------------------
-    web_bind: str = "127.0.0.1"
-    web_port: int = 6066
-    log_level: str = "info"
+    web_bind: str = Field("127.0.0.1", description="the worker's web server (`/metrics`): address ...")
+    web_port: int = Field(6066, description="... and port")
+    log_level: str = Field("info", description="the worker's log level")
 
     @field_validator("partitions", "window_events", "window_ttl_s", "activity_window_s", "max_event_bytes",
                      "top_k", "max_batch", "predict_queue", "kafka_port", "kafka_controller_port",
@@ -158,3 +161,26 @@ SettingsType = _Settings
 def get_settings() -> _Settings:
     """The process-wide settings, read from the environment once."""
     return Settings()
+
+
+def _default_text(value: object) -> str:
+    """A default as the table shows it, the same on every machine (``~/.cache/nextaction/...``)."""
+    if value is None:
+        return "unset"
+    if isinstance(value, bool):
+        text = str(value).lower()
+    elif isinstance(value, Path) and value.is_relative_to(CACHE_ROOT):
+        text = (Path("~/.cache/nextaction") / value.relative_to(CACHE_ROOT)).as_posix()
+    else:
+        text = str(value)
+    return f"`{text}`"
+
+
+def settings_table() -> str:
+    """The settings as a markdown table (env name without the prefix, default, meaning): README.md's,
+    between ``<!-- BEGIN settings -->`` and ``<!-- END settings -->`` (``nextaction settings --write-readme``)."""
+    rows = ["| setting | default | meaning |", "|---|---|---|"]
+    for name, info in _Settings.model_fields.items():
+        meaning = (info.description or "").replace("|", "\\|")
+        rows.append(f"| `{name.upper()}` | {_default_text(info.default)} | {meaning} |")
+    return "\n".join(rows) + "\n"

@@ -24,31 +24,15 @@ from pathlib import Path
 
 import pytest
 
+from stream_app.ports import free_port, port_free
 from stream_app.settings import Settings, SettingsType
 
 TEST_KAFKA_PORT = 19092
 TEST_CONTROLLER_PORT = 19093
 
 
-def _free(port: int) -> bool:
-    with socket.socket() as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that is free right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _broker_ports() -> tuple[int, int]:
-    if _free(TEST_KAFKA_PORT) and _free(TEST_CONTROLLER_PORT):
+    if port_free("127.0.0.1", TEST_KAFKA_PORT) and port_free("127.0.0.1", TEST_CONTROLLER_PORT):
         return TEST_KAFKA_PORT, TEST_CONTROLLER_PORT
     # Another test session (a colleague in the same checkout) holds them: take two free ports.
     with socket.socket() as a, socket.socket() as b:

@@ -12,7 +12,8 @@
 ``games``          Amazon Video Games (SASRec ``user item`` rows), no time.
 ``yoochoose``      YOOCHOOSE 100k clicks, sessions as users. Opt ``split``: ``all`` (default:
                    train_full + test), ``train_full``, ``test``, ``train_tr``, ``train_valid``.
-``synthetic``      :func:`~models.datasets.synthetic.synthetic` (opts passed through).
+``synthetic``      :func:`~models.datasets.synthetic.synthetic` (opts passed through); options
+                   also in the name: ``synthetic:n_items=500,seed=3`` (integers).
 ``csv:PATH``       :func:`~models.datasets.generic.load_csv` (opts: ``columns``, ``delimiter``,
                    ``header``, ``time_unit``, ``action_map``, ``lenient`` ...).
 ``parquet:PATH``   needs pyarrow (not installed: a clear :class:`DatasetError`).
@@ -23,6 +24,7 @@ Datasets without time get ``ts = index * 60 s`` per user and ``has_time=False``.
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 
 import numpy as np
@@ -62,7 +64,12 @@ def load(name: str, root: Path | str | None = None, **opts) -> Dataset:
         return load_parquet(name[8:], **opts)
     if name.startswith("seq:"):
         return load_sequence_lines(name[4:], **opts)
-    if name == "synthetic":
+    if name == "synthetic" or name.startswith("synthetic:"):
+        opts = _name_options(name) | opts
+        unknown = sorted(set(opts) - set(inspect.signature(synthetic).parameters))
+        if unknown:
+            raise DatasetError(f"synthetic: unknown options {unknown}; known: "
+                               f"{', '.join(inspect.signature(synthetic).parameters)}")
         return synthetic(**opts)
     r = datasets_root(root)
     if name in ("ml-100k", "movielens-100k", "ml100k"):
@@ -113,6 +120,25 @@ def load(name: str, root: Path | str | None = None, **opts) -> Dataset:
             items += [i for i in d.items if i not in seen and not seen.add(i)]
         return Dataset("yoochoose", seqs, items, True, False, {"split": split, "files": [d.meta for d in dss]})
     raise DatasetError(f"unknown dataset {name!r}; expected one of {NAMES} or csv:PATH / parquet:PATH")
+
+
+def _name_options(name: str) -> dict[str, int]:
+    """Integer options given in a dataset name, ``synthetic:n_items=500,seed=3``.
+
+    >>> _name_options("synthetic:n_items=500, seed=3"), _name_options("synthetic")
+    ({'n_items': 500, 'seed': 3}, {})
+    """
+    _, _, spec = name.partition(":")
+    opts: dict[str, int] = {}
+    for pair in filter(None, (p.strip() for p in spec.split(","))):
+        key, sep, value = (x.strip() for x in pair.partition("="))
+        try:
+            opts[key] = int(value)
+        except ValueError:
+            raise DatasetError(f"{name!r}: {pair!r} is not KEY=INTEGER") from None
+        if not sep or not key.isidentifier():
+            raise DatasetError(f"{name!r}: {pair!r} is not KEY=INTEGER")
+    return opts
 
 
 def load_split(name: str, root: Path | str | None = None) -> tuple[Dataset, Split]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 import sys
 import types
 
@@ -11,6 +10,9 @@ import typer
 from typer.testing import CliRunner
 
 from stream_app import cli
+from stream_app.cli import demo as cli_demo
+from stream_app.cli import stream as cli_stream
+from stream_app.ports import free_port
 from stream_app.settings import Settings, get_settings
 
 runner = CliRunner()
@@ -29,9 +31,7 @@ def clean_settings(monkeypatch, tmp_path):
 
 def _dead_port() -> int:
     """A port nothing listens on (bound here and closed again)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    return free_port()
 
 
 def _invoke(*args: str, env: dict[str, str] | None = None):
@@ -44,8 +44,9 @@ def fake_replay(monkeypatch):
     calls: dict = {}
     mod = types.ModuleType("stream_app.replay")
 
-    def synthetic(n_events, n_users, seed):
+    def synthetic(n_events, n_users, seed, n_items=None):
         calls["synthetic"] = (n_events, n_users, seed)
+        calls["n_items"] = n_items
         return iter([{"user_id": f"u{i}", "item_id": "i", "action": "view", "ts": 1_700_000_000_000 + i}
                      for i in range(n_events)])
 
@@ -74,7 +75,7 @@ def fake_replay(monkeypatch):
 # --- mapping ---------------------------------------------------------------------------------- #
 
 def test_parse_mapping_accepts_commas_and_repeats():
-    got = cli.parse_mapping(["user_id=visitorid, item_id=itemid", "action=event", "ts=timestamp,price=p"])
+    got = cli_stream.parse_mapping(["user_id=visitorid, item_id=itemid", "action=event", "ts=timestamp,price=p"])
     assert got == {"user_id": "visitorid", "item_id": "itemid", "action": "event", "ts": "timestamp", "price": "p"}
 
 
@@ -87,7 +88,7 @@ def test_parse_mapping_accepts_commas_and_repeats():
 ])
 def test_parse_mapping_names_the_bad_value(value, message):
     with pytest.raises(typer.BadParameter, match=message.replace("(", r"\(").replace(")", r"\)")):
-        cli.parse_mapping([value])
+        cli_stream.parse_mapping([value])
 
 
 # --- replay ----------------------------------------------------------------------------------- #
@@ -96,10 +97,15 @@ def test_replay_synthetic_passes_options(fake_replay):
     res = _invoke("replay", "synthetic", "--events", "7", "--users", "3", "--seed", "5", "--rate", "250",
                   "--no-progress")
     assert res.exit_code == 0, res.output
-    assert fake_replay["synthetic"] == (7, 3, 5)
+    assert fake_replay["synthetic"] == (7, 3, 5) and fake_replay["n_items"] is None  # the generator's default
     topic, rate, progress, events = fake_replay["produce"]
     assert (topic, rate, progress, len(events)) == ("events", 250.0, False, 7)
     assert "sent 7 events to events" in res.output
+
+
+def test_replay_synthetic_items_sets_the_catalogue(fake_replay):
+    assert _invoke("replay", "synthetic", "-n", "2", "--items", "60").exit_code == 0
+    assert fake_replay["n_items"] == 60
 
 
 def test_replay_default_rate_is_as_fast_as_possible(fake_replay):
@@ -143,6 +149,7 @@ def test_replay_csv_default_ts_unit_is_ms(fake_replay, tmp_path):
     (["tail", "predictions", "--timeout", "-1"], "--timeout must be > 0, got -1.0"),
     (["kafka", "start", "--timeout", "0"], "--timeout must be > 0, got 0.0"),
     (["demo", "--rate", "-3"], "--rate must be > 0, got -3.0"),
+    (["demo", "--items", "0"], "--items must be > 0, got 0"),
 ])
 def test_bad_option_values_are_named(args, message):
     res = _invoke(*args)
@@ -203,7 +210,7 @@ def test_same_kafka_and_controller_port_is_rejected():
 
 def test_worker_execs_faust_with_web_settings(monkeypatch):
     seen = {}
-    monkeypatch.setattr(cli.os, "execv", lambda path, argv: seen.update(path=path, argv=argv))
+    monkeypatch.setattr(cli_stream.os, "execv", lambda path, argv: seen.update(path=path, argv=argv))
     res = _invoke("worker", "--without-web", env={"NEXTACTION_WEB_PORT": "7000"})
     assert res.exit_code == 0, res.output
     assert seen["argv"][1:] == ["-m", "faust", "-A", "stream_app.app:app", "worker", "-l", "info", "--web-bind", "127.0.0.1",
@@ -211,29 +218,7 @@ def test_worker_execs_faust_with_web_settings(monkeypatch):
     assert seen["path"] == sys.executable
 
 
-def test_train_without_models_cli_is_a_clear_error(monkeypatch):
-    monkeypatch.setitem(sys.modules, "models.cli", None)  # import fails as if the file were absent
-    res = _invoke("train", "--epochs", "1")
-    assert res.exit_code == 1
-    assert "models/cli.py is not in this checkout" in _flat(res.output)
-
-
-def test_broken_models_cli_shows_the_error(monkeypatch):
-    class Broken:
-        def find_spec(self, name, path=None, target=None):
-            if name == "models.cli":
-                raise SyntaxError("invalid syntax (cli.py, line 3)")
-            return None
-
-    monkeypatch.delitem(sys.modules, "models.cli", raising=False)
-    monkeypatch.setattr(sys, "meta_path", [Broken(), *sys.meta_path])
-    res = _invoke("evaluate")
-    assert res.exit_code == 1
-    assert "models/cli.py failed to import (SyntaxError: invalid syntax (cli.py, line 3))" in _flat(res.output)
-    assert "Traceback" in res.output
-
-
-def test_train_and_evaluate_run_the_real_models_cli(tmp_path):
+def test_train_and_evaluate_run_the_real_commands(tmp_path):
     out = tmp_path / "ckpt"
     res = _invoke("train", "--dataset", "synthetic", "--out", str(out), "--epochs", "1", "--budget-min", "0.2",
                   "--threads", "1")
@@ -243,12 +228,27 @@ def test_train_and_evaluate_run_the_real_models_cli(tmp_path):
     assert res.exit_code == 0 and "nextaction evaluate" in res.output
 
 
-def test_train_help_and_bad_values_come_from_models_cli(tmp_path):
+def test_train_help_and_bad_values(tmp_path):
     res = _invoke("train", "--help")
     assert res.exit_code == 0 and "Checkpoint directory" in _flat(res.output) and "nextaction train" in res.output
     res = _invoke("train", "--dataset", "synthetic", "--out", str(tmp_path / "x"), "--epochs", "lots")
     assert res.exit_code == 2 and "'--epochs'" in _flat(res.output)
     assert not (tmp_path / "x").exists()
+
+
+def test_train_errors_are_one_line_and_help_needs_no_torch(tmp_path):
+    res = _invoke("train", "--dataset", "synthetic:n_items=many", "--out", str(tmp_path / "x"))
+    assert res.exit_code == 1 and "'n_items=many' is not KEY=INTEGER" in _flat(res.output)
+    assert "Traceback" not in res.output
+    import subprocess
+
+    code = ("import sys; from stream_app.cli import app\n"
+            "try: app(['train', '--help'])\n"
+            "except SystemExit: pass\n"
+            "assert 'torch' not in sys.modules, 'torch imported'")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert "--budget-min" in done.stdout
 
 
 def test_replay_csv_through_the_real_csv_reader(monkeypatch, tmp_path):
@@ -272,15 +272,20 @@ def test_replay_csv_through_the_real_csv_reader(monkeypatch, tmp_path):
         ("v1", "i1", "view", 1_700_000_000_000), ("v1", "i2", "cart", 1_700_000_060_000)]
 
 
-def test_demo_training_is_skipped_with_a_note_without_models_cli(monkeypatch):
-    monkeypatch.setitem(sys.modules, "models.cli", None)
-    assert cli._demo_train(get_settings()) is None
-
-
 def test_demo_trains_a_real_model_on_synthetic_data(monkeypatch, tmp_path):
     from models.checkpoint import load_checkpoint
 
     monkeypatch.setenv("NEXTACTION_DATA_DIR", str(tmp_path / "var"))
-    out = cli._demo_train(Settings(), budget_min=0.1)
+    out = cli_demo.train_model(Settings(), n_items=60, seed=7, budget_min=0.1)
     assert out == tmp_path / "var" / "demo" / "model"
-    assert load_checkpoint(out).version  # a real, hash-verified checkpoint
+    ck = load_checkpoint(out)  # a real, hash-verified checkpoint ...
+    assert ck.version and ck.metadata["dataset"] == "synthetic"
+    assert ck.vocab.items == [f"i{k}" for k in range(60)]  # ... over the streamed catalogue
+
+
+def test_demo_training_failure_falls_back_to_the_baseline(monkeypatch, tmp_path):
+    def fail(**kwargs):
+        raise typer.Exit(1)
+
+    monkeypatch.setattr(cli_demo.offline, "train", fail)
+    assert cli_demo.train_model(Settings(data_dir=tmp_path), n_items=60, seed=7) is None

@@ -127,6 +127,16 @@ def test_synthetic_is_realistic():
     assert top[0][1] > 10 * statistics.median(c for _, c in top)  # Zipf-like popularity
 
 
+def test_synthetic_streams_the_dataset_generator_over_n_items():
+    """The replay is models.datasets.synthetic's events (what `nextaction train --dataset synthetic`
+    learns from), over an explicit catalogue shared by every seed."""
+    from models.datasets.synthetic import events
+
+    assert list(synthetic(500, 20, seed=4, n_items=60)) == list(events(500, 20, seed=4, n_items=60))
+    for seed in (1, 2):
+        assert {e["item_id"] for e in synthetic(3000, 50, seed=seed, n_items=60)} <= {f"i{k}" for k in range(60)}
+
+
 def test_synthetic_bad_fraction_produces_each_rejection_kind():
     evs = list(synthetic(4000, 50, seed=5, bad_fraction=0.05))
     reasons = Counter()

@@ -1,13 +1,16 @@
-"""``nextaction train`` and ``nextaction evaluate``: typer-annotated functions that the stream CLI
-registers (``stream_app/cli.py``). torch is imported lazily inside them, so ``nextaction --help``
-stays fast.
+"""The offline model commands: ``train``, ``evaluate`` and ``fit-transitions``. torch and the
+dataset loaders are imported inside them, so ``nextaction --help`` (and ``train --help``) stay fast.
 
 Examples::
 
     nextaction train --dataset beauty --out runs/beauty --budget-min 10
     nextaction train --dataset csv:events.csv --out runs/mine --device cuda --epochs 50
+    nextaction train --dataset synthetic:n_items=500,seed=3 --out runs/syn --budget-min 1
     nextaction evaluate --checkpoint runs/beauty --dataset beauty --mask-history
     nextaction fit-transitions --dataset beauty --checkpoint runs/beauty
+
+>>> sorted(c.name or c.callback.__name__ for c in app.registered_commands)
+['evaluate', 'fit_transitions', 'train']
 """
 
 from __future__ import annotations
@@ -18,10 +21,15 @@ from typing import Annotated, Optional
 
 import typer
 
+from stream_app.cli.common import errors
 
+app = typer.Typer()
+
+
+@app.command()
 def train(
     dataset: Annotated[str, typer.Option(help="beauty | games | ml-100k | taobao | taobao-slice | yoochoose | "
-                                              "synthetic | csv:PATH | seq:PATH")],
+                                              "synthetic[:n_items=N,seed=S,...] | csv:PATH | seq:PATH")],
     out: Annotated[Path, typer.Option(help="Checkpoint directory (written atomically).")],
     device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
     epochs: Annotated[int, typer.Option(help="Maximum epochs (early stopping usually ends sooner).")] = 200,
@@ -61,29 +69,28 @@ def train(
     """Train the next-action Transformer on a dataset; checkpoint the best validation epoch."""
     from rich.console import Console
 
-    from models.config import FEATURES, ModelConfig, TrainConfig
-    from models.datasets import load_split
-    from models.train import train as run_train
+    with errors():
+        from models.checkpoint import load_checkpoint
+        from models.config import FEATURES, ModelConfig, TrainConfig
+        from models.datasets import load_split
+        from models.train import train as run_train
 
-    console = Console(stderr=True)
-    if config is not None:
-        mcfg = ModelConfig.from_json(config.read_text())
-    else:
-        feats = tuple(f.strip() for f in features.split(",") if f.strip()) if features else FEATURES
-        mcfg = ModelConfig(d_model=d_model, n_layers=layers, n_heads=heads, max_len=max_len, dropout=dropout,
-                           backbone=backbone, objective=objective, features=feats, repeat_head=repeat_head,
-                           n_negatives=negatives, transition_top=transitions)
-    tcfg = TrainConfig(lr=lr, warmup_steps=warmup_steps, weight_decay=weight_decay, epochs=epochs,
-                       batch_size=batch_size, patience=patience, seed=seed, device=device, budget_min=budget_min,
-                       num_threads=threads, eval_protocol=eval_protocol, max_eval_users=max_eval_users,
-                       window_stride=window_stride,
-                       progress=progress)
-    ds, split = load_split(dataset)  # yoochoose: the session-rec split, else leave-one-out
-    console.print(f"[bold]{ds.name}[/]: {ds.summary()}")
-    path, history = run_train(ds, mcfg, tcfg, out, split=split)
-    from models.checkpoint import load_checkpoint
-
-    ck = load_checkpoint(path)
+        console = Console(stderr=True)
+        if config is not None:
+            mcfg = ModelConfig.from_json(config.read_text())
+        else:
+            feats = tuple(f.strip() for f in features.split(",") if f.strip()) if features else FEATURES
+            mcfg = ModelConfig(d_model=d_model, n_layers=layers, n_heads=heads, max_len=max_len, dropout=dropout,
+                               backbone=backbone, objective=objective, features=feats, repeat_head=repeat_head,
+                               n_negatives=negatives, transition_top=transitions)
+        tcfg = TrainConfig(lr=lr, warmup_steps=warmup_steps, weight_decay=weight_decay, epochs=epochs,
+                           batch_size=batch_size, patience=patience, seed=seed, device=device, budget_min=budget_min,
+                           num_threads=threads, eval_protocol=eval_protocol, max_eval_users=max_eval_users,
+                           window_stride=window_stride, progress=progress)
+        ds, split = load_split(dataset)  # yoochoose: the session-rec split, else leave-one-out
+        console.print(f"[bold]{ds.name}[/]: {ds.summary()}")
+        path, _ = run_train(ds, mcfg, tcfg, out, split=split)
+        ck = load_checkpoint(path)
     meta = ck.metadata
     console.print(f"[green]checkpoint[/] {path} version {ck.version} (best epoch {meta.get('best_epoch')}, "
                   f"{meta.get('train_seconds')} s)")
@@ -93,6 +100,7 @@ def train(
                       f"HR@10 {t.get('HR@10', float('nan')):.4f}")
 
 
+@app.command()
 def evaluate(
     dataset: Annotated[str, typer.Option(help="Dataset name (as for train).")],
     checkpoint: Annotated[Optional[Path], typer.Option(help="Checkpoint directory to evaluate.")] = None,
@@ -105,16 +113,18 @@ def evaluate(
     json_out: Annotated[Optional[Path], typer.Option(help="Also write the results as JSON here.")] = None,
 ) -> None:
     """Evaluate a checkpoint and baselines with the leave-one-out full-ranking protocol."""
-    from models.evaluate import format_table, run_evaluate
+    with errors():
+        from models.evaluate import format_table, run_evaluate
 
-    names = [b.strip() for b in baselines.split(",") if b.strip()]
-    res = run_evaluate(dataset, checkpoint, names, protocol, mask_history, split=split, max_cases=max_cases,
-                       progress=True)
+        names = [b.strip() for b in baselines.split(",") if b.strip()]
+        res = run_evaluate(dataset, checkpoint, names, protocol, mask_history, split=split, max_cases=max_cases,
+                           progress=True)
     typer.echo(format_table(res))
     if json_out is not None:
         json_out.write_text(json.dumps(res, indent=2, default=str))
 
 
+@app.command()
 def fit_transitions(
     dataset: Annotated[str, typer.Option(help="Dataset name (as for train).")],
     checkpoint: Annotated[Path, typer.Option(help="Checkpoint directory (updated in place, atomically).")],
@@ -122,10 +132,11 @@ def fit_transitions(
 ) -> None:
     """Count a trained checkpoint's item-transition table on the dataset and fit its weight on the
     validation cases its training used (models/transitions.py), then save it in place."""
-    from models.devices import resolve_device
-    from models.datasets import load_split
-    from models.train import refit_transitions
+    with errors():
+        from models.datasets import load_split
+        from models.devices import resolve_device
+        from models.train import refit_transitions
 
-    ds, split = load_split(dataset)
-    res = refit_transitions(ds, checkpoint, split=split, device=resolve_device(device))
+        ds, split = load_split(dataset)
+        res = refit_transitions(ds, checkpoint, split=split, device=resolve_device(device))
     typer.echo(json.dumps({k: v for k, v in res.items() if k != "tried"}))

@@ -1,0 +1,47 @@
+"""The ``nextaction`` command line: one module per command group, registered here.
+
+=====================================================  =====================================================
+``nextaction kafka start|stop|status|logs|install``    the embedded broker (:mod:`stream_app.cli.kafka`)
+``nextaction worker``, ``replay taobao|csv|synthetic``, the stream (:mod:`stream_app.cli.stream`)
+``tail TOPIC``, ``deploy CHECKPOINT``
+``nextaction train|evaluate|fit-transitions``          offline model commands (:mod:`stream_app.cli.offline`)
+``nextaction settings``                                the settings table (:mod:`stream_app.cli.settings`)
+``nextaction demo``                                    broker, model, worker, replay, predictions
+                                                       (:mod:`stream_app.cli.demo`)
+=====================================================  =====================================================
+
+Settings come from ``NEXTACTION_*`` environment variables (:mod:`stream_app.settings`). Heavy
+imports (Faust, torch, Kafka clients, the replay sources) happen inside the commands that need them.
+
+>>> sorted(c.name for c in typer.main.get_command(app).commands.values())[:6]
+['demo', 'deploy', 'evaluate', 'fit-transitions', 'kafka', 'replay']
+"""
+
+from __future__ import annotations
+
+import typer
+
+from stream_app.cli import demo, kafka, offline, settings, stream
+from stream_app.cli.stream import send_one, worker_argv
+
+__all__ = ["app", "main", "worker_argv", "send_one"]
+
+app = typer.Typer(name="nextaction", no_args_is_help=True, add_completion=False, rich_markup_mode="rich",
+                  pretty_exceptions_show_locals=False,
+                  help="Streaming next-action prediction on Kafka (Faust + RocksDB + a Transformer).")
+app.add_typer(kafka.app, name="kafka")
+app.add_typer(stream.app)
+app.add_typer(offline.app)
+app.add_typer(settings.app)
+app.add_typer(demo.app)
+
+_send_one = send_one  # the name tests/integration/test_pipeline.py imports
+
+
+def main() -> None:
+    """Console-script entry point (``nextaction``)."""
+    app()
+
+
+if __name__ == "__main__":
+    main()
