@@ -1,28 +1,22 @@
-"""Shared helpers of the predictor benchmarks (predictor_throughput.py, cost_scaling.py).
+"""Helpers of the predictor benchmarks (predictor_throughput.py, cost_scaling.py, serve_replay.py).
 
 * a random-init :class:`~models.model.NextActionModel` of a given size + synthetic histories;
-* a timer that repeats a callable until a time budget (with a device sync);
-* the machine description and the ``benchmarks/RESULTS.md`` section writer, which replaces only the
-  text between ``<!-- BEGIN name -->`` and ``<!-- END name -->`` so other sections survive.
+* a timer that repeats a callable until a time budget (with a device sync), and :func:`once`;
+* the median.
+
+The machine line, the command line and the ``RESULTS.md`` section writer are in :mod:`benchmarks.common`.
 """
 
 from __future__ import annotations
 
-import os
-import platform
-import shlex
 import statistics
-import subprocess
-import sys
 import time
-from pathlib import Path
-from typing import Callable
+from functools import partial
+from typing import Any, Callable
 
 import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-RESULTS = ROOT / "benchmarks" / "RESULTS.md"
 T0 = 1_700_000_000_000
 
 
@@ -75,55 +69,10 @@ def timed(fn: Callable[[], object], device: torch.device, *, min_time: float, ma
     return times
 
 
+def once(device: torch.device, fn: Callable[..., object], *args: Any, **kwargs: Any) -> list[float]:
+    """``[seconds]`` of one call ``fn(*args, **kwargs)`` (arguments bound now, not when called)."""
+    return timed(partial(fn, *args, **kwargs), device, min_time=0, max_reps=1)
+
+
 def med(xs: list[float]) -> float:
     return statistics.median(xs)
-
-
-def machine(device: torch.device) -> str:
-    """One line: CPU model and cores (lscpu), memory, load average, torch threads, GPU if any."""
-    cpu = platform.processor() or "?"
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=5).stdout
-        for line in out.splitlines():
-            if line.startswith("Model name:"):
-                cpu = line.split(":", 1)[1].strip()
-    except (OSError, subprocess.SubprocessError):
-        pass
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    try:
-        mem_gb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2 ** 30
-    except (ValueError, OSError):
-        mem_gb = float("nan")
-    load = "/".join(f"{x:.1f}" for x in os.getloadavg())
-    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "none"
-    return (f"CPU `{cpu}`, {cores} cores available, {mem_gb:.0f} GiB RAM, load average {load} (1/5/15 min), "
-            f"torch {torch.__version__} with {torch.get_num_threads()} intra-op threads; GPU: {gpu}")
-
-
-def command_line() -> str:
-    return " ".join(shlex.quote(a) for a in [".venv/bin/python", os.path.relpath(sys.argv[0], ROOT), *sys.argv[1:]])
-
-
-def publish(section: str, text: str, *, write: bool) -> None:
-    """Print a results section and, if ``write``, put it into RESULTS.md."""
-    print(text)
-    if write:
-        write_section(section, text)
-        print(f"wrote section {section!r} of {RESULTS}")
-
-
-def write_section(name: str, markdown: str, path: Path = RESULTS) -> None:
-    """Replace (or append) the ``name`` section of RESULTS.md, leaving every other section as it was."""
-    begin, end = f"<!-- BEGIN {name} -->", f"<!-- END {name} -->"
-    block = f"{begin}\n{markdown.rstrip()}\n{end}\n"
-    text = path.read_text() if path.exists() else "# Benchmark results\n\n"
-    if begin in text and end in text:
-        a, b = text.index(begin), text.index(end) + len(end)
-        if b < len(text) and text[b] == "\n":
-            b += 1
-        text = text[:a] + block + text[b:]
-    else:
-        text = text.rstrip("\n") + "\n\n" + block
-    tmp = path.with_suffix(f".md.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)

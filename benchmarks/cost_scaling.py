@@ -1,5 +1,5 @@
-"""How the predictor's cost grows with the catalogue (10k / 100k / 1M items) and the sequence
-length (50 / 200 events), at a fixed batch size.
+"""How does the predictor's cost grow with the catalogue (10k / 100k / 1M items) and the sequence
+length (50 / 200 events), at a fixed batch size?
 
 For each cell: :meth:`TransformerPredictor.predict` with full recomputation (every window encoded),
 and incremental inference (KV cache, ``exact`` mode, windows half full so every event is one
@@ -21,11 +21,12 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import _serving_bench as sb  # noqa: E402
+if str(Path(__file__).resolve().parents[1]) not in sys.path:  # run as `python benchmarks/cost_scaling.py`
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from models.devices import resolve_device  # noqa: E402
-from models.devices import default_cpu_threads
+from benchmarks import _serving_bench as sb  # noqa: E402
+from benchmarks.common import command_line, machine, publish  # noqa: E402
+from models.devices import default_cpu_threads, resolve_device  # noqa: E402
 from models.serving import TransformerPredictor  # noqa: E402
 
 SECTION = "predictor-cost-scaling"
@@ -64,10 +65,10 @@ def main(argv: list[str] | None = None) -> None:
                 p.predict([h[:base - 1] for h in hs], args.k, users=users)  # fill the cache (untimed)
             t_full, t_incr, t_incr32 = [], [], []
             for r in range(args.reps):
-                t_full += sb.timed(lambda: full.predict(hs, args.k), dev, min_time=0, max_reps=1)
+                t_full += sb.once(dev, full.predict, hs, args.k)
                 grow = [h[:base + r] for h in hs]
-                t_incr += sb.timed(lambda: incr.predict(grow, args.k, users=users), dev, min_time=0, max_reps=1)
-                t_incr32 += sb.timed(lambda: incr32.predict(grow, args.k, users=users), dev, min_time=0, max_reps=1)
+                t_incr += sb.once(dev, incr.predict, grow, args.k, users=users)
+                t_incr32 += sb.once(dev, incr32.predict, grow, args.k, users=users)
             assert incr.stats["steps"] == incr32.stats["steps"] == B * args.reps, incr.cache_info()
             f, i, i32 = sb.med(t_full), sb.med(t_incr), sb.med(t_incr32)
             mb = model.item_emb.weight.numel() * 4 / 2 ** 20
@@ -83,8 +84,8 @@ def main(argv: list[str] | None = None) -> None:
                 "`.venv/bin/python benchmarks/cost_scaling.py --device cuda --batch 1024`.\n")
     md = [f"## Predictor cost vs catalogue size and sequence length ({dev.type.upper()})", "",
           f"- date: {datetime.now(timezone.utc):%Y-%m-%d %H:%M UTC}; wall time {time.time() - t_start:.0f} s",
-          f"- machine: {sb.machine(dev)}",
-          f"- command: `{sb.command_line()}`",
+          f"- machine: {machine(dev)}",
+          f"- command: `{command_line()}`",
           f"- model: random init, d=64, 2 layers (llama), full-catalogue top-{args.k}; batch {B}; median of "
           f"{args.reps} batches; *full* = `predict` re-encoding every window, *incremental* = `predict` with the "
           "KV cache (`exact`, windows half full: one `step` token per event); *scan* = what `score_dtype='auto'` "
@@ -103,7 +104,7 @@ def main(argv: list[str] | None = None) -> None:
                "sequences the encoder dominates and incremental inference pays most. The bf16 scan with exact "
                "rescoring cuts the scoring where the item table is large (compare the fp32-scan column); "
                "below 8 MiB of fp32 table `auto` keeps the fp32 scan, which is as fast there."]
-    sb.publish(SECTION, "\n".join(md), write=not args.no_write)
+    publish(SECTION, "\n".join(md), write=not args.no_write)
 
 
 if __name__ == "__main__":

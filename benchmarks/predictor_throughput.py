@@ -28,13 +28,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import _serving_bench as sb  # noqa: E402
+if str(Path(__file__).resolve().parents[1]) not in sys.path:  # run as `python benchmarks/predictor_throughput.py`
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks import _serving_bench as sb  # noqa: E402
+from benchmarks.common import command_line, machine, publish  # noqa: E402
 from models.checkpoint import save_checkpoint  # noqa: E402
-from models.devices import resolve_device  # noqa: E402
+from models.devices import default_cpu_threads, resolve_device  # noqa: E402
 from models.encoding import collate, encode  # noqa: E402
-from models.devices import default_cpu_threads
 from models.serving import TransformerPredictor  # noqa: E402
 
 SECTION = "predictor-throughput"
@@ -108,8 +109,8 @@ def main(argv: list[str] | None = None) -> None:
         ours_t, bare_t = [], []
         t_end = time.perf_counter() + 2 * min_time
         while len(ours_t) < 2 or (time.perf_counter() < t_end and len(ours_t) < 200):
-            ours_t += sb.timed(lambda: full.predict(hs, args.k), dev, min_time=0, max_reps=1)
-            bare_t += sb.timed(bare, dev, min_time=0, max_reps=1)
+            ours_t += sb.once(dev, full.predict, hs, args.k)
+            bare_t += sb.once(dev, bare)
         o, b = sb.med(ours_t), sb.med(bare_t)
         rows.append((B, B / o, o * 1e3, B / b, b * 1e3, b / o, len(ours_t), sum(ours_t), sum(bare_t)))
         print(f"B={B:5d}  ours {B / o:10.0f} seq/s {o * 1e3:9.2f} ms   bare {B / b:10.0f} seq/s {b * 1e3:9.2f} ms"
@@ -130,10 +131,10 @@ def main(argv: list[str] | None = None) -> None:
     for r in range(R):
         grow = [h[:base + r] for h in long]  # window below max_len: exact stepping
         cap = [h[: L + 1 + r] for h in long]  # window full: every event pushes one out
-        t_full += sb.timed(lambda: full.predict(grow, args.k), dev, min_time=0, max_reps=1)
-        t_exact += sb.timed(lambda: exact.predict(grow, args.k, users=users), dev, min_time=0, max_reps=1)
-        t_full_cap += sb.timed(lambda: full.predict(cap, args.k), dev, min_time=0, max_reps=1)
-        t_evict += sb.timed(lambda: evict.predict(cap, args.k, users=users), dev, min_time=0, max_reps=1)
+        t_full += sb.once(dev, full.predict, grow, args.k)
+        t_exact += sb.once(dev, exact.predict, grow, args.k, users=users)
+        t_full_cap += sb.once(dev, full.predict, cap, args.k)
+        t_evict += sb.once(dev, evict.predict, cap, args.k, users=users)
     per = {n: 1e3 * float(np.mean(v)) / IB for n, v in
            (("full", t_full), ("exact", t_exact), ("full_cap", t_full_cap), ("evict", t_evict))}
     info_x, info_e = exact.cache_info(), evict.cache_info()
@@ -157,8 +158,8 @@ def main(argv: list[str] | None = None) -> None:
                 "    .venv/bin/python -m pytest -q tests/unit/test_serving.py   # includes the CPU/CUDA agreement test\n")
     md = [f"## Predictor throughput vs batch size ({'CUDA' if cuda else 'CPU only'})", "",
           f"- date: {datetime.now(timezone.utc):%Y-%m-%d %H:%M UTC}; wall time {time.time() - t_start:.0f} s",
-          f"- machine: {sb.machine(dev)}",
-          f"- command: `{sb.command_line()}`",
+          f"- machine: {machine(dev)}",
+          f"- command: `{command_line()}`",
           f"- model: random init, d={args.d_model}, {args.layers} layers (llama), sequence {args.seq}, catalogue "
           f"{args.catalog:,} items, full-catalogue top-{args.k} + action + gap heads; device `{full.device}`, "
           f"{'bf16 autocast' if cuda else 'fp32'}, catalogue scan "
@@ -191,7 +192,7 @@ def main(argv: list[str] | None = None) -> None:
            "The catalogue scoring (`[batch, catalogue] × d` matmul + top-K) is paid per event on both paths, so "
            "the end-to-end speed-up is bounded by its share; the encoder work itself drops from a whole window "
            "to one token."]
-    sb.publish(SECTION, "\n".join(md), write=not args.no_write)
+    publish(SECTION, "\n".join(md), write=not args.no_write)
     tmp.cleanup()
 
 

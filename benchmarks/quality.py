@@ -1,10 +1,10 @@
-"""Quality bars: baselines (and the Transformer, once it exists) on every dataset, same protocol.
+"""Quality bars: do our models beat the baselines on every dataset, under one protocol?
 
-Writes the section "## Quality" of ``benchmarks/RESULTS.md`` (other sections are left alone):
-one row per (dataset, protocol, metric) with the Transformer ("ours"), every baseline and the
-published figure for that protocol. When the checkpoint has an item-transition table
-(``models/transitions.py``), the column "ours w/o transitions" scores the same checkpoint without
-it; the row "NDCG@10 ours better/worse, sign test" compares ours case by case with every column.
+Question: on each dataset's test split, how does the Transformer ("ours") rank the next item next to
+every baseline and the published figure for that protocol? When the checkpoint has an
+item-transition table (``models/transitions.py``), the column "ours w/o transitions" scores the same
+checkpoint without it; the row "NDCG@10 ours better/worse, sign test" compares ours case by case
+with every column.
 
     .venv/bin/python -m benchmarks.quality                      # all datasets
     .venv/bin/python -m benchmarks.quality --datasets ml-100k taobao --max-cases 2000
@@ -12,24 +12,29 @@ it; the row "NDCG@10 ours better/worse, sign test" compares ours case by case wi
 Protocols: leave-one-out test split (yoochoose: session-rec next-click), ``full`` ranking with
 history items allowed and masked, and ``sampled100`` (SASRec paper) as an extra. Baselines are
 fitted on train + history (every event but the test targets; see ``models.datasets.fit_sequences``).
+
+Writes the ``quality`` section ("## Quality") of ``benchmarks/RESULTS.md`` (other sections are left
+alone; ``--no-write``/``--dry-run``: print only): one row per (dataset, protocol, metric).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
 
-from models.baselines import make_baseline
-from models.datasets import datasets_root, fit_sequences, load_split
-from models.evaluate import evaluate
-from models.metrics import paired_sign_test
+if str(Path(__file__).resolve().parents[1]) not in sys.path:  # run as `python benchmarks/quality.py`
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-HERE = Path(__file__).resolve().parent
-RESULTS = HERE / "RESULTS.md"
+from benchmarks.common import command_line, machine, publish  # noqa: E402
+from models.baselines import make_baseline  # noqa: E402
+from models.datasets import datasets_root, fit_sequences, load_split  # noqa: E402
+from models.evaluate import evaluate  # noqa: E402
+from models.metrics import paired_sign_test  # noqa: E402
+
+SECTION = "quality"
 
 DATASETS = ("beauty", "games", "ml-100k", "taobao", "yoochoose")
 ITEM_BASELINES = ("popularity", "recent_popularity", "recent_items", "markov", "item_knn")
@@ -213,8 +218,8 @@ def render(rows: list[dict], seconds: float) -> str:
            "file), full ranking over all items with history items allowed / masked, and 100 sampled "
            "negatives as an extra. Ties broken by popularity. Baselines fitted on train + history. "
            f"Produced by `benchmarks/quality.py` in {seconds:.0f} s.", "",
-           f"- date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; machine: {_machine()}",
-           f"- command: `.venv/bin/python -m benchmarks.quality {' '.join(sys.argv[1:])}`", "",
+           f"- date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; machine: {machine('cpu')}",
+           f"- command: `{command_line()}`", "",
            "| dataset | protocol | metric | cases | ours | " + " | ".join(cols) + " | published |",
            "|---|---|---|---:|---:|" + "---:|" * len(cols) + "---|"]
     for r in rows:
@@ -238,29 +243,6 @@ def render(rows: list[dict], seconds: float) -> str:
     return "\n".join(out)
 
 
-def _machine() -> str:
-    """CPU model, cores and load: timings here are only comparable within one run."""
-    model = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
-                  if ln.startswith("model name")), "unknown CPU") if Path("/proc/cpuinfo").exists() else "unknown CPU"
-    load = " / ".join(f"{x:.1f}" for x in os.getloadavg())
-    return f"{model}, {os.cpu_count()} cores, load average {load}; no GPU"
-
-
-def write_section(text: str, path: Path = RESULTS) -> None:
-    """Replace the ``## Quality`` section of RESULTS.md (or append it), keeping other sections."""
-    old = path.read_text() if path.exists() else "# Benchmark results\n"
-    lines = old.splitlines()
-    start = next((i for i, ln in enumerate(lines) if ln.strip() == "## Quality"), None)
-    if start is None:
-        new = old.rstrip("\n") + "\n\n" + text
-    else:
-        end = next((j for j in range(start + 1, len(lines)) if lines[j].startswith("## ")), len(lines))
-        new = "\n".join(lines[:start] + text.rstrip("\n").splitlines() + [""] + lines[end:])
-    tmp = path.with_suffix(".md.tmp")
-    tmp.write_text(new.rstrip("\n") + "\n")
-    tmp.replace(path)
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--datasets", nargs="*", default=list(DATASETS))
@@ -278,7 +260,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--gru", action="store_true",
                     help="add the GRU4Rec-style baseline (DIR/<dataset>.gru4rec; trained when missing with --train)")
     ap.add_argument("--gru-budget-min", type=float, default=5.0, help="its training budget per dataset (minutes)")
-    ap.add_argument("--dry-run", action="store_true", help="print the table, do not write RESULTS.md")
+    ap.add_argument("--no-write", "--dry-run", dest="no_write", action="store_true",
+                    help="print the table, do not write RESULTS.md")
     args = ap.parse_args(argv)
     if not datasets_root(args.root).is_dir():
         print(f"datasets not found at {datasets_root(args.root)}", file=sys.stderr)
@@ -287,10 +270,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for name in args.datasets:
         rows += run_dataset(name, args)
-    text = render(rows, time.perf_counter() - t0)
-    print(text)
-    if not args.dry_run:
-        write_section(text)
+    publish(SECTION, render(rows, time.perf_counter() - t0), write=not args.no_write)
     return 0
 
 

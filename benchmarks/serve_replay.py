@@ -1,4 +1,4 @@
-"""CPU cost of serving a real event stream through the predictor, without Kafka or Faust.
+"""How much CPU does the predictor spend per request serving a real event stream (no Kafka, no Faust)?
 
 Replays the first events of the Taobao time slice in stream order: each event extends its user's
 history exactly as the stream does (``stream_app.history.add_event``), and every ``--batch``
@@ -25,13 +25,12 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import _serving_bench as sb  # noqa: E402
+if str(Path(__file__).resolve().parents[1]) not in sys.path:  # run as `python benchmarks/serve_replay.py`
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from models.datasets.core import datasets_root  # noqa: E402
+from benchmarks.common import TAOBAO_SLICE, command_line, machine, publish  # noqa: E402
 
 SECTION = "serve-replay"
-TAOBAO_SLICE = datasets_root() / "taobao-userbehavior-timeslice" / "UserBehavior.csv"
 
 
 def stream_requests(path: Path, n: int, max_events: int) -> list[tuple[str, object]]:
@@ -96,8 +95,8 @@ def main(argv: list[str] | None = None) -> None:
     scan = "bf16 + exact fp32 rescoring" if preds["defaults"].score_dtype is not None else "fp32"
     md = ["## Serving a replayed stream, CPU per request (`benchmarks/serve_replay.py`)", "",
           f"- date: {datetime.now(timezone.utc):%Y-%m-%d %H:%M UTC}; wall time {time.time() - t_start:.0f} s",
-          f"- machine: {sb.machine(preds['defaults'].device)}",
-          f"- command: `{sb.command_line()}`",
+          f"- machine: {machine(preds['defaults'].device)}",
+          f"- command: `{command_line()}`",
           f"- checkpoint `{args.checkpoint}` (version {preds['defaults'].version}, {len(preds['defaults'].vocab):,} "
           f"vocabulary rows); the first {args.warm + args.events:,} events of `{Path(args.data).name}` in file "
           f"order, batches of {args.batch} consecutive events, top-{args.k}; {args.warm:,} events untimed per "
@@ -108,7 +107,7 @@ def main(argv: list[str] | None = None) -> None:
           "|---|---:|---:|"]
     md += [f"| {name}{' (' + scan + ', `llama_forward`)' if name == 'defaults' else ''} | {ms[name]:.3f} | "
            f"{ms[name] / ms['defaults']:.2f}× |" for name in preds]
-    sb.publish(SECTION, "\n".join(md), write=not args.no_write)
+    publish(SECTION, "\n".join(md), write=not args.no_write)
 
 
 if __name__ == "__main__":

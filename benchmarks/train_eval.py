@@ -1,11 +1,13 @@
 #!/usr/bin/env python
 """Train one configuration on one dataset, then evaluate its test split in every protocol.
 
-The driver behind the recipe and ablation tables in ``benchmarks/RESULTS.md`` ("Transformer
-training"): :func:`models.train.train` with the given overrides (1 CPU thread, no progress bars by
-default), then :func:`models.evaluate.evaluate` on the test cases — full ranking with history
-masked and allowed, and 100 sampled negatives (YOOCHOOSE: session-rec next click) — with seed 0,
-as the Quality table does. Prints one ``RESULT {json}`` line and appends it to ``--results``.
+Question: what does this training configuration reach on this dataset's test split? The driver
+behind the recipe and ablation tables in ``benchmarks/RESULTS.md`` ("Transformer training"):
+:func:`models.train.train` with the given overrides (1 CPU thread, no progress bars by default),
+then :func:`models.evaluate.evaluate` on the test cases — full ranking with history masked and
+allowed, and 100 sampled negatives (YOOCHOOSE: session-rec next click) — with seed 0, as the
+Quality table does. Writes the checkpoint to ``out``, prints one ``RESULT {json}`` line and appends
+it to ``--results`` (default ``runs/results.jsonl``); it does not touch RESULTS.md.
 
     .venv/bin/python benchmarks/train_eval.py taobao runs/tb_A \\
         --model-config '{"n_negatives": 2048, "dropout": 0.5, "action_loss_weight": 1.0}' \\
