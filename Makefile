@@ -14,7 +14,7 @@ venv:
 test: venv lint-imports
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-# The fast loop (no broker, no training, no inference process, no dataset): well under a minute.
+# The fast loop (no broker, no dataset, no child process, only tiny trainings): well under a minute.
 test-fast: venv lint-imports
 	$(PY) -m pytest -m "not integration and not slow and not datasets" $(PYTEST_ARGS)
 

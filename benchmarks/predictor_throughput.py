@@ -155,7 +155,7 @@ def main(argv: list[str] | None = None) -> None:
                 "(≥ 400k sequences/s on one H100 including host↔device copies) is **unmeasured**; run on a GPU "
                 "node:\n\n    .venv/bin/python benchmarks/predictor_throughput.py --device cuda\n"
                 "    .venv/bin/python benchmarks/predictor_throughput.py --device cuda --compile\n"
-                "    .venv/bin/python -m pytest -q tests/unit/test_serving.py   # includes the CPU/CUDA agreement test\n")
+                "    .venv/bin/python -m pytest -q tests/unit/models/test_serving.py   # includes the CPU/CUDA agreement test\n")
     md = [f"## Predictor throughput vs batch size ({'CUDA' if cuda else 'CPU only'})", "",
           f"- date: {datetime.now(timezone.utc):%Y-%m-%d %H:%M UTC}; wall time {time.time() - t_start:.0f} s",
           f"- machine: {machine(dev)}",

@@ -239,7 +239,7 @@ def render(rows: list[dict], seconds: float) -> str:
                        + (f"{t['valid']:.4f}" if isinstance(t["valid"], float) else "") + f" | {t['config']} |")
     out += ["", "Independent cross-check of the evaluator (full, history allowed; HR@10 / NDCG@10): "
             + "; ".join(f"{d} {b} {h:.4f}/{n:.4f}" for (d, b), (h, n) in CROSSCHECK.items())
-            + " — reproduced by `tests/unit/test_baselines_crosscheck.py`.", ""]
+            + " — reproduced by `tests/unit/models/test_baselines.py::test_crosscheck`.", ""]
     return "\n".join(out)
 
 

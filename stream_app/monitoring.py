@@ -4,9 +4,11 @@ The metrics live in one module-level registry (not prometheus-client's global de
 importing this module twice, or building several Faust apps in one test process, never
 registers a name twice.
 
->>> EVENTS_IN.inc()
->>> b"nextaction_events_in_total" in render()[0]
-True
+>>> def events_in() -> float:  # the counter as /metrics shows it
+...     line = next(l for l in render()[0].decode().splitlines() if l.startswith("nextaction_events_in_total"))
+...     return float(line.split()[-1])
+>>> before = events_in(); EVENTS_IN.inc(); events_in() - before
+1.0
 """
 
 from __future__ import annotations

@@ -26,6 +26,7 @@ from typing import Literal
 from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from models.config import DEVICES, OVERFLOW_MODES, SCORE_DTYPES
 from models.errors import ConfigError
 
 CACHE_ROOT = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "nextaction"
@@ -75,7 +76,7 @@ class _Settings(BaseSettings):
                                                 "old logs)")
     # --- prediction ----------------------------------------------------------------------------
     top_k: int = Field(10, description="items per prediction")
-    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="`auto`, `cpu` or `cuda` for the model")
+    device: Literal[DEVICES] = Field("auto", description="`auto`, `cpu` or `cuda` for the model")
     checkpoint: Path | None = Field(None, description="model checkpoint folder; unset or bad → the baseline "
                                                       "predictor, with a warning")
     model_updates_catch_up: bool = Field(True, description="at start, apply the newest `model-updates` record (the "
@@ -86,7 +87,7 @@ class _Settings(BaseSettings):
     serve_threads: int = Field(0, description="CPU intra-op threads for inference (0 = cores − 1; the event loop "
                                               "keeps a core)")
     serve_compile: bool = Field(False, description="`torch.compile` the model (GPU nodes)")
-    serve_score_dtype: Literal["auto", "float32", "bfloat16"] = Field(
+    serve_score_dtype: Literal[SCORE_DTYPES] = Field(
         "auto", description="catalogue scan precision: `bfloat16` scans in bf16 and rescores the best K + 32 "
                             "exactly in fp32; `auto` = bf16 on CUDA and on CPUs with AVX512-BF16/AMX for tables "
                             "> 8 MiB, else `float32` (docs/serving.md)")
@@ -97,7 +98,7 @@ class _Settings(BaseSettings):
     kv_cache_users: int = Field(100_000, description="per-user attention key/value cache: at most this many users "
                                                      "...")
     kv_cache_mb: int = Field(1024, description="... and this many MiB (LRU)")
-    kv_overflow: Literal["exact", "evict"] = Field("exact", description="at a full window: rebuild (`exact`) or drop "
+    kv_overflow: Literal[OVERFLOW_MODES] = Field("exact", description="at a full window: rebuild (`exact`) or drop "
                                                                         "the oldest token (`evict`)")
     kv_refresh_every: int = Field(16, description="with `evict`: re-prefill after this many dropped tokens")
     # --- operations ----------------------------------------------------------------------------

@@ -1,5 +1,16 @@
 """Shared fixtures.
 
+Layout: ``tests/unit/<package>/test_<module>.py`` tests ``<package>/<module>.py`` (models/, online/,
+stream_app/, and the sub-packages models/datasets/ and stream_app/cli/); ``tests/integration/`` holds
+the tests against a real broker. No test file imports another: what several files share is a fixture
+here or in a folder's ``conftest.py`` (tests/unit/stream_app/conftest.py: the Faust test app and its
+recording publisher; tests/unit/stream_app/cli/conftest.py: the CLI run in-process).
+
+Markers (pyproject.toml): ``integration`` needs the broker; ``slow`` trains for more than a moment,
+starts a process of its own (inference process, worker, a second broker, an interpreter) or takes
+more than about a second; ``datasets`` reads ../shared/datasets and skips where they are absent.
+``make test-fast`` runs everything else.
+
 Integration tests (``@pytest.mark.integration``) ask for :func:`kafka_broker`: one real Apache
 Kafka broker per test session, started through :mod:`stream_app.broker` on non-default ports
 (19092/19093, or two free ports when another session holds those) with its data in a pytest temp
@@ -108,7 +119,8 @@ def app_env(app_settings: SettingsType) -> dict[str, str]:
 @pytest.fixture(scope="session")
 def make_checkpoint(tmp_path_factory: pytest.TempPathFactory):
     """``make(seed=0, items=40, **config) -> path``: a tiny random Transformer saved as a real
-    checkpoint (safetensors + manifest) in a temp dir; the same arguments give the same path."""
+    checkpoint (safetensors + manifest) in a temp dir; the same arguments give the same path, shared by
+    every test that asks for it (a test that changes the files works on a copy)."""
     made: dict[tuple, Path] = {}
 
     def make(seed: int = 0, items: int = 40, **config) -> Path:

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 from benchmarks.common import BenchError
-from stream_app.cli import worker_argv  # the one place that names the Faust app spec
+from stream_app.cli.stream import worker_argv  # the one place that names the Faust app spec
 from stream_app.settings import SettingsType
 
 log = logging.getLogger("e2e")

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from models.schema import ACTIONS, EventSeq
+from models.schema import EventSeq
 from models.errors import DatasetError
 
 #: Spacing of the synthetic timestamps given to datasets without time (index * 60 s, in ms).
@@ -101,7 +101,7 @@ def dataset_from_columns(name: str, users, items, ts=None, actions=None, devices
     Sorting is stable, so events with equal timestamps keep their **file order** (MovieLens has
     thousands of such ties). ``ts=None`` means the source has no time: events keep file order and
     get synthetic timestamps ``index * 60 s`` per user, with ``has_time=False``. ``ts`` must be
-    epoch milliseconds. ``actions`` are indices into :data:`ACTIONS` (``None``: all ``view``).
+    epoch milliseconds. ``actions`` are indices into :data:`models.schema.ACTIONS` (``None``: all ``view``).
     Users appear in the dict in order of their first row; ``items`` in order of first appearance
     unless ``item_order`` gives the catalogue explicitly.
     """
@@ -254,7 +254,3 @@ def _take(s: EventSeq, idx: list[int]) -> EventSeq:
     a = np.asarray(idx, np.int64)
     return EventSeq([s.items[i] for i in idx], s.actions[a], s.ts[a], [s.devices[i] for i in idx],
                     [s.locations[i] for i in idx], [s.categories[i] for i in idx])
-
-
-def action_names(seq: EventSeq) -> list[str]:
-    return [ACTIONS[a] for a in seq.actions]

@@ -22,9 +22,8 @@ from __future__ import annotations
 import typer
 
 from stream_app.cli import demo, kafka, offline, settings, stream
-from stream_app.cli.stream import send_one, worker_argv
 
-__all__ = ["app", "main", "worker_argv", "send_one"]
+__all__ = ["app", "main"]
 
 app = typer.Typer(name="nextaction", no_args_is_help=True, add_completion=False, rich_markup_mode="rich",
                   pretty_exceptions_show_locals=False,
@@ -34,8 +33,6 @@ app.add_typer(stream.app)
 app.add_typer(offline.app)
 app.add_typer(settings.app)
 app.add_typer(demo.app)
-
-_send_one = send_one  # the name tests/integration/test_pipeline.py imports
 
 
 def main() -> None:

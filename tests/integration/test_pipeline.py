@@ -25,13 +25,14 @@ import orjson
 import pytest
 
 from models.schema import ACTIONS
-from stream_app import broker, kafka_admin
+from stream_app import kafka_admin
 from stream_app.errors import EventRejected
 from stream_app.events import parse_event
 from stream_app.replay import encode, produce, synthetic
 from tests.conftest import settings_env
 
-pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
+# slow: every test runs Faust worker processes
+pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(600)]
 
 REPO = Path(__file__).resolve().parents[2]
 FAUST = Path(sys.executable).parent / "faust"
@@ -303,20 +304,19 @@ def test_sigterm_restart_resumes_from_committed_offsets_with_state(pipeline_sett
 
 
 def _produce_one(settings, topic: str, value: bytes) -> None:
-    from stream_app.cli import _send_one
+    from stream_app.cli.stream import send_one
 
-    asyncio.run(_send_one(settings, topic, None, value))
+    asyncio.run(send_one(settings, topic, None, value))
 
 
-def test_model_update_through_the_topic_hot_swaps(pipeline_settings, tmp_path):
+def test_model_update_through_the_topic_hot_swaps(pipeline_settings, make_checkpoint, tmp_path):
     """A ``model-updates`` record between two halves of a stream: the worker swaps models between
     batches, nothing is lost, every prediction names exactly one of the two versions, the first half
     is served by v1 and the second by v2, and per partition the version switches once. (The swap
-    under concurrent load, at a batch boundary, is tested in tests/unit/test_batcher.py.)"""
+    under concurrent load, at a batch boundary, is tested in tests/unit/stream_app/test_batcher.py.)"""
     from models.checkpoint import read_manifest
-    from tests.unit.test_batcher import _tiny_checkpoint
 
-    v1, v2 = _tiny_checkpoint(tmp_path / "v1", 0), _tiny_checkpoint(tmp_path / "v2", 1)
+    v1, v2 = make_checkpoint(0, items=30), make_checkpoint(1, items=30)
     ver1, sha2 = read_manifest(v1)["content_hash"][:12], read_manifest(v2)["content_hash"]
     ver2 = sha2[:12]
     s = pipeline_settings.model_copy(update={"checkpoint": v1, "device": "cpu", "serve_threads": 1})
@@ -371,17 +371,17 @@ def _wait_for_metric(worker: Worker, name: str, at_least: float, timeout: float)
         time.sleep(0.2)
 
 
-def test_model_update_reaches_every_worker_and_a_restarted_one_catches_up(pipeline_settings, tmp_path):
+def test_model_update_reaches_every_worker_and_a_restarted_one_catches_up(pipeline_settings, make_checkpoint,
+                                                                          tmp_path):
     """Two workers of one app share the ``events`` partitions; one ``nextaction deploy`` record
     makes **both** swap (each follows ``model-updates`` without a consumer group), and a worker
     restarted afterwards serves the new version at once (it applies the topic's newest record)."""
     from models.checkpoint import read_manifest
-    from tests.unit.test_batcher import _tiny_checkpoint
+    from stream_app.ports import free_port
 
-    v1, v2 = _tiny_checkpoint(tmp_path / "v1", 0), _tiny_checkpoint(tmp_path / "v2", 1)
+    v1, v2 = make_checkpoint(0, items=30), make_checkpoint(1, items=30)
     ver2 = read_manifest(v2)["content_hash"][:12]
     base = pipeline_settings.model_copy(update={"checkpoint": v1, "device": "cpu", "serve_threads": 1})
-    from tests.conftest import free_port
 
     workers = [Worker(base.model_copy(update={"web_port": free_port(), "data_dir": tmp_path / f"data-{i}"}),
                       tmp_path / f"worker-{i}.log") for i in range(2)]

@@ -9,7 +9,6 @@ from hypothesis import strategies as st
 
 from stream_app.errors import EventRejected
 from stream_app.events import MAX_ID_LEN, REASONS, Event, parse_event
-from stream_app.records import dlq_record
 
 NOW = 1_700_000_000_000
 GOOD = {"user_id": "u1", "item_id": "i1", "action": "view", "ts": NOW}
@@ -99,13 +98,6 @@ def test_accepts_numeric_ids_float_ts_and_skew_boundary():
     assert (e.user_id, e.item_id, e.ts) == ("42", "7", NOW)
     assert parse({**GOOD, "ts": NOW + 300_000}).ts == NOW + 300_000
     assert parse({**GOOD, "user_id": "ü" * MAX_ID_LEN}).user_id == "ü" * MAX_ID_LEN
-
-
-def test_dlq_record_keeps_original_bytes_and_source():
-    rec = orjson.loads(dlq_record(b"\xff\x00", "not_json", "bad", topic="events", partition=3, offset=17, key=b"u"))
-    assert rec["encoding"] == "base64" and rec["source"] == {"topic": "events", "partition": 3, "offset": 17}
-    rec = orjson.loads(dlq_record(b'{"a":1}', "not_object", "x", topic="t", partition=0, offset=0))
-    assert rec["original"] == '{"a":1}' and rec["key"] is None
 
 
 # --- fuzz: any bytes are either an Event or an EventRejected with a known reason -------------------

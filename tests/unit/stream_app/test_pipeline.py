@@ -1,39 +1,26 @@
-"""The agent end to end inside Faust's ``agent.test_context()``, with real RocksDB tables in a temp dir.
+"""stream_app.pipeline through its Faust agent (stream_app.agents) inside ``agent.test_context()``,
+with real RocksDB tables in a temp dir.
 
-``test_context`` has no broker, so outputs go to a recording publisher instead of the producer;
-everything else (Faust streams, acks, tables, the batcher thread, the baseline) is the real thing.
+``test_context`` has no broker, so outputs go to a recording publisher instead of the producer
+(the ``make_app`` fixture, tests/unit/stream_app/conftest.py); everything else (Faust streams, acks,
+tables, the batcher thread, the baseline) is the real thing.
 """
 
 from __future__ import annotations
 
 import asyncio
-import itertools
 import math
 import sys
 import time
 
 import orjson
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from models.predictor import Predictor
 from models.schema import ACTIONS, EventSeq
 from stream_app import monitoring
-from stream_app.app import create_app
 from stream_app.records import decode_state
-from stream_app.settings import Settings
-
-_ids = itertools.count()
-
-
-class Recorder:
-    def __init__(self):
-        self.sent: list[tuple[str, bytes | None, dict]] = []
-
-    async def send(self, kind, key, value):
-        self.sent.append((kind, key, orjson.loads(value)))
-
-    def of(self, kind):
-        return [v for k, _, v in self.sent if k == kind]
 
 
 class Exploding(Predictor):
@@ -44,24 +31,6 @@ class Exploding(Predictor):
 
     def observe(self, history):
         pass
-
-
-@pytest.fixture
-def make_app(tmp_path):
-    def make(**kw):
-        factory = kw.pop("predictor_factory", None)
-        # gc_freeze off: in one long test process, freezing would pin every earlier test's objects
-        # (torch/nanobind ones included), which nanobind then reports as leaks at exit.
-        kw.setdefault("gc_freeze", False)
-        kw.setdefault("max_wait_ms", 1)
-        s = Settings(app_id=f"test-agents-{next(_ids)}", data_dir=tmp_path, partitions=1, window_events=5, **kw)
-        rec = Recorder()
-        app = create_app(s, publisher=rec, predictor_factory=factory)
-        app.finalize()
-        app.flow_control.resume()
-        return app, rec
-
-    return make
 
 
 def ev(user="u1", item="i1", action="view", ts=None, **extra):
@@ -198,19 +167,40 @@ def test_gc_freeze_setting_freezes_the_start_up_heap(make_app):
     assert asyncio.run(main()) > 0 and gc.get_freeze_count() == 0  # frozen while serving, released at stop
 
 
-def test_metrics_render_prometheus_text():
+def _metric(text: str, name: str, **labels: str) -> float:
+    """One sample's value in Prometheus exposition text (0 when absent)."""
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and sample.labels == labels:
+                return sample.value
+    return 0.0
+
+
+def test_metrics_count_events_in_predictions_out_and_rejects_exactly(make_app):
+    """What /metrics shows (monitoring.render): every message read adds 1 to events_in, every published
+    prediction 1 to predictions_out of its model version, every dead letter 1 to its reason."""
+    app, rec = make_app()
+    t = int(time.time() * 1000) - 5_000
+    msgs = [(b"u1", ev(item=f"i{n}", ts=t + n)) for n in range(3)]
+    msgs += [(b"u2", ev(user="u2", ts=t)), (b"u1", b"{broken"), (b"u2", ev(user="u2", action="teleport", ts=t + 1))]
+    before = monitoring.render()[0].decode()
+    asyncio.run(put_all(app, msgs))
     body, ctype = monitoring.render()
-    assert b"nextaction_events_in_total" in body and b"nextaction_batch_size_bucket" in body
+    after = body.decode()
     assert ctype.startswith("text/plain")
+
+    def delta(name, **labels):
+        return _metric(after, name, **labels) - _metric(before, name, **labels)
+
+    assert delta("nextaction_events_in_total") == 6
+    assert delta("nextaction_predictions_out_total", model_version="baseline-markov-1") == 4
+    assert delta("nextaction_events_rejected_total", reason="not_json") == 1
+    assert delta("nextaction_events_rejected_total", reason="bad_action") == 1
+    assert delta("nextaction_outcomes_out_total") == 2  # u1's 2nd and 3rd events
+    assert len(rec.of("predictions")) == 4 and len(rec.of("dlq")) == 2
 
 
 # --- model-updates: hot swap through the pipeline's handler -----------------------------------------------------
-
-def _checkpoint(path, seed):
-    from tests.unit.test_batcher import _tiny_checkpoint
-
-    return _tiny_checkpoint(path, seed)
-
 
 async def _updates_then_events(app, updates, events):
     """Each update through the handler the per-worker listener calls (stream_app.updates), then events."""
@@ -222,10 +212,11 @@ async def _updates_then_events(app, updates, events):
     return out
 
 
-def test_model_update_swaps_between_batches_and_bad_updates_keep_the_old_model(make_app, tmp_path):
+@pytest.mark.slow  # the checkpoint is served from an inference process (serve_process)
+def test_model_update_swaps_between_batches_and_bad_updates_keep_the_old_model(make_app, make_checkpoint, tmp_path):
     from models.checkpoint import read_manifest
 
-    v1, v2 = _checkpoint(tmp_path / "v1", 0), _checkpoint(tmp_path / "v2", 1)
+    v1, v2 = make_checkpoint(0, items=30), make_checkpoint(1, items=30)
     sha2 = read_manifest(v2)["content_hash"]
     app, rec = make_app(checkpoint=v1, device="cpu", serve_threads=1)
     start_version = None
@@ -255,6 +246,7 @@ def test_model_update_swaps_between_batches_and_bad_updates_keep_the_old_model(m
     assert versions == [start_version, sha2[:12]]
 
 
+@pytest.mark.slow  # starts an inference process, which falls back
 def test_bad_checkpoint_at_start_falls_back_to_the_baseline(make_app, tmp_path):
     app, rec = make_app(checkpoint=tmp_path / "nope", device="cpu")
     results, _ = asyncio.run(put_all(app, [(b"u1", ev(item="a"))]))

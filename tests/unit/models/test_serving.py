@@ -242,7 +242,7 @@ def test_device_auto_threads_and_arguments(ckpt):
         TransformerPredictor.from_checkpoint(ckpt, device="cpu", overflow="sometimes")
     with pytest.raises(ConfigError, match="serve_score_dtype.*'float16'"):
         TransformerPredictor.from_checkpoint(ckpt, device="cpu", score_dtype="float16")
-    assert p.score_dtype is None if p.device.type == "cpu" else torch.bfloat16  # 40 items: an fp32 scan on CPU
+    assert p.score_dtype is (None if p.device.type == "cpu" else torch.bfloat16)  # 40 items: an fp32 scan on CPU
     assert resolve_score_dtype("auto", "cpu", 1 << 30) == (torch.bfloat16 if cpu_has_native_bf16() else None)
     assert p.predict([], 3) == []
     empty = p.predict([EventSeq.empty()], 3)[0]  # no history: still a well-formed prediction

@@ -6,7 +6,6 @@ import math
 
 import pytest
 
-from models.predictor import Predictor
 from models.schema import ACTIONS, EventSeq
 from online.baseline import PopularityMarkovPredictor
 
@@ -22,11 +21,6 @@ def feed(p, items_actions, t0=1_700_000_000_000, gap_ms=10_000):
         h = h.appended(item, action, t0 + n * gap_ms)
         p.observe(h)
     return h
-
-
-def test_is_a_predictor_with_version():
-    p = PopularityMarkovPredictor()
-    assert isinstance(p, Predictor) and p.version == "baseline-markov-1"
 
 
 def test_learns_item_transition_against_popularity():

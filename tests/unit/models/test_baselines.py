@@ -1,13 +1,16 @@
-"""Baselines and the evaluator on tiny hand-made and synthetic data."""
+"""models.baselines and the evaluator (models.evaluate) on tiny hand-made and synthetic data, and
+(``datasets``) cross-checked against independent figures on the real datasets."""
 
 from __future__ import annotations
+
+import time
 
 import numpy as np
 import pytest
 
 from models.baselines import (BASELINES, ItemKNN, LastActionMarkov, MajorityAction, Markov, Popularity,
                               RecentItems, RecentPopularity, SessionKNN, make_baseline)
-from models.datasets import Case, fit_sequences, leave_one_out, synthetic
+from models.datasets import Case, datasets_root, fit_sequences, leave_one_out, load, synthetic
 from models.datasets.core import dataset_from_columns
 from models.evaluate import evaluate, format_table, purchase_session_cases, run_evaluate
 from models.schema import ACTION_INDEX, EventSeq
@@ -216,3 +219,51 @@ def test_run_evaluate_and_table():
     res = run_evaluate("synthetic", None, ["popularity"], protocol="sampled100", mask_history=True,
                        split="valid", dataset_opts={"n_users": 30, "n_items": 150}, fit_on="train")
     assert res["results"]["popularity"]["n_cases"] == 30
+
+
+# ----------------------------------------------------------------------------- cross-check on real data
+# Protocol of the reference figures: leave-one-out, users with >= 3 events, full ranking over all
+# items, history items allowed (not masked), ties broken by popularity; HR@10 / NDCG@10 on test.
+# Baselines are fitted on "train + history" (every event except the test targets, see
+# :func:`models.datasets.fit_sequences`); popularity for tie-breaking is counted over the test
+# histories. We require agreement within 6 % relative (the brief asks for about 5 %).
+
+ROOT = datasets_root()
+
+#: dataset -> baseline -> (HR@10, NDCG@10), independent figures
+REFERENCE = {
+    "beauty": {"popularity": (0.0114, 0.0054), "markov": (0.0753, 0.0492), "item_knn": (0.0618, 0.0340)},
+    "games": {"popularity": (0.0210, 0.0121), "markov": (0.0814, 0.0491)},
+    "ml-100k": {"popularity": (0.0498, 0.0224), "markov": (0.1113, 0.0583)},
+    "taobao": {"popularity": (0.0025, 0.0009), "item_knn": (0.0883, 0.0504)},
+}
+FOLDERS = {"beauty": "amazon-beauty-s3rec", "games": "amazon-games-sasrec", "ml-100k": "movielens-100k",
+           "taobao": "taobao-userbehavior-head"}
+CLASSES = {"popularity": Popularity, "markov": Markov, "item_knn": ItemKNN}
+REL_TOL = 0.06
+
+
+@pytest.mark.datasets
+@pytest.mark.slow  # ~20 s for the four datasets
+@pytest.mark.skipif(not ROOT.is_dir(), reason=f"datasets not found at {ROOT}")
+@pytest.mark.parametrize("name", list(REFERENCE))
+def test_crosscheck(name):
+    if not (ROOT / FOLDERS[name]).is_dir():
+        pytest.skip(f"{FOLDERS[name]} not present")
+    t0 = time.perf_counter()
+    ds = load(name, ROOT)
+    sp = leave_one_out(ds, min_len=3)
+    fit = fit_sequences(sp, "test")
+    problems = []
+    for base, (hr_ref, nd_ref) in REFERENCE[name].items():
+        r = evaluate(CLASSES[base]().fit(ds, fit), ds, sp.test, protocol="full", mask_history=False,
+                     ks=(10,), ties="popularity", beyond_accuracy=False)
+        for metric, ref in (("HR@10", hr_ref), ("NDCG@10", nd_ref)):
+            got = r[metric]
+            # below 0.01 a single case moves the figure by > 5 %: allow +-1.5 cases there
+            tol = max(REL_TOL * ref, 1.5 / r["n_cases"] if ref < 0.01 else 0.0)
+            print(f"{name:8s} {base:11s} {metric:8s} got {got:.4f} ref {ref:.4f}")
+            if abs(got - ref) > tol:
+                problems.append(f"{base} {metric}: got {got:.4f}, reference {ref:.4f}")
+    print(f"{name}: {time.perf_counter() - t0:.1f} s")
+    assert not problems, f"{name}: " + "; ".join(problems)

@@ -1,5 +1,5 @@
 """The predictor in a child process (stream_app.remote): same answers as in-process, hot swap,
-respawn after the child dies."""
+respawn after the child dies. Every test starts an inference process: all are ``slow``."""
 
 from __future__ import annotations
 
@@ -15,8 +15,9 @@ from stream_app import monitoring
 from models.errors import PredictorError
 from stream_app.remote import RemotePredictor
 from stream_app.settings import Settings
-from tests.unit.test_batcher import _tiny_checkpoint
 from models.schema import ACTIONS, EventSeq
+
+pytestmark = pytest.mark.slow
 
 
 def _histories(n: int, seed: int = 0) -> list[EventSeq]:
@@ -31,9 +32,8 @@ def _histories(n: int, seed: int = 0) -> list[EventSeq]:
 
 
 @pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory):
-    root = tmp_path_factory.mktemp("remote")
-    return _tiny_checkpoint(root / "v1", 0), _tiny_checkpoint(root / "v2", 1)
+def checkpoints(make_checkpoint):
+    return make_checkpoint(0, items=30), make_checkpoint(1, items=30)
 
 
 def _same(a, b):

@@ -165,6 +165,22 @@ def test_step_on_full_window_needs_evict_and_stays_close():
     assert torch.corrcoef(torch.stack([out["item_scores"][0, 2:], full["item_scores"][0, 2:]]))[0, 1] > 0.9
 
 
+def test_item_rows_with_categories_are_cached_for_serving_and_follow_weight_changes():
+    vocab = ItemVocab([f"i{k}" for k in range(15)], n_hash_buckets=4)
+    torch.manual_seed(0)
+    m = NextActionModel(ModelConfig(n_items=len(vocab), n_hash_buckets=4, d_model=8, max_len=4,
+                                    item_categories=True, n_category_buckets=8)).eval()
+    m.set_item_categories(np.arange(len(vocab)) % 5)
+    with torch.inference_mode():
+        a = m.item_vectors()
+        assert m.item_vectors() is a  # cached
+    with torch.no_grad():
+        m.cat_emb.weight.add_(1.0)  # an update (e.g. a reload) bumps the version: recomputed
+        b = m.item_vectors()
+    assert b is not a
+    torch.testing.assert_close(b, m.item_emb.weight + m.cat_emb(m.item_category))
+
+
 def _pattern_seqs(n_users: int, length: int, rng) -> list[EventSeq]:
     """Deterministic item cycles (i -> i+1 mod 12) and an action funnel view→click→cart→purchase."""
     out = []
@@ -177,6 +193,7 @@ def _pattern_seqs(n_users: int, length: int, rng) -> list[EventSeq]:
     return out
 
 
+@pytest.mark.slow  # trains for 80 steps (1-2 s, more on a shared CPU)
 def test_learns_synthetic_pattern_quickly():
     torch.manual_seed(0)
     rng = np.random.default_rng(0)

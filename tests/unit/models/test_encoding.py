@@ -60,6 +60,7 @@ def test_token_features_are_local(n, seed):
         np.testing.assert_array_equal(last[k], windowed[k][-1:])
 
 
+@pytest.mark.slow  # a child interpreter with another PYTHONHASHSEED
 def test_unknown_items_hash_into_buckets_stably():
     idx = VOCAB.index("never-seen")
     assert 2 <= idx < 2 + VOCAB.n_hash_buckets

@@ -1,4 +1,5 @@
-"""The embedded broker against the real thing: start/stop/status, topics, a produce/consume round trip."""
+"""stream_app.broker against the real thing: start/stop/status, port clashes, a restart that keeps its
+data, and a produce/consume round trip through the session broker (tests/conftest.py)."""
 
 from __future__ import annotations
 
@@ -36,16 +37,6 @@ def test_start_is_idempotent_and_status_answers(kafka_broker):
         assert line in props
 
 
-def test_ensure_topics_creates_missing_with_partitions(app_settings):
-    counts = kafka_admin.ensure_topics(app_settings, partitions=3)
-    assert counts == {t: 3 for t in kafka_admin.app_topics(app_settings)}
-    # Existing topics are left alone (and reported with their real partition count).
-    again = kafka_admin.ensure_topics(app_settings, partitions=5)
-    assert again == counts
-    other = kafka_admin.ensure_topics(app_settings, [f"{app_settings.app_id}.extra"])
-    assert other == {f"{app_settings.app_id}.extra": app_settings.partitions}
-
-
 def test_produce_consume_round_trip(app_settings):
     from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
@@ -78,6 +69,7 @@ def test_produce_consume_round_trip(app_settings):
     assert asyncio.run(run()) == sent
 
 
+@pytest.mark.slow  # ~2 s: the probe of the port's holder waits for its answer
 def test_start_refuses_a_port_held_by_another_process(tmp_path):
     with socket.socket() as listener:
         listener.bind(("127.0.0.1", 0))
@@ -116,15 +108,7 @@ def test_stop_is_idempotent_and_status_reports_down(tmp_path):
     assert not st.running and not st.answering and st.pid is None
 
 
-def test_ensure_topics_names_an_unreachable_broker(tmp_path):
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]  # bound, never listening: connections are refused
-        settings = Settings(broker_url=f"kafka://127.0.0.1:{port}", data_dir=tmp_path)
-        with pytest.raises(BrokerError, match=rf"cannot reach Kafka at 127\.0\.0\.1:{port}"):
-            kafka_admin.ensure_topics(settings, timeout=5)
-
-
+@pytest.mark.slow  # starts (twice) a second broker of its own
 def test_stop_then_start_again_keeps_data(tmp_path_factory):
     """A second, private broker: stop is clean and idempotent, and a restart reuses the formatted storage."""
     with socket.socket() as a, socket.socket() as b:

@@ -62,6 +62,13 @@ def test_dlq_record_keeps_bytes_that_are_not_utf8():
     assert rec["encoding"] == "base64" and rec["key"] == "u1" and rec["source"]["offset"] == 5
 
 
+def test_dlq_record_keeps_original_bytes_and_source():
+    rec = orjson.loads(dlq_record(b"\xff\x00", "not_json", "bad", topic="events", partition=3, offset=17, key=b"u"))
+    assert rec["encoding"] == "base64" and rec["source"] == {"topic": "events", "partition": 3, "offset": 17}
+    rec = orjson.loads(dlq_record(b'{"a":1}', "not_object", "x", topic="t", partition=0, offset=0))
+    assert rec["original"] == '{"a":1}' and rec["key"] is None
+
+
 @pytest.mark.parametrize("value, problem", [(b"not json", "not JSON"), (b"[1]", "JSON object"),
                                             (b'{"path": ""}', "non-empty"), (None, "JSON object"),
                                             (b'{"path": "/m", "sha256": 5}', "hex string")])

@@ -1,4 +1,5 @@
-"""The Predictor contract, checked on every predictor the stream can serve (like river's estimator checks).
+"""models.predictor: the Predictor contract, checked on every predictor the stream can serve (like river's
+estimator checks).
 
 Each check runs on the popularity + Markov baseline, the Transformer in this process, and the
 Transformer in an inference process: what the batcher may rely on (models/predictor.py) holds for
