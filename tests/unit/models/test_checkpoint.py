@@ -13,7 +13,6 @@ from models.checkpoint import load_checkpoint, save_checkpoint
 from models.config import ModelConfig, TrainConfig
 from models.encoding import ItemVocab
 from models.model import NextActionModel
-from models.schema import EventSeq
 from models.scorer import TransformerScorer
 from models.errors import CheckpointError
 
@@ -21,12 +20,6 @@ torch.set_num_threads(1)  # tiny models: threads only add sync overhead (and thr
 ITEMS = [f"i{k}" for k in range(15)]
 VOCAB = ItemVocab(ITEMS, n_hash_buckets=4)
 
-
-def _hists():
-    rng = np.random.default_rng(0)
-    return [EventSeq.from_columns([ITEMS[rng.integers(15)] for _ in range(n)], rng.integers(0, 5, n),
-                                  1_700_000_000_000 + np.cumsum(rng.integers(1000, 10 ** 7, n)))
-            for n in (1, 4, 9)]
 
 
 @pytest.fixture()
@@ -38,13 +31,13 @@ def ckpt(tmp_path):
     return path, model
 
 
-def test_round_trip_identical_outputs(ckpt):
+def test_round_trip_identical_outputs(ckpt, histories15):
     path, model = ckpt
     ck = load_checkpoint(path)
     assert ck.model_config == model.cfg and ck.vocab == VOCAB and ck.train_config.epochs == 3
     assert ck.metadata["dataset"] == "toy" and "created" in ck.metadata and "code_version" in ck.metadata
-    a = TransformerScorer(model, VOCAB).run(_hists())
-    b = TransformerScorer.from_checkpoint(path, device="cpu").run(_hists())
+    a = TransformerScorer(model, VOCAB).run(histories15)
+    b = TransformerScorer.from_checkpoint(path, device="cpu").run(histories15)
     for k in a:
         np.testing.assert_array_equal(a[k], b[k])
     assert sorted(p.name for p in path.iterdir()) == ["config.json", "manifest.json", "model.safetensors",
