@@ -115,15 +115,22 @@ def _check_mapping(values: list[str]) -> list[str]:
     return values
 
 
+# Options every replay command shares (typer reads a default's OptionInfo afresh for each command).
+REBASE_TIME = typer.Option(False, "--rebase-time/--keep-time",
+                           help="Shift event times so the replay ends near now (gaps kept).")
+LIMIT = typer.Option(None, help="Replay at most this many events.", callback=positive("--limit"))
+RATE = typer.Option(None, help=RATE_HELP, callback=positive("--rate"))
+PROGRESS = typer.Option(True, "--progress/--no-progress")
+
+
 @replay_app.command("taobao")
 def replay_taobao(
     path: Path = typer.Argument(..., help="UserBehavior.csv (user,item,category,behavior,timestamp; no header).",
                                 callback=existing_file),
-    rebase_time: bool = typer.Option(False, "--rebase-time/--keep-time",
-                                     help="Shift event times so the replay ends near now (gaps kept)."),
-    limit: int | None = typer.Option(None, help="Replay at most this many events.", callback=positive("--limit")),
-    rate: float | None = typer.Option(None, help=RATE_HELP, callback=positive("--rate")),
-    progress: bool = typer.Option(True, "--progress/--no-progress"),
+    rebase_time: bool = REBASE_TIME,
+    limit: int | None = LIMIT,
+    rate: float | None = RATE,
+    progress: bool = PROGRESS,
 ) -> None:
     """Replay the Taobao UserBehavior CSV (pv→view, cart, fav, buy→purchase)."""
     from stream_app import replay
@@ -138,11 +145,10 @@ def replay_csv(
     mapping: list[str] = typer.Option(..., "--map", "-m", help="FIELD=COLUMN pairs, comma-separated or repeated; "
                                       "user_id, item_id, action and ts are required.", callback=_check_mapping),
     ts_unit: TsUnit = typer.Option(TsUnit.ms, "--ts-unit", help="Unit of the ts column: epoch s/ms/us/ns, or iso (ISO-8601)."),
-    rebase_time: bool = typer.Option(False, "--rebase-time/--keep-time",
-                                     help="Shift event times so the replay ends near now (gaps kept)."),
-    limit: int | None = typer.Option(None, help="Replay at most this many events.", callback=positive("--limit")),
-    rate: float | None = typer.Option(None, help=RATE_HELP, callback=positive("--rate")),
-    progress: bool = typer.Option(True, "--progress/--no-progress"),
+    rebase_time: bool = REBASE_TIME,
+    limit: int | None = LIMIT,
+    rate: float | None = RATE,
+    progress: bool = PROGRESS,
 ) -> None:
     """Replay a generic CSV, mapping its columns onto event fields."""
     from stream_app import replay
@@ -160,8 +166,8 @@ def replay_synthetic(
     seed: int = typer.Option(0, help="Random seed (same seed, same events)."),
     items: int | None = typer.Option(None, "--items", help="Catalogue size (default: the generator's, "
                                      "models.datasets.synthetic.N_ITEMS).", callback=positive("--items")),
-    rate: float | None = typer.Option(None, help=RATE_HELP, callback=positive("--rate")),
-    progress: bool = typer.Option(True, "--progress/--no-progress"),
+    rate: float | None = RATE,
+    progress: bool = PROGRESS,
 ) -> None:
     """Replay seeded synthetic sessions (user preferences, sessions, gaps, devices, a purchase funnel)."""
     from stream_app import replay
