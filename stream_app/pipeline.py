@@ -113,8 +113,10 @@ class Source:
     key: bytes | None
     item_id: str
     action: str
+    category: str
     activity: int
     duplicate: bool
+    before: EventSeq  # the user's window before this event joined it: the previous prediction's context
 
 
 @contextlib.contextmanager
@@ -246,14 +248,14 @@ class Pipeline:
         if msg.topic not in self._verified_topics:
             await self._wait_for_changelogs(msg.topic)
         try:
-            history, activity, duplicate = self.update_state(ev)
+            history, before, activity, duplicate = self.update_state(ev)
         except Exception as exc:  # noqa: BLE001 - dead-letter, keep the worker alive
             log.exception("state update failed for %s[%s]@%s", msg.topic, msg.partition, msg.offset)
             await self.dead_letter(raw, key, PROCESSING_FAILED, f"{type(exc).__name__}: {exc}", msg)
             await stream.ack(event)
             return f"rejected:{PROCESSING_FAILED}"
         src = Source(event, stream, msg.topic, msg.partition, msg.offset, raw, key, ev.item_id, ev.action,
-                     activity, duplicate)
+                     ev.category, activity, duplicate, before)
         try:
             await self.batcher.submit(Request(ev.user_id, history, ev.ts, arrival, observe=not duplicate, ref=src))
         except BaseException:  # never delivered: the user's pending entry must not wait for it
@@ -293,16 +295,17 @@ class Pipeline:
             await asyncio.wait_for(producer.partitions_for(topic), timeout)
         self._verified_topics.add(source_topic)
 
-    def update_state(self, ev: Event) -> tuple[EventSeq, int, bool]:
-        """Add the event to the user's history and activity count; return (history as of it, count, dup).
+    def update_state(self, ev: Event) -> tuple[EventSeq, EventSeq, int, bool]:
+        """Add the event to the user's window and activity count; return (window as of the event, the
+        window before it joined, count, duplicate).
 
-        The history goes to :attr:`pending` (written to ``histories`` at delivery, with the prediction).
+        The window goes to :attr:`pending` (written to ``histories`` at delivery, with the prediction).
         """
         s = self.settings
         p = self.pending.get(ev.user_id)
         if p is None:
             p = Pending(decode_state(self.t.histories.get(ev.user_id)))
-        history = p.state.history
+        history = before = p.state.history
         duplicate = window.contains(history, ev.item_id, ev.action, ev.ts)
         activity = self.t.activity[ev.user_id]
         if duplicate:
@@ -312,7 +315,7 @@ class Pipeline:
                                 ttl_ms=self.ttl_ms, device=ev.device, location=ev.location, category=ev.category)
             activity += 1
             p.state.history, p.dirty = history, True
-        out = window.as_of(history, ev.ts), int(activity.value()), duplicate
+        out = window.as_of(history, ev.ts), before, int(activity.value()), duplicate
         p.inflight += 1  # last: from here on, the request is submitted (or _delivered undoes this)
         self.pending[ev.user_id] = p
         return out
@@ -355,8 +358,8 @@ class Pipeline:
         replay = last is not None and last.covers(src.partition, src.offset)
         if last is not None and not replay:
             await self.publisher.send("outcomes", key, outcome_record(
-                user, last, action=src.action, item_id=src.item_id, event_ts=req.event_ts, history=req.history,
-                partition=src.partition, offset=src.offset))
+                user, last, served=window.as_of(src.before, last.event_ts), action=src.action, item_id=src.item_id,
+                category=src.category, event_ts=req.event_ts, partition=src.partition, offset=src.offset))
             monitoring.OUTCOMES_OUT.inc()
         if r.prediction is None:
             await self.dead_letter(src.raw, src.key, PREDICT_FAILED, r.error or "prediction failed",

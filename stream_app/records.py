@@ -34,10 +34,6 @@ import orjson
 from models.predictor import Prediction
 from models.schema import ACTION_INDEX, EventSeq
 
-#: Events of history sent with each outcome record (the online trainer's context).
-OUTCOME_TAIL = 32
-
-
 # --- user state (table ``histories``) ----------------------------------------------------------------
 @dataclass(slots=True)
 class StoredPrediction:
@@ -104,22 +100,23 @@ def prediction_record(user_id: str, stored: StoredPrediction, *, latency_ms: flo
     return orjson.dumps(record)
 
 
-def outcome_record(user_id: str, last: StoredPrediction, *, action: str, item_id: str, event_ts: int,
-                   history: EventSeq, partition: int, offset: int) -> bytes:
-    """The ``outcomes`` record: the previous prediction (context) and what the user did next (target),
-    with the last :data:`OUTCOME_TAIL` events of the history as of the new event."""
+def outcome_record(user_id: str, last: StoredPrediction, *, served: EventSeq, action: str, item_id: str,
+                   category: str, event_ts: int, partition: int, offset: int) -> bytes:
+    """The ``outcomes`` record: the previous prediction and the window it was made from (``served``:
+    the user's window as of that prediction's event, exactly what the model encoded), and what the
+    user did next (the target). The online trainer's examples are these records
+    (:func:`online.examples.example_from_outcome`): the window is carried whole, so an example is the
+    served input and never needs state the trainer does not have."""
     p = last.prediction
     ranks = {item: n for n, (item, _) in enumerate(p.top_items, start=1)}
     return orjson.dumps({
         "user_id": user_id,
         "context": {"model_version": last.version, "event_ts": last.event_ts, "action_probs": p.action_dict(),
                     "top_items": [[i, s] for i, s in p.top_items], "next_gap_s": p.next_gap_s,
-                    "partition": last.partition, "offset": last.offset},
-        "happened": {"action": action, "item_id": item_id, "ts": event_ts,
+                    "partition": last.partition, "offset": last.offset, "window": served.to_json()},
+        "happened": {"action": action, "item_id": item_id, "category": category, "ts": event_ts,
                      "gap_s": (event_ts - last.event_ts) / 1000.0, "item_rank": ranks.get(item_id),
                      "action_prob": p.action_probs[ACTION_INDEX[action]]},
-        "history_len": len(history),
-        "history_tail": history.tail(OUTCOME_TAIL).to_json(),
         "partition": partition, "offset": offset,
     })
 

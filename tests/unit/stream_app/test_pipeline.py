@@ -19,6 +19,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from models.predictor import Predictor
 from models.schema import ACTIONS, EventSeq
+from online.baseline import PopularityMarkovPredictor
 from stream_app import monitoring
 from stream_app.records import decode_state
 
@@ -103,15 +104,46 @@ def test_outcome_pairs_previous_prediction_with_what_happened(make_app):
     assert o["context"]["event_ts"] == t + 10_000 and o["context"]["model_version"] == preds[1]["model_version"]
     assert o["context"]["top_items"] == preds[1]["top_items"]
     assert o["context"]["action_probs"] == pytest.approx(preds[1]["action_probs"])
-    assert o["happened"] == {"action": "purchase", "item_id": "i2", "ts": t + 20_000, "gap_s": 10.0,
+    assert o["happened"] == {"action": "purchase", "item_id": "i2", "category": "", "ts": t + 20_000, "gap_s": 10.0,
                              "item_rank": o["happened"]["item_rank"], "action_prob": preds[1]["action_probs"]["purchase"]}
-    tail = EventSeq.unpack(orjson.dumps(o["history_tail"]))
-    assert tail.items == ["i0", "i1", "i2"] and o["history_len"] == 3
+    served = EventSeq.from_json(o["context"]["window"])  # exactly what the 2nd event's prediction saw
+    assert served.items == ["i0", "i1"] and served.ts[-1] == o["context"]["event_ts"]
     assert hist["u1"].items == ["i0", "i1", "i2"] and hist["u2"].items == ["i1"]
     last = app.states["u1"].last  # stored with the window: the next event's outcome pairs with it
     assert (last.offset, last.event_ts, [list(x) for x in last.prediction.top_items]) == (
         preds[2]["offset"], t + 20_000, preds[2]["top_items"])
     assert app.states["u2"].last.offset == preds[3]["offset"]
+
+
+class _Witness(PopularityMarkovPredictor):
+    """The baseline, remembering the history each prediction was made from (keyed by its last event's ts)."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen: dict[int, EventSeq] = {}
+
+    def predict(self, histories, k, users=None):
+        self.seen.update((int(h.ts[-1]), h) for h in histories)
+        return super().predict(histories, k, users)
+
+
+@pytest.mark.parametrize("one_at_a_time", [True, False])
+def test_an_outcome_carries_exactly_the_window_its_prediction_was_made_from(make_app, one_at_a_time):
+    """The online trainer's example input: the served window, also once the 5-event window is full and
+    drops its oldest event (so the outcome cannot be rebuilt from the newer window), and with the user's
+    events in flight together."""
+    witness = _Witness()
+    app, rec = make_app(predictor_factory=lambda s: witness, max_wait_ms=50.0)
+    t = int(time.time() * 1000) - 600_000
+    msgs = [(b"u1", ev(item=f"i{n}", ts=t + n * 1000)) for n in range(8)]
+    asyncio.run(put_all(app, msgs, one_at_a_time=one_at_a_time))
+    outs = rec.of("outcomes")
+    assert len(outs) == 7
+    for o in outs:
+        served = EventSeq.from_json(o["context"]["window"])
+        assert served == witness.seen[o["context"]["event_ts"]]
+        assert len(served) == min(5, (o["context"]["event_ts"] - t) // 1000 + 1)
+        assert o["happened"]["ts"] > served.ts[-1]  # nothing from the target event or later
 
 
 def test_a_users_events_in_flight_together_see_each_other_and_pair_in_order(make_app):

@@ -48,12 +48,12 @@ def test_prediction_and_outcome_records_carry_the_contract_fields():
     assert rec["action_probs"] == {"view": 0.1, "click": 0.2, "cart": 0.3, "fav": 0.0, "purchase": 0.4}
     assert rec["top_items"] == [["商品-1 🍵", 0.5], ["x", 0.25]] and rec["latency_ms"] == 3.142
     assert (rec["model_version"], rec["partition"], rec["offset"], rec["explanation"]) == ("abc", 1, 7, "why")
-    out = orjson.loads(outcome_record("u1", stored(), action="purchase", item_id="x", event_ts=1_700_000_090_000,
-                                      history=history(), partition=1, offset=9))
-    assert out["happened"] == {"action": "purchase", "item_id": "x", "ts": 1_700_000_090_000, "gap_s": 90.0,
-                               "item_rank": 2, "action_prob": 0.4}
+    out = orjson.loads(outcome_record("u1", stored(), served=history(), action="purchase", item_id="x",
+                                      category="c1", event_ts=1_700_000_090_000, partition=1, offset=9))
+    assert out["happened"] == {"action": "purchase", "item_id": "x", "category": "c1", "ts": 1_700_000_090_000,
+                               "gap_s": 90.0, "item_rank": 2, "action_prob": 0.4}
     assert out["context"]["model_version"] == "abc" and out["context"]["offset"] == 7
-    assert EventSeq.from_json(out["history_tail"]) == history()
+    assert EventSeq.from_json(out["context"]["window"]) == history()
 
 
 def test_dlq_record_keeps_bytes_that_are_not_utf8():
