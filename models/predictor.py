@@ -15,7 +15,10 @@ else. Subclasses implement :meth:`~Predictor.predict` and inherit defaults for t
 * hot swap: :meth:`~Predictor.successor` loads the next checkpoint the way this predictor was
   built (same options, same process), or returns ``None`` when it serves no checkpoint (the
   caller then builds one); :meth:`~Predictor.warm_up` runs before the swap, :meth:`~Predictor.close`
-  after the last batch.
+  after the last batch;
+* online deltas: :meth:`~Predictor.apply_delta` updates the served weights in place between two
+  batches (a :class:`~models.delta.ModelDelta` that follows ``version``; ``version`` then becomes
+  the delta's label), or returns ``False`` when it does not apply (another version, or no model).
 
 >>> class Constant(Predictor):
 ...     version = "const-1"
@@ -33,9 +36,12 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar, Sequence
+from typing import TYPE_CHECKING, ClassVar, Sequence
 
 from models.schema import ACTIONS, EventSeq
+
+if TYPE_CHECKING:  # pragma: no cover
+    from models.delta import ModelDelta
 
 
 @dataclass(slots=True)
@@ -101,6 +107,11 @@ class Predictor(ABC):
         device, process); ``None`` if this predictor serves no checkpoint. Raises
         :class:`~models.errors.CheckpointError` for a bad checkpoint (this one keeps serving)."""
         return None
+
+    def apply_delta(self, delta: "ModelDelta") -> bool:
+        """Apply ``delta`` in place if it follows this predictor's ``version`` (then ``version`` is
+        ``delta.label``) and return True; False if it does not apply here (nothing changes)."""
+        return False
 
     def warm_up(self) -> None:
         """Run every code path once before serving (raise if the model does not work)."""
