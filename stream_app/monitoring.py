@@ -51,7 +51,8 @@ GC_PAUSE = Histogram("nextaction_gc_pause_seconds",
                      ["generation"], buckets=_LATENCY_BUCKETS, registry=REGISTRY)
 QUEUE_DEPTH = Gauge("nextaction_queue_depth", "Prediction requests waiting for a batch", registry=REGISTRY)
 MODEL_SWAPS = Counter("nextaction_model_swaps", "Predictor hot swaps", registry=REGISTRY)
-MODEL_UPDATES = Counter("nextaction_model_updates", "model-updates records, by result (applied, rejected, skipped)",
+MODEL_UPDATES = Counter("nextaction_model_updates", "model-updates records, by result (applied, skipped, rejected: "
+                        "full versions; delta, gap, ignored: online deltas)",
                         ["result"], registry=REGISTRY)
 
 CONTENT_TYPE = "text/plain"  # aiohttp refuses a charset inside content_type; version param is optional

@@ -36,6 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Protocol
 
+from models.delta import ModelDelta, label_parts
 from models.predictor import Predictor
 from models.schema import EventSeq
 from stream_app import history as window
@@ -43,7 +44,7 @@ from stream_app import monitoring, predictors, runtime
 from stream_app.batcher import PREDICT_FAILED, Batcher, Request, Result
 from stream_app.errors import EventRejected
 from stream_app.events import EVENT_TS_ATTR, Event, parse_event
-from stream_app.records import (ModelUpdate, StoredPrediction, UserState, decode_state, dlq_record, encode_state,
+from stream_app.records import (DELTA, ModelUpdate, StoredPrediction, UserState, decode_state, dlq_record, encode_state,
                                 outcome_record, prediction_record)
 from stream_app.remote import RemotePredictor
 from stream_app.settings import SettingsType
@@ -150,6 +151,7 @@ class Pipeline:
         #: user → state of the users with events in flight (see the module docstring)
         self.pending: dict[str, Pending] = {}
         self._verified_topics: set[str] = set()
+        self._update_n: int | None = None  # the number of the last trainer record applied (monotonic)
         self._watch: asyncio.Task | None = None
         self.ttl_ms = s.window_ttl_s * 1000
         self.parse_kw = dict(max_bytes=s.max_event_bytes, max_future_skew_ms=s.max_future_skew_s * 1000,
@@ -194,8 +196,39 @@ class Pipeline:
             batcher.predictor.close()
 
     # --- model updates (called by stream_app.updates.ModelUpdateListener) ---------------------------------
-    async def handle_model_update(self, value: bytes | None) -> str:
-        """Hot-swap to the checkpoint a ``model-updates`` record names; returns what happened.
+    async def handle_model_update(self, kind: str, value: bytes | None) -> str:
+        """Apply one ``model-updates`` record (``kind`` ``full`` or ``delta``); returns what happened."""
+        if kind == DELTA:
+            return await self._apply_delta(value)
+        return await self._swap(value)
+
+    async def _apply_delta(self, value: bytes | None) -> str:
+        """Apply an online delta in place, in the inference thread between two batches.
+
+        Returns ``delta:<label>`` when applied; ``gap`` when it belongs to the served lineage but its
+        predecessor was never applied here (the listener then replays the lineage); ``ignored`` when it
+        belongs to another version (an older lineage, or a predictor without a model).
+        """
+        try:
+            delta = ModelDelta.decode(value or b"")
+        except ValueError as exc:
+            log.error("model delta rejected: %s", exc)
+            monitoring.MODEL_UPDATES.labels("rejected").inc()
+            return "rejected:bad_delta"
+        batcher = await self.start_batcher()
+        current = batcher.predictor
+        if await batcher.run_in_executor(current.apply_delta, delta):
+            monitoring.MODEL_UPDATES.labels("delta").inc()
+            return f"delta:{delta.label}"
+        base, seq = label_parts(str(current.version))
+        if base == delta.base and delta.prev > seq:
+            monitoring.MODEL_UPDATES.labels("gap").inc()
+            return "gap"
+        monitoring.MODEL_UPDATES.labels("ignored").inc()
+        return "ignored"
+
+    async def _swap(self, value: bytes | None) -> str:
+        """Hot-swap to the checkpoint a full record names; returns what happened.
 
         The new predictor is loaded, hash-verified and warmed up **in the batcher's inference
         thread** (never on the event loop, never concurrently with a batch), then
@@ -212,6 +245,11 @@ class Pipeline:
             return "rejected:bad_record"
         batcher = await self.start_batcher()
         current = batcher.predictor
+        if update.n is not None and self._update_n is not None and update.n < self._update_n:
+            log.warning("model update %s (%s) numbered %d after %d: an older record, ignored", update.version,
+                        update.path, update.n, self._update_n)
+            monitoring.MODEL_UPDATES.labels("ignored").inc()
+            return "ignored"
         if update.names(str(current.version)):
             log.info("model update %s (%s): already serving %s, skipped", update.version, update.path,
                      current.version)
@@ -226,6 +264,8 @@ class Pipeline:
             monitoring.MODEL_UPDATES.labels("rejected").inc()
             return "rejected:" + type(exc).__name__
         batcher.swap(new)
+        if update.n is not None:
+            self._update_n = update.n
         monitoring.MODEL_UPDATES.labels("applied").inc()
         log.info("model update %s applied: %s -> %s from %s (loaded in %.2f s)", update.version, current.version,
                  new.version, update.path, time.perf_counter() - t0)

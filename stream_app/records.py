@@ -138,20 +138,42 @@ def dlq_record(raw: bytes | None, reason: str, detail: str, *, topic: str, parti
 
 
 # --- model updates (topic ``model-updates``) -----------------------------------------------------------
+#: Record header naming a ``model-updates`` record's kind: ``full`` (a :class:`ModelUpdate`, JSON; also
+#: a record without the header) or ``delta`` (a :class:`models.delta.ModelDelta`, safetensors bytes).
+KIND_HEADER = "kind"
+FULL, DELTA = "full", "delta"
+
+
+def update_kind(headers) -> str:
+    """The kind of a ``model-updates`` record from its Kafka headers (``[(key, bytes)]`` or None)."""
+    for key, value in headers or ():
+        if key == KIND_HEADER:
+            return DELTA if value == DELTA.encode() else FULL
+    return FULL
+
+
 @dataclass(frozen=True, slots=True)
 class ModelUpdate:
-    """A ``model-updates`` record: serve the checkpoint at ``path`` (``sha256`` = its manifest's
-    ``content_hash``; ``version`` a label, by default the hash's first 12 hex digits)."""
+    """A full ``model-updates`` record: serve the checkpoint at ``path`` (``sha256`` = its manifest's
+    ``content_hash``; ``version`` a label, by default the hash's first 12 hex digits). The online
+    trainer numbers its records (``n``, increasing: a worker ignores a trainer record numbered below
+    the last it applied) and says why (``reason``: ``online``, ``reset``, ``rollback``); ``nextaction
+    deploy`` leaves both unset."""
 
     version: str | None
     path: str
     sha256: str | None = None
+    n: int | None = None
+    reason: str | None = None
 
-    #: Key of every record: one key, so every update lands in one partition, in order.
+    #: Key of every record (full and delta): one key, so every update lands in one partition, in order.
     KEY = b"model"
 
     def encode(self) -> bytes:
-        return orjson.dumps({"version": self.version, "path": self.path, "sha256": self.sha256})
+        d = {"version": self.version, "path": self.path, "sha256": self.sha256}
+        if self.n is not None:
+            d.update(n=self.n, reason=self.reason)
+        return orjson.dumps(d)
 
     @classmethod
     def decode(cls, value: bytes | None) -> "ModelUpdate":
@@ -165,10 +187,14 @@ class ModelUpdate:
         sha = rec.get("sha256")
         if sha is not None and (not isinstance(sha, str) or not sha):
             raise ValueError(f"'sha256' must be a hex string (got {sha!r})")
+        n = rec.get("n")
+        if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 0):
+            raise ValueError(f"'n' must be a non-negative integer (got {n!r})")
         version = rec.get("version")
-        return cls(None if version is None else str(version), rec["path"], sha)
+        return cls(None if version is None else str(version), rec["path"], sha, n, rec.get("reason"))
 
     def names(self, version: str) -> bool:
-        """Does this update announce the model ``version`` (a content-hash prefix) that is already served?"""
-        return self.sha256 is not None and len(version) >= 8 and self.sha256.lower().startswith(version.lower())
-
+        """Does this update announce exactly the weights labelled ``version`` (a content-hash prefix,
+        with no online delta applied on top) that are already served?"""
+        return self.sha256 is not None and len(version) >= 8 and "+" not in version \
+            and self.sha256.lower().startswith(version.lower())

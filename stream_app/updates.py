@@ -5,17 +5,20 @@ A Faust agent reads its topic inside the app's consumer group, so with several w
 Instead every worker runs one :class:`ModelUpdateListener`: a plain ``aiokafka`` consumer with no
 group (``group_id=None``, nothing committed) that assigns itself every partition of the topic.
 
-At start the listener first **catches up**: it reads the newest record of the topic (the last
-offset of each partition, newest by record time) and applies it, so a worker that starts or
-restarts after an update serves the fleet's current version, not the older ``settings.checkpoint``
-(a record for the version already served is skipped by the handler). Then it follows the topic
-from its end; after a broker error it reconnects and resumes at the next unread offset. Each
-record goes to the ``handle`` coroutine (:meth:`stream_app.agents.Pipeline.handle_model_update`),
-which loads, verifies and swaps; it never raises for a bad record. The listener never stops the
-worker.
+Two kinds of record share the topic, in one partition (one key), so every worker sees them in the
+same order (:func:`stream_app.records.update_kind`): a **full** version (a checkpoint path, the
+existing hot swap) and a **delta** (bytes on the topic: rows applied in place, chained to the
+version they follow). At start the listener **catches up** with the *lineage*: the newest full
+record and every record after it (:func:`lineage_start`), so a worker that starts or restarts
+serves exactly the weights the rest of the fleet serves. Then it follows the topic; a handler
+result of ``gap`` (a delta whose predecessor this worker never applied) makes it read the lineage
+again from its full record (applying a delta twice is refused by its chain, so the replay is safe).
+After a broker error it reconnects and resumes at the next unread offset. The handler
+(:meth:`stream_app.pipeline.Pipeline.handle_model_update`) never raises for a bad record, and the
+listener never stops the worker.
 
-Records are :class:`~stream_app.records.ModelUpdate`\\ s; ``nextaction deploy <checkpoint>`` writes
-one (:func:`update_record`).
+``nextaction deploy <checkpoint>`` writes a full record (:func:`update_record`); the online trainer
+writes both kinds (:mod:`stream_app.training`).
 """
 
 from __future__ import annotations
@@ -26,12 +29,47 @@ from pathlib import Path
 from typing import Any, Awaitable, Callable
 
 from stream_app.kafka_admin import ensure_topics_async, start_client
-from stream_app.records import ModelUpdate
+from stream_app.records import FULL, ModelUpdate, update_kind
 from stream_app.settings import SettingsType
 
 log = logging.getLogger(__name__)
 
-Handle = Callable[[bytes | None], Awaitable[str]]
+#: ``handle(kind, value) -> what happened``; ``"gap"`` asks the listener to replay the lineage.
+Handle = Callable[[str, bytes | None], Awaitable[str]]
+#: Records read per step when scanning back from the end of the topic for the newest full record.
+SCAN_CHUNK = 500
+
+
+async def read_range(consumer: Any, tp: Any, start: int, stop: int, timeout_s: float = 10.0) -> list[Any]:
+    """The records of ``tp`` at offsets ``start <= offset < stop`` (an assigned group-less consumer)."""
+    import time  # noqa: PLC0415
+
+    consumer.seek(tp, start)
+    out: list[Any] = []
+    deadline = time.monotonic() + timeout_s
+    while await consumer.position(tp) < stop:
+        out += [r for r in (await consumer.getmany(tp, timeout_ms=500)).get(tp, []) if r.offset < stop]
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"reading {tp.topic}[{tp.partition}] offsets {start}..{stop}: got {len(out)} records")
+    return out
+
+
+async def lineage_start(consumer: Any, tps: list[Any], ends: dict) -> tuple[Any, int] | None:
+    """``(partition, offset)`` of the newest full record across ``tps`` (by record time), scanning
+    back from each partition's end in chunks; ``None`` when the topic holds no full record."""
+    best = None
+    for tp in tps:
+        hi = ends[tp]
+        while hi > 0:
+            lo = max(0, hi - SCAN_CHUNK)
+            fulls = [r for r in await read_range(consumer, tp, lo, hi) if update_kind(r.headers) == FULL]
+            if fulls:
+                rec = fulls[-1]
+                if best is None or rec.timestamp >= best[2]:
+                    best = (tp, rec.offset, rec.timestamp)
+                break
+            hi = lo
+    return None if best is None else (best[0], best[1])
 
 
 def update_record(checkpoint: str | Path, version: str | None = None) -> ModelUpdate:
@@ -51,7 +89,7 @@ class ModelUpdateListener:
         settings: broker address and topic name.
         handle: coroutine applying one record's value (returns what happened, never raises for bad
             input).
-        catch_up: apply the topic's newest record at start (default; see the module docstring).
+        catch_up: at start, apply the newest full record and the deltas after it (default; module docstring).
     """
 
     def __init__(self, settings: SettingsType, handle: Handle, *, catch_up: bool = True,
@@ -60,6 +98,7 @@ class ModelUpdateListener:
         self.retry_s = retry_s
         self.topic = settings.topic_model_updates
         self._next: dict[int, int] = {}  # partition -> next offset to read (empty until first connected)
+        self._full: dict[int, int] = {}  # partition -> offset of the newest full record read
 
     async def run(self) -> None:
         """Follow the topic until cancelled; after a broker error, reconnect and resume where it stopped."""
@@ -84,40 +123,42 @@ class ModelUpdateListener:
         try:
             tps = [TopicPartition(self.topic, p) for p in range(n)]
             consumer.assign(tps)
-            if not self._next:  # first connection: start at the end, after catching up with the newest record
+            if not self._next:  # first connection: from the newest full record on (catch-up), else the end
                 ends = await consumer.end_offsets(tps)
-                if self.catch_up:
-                    await self._catch_up(consumer, ends)
                 self._next = {tp.partition: ends[tp] for tp in tps}
-            for tp in tps:
-                consumer.seek(tp, self._next.get(tp.partition, 0))
-            log.info("model-updates listener following %r (%d partitions) from offsets %s", self.topic, n,
-                     self._next)
+                start = await lineage_start(consumer, tps, ends) if self.catch_up else None
+                if start is not None:
+                    log.info("model-updates: catching up from the newest full record (%s[%d]@%d)", self.topic,
+                             start[0].partition, start[1])
+                    self._next[start[0].partition] = start[1]
             while True:
-                batch = await consumer.getmany(timeout_ms=1000)
-                for tp in sorted(batch, key=lambda t: t.partition):
-                    for rec in batch[tp]:
-                        await self._apply(rec)
-                        self._next[tp.partition] = rec.offset + 1
+                for tp in tps:
+                    consumer.seek(tp, self._next.get(tp.partition, 0))
+                log.info("model-updates listener following %r (%d partitions) from offsets %s", self.topic, n,
+                         self._next)
+                await self._read(consumer, tps)
         finally:
             await consumer.stop()
 
-    async def _catch_up(self, consumer: Any, ends: dict) -> None:
-        """Apply the newest record of the topic (by record time across partitions), if any."""
-        newest = None
-        for tp, end in ends.items():
-            if end <= 0:
-                continue
-            consumer.seek(tp, end - 1)
-            got = await consumer.getmany(tp, timeout_ms=5000)
-            for rec in got.get(tp, []):
-                if newest is None or rec.timestamp >= newest.timestamp:
-                    newest = rec
-        if newest is not None:
-            log.info("model-updates: catching up with the newest record (%s[%d]@%d)", newest.topic,
-                     newest.partition, newest.offset)
-            await self._apply(newest)
+    async def _read(self, consumer: Any, tps: list[Any]) -> None:
+        """Apply records until one asks for a replay of the lineage (then return to re-seek)."""
+        while True:
+            batch = await consumer.getmany(timeout_ms=1000)
+            for tp in sorted(batch, key=lambda t: t.partition):
+                for rec in batch[tp]:
+                    kind = update_kind(rec.headers)
+                    result = await self._apply(rec, kind)
+                    if kind == FULL:
+                        self._full[tp.partition] = rec.offset
+                    self._next[tp.partition] = rec.offset + 1
+                    if result == "gap" and tp.partition in self._full:
+                        log.warning("model-updates: a delta's predecessor is missing here: replaying from the "
+                                    "full record at %s[%d]@%d", self.topic, tp.partition, self._full[tp.partition])
+                        self._next[tp.partition] = self._full[tp.partition]
+                        return
 
-    async def _apply(self, rec: Any) -> None:
-        result = await self.handle(rec.value)
-        log.info("model-updates %s[%d]@%d: %s", rec.topic, rec.partition, rec.offset, result)
+    async def _apply(self, rec: Any, kind: str) -> str:
+        result = await self.handle(kind, rec.value)
+        (log.info if kind == FULL or not result.startswith("delta:") else log.debug)(
+            "model-updates %s[%d]@%d (%s): %s", rec.topic, rec.partition, rec.offset, kind, result)
+        return result

@@ -236,7 +236,7 @@ def test_metrics_count_events_in_predictions_out_and_rejects_exactly(make_app):
 
 async def _updates_then_events(app, updates, events):
     """Each update through the handler the per-worker listener calls (stream_app.updates), then events."""
-    out = [await app.pipeline.handle_model_update(value) for value in updates]
+    out = [await app.pipeline.handle_model_update("full", value) for value in updates]
     async with app.pipeline.agent.test_context() as agent:
         for key, value in events:
             await agent.put(value, key=key)
