@@ -14,6 +14,29 @@ its result does not depend on floating-point accumulation:
   changed rows, values already the scored feature);
 * the action head's bias and, optionally, the action calibration (temperature and bias).
 
+Applying, building (the functions below, the one place both sides use):
+
+* :func:`apply_delta` ``(model, vocab, delta)`` changes a :class:`~models.model.NextActionModel`
+  and its :class:`~models.encoding.ItemVocab` in place (:meth:`NextActionModel.apply_delta
+  <models.model.NextActionModel.apply_delta>`, :meth:`ItemVocab.set_items
+  <models.encoding.ItemVocab.set_items>`); the serving side calls it through
+  :meth:`models.serving.TransformerPredictor.apply_delta`, which also checks the chain;
+* :func:`make_delta` extracts given rows from the trainer's model; :func:`add_items` appends new
+  items to the trainer's model (each starts as the row its id read while unknown: its hash bucket);
+* :func:`merge` folds two consecutive deltas into one (whole rows: the later one wins), so a
+  lineage can be replayed as one delta (the inference process does after a respawn).
+
+The trainer's loop: ``add_items`` for ids it sees first → learn → ``make_delta(rows changed or added
+since the last delta)`` → ``apply_delta`` on its own model too (every delta row then reads its own
+row as input, as on the workers: idempotent) → publish ``delta.encode()``. Rows it *added* since the
+last delta must all be in the next one (appended rows continue the vocabulary without a gap).
+
+Size: ``encode()`` takes about ``R * (4 d + 4 + 16 + len(id) + 3) + nnz * 8 + S * 16`` bytes plus a
+small header: 2,000 item rows at ``d = 64`` (ids of ~10 characters) are ~0.58 MB, 200 transition
+rows of 100 successors another 0.16 MB. Kafka refuses messages over ``message.max.bytes`` (1 MB by
+default; :data:`MAX_MESSAGE_BYTES` leaves room for the record's key and headers): the trainer must
+split a larger delta into several consecutive ones (each a valid step of the chain).
+
 Chaining: ``base`` is the full version (the checkpoint's content-hash prefix) the delta applies to,
 ``seq`` its number (unique and increasing per trainer lineage) and ``prev`` the number of the delta it
 follows (``0``: it applies right on the full version). A model labelled ``base+prev`` becomes
@@ -34,10 +57,17 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
+if TYPE_CHECKING:  # pragma: no cover
+    from models.encoding import ItemVocab
+
 FORMAT = "nextaction-delta/1"
+#: Most bytes one encoded delta should take: Kafka's default ``message.max.bytes`` (1,048,588)
+#: less room for the record's key and headers. Split a larger delta (module docstring).
+MAX_MESSAGE_BYTES = 1_000_000
 
 
 def label(base: str, seq: int) -> str:
@@ -167,3 +197,153 @@ def _header(data: bytes) -> dict:
     n = int.from_bytes(bytes(data[:8]), "little")
     meta = json.loads(bytes(data[8:8 + n]))["__metadata__"]
     return json.loads(meta["delta"])
+
+
+# ---------------------------------------------------------------------------------- application
+def apply_delta(model, vocab: "ItemVocab", delta: ModelDelta) -> list[int]:
+    """Apply ``delta`` to ``model`` (a :class:`~models.model.NextActionModel`) and ``vocab`` in place,
+    both or neither: everything is checked first and a ``ValueError`` (naming the problem) changes
+    nothing. The chain (:meth:`ModelDelta.follows`) is the caller's to check (the predictor does).
+    Returns the reused rows (existing rows whose item id changed).
+
+    What changes is described in :meth:`models.model.NextActionModel.apply_delta` and
+    :meth:`models.encoding.ItemVocab.set_items`. A trainer holding an optimizer calls
+    ``model.resize_optimizer_state(optimizer)`` after a delta that grew the model.
+    """
+    if len(vocab) != model.cfg.n_items:
+        raise ValueError(f"vocabulary has {len(vocab)} rows, the model n_items={model.cfg.n_items}")
+    model.check_delta(delta)
+    vocab.check_items(delta.item_index, delta.item_ids)
+    reused = vocab.set_items(delta.item_index, delta.item_ids)
+    model.apply_delta(delta)
+    return reused
+
+
+def make_delta(model, vocab: "ItemVocab", base: str, seq: int, prev: int, item_rows: Sequence[int] | np.ndarray,
+               trans_rows: Sequence[int] | np.ndarray = (), meta: dict | None = None, *, action_bias: bool = True,
+               calibration: bool = False) -> ModelDelta:
+    """The delta carrying ``model``'s current ``item_rows`` (embedding, bias, category, the id
+    ``vocab`` has there) and ``trans_rows`` (their successor lists; empty rows when the model has no
+    table), the action head's bias (``action_bias``, when the model has a head) and, with
+    ``calibration``, the action calibration. ``make_delta`` → ``encode`` → ``decode`` →
+    :func:`apply_delta` on another copy of the model's checkpoint gives that copy these exact rows.
+
+    >>> import torch
+    >>> from models.config import ModelConfig
+    >>> from models.encoding import ItemVocab
+    >>> from models.model import NextActionModel
+    >>> vocab = ItemVocab(["a", "b"], n_hash_buckets=2)
+    >>> cfg = ModelConfig(n_items=len(vocab), n_hash_buckets=2, d_model=8, n_heads=2, max_len=4)
+    >>> _ = torch.manual_seed(0)
+    >>> trainer, server = NextActionModel(cfg), NextActionModel(cfg)
+    >>> _ = server.load_state_dict(trainer.state_dict())
+    >>> s_vocab = ItemVocab(vocab.items, 2)
+    >>> new = add_items(trainer, vocab, ["c"])                 # trainer: a new item, row 6
+    >>> with torch.no_grad():
+    ...     trainer.item_bias[[4, 6]] = torch.tensor([1.0, 2.0])  # ... learns rows 4 and 6
+    >>> d = make_delta(trainer, vocab, "0123456789ab", seq=1, prev=0, item_rows=[4, *new])
+    >>> _ = apply_delta(trainer, vocab, d)                    # the trainer's model = the workers'
+    >>> apply_delta(server, s_vocab, ModelDelta.decode(d.encode()))
+    []
+    >>> s_vocab == vocab, server.cfg.n_items, torch.equal(server.item_emb.weight, trainer.item_emb.weight)
+    (True, 7, True)
+    """
+    import torch
+
+    rows = np.asarray(item_rows, np.int64).reshape(-1)
+    t_rows = np.asarray(trans_rows, np.int64).reshape(-1)
+    first, n = vocab.first_item, model.cfg.n_items
+    if len(vocab) != n:
+        raise ValueError(f"vocabulary has {len(vocab)} rows, the model n_items={n}")
+    for name, r in (("item_rows", rows), ("trans_rows", t_rows)):
+        if len(r) and (int(r.min()) < first or int(r.max()) >= n):
+            raise ValueError(f"{name} must be item rows in [{first}, {n}), got [{int(r.min())}, {int(r.max())}]")
+    with torch.no_grad():
+        sel = torch.as_tensor(rows, device=model.item_emb.weight.device)
+        emb = model.item_emb.weight[sel].float().cpu().numpy()
+        bias = model.item_bias[sel].float().cpu().numpy()
+        cats = model.item_category[sel].cpu().numpy() if model.cat_emb is not None else np.zeros(len(rows), np.int64)
+        ptr = model.trans_ptr.cpu().numpy()
+        if ptr.size and len(t_rows):
+            t_ptr, t_idx, t_val = _take_rows(ptr, model.trans_idx.cpu().numpy(), model.trans_val.float().cpu().numpy(),
+                                             t_rows)
+        else:
+            t_ptr = np.zeros(len(t_rows) + 1, np.int64)
+            t_idx, t_val = np.zeros(0, np.int32), np.zeros(0, np.float32)
+        head = model.action_head
+        a_bias = head.bias.float().cpu().numpy() if action_bias and head is not None else None
+    cal = (float(model.cfg.action_temperature), tuple(float(x) for x in model.cfg.action_bias)) if calibration else None
+    return ModelDelta(base, seq, prev, rows, [vocab.items[r - first] for r in rows.tolist()], emb, bias, cats,
+                      t_rows, t_ptr, t_idx, t_val, a_bias, cal, dict(meta or {}))
+
+
+def add_items(model, vocab: "ItemVocab", ids: Sequence[str], categories: Sequence[int] | None = None) -> list[int]:
+    """Append the item ``ids`` not yet in ``vocab`` to ``model`` and ``vocab`` in place (the trainer,
+    before it learns their rows); return the rows of all ``ids`` (new or known), in order. A new row
+    starts as what its id read while unknown (its hash bucket's embedding and bias), so adding an
+    item changes no input; ``categories`` (buckets, 0 = none) for ``item_categories`` models."""
+    import torch
+
+    ids = [str(i) for i in ids]
+    fresh = [i for i in dict.fromkeys(ids) if i not in vocab]
+    if fresh:
+        n = model.cfg.n_items
+        buckets = torch.as_tensor([vocab.bucket(i) for i in fresh], device=model.item_emb.weight.device)
+        cat = dict(zip(ids, categories)) if categories is not None else {}
+        with torch.no_grad():
+            emb = model.item_emb.weight[buckets].float().cpu().numpy()
+            bias = model.item_bias[buckets].float().cpu().numpy()
+        d = ModelDelta("local", 1, 0, np.arange(n, n + len(fresh)), fresh, emb, bias,
+                       np.array([int(cat.get(i, 0)) for i in fresh], np.int64))
+        apply_delta(model, vocab, d)
+    return [vocab.index(i) for i in ids]
+
+
+def merge(first: ModelDelta, then: ModelDelta) -> ModelDelta:
+    """One delta equal to applying ``first`` and then ``then`` (which must follow ``first``): the
+    union of their rows, ``then``'s where both have one; ``base+first.prev`` becomes ``base+then.seq``.
+
+    >>> a = ModelDelta("b", 1, 0, [6, 7], ["x", "y"], np.zeros((2, 2)), [0, 0], [0, 0])
+    >>> c = merge(a, ModelDelta("b", 2, 1, [7], ["z"], np.ones((1, 2)), [1], [0], action_bias=np.ones(5)))
+    >>> c.label, c.prev, c.item_index.tolist(), c.item_ids, c.item_bias.tolist(), c.action_bias is not None
+    ('b+2', 0, [6, 7], ['x', 'z'], [0.0, 1.0], True)
+    """
+    if not then.follows(first.label):
+        raise ValueError(f"merge: delta {then.label} (after {label(then.base, then.prev)}) does not follow "
+                         f"{first.label}")
+    keep = ~np.isin(first.item_index, then.item_index)
+    index = np.concatenate([first.item_index[keep], then.item_index])
+    order = np.argsort(index, kind="stable")
+    ids = [first.item_ids[i] for i in np.flatnonzero(keep)] + list(then.item_ids)
+    parts = [e for e in (first.item_emb[keep], then.item_emb) if len(e)]
+    emb = np.concatenate(parts) if parts else then.item_emb
+    # transition rows: the union (by row), then's list where both have the row
+    t_keep = np.flatnonzero(~np.isin(first.trans_rows, then.trans_rows))
+    k_ptr, k_idx, k_val = _take_rows(first.trans_ptr, first.trans_idx, first.trans_val, t_keep)
+    t_rows = np.concatenate([first.trans_rows[t_keep], then.trans_rows])
+    t_order = np.argsort(t_rows, kind="stable")
+    t_ptr, t_idx, t_val = _take_rows(np.concatenate([k_ptr, k_ptr[-1] + then.trans_ptr[1:]]),
+                                     np.concatenate([k_idx, then.trans_idx]), np.concatenate([k_val, then.trans_val]),
+                                     t_order)
+    return ModelDelta(
+        first.base, then.seq, first.prev, index[order], [ids[i] for i in order], emb[order],
+        np.concatenate([first.item_bias[keep], then.item_bias])[order],
+        np.concatenate([first.item_category[keep], then.item_category])[order],
+        t_rows[t_order], t_ptr, t_idx, t_val,
+        then.action_bias if then.action_bias is not None else first.action_bias,
+        then.calibration if then.calibration is not None else first.calibration,
+        {**first.meta, **then.meta})
+
+
+def _take_rows(ptr: np.ndarray, idx: np.ndarray, val: np.ndarray, rows: np.ndarray
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The CSR ``(ptr, idx, val)`` restricted to ``rows`` (in that order), vectorised.
+
+    >>> _take_rows(np.array([0, 2, 2, 5]), np.arange(5), np.arange(5.0), np.array([2, 0]))[:2]
+    (array([0, 3, 5]), array([2, 3, 4, 0, 1]))
+    """
+    rows = np.asarray(rows, np.int64)
+    starts, lens = ptr[rows], ptr[rows + 1] - ptr[rows]
+    new_ptr = np.concatenate([[0], np.cumsum(lens)]).astype(np.int64)
+    pos = np.repeat(starts - new_ptr[:-1], lens) + np.arange(new_ptr[-1])
+    return new_ptr, idx[pos], val[pos]

@@ -89,6 +89,8 @@ class ItemVocab:
     """Item id ↔ index, in the layout of :mod:`models.features`: padding, mask token, ``H`` hash
     buckets for unknown items, then the known items in the given order (``first_item`` onwards).
     Growing the vocabulary (:meth:`extended`) appends rows: every existing index stays where it was.
+    Online deltas change a vocabulary in place (:meth:`set_items`): new rows are appended, and a known
+    item's row can be given to another id (row reuse; the old id then reads its hash bucket again).
 
     >>> v = ItemVocab(["x", "y"], n_hash_buckets=2)
     >>> v.first_item, len(v), v.index("x"), N_SPECIAL <= v.index("unseen") < v.first_item
@@ -98,6 +100,10 @@ class ItemVocab:
     >>> w = v.extended(["z", "x"])
     >>> len(w), w.index("x"), w.index("z")
     (7, 4, 6)
+    >>> w.set_items([5, 7], ["y2", "new"])  # row 5 now holds "y2" (reused), row 7 is appended
+    [5]
+    >>> len(w), w.index("y2"), w.index("new"), w.index("y") == w.bucket("y")
+    (8, 5, 7, True)
     """
 
     def __init__(self, items: Iterable[str], n_hash_buckets: int = 1024) -> None:
@@ -142,6 +148,69 @@ class ItemVocab:
         """A vocabulary with ``new_items`` (not yet known) appended; existing indices unchanged."""
         extra = [i for i in dict.fromkeys(map(str, new_items)) if i not in self._index]
         return ItemVocab(self.items + extra, self.n_hash_buckets)
+
+    def check_items(self, indices: Sequence[int] | np.ndarray, ids: Sequence[str]) -> list[int]:
+        """Validate :meth:`set_items` arguments without changing anything; return the existing rows
+        whose id would change (reused rows), ascending. Raises ``ValueError`` naming the first
+        problem: an index below :attr:`first_item` (padding, mask, hash buckets), a repeated index,
+        appended indices that do not continue the vocabulary (``len(self)``, ``len(self) + 1`` ...),
+        or an id that would be held by two rows."""
+        idx = np.asarray(indices, np.int64).reshape(-1)
+        ids = [str(i) for i in ids]
+        if len(ids) != len(idx):
+            raise ValueError(f"set_items: {len(idx)} indices but {len(ids)} ids")
+        n, first = len(self), self.first_item
+        below = idx[idx < first]
+        if below.size:
+            raise ValueError(f"set_items: index {int(below[0])} is below the first item row ({first}): "
+                             "padding, mask and hash-bucket rows hold no item id")
+        if len(np.unique(idx)) != len(idx):
+            vals, counts = np.unique(idx, return_counts=True)
+            raise ValueError(f"set_items: index {int(vals[counts > 1][0])} is given twice")
+        new = np.sort(idx[idx >= n])
+        expect = np.arange(n, n + len(new))
+        if len(new) and not np.array_equal(new, expect):
+            bad = int(new[np.flatnonzero(new != expect)[0]])
+            raise ValueError(f"set_items: index {bad} leaves a gap: new rows must continue the vocabulary "
+                             f"at {n}, {n + 1}, ... (it has {n} rows)")
+        changed = {int(i) for i in idx}
+        seen: dict[str, int] = {}
+        reused = []
+        for i, item in zip(idx.tolist(), ids):
+            if item in seen:
+                raise ValueError(f"set_items: item id {item!r} is given to rows {seen[item]} and {i}")
+            seen[item] = i
+            held = self._index.get(item)
+            if held is not None and held != i and held not in changed:
+                raise ValueError(f"set_items: item id {item!r} is already at row {held}, cannot also be at row {i}")
+            if i < n and self.items[i - first] != item:
+                reused.append(i)
+        return sorted(reused)
+
+    def set_items(self, indices: Sequence[int] | np.ndarray, ids: Sequence[str]) -> list[int]:
+        """Give row ``indices[k]`` the item id ``ids[k]``, in place (an online delta: :mod:`models.delta`).
+
+        An index ``== len(self)`` (and the following ones, in any order in the arguments but without
+        a gap) appends a row; the index of an existing item row replaces that row's id (**row
+        reuse**: the old id is then unknown and maps to its hash bucket, :meth:`bucket`); an index
+        whose id does not change is a no-op. Checked first (:meth:`check_items`), so a ``ValueError``
+        changes nothing. Returns the reused rows (ascending).
+        """
+        reused = self.check_items(indices, ids)
+        first, n = self.first_item, len(self)
+        pairs = sorted(zip(np.asarray(indices, np.int64).reshape(-1).tolist(), (str(i) for i in ids)))
+        for i, _ in pairs:  # the old ids of changed rows first (a swap within one call works)
+            if i < n:
+                old = self.items[i - first]
+                if self._index.get(old) == i:
+                    del self._index[old]
+        for i, item in pairs:
+            if i < n:
+                self.items[i - first] = item
+            else:
+                self.items.append(item)
+            self._index[item] = i
+        return reused
 
     def to_json(self) -> str:
         return json.dumps({"format": "nextaction-vocab/1", "n_hash_buckets": self.n_hash_buckets,

@@ -3,8 +3,9 @@
 A :class:`KVCache` is an LRU of :class:`CacheEntry` (one user's cached window: keys, values and
 repeat keys per token, :func:`flatten_state` of a :class:`~models.kv_state.KVState`), keyed by
 :func:`window_key`, a digest of the window's events: equal digests mean equal model input, so a
-stale state can never be used. It is bounded by entries and by bytes, and with user ids holds at
-most one entry per user. Not thread-safe (one inference thread uses it).
+stale state can never be used (an entry also records how many online deltas its weights had:
+:attr:`CacheEntry.deltas`, which the predictor bounds). It is bounded by entries and by bytes, and
+with user ids holds at most one entry per user. Not thread-safe (one inference thread uses it).
 
 >>> import torch
 >>> from models.schema import EventSeq
@@ -59,6 +60,7 @@ class CacheEntry:
     since_prefill: int  # evicting (approximate) steps since the state was rebuilt from the history
     user: str | None
     nbytes: int
+    deltas: int = 0  # online deltas applied to the model when its oldest token was computed
 
 
 class KVCache:

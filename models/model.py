@@ -45,8 +45,11 @@ cached states still remember it). Why it is built this way: docs/architecture.md
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -58,6 +61,9 @@ from models.features import MASK, N_SPECIAL, PAD, embedding_rows, first_item
 from models.kv_state import KVState, LastHidden
 from models.schema import N_ACTIONS
 from models.topk import chunked_topk
+
+if TYPE_CHECKING:  # pragma: no cover
+    from models.delta import ModelDelta
 
 #: Extra candidates a reduced-precision catalogue scan keeps for exact rescoring (:meth:`NextActionModel.top_items`).
 TOPK_MARGIN = 32
@@ -202,6 +208,170 @@ class NextActionModel(nn.Module):
             ptr, idx, val = (torch.as_tensor(table.ptr, dtype=torch.long), torch.as_tensor(table.idx, dtype=torch.int32),
                              torch.as_tensor(table.val, dtype=torch.float32))
         self.trans_ptr, self.trans_idx, self.trans_val = ptr.to(dev), idx.to(dev), val.to(dev)
+
+    # ------------------------------------------------------------------------------------------
+    # online deltas (models/delta.py)
+    # ------------------------------------------------------------------------------------------
+    def check_delta(self, delta: "ModelDelta") -> ModelConfig:
+        """Raise ``ValueError`` naming the first way ``delta`` does not fit this model (nothing
+        changes); return the config the model has after :meth:`apply_delta`."""
+        cfg, first, n = self.cfg, self.first_item, self.cfg.n_items
+        idx = delta.item_index
+        if len(idx) and delta.item_emb.shape[1] != cfg.d_model:
+            raise ValueError(f"delta item rows have width {delta.item_emb.shape[1]}, the model d_model={cfg.d_model}")
+        if len(idx) and int(idx.min()) < first:
+            raise ValueError(f"delta item row {int(idx.min())} is below the first item row ({first})")
+        new = np.sort(idx[idx >= n])
+        if len(new) and not np.array_equal(new, np.arange(n, n + len(new))):
+            raise ValueError(f"delta appends rows {new[:5].tolist()}... to a model of {n} rows: new rows must be "
+                             f"{n}, {n + 1}, ... without a gap")
+        n_after = n + len(new)
+        if self.cat_emb is not None and len(idx):
+            cats = delta.item_category
+            if int(cats.min()) < 0 or int(cats.max()) > cfg.n_category_buckets:
+                raise ValueError(f"delta item categories must be in [0, {cfg.n_category_buckets}]")
+        rows = delta.trans_rows
+        if len(rows):
+            if len(np.unique(rows)) != len(rows):
+                raise ValueError("delta trans_rows repeats a row")
+            for name, a in (("trans_rows", rows), ("trans_idx", delta.trans_idx)):
+                if len(a) and (int(a.min()) < first or int(a.max()) >= n_after):
+                    raise ValueError(f"delta {name} must be item rows in [{first}, {n_after}), got "
+                                     f"[{int(a.min())}, {int(a.max())}]")
+        if delta.action_bias is not None and self.action_head is None:
+            raise ValueError("delta carries an action bias but the model has no action head")
+        changes: dict = {"n_items": n_after}
+        if delta.calibration is not None:
+            t, b = delta.calibration
+            changes.update(action_temperature=float(t), action_bias=tuple(float(x) for x in b))
+        return dataclasses.replace(cfg, **changes)  # validates (ConfigError is a ValueError)
+
+    @torch.no_grad()
+    def apply_delta(self, delta: "ModelDelta") -> None:
+        """Apply ``delta``'s arrays in place (the vocabulary is not touched: call
+        :func:`models.delta.apply_delta`, which keeps both in step). Checked first
+        (:meth:`check_delta`), so a ``ValueError`` changes nothing.
+
+        * rows past ``n_items`` grow the item tables (``item_emb``, ``item_bias``, ``item_input``,
+          ``item_category``, the transition ``trans_ptr``): the parameters are re-allocated but keep
+          their identity (``param.data`` is replaced; ``requires_grad`` stays), so an optimizer's
+          references stay valid, but per-parameter state of the old shape (Adam's moments) does not
+          fit: call :meth:`resize_optimizer_state` after a delta that grew the model;
+        * each delta row gets its embedding, bias and category, and reads **its own row** as input
+          (``item_input[row] = row``);
+        * each delta transition row replaces that row's successors (the other rows are unchanged). A
+          model without a table gets one (empty rows elsewhere); it is scored only while
+          ``cfg.transition_weight > 0``;
+        * the action head's bias and the calibration (``action_temperature``, ``action_bias``) when
+          the delta carries them; ``cfg.n_items`` follows the growth;
+        * the serving caches of the item table rebuild on the next call.
+        """
+        cfg = self.check_delta(delta)
+        trans = self._replaced_transition_rows(delta.trans_rows, delta.trans_ptr, delta.trans_idx, delta.trans_val,
+                                               cfg.n_items) if len(delta.trans_rows) else None
+        dev = self.item_emb.weight.device
+        n_old, n_new = self.cfg.n_items, cfg.n_items
+        if n_new > n_old:
+            self._grow_items(n_new)
+        if delta.n_rows:
+            rows = torch.as_tensor(delta.item_index, dtype=torch.long, device=dev)
+            w = self.item_emb.weight
+            w[rows] = torch.as_tensor(delta.item_emb, device=dev).to(w.dtype)
+            self.item_bias[rows] = torch.as_tensor(delta.item_bias, device=dev).to(self.item_bias.dtype)
+            self.item_input[rows] = rows
+            if self.cat_emb is not None:
+                self.item_category[rows] = torch.as_tensor(delta.item_category, dtype=torch.long, device=dev)
+        if trans is not None:
+            self.trans_ptr, self.trans_idx, self.trans_val = trans
+        if delta.action_bias is not None:
+            b = self.action_head.bias
+            b.copy_(torch.as_tensor(delta.action_bias, device=b.device).to(b.dtype))
+        self.cfg = cfg
+        self._rows_cache = self._table_cache = None
+
+    def _grow_items(self, n_items: int) -> None:
+        """Append zero rows to every per-item table up to ``n_items`` (parameters keep their identity)."""
+        n_old = self.cfg.n_items
+        for p in (self.item_emb.weight, self.item_bias):
+            grown = p.new_zeros((n_items, *p.shape[1:]))
+            grown[:n_old] = p
+            p.data = grown
+            p.grad = None  # a gradient of the old shape cannot accumulate into the new one
+        self.item_emb.num_embeddings = n_items
+        dev = self.item_input.device
+        self.item_input = torch.cat([self.item_input, torch.arange(n_old, n_items, device=dev)])
+        if self.cat_emb is not None:
+            self.item_category = torch.cat([self.item_category, self.item_category.new_zeros(n_items - n_old)])
+        if self.trans_ptr.numel():
+            self.trans_ptr = torch.cat([self.trans_ptr, self.trans_ptr[-1:].expand(n_items - n_old)])
+
+    @torch.no_grad()
+    def set_transition_rows(self, rows, ptr, idx, val) -> None:
+        """Replace the successor lists of the table rows ``rows [S]`` (CSR over them: ``ptr [S + 1]``,
+        successor indices ``idx``, scored values ``val``); other rows keep theirs. A model without a
+        table gets one. What a delta's transition rows do (:meth:`apply_delta`), for the trainer's
+        own model before :func:`models.delta.make_delta` extracts them."""
+        rows = np.asarray(rows, np.int64).reshape(-1)
+        ptr = np.asarray(ptr, np.int64).reshape(-1)
+        idx, val = np.asarray(idx, np.int32).reshape(-1), np.asarray(val, np.float32).reshape(-1)
+        n, first = self.cfg.n_items, self.first_item
+        if len(ptr) != len(rows) + 1 or ptr[0] != 0 or ptr[-1] != len(idx) or len(idx) != len(val) \
+                or np.any(np.diff(ptr) < 0) or len(np.unique(rows)) != len(rows):
+            raise ValueError("set_transition_rows: inconsistent CSR (or a repeated row)")
+        for name, a in (("rows", rows), ("idx", idx)):
+            if len(a) and (int(a.min()) < first or int(a.max()) >= n):
+                raise ValueError(f"set_transition_rows: {name} must be item rows in [{first}, {n})")
+        if len(rows):
+            self.trans_ptr, self.trans_idx, self.trans_val = self._replaced_transition_rows(rows, ptr, idx, val, n)
+
+    def _replaced_transition_rows(self, t_rows: np.ndarray, dptr: np.ndarray, t_idx: np.ndarray,
+                                  t_val: np.ndarray, n_items: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The CSR buffers for ``n_items`` rows (growth: empty new rows) with rows ``t_rows`` replaced."""
+        dev = self.item_emb.weight.device
+        ptr, idx, val = self.trans_ptr, self.trans_idx, self.trans_val
+        n_old = self.cfg.n_items
+        if ptr.numel():
+            ptr = torch.cat([ptr, ptr[-1:].expand(n_items - n_old)])
+        else:  # no table yet: all rows empty
+            ptr = torch.zeros(n_items + 1, dtype=torch.long, device=dev)
+        order = np.argsort(t_rows, kind="stable")
+        rows = t_rows[order]
+        sel = torch.as_tensor(rows, device=dev)
+        starts, ends = ptr[sel].tolist(), ptr[sel + 1].tolist()
+        d_idx = torch.as_tensor(t_idx, dtype=torch.int32, device=dev)
+        d_val = torch.as_tensor(t_val, device=dev).to(val.dtype)
+        d_lens = np.diff(dptr)
+        if np.array_equal(np.subtract(ends, starts), d_lens[order]):
+            # every row keeps its length (e.g. a full top-K list): written in place, no re-allocation
+            pos = torch.as_tensor(_ranges(np.asarray(starts), d_lens[order]), device=dev)
+            src = torch.as_tensor(_ranges(dptr[:-1][order], d_lens[order]), device=dev)
+            idx[pos], val[pos] = d_idx[src], d_val[src]
+            return ptr, idx, val
+        parts_i, parts_v, at = [], [], 0
+        for r, s, e, o in zip(rows.tolist(), starts, ends, order.tolist()):
+            parts_i += [idx[at:s], d_idx[dptr[o]:dptr[o + 1]]]
+            parts_v += [val[at:s], d_val[dptr[o]:dptr[o + 1]]]
+            at = e
+        parts_i.append(idx[at:])
+        parts_v.append(val[at:])
+        lens = ptr.diff()
+        lens[sel] = torch.as_tensor(d_lens[order], device=dev)
+        new_ptr = torch.cat([lens.new_zeros(1), lens.cumsum(0)])
+        return new_ptr, torch.cat(parts_i), torch.cat(parts_v)
+
+    def resize_optimizer_state(self, optimizer: torch.optim.Optimizer) -> int:
+        """After a delta grew the item tables (:meth:`apply_delta`): pad the optimizer's
+        per-parameter state of ``item_emb.weight`` and ``item_bias`` (e.g. Adam's moments) with zero
+        rows to the new size, so training continues where it was. Returns the tensors resized."""
+        n = 0
+        for p in (self.item_emb.weight, self.item_bias):
+            for key, t in optimizer.state.get(p, {}).items():
+                if torch.is_tensor(t) and t.dim() == p.dim() and t.shape[1:] == p.shape[1:] and t.shape[0] < p.shape[0]:
+                    grown = t.new_zeros(p.shape)
+                    grown[: t.shape[0]] = t
+                    optimizer.state[p][key] = grown
+                    n += 1
+        return n
 
     @property
     def uses_transitions(self) -> bool:
@@ -606,6 +776,12 @@ class NextActionModel(nn.Module):
         new_state = new_state.trimmed()
         out = LastHidden(h, rep, items if rep is not None else None, tokens["action"][:, 0], tokens["item"][:, 0])
         return (self.heads(out) if heads else out), new_state
+
+
+def _ranges(starts: np.ndarray, lens: np.ndarray) -> np.ndarray:
+    """``concat(arange(s, s + n) for s, n in zip(starts, lens))``, vectorised."""
+    offsets = np.concatenate([[0], np.cumsum(lens)])
+    return np.repeat(np.asarray(starts, np.int64) - offsets[:-1], lens) + np.arange(offsets[-1])
 
 
 def _inputs(batch: dict[str, torch.Tensor], max_len: int) -> tuple[dict[str, torch.Tensor], int]:

@@ -6,6 +6,8 @@ re-encoding the whole window; cache entries are addressed by a digest of the win
 stale state can never be used (a miss rebuilds it with ``prefill``). Incremental outputs equal full
 recomputation while the window is not full; at the cap, ``overflow='exact'`` re-prefills and
 ``'evict'`` slides the window (an approximation, re-prefilled every ``refresh_every`` steps).
+Online deltas (:meth:`~TransformerPredictor.apply_delta`) change the weights in place; a cached
+state built before them keeps being stepped for up to ``max_stale_deltas`` deltas, then is rebuilt.
 The catalogue is scanned in bf16 and the best ``k + 32`` rescored exactly where that is faster
 (``score_dtype``, :func:`~models.devices.resolve_score_dtype`). How and why, with measurements:
 docs/serving.md.
@@ -93,18 +95,22 @@ class TransformerPredictor(Predictor):
             the exact rescoring of its best candidates (module docstring, :func:`resolve_score_dtype`).
         score_budget: most ``rows × n_items`` score elements per model call (bounds memory).
         buckets: padded sequence lengths (default :func:`length_buckets` of ``max_len``).
+        max_stale_deltas: online deltas: a cached user state built this many deltas ago is still
+            stepped; an older one is rebuilt from the history (0: after every delta). See
+            :meth:`apply_delta`.
 
     A bad value of an argument that a setting supplies (``stream_app.predictors.SERVING_OPTIONS``:
     ``device``, ``num_threads``, ``cache_users``, ``cache_bytes``, ``overflow``, ``refresh_every``,
-    ``score_dtype``) raises :class:`~models.errors.ConfigError` naming the setting (``serve_threads``,
-    ``kv_cache_mb`` ...); one of the other arguments raises ``ValueError`` naming the argument.
+    ``score_dtype``, ``max_stale_deltas``) raises :class:`~models.errors.ConfigError` naming the
+    setting (``serve_threads``, ``kv_cache_mb`` ...); one of the other arguments raises
+    ``ValueError`` naming the argument.
     """
 
     def __init__(self, model: NextActionModel, vocab: ItemVocab, *, version: str, device: str = "auto",
                  num_threads: int | None = None, compile: bool = False, incremental: bool = True,
                  cache_users: int = 100_000, cache_bytes: int = 1 << 30, overflow: str = "exact",
                  refresh_every: int = 16, max_rounds: int = 4, score_budget: int | None = None,
-                 buckets: Sequence[int] | None = None, score_dtype: str = "auto",
+                 buckets: Sequence[int] | None = None, score_dtype: str = "auto", max_stale_deltas: int = 10,
                  path: str | Path | None = None) -> None:
         cfg = model.cfg
         if len(vocab) != cfg.n_items:
@@ -116,6 +122,8 @@ class TransformerPredictor(Predictor):
                                                        f"this model uses {cfg.backbone!r}")
         if not isinstance(refresh_every, int) or refresh_every < 1:
             raise ConfigError("kv_refresh_every", refresh_every, "must be an integer >= 1")
+        if isinstance(max_stale_deltas, bool) or not isinstance(max_stale_deltas, int) or max_stale_deltas < 0:
+            raise ConfigError("kv_max_stale_deltas", max_stale_deltas, "must be an integer >= 0")
         if not isinstance(max_rounds, int) or max_rounds < 1:
             raise ValueError(f"max_rounds must be an integer >= 1, got {max_rounds!r}")
         self.device = torch.device(resolve_device(device))
@@ -141,6 +149,7 @@ class TransformerPredictor(Predictor):
         budget = DEFAULT_SCORE_BUDGET[self.device.type] if score_budget is None else int(score_budget)
         if budget < 1:
             raise ValueError(f"score_budget must be >= 1, got {score_budget!r}")
+        self._score_budget = budget
         self.max_rows = max(1, budget // cfg.n_items)
         self.score_dtype = resolve_score_dtype(score_dtype, self.device.type, cfg.n_items * cfg.d_model * 4)
         if self.incremental and cache_users < 0:
@@ -151,14 +160,19 @@ class TransformerPredictor(Predictor):
         self._options = dict(device=device, num_threads=num_threads, compile=compile, incremental=incremental,
                              cache_users=cache_users, cache_bytes=cache_bytes, overflow=overflow,
                              refresh_every=refresh_every, max_rounds=max_rounds, score_budget=score_budget,
-                             buckets=buckets, score_dtype=score_dtype)
+                             buckets=buckets, score_dtype=score_dtype, max_stale_deltas=max_stale_deltas)
         self.compiled = bool(compile)
         self._score_last = torch.compile(model.score_last, dynamic=True) if compile else model.score_last
         p = next(model.parameters())
         self._kv_dtype = torch.bfloat16 if self.cuda else p.dtype
         self._hd = cfg.n_heads * cfg.head_dim
         self._rep_dim = cfg.d_model if cfg.repeat_head else 0
-        self.stats = {"requests": 0, "steps": 0, "prefills": 0, "full": 0, "model_calls": 0}
+        self.stats = {"requests": 0, "steps": 0, "prefills": 0, "full": 0, "model_calls": 0, "stale": 0}
+        # online deltas: how many were applied to this version, and which vocabulary indices changed
+        # meaning at which count (a cached state older than that holds the index's old meaning)
+        self.max_stale_deltas = max_stale_deltas
+        self.deltas = 0
+        self._moved: dict[int, int] = {}
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -174,6 +188,50 @@ class TransformerPredictor(Predictor):
         """The next model version with the same serving options and an empty cache (cached
         keys/values belong to the model that made them). Raises CheckpointError."""
         return type(self).from_checkpoint(path, **self._options)
+
+    def apply_delta(self, delta) -> bool:
+        """Apply an online :class:`~models.delta.ModelDelta` in place if it follows :attr:`version`
+        (:meth:`~models.delta.ModelDelta.follows`; else return False and change nothing); then
+        :attr:`version` is ``delta.label`` and every later prediction uses the new weights: new items
+        are in the vocabulary and ranked at once, the score budget follows the new ``n_items``.
+        Raises ``ValueError`` (nothing changed) for a delta that follows but does not fit the model.
+        Runs on the inference thread between two batches, like :meth:`predict`.
+
+        The KV cache is not flushed: a cached state was computed with the input rows of its time, so
+        it is stepped for ``max_stale_deltas`` more deltas and rebuilt from the history after that
+        (``stats["stale"]`` counts those rebuilds). A state whose window holds an index that changed
+        meaning is rebuilt at once: a row that a delta gave to another item id, or the hash bucket of
+        an id that became known (its events now read the item's own row, and count as repeats of it).
+
+        >>> import numpy as np
+        >>> from models.config import ModelConfig
+        >>> from models.delta import ModelDelta
+        >>> from models.model import NextActionModel
+        >>> vocab = ItemVocab(["a", "b", "c"], n_hash_buckets=4)
+        >>> model = NextActionModel(ModelConfig(n_items=len(vocab), n_hash_buckets=4, d_model=16, max_len=8))
+        >>> p = TransformerPredictor(model, vocab, version="0123456789ab", device="cpu", num_threads=1)
+        >>> d = ModelDelta("0123456789ab", 1, 0, [9], ["hot"], np.zeros((1, 16)), [50.0], [0])  # a new item
+        >>> p.apply_delta(d), p.version, p.apply_delta(d)  # the second time it no longer follows
+        (True, '0123456789ab+1', False)
+        >>> p.predict([EventSeq.from_columns(["a"], ["view"], [0])], k=1)[0].top_items[0][0]
+        'hot'
+        """
+        from models.delta import apply_delta
+
+        if not delta.follows(self.version):
+            return False
+        known = self.vocab.__contains__
+        buckets = {self.vocab.bucket(i) for i in delta.item_ids if not known(i)}  # ids that become known
+        moved = apply_delta(self.model, self.vocab, delta) + sorted(buckets)
+        self.cfg = self.model.cfg
+        self.max_rows = max(1, self._score_budget // self.cfg.n_items)
+        self.version = delta.label
+        self.deltas += 1
+        for row in moved:
+            self._moved[row] = self.deltas
+        if self._moved:  # older states are stale anyway: forget what only they could hold
+            self._moved = {r: c for r, c in self._moved.items() if c > self.deltas - self.max_stale_deltas}
+        return True
 
     def __repr__(self) -> str:
         return (f"TransformerPredictor({self.version} on {self.device}, threads={self.num_threads}, "
@@ -243,6 +301,10 @@ class TransformerPredictor(Predictor):
                 prefills: list[int] = []
                 for j in members:
                     e = self.cache.get(prev_keys[j]) if prev_keys[j] is not None else None
+                    if e is not None and self._stale(e):  # built too many deltas ago: rebuilt
+                        self.stats["stale"] += 1
+                        self.cache.pop(prev_keys[j])
+                        e = None
                     if e is not None and self._can_step(e):
                         steps.append((j, e))
                     else:
@@ -338,6 +400,16 @@ class TransformerPredictor(Predictor):
         # full window: evict mode drops the oldest token (approximate) until refresh_every evictions
         return self.overflow == "evict" and e.since_prefill < self.refresh_every
 
+    def _stale(self, e: CacheEntry) -> bool:
+        """Was ``e`` built more than ``max_stale_deltas`` deltas ago, or before a delta changed the
+        meaning of an index in its window (:meth:`apply_delta`)?"""
+        if self.deltas - e.deltas > self.max_stale_deltas:
+            return True
+        if self._moved:
+            moved = self._moved
+            return any(moved.get(i, -1) > e.deltas for i in e.items.tolist())
+        return False
+
     def _cacheable(self, n_tokens: int) -> bool:
         # exact mode: a full window can never be stepped (the next event re-prefills) — don't store it
         return n_tokens >= 1 and (self.overflow == "evict" or n_tokens < self.cfg.max_len)
@@ -412,11 +484,12 @@ class TransformerPredictor(Predictor):
             m = int(lengths[b])
             j = rows[b]
             if since is not None:
-                sp = since
+                sp, built = since, self.deltas
             else:  # count the approximate (evicting) steps since the state was rebuilt
                 sp = prev[b].since_prefill + int(prev[b].n >= self.cfg.max_len)  # type: ignore[index]
+                built = prev[b].deltas  # type: ignore[index]  # its oldest tokens' weights
             entry = CacheEntry(flat[b, :m].clone(), state.items[b, :m].clone(), m, int(positions[b]), sp,
-                               users[j] if users is not None else None, m * per_tok)
+                               users[j] if users is not None else None, m * per_tok, built)
             self.cache.put(cur_keys[j], entry)
 
     def _emit(self, o: dict[str, torch.Tensor], rows: list[int], out: list) -> None:

@@ -34,6 +34,7 @@ SERVING_OPTIONS: dict[str, tuple[str, Callable[[Any], Any]]] = {
     "kv_cache_mb": ("cache_bytes", lambda mb: int(mb) << 20),
     "kv_overflow": ("overflow", str),
     "kv_refresh_every": ("refresh_every", int),
+    "kv_max_stale_deltas": ("max_stale_deltas", int),
     "serve_score_dtype": ("score_dtype", str),
 }
 

@@ -11,17 +11,22 @@ docs/serving.md, "The inference process").
   that ``learns``) and is woken by ``add_reader`` when the reply is there.
   :meth:`~RemotePredictor.successor` has the child load, verify and warm up the next checkpoint
   beside the current one; the first batch naming the new version makes the child drop the old one.
+  :meth:`~RemotePredictor.apply_delta` ships an online delta (its safetensors bytes, base64 in the
+  message) to the child, which applies it to the model serving that version and files it under the
+  delta's label; the proxy's ``version`` follows.
 * :func:`serve` is the child's loop (:func:`stream_app.predictors.load_local` at start), answering
   until the pipe closes (the worker is gone: the child exits too).
 * Messages are orjson (no pickle): histories as ``EventSeq.to_json()``, predictions as
   ``Prediction.to_json()``. A child that dies is replaced on the next call (same settings, the
-  checkpoint last loaded) and the call retried once; a call cancelled or timed out mid-way kills
+  checkpoint last loaded, the deltas applied on top of it replayed as one merged delta:
+  :func:`models.delta.merge`) and the call retried once; a call cancelled or timed out mid-way kills
   the child, whose late reply would otherwise answer the next request.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import logging
 import multiprocessing as mp
 import threading
@@ -30,6 +35,7 @@ from typing import Any, Sequence
 
 import orjson
 
+from models.delta import ModelDelta, merge
 from models.errors import PredictorError
 from models.predictor import Prediction, Predictor
 from models.schema import EventSeq
@@ -105,6 +111,18 @@ def _handle(msg: dict, models: dict[str, Predictor], settings: SettingsType) -> 
                 log.exception("predictor %s observe() failed", version)
         out = pred.predict([EventSeq.from_json(h) for h in msg["h"]], msg["k"], msg.get("users"))
         return {"ok": True, "p": [p.to_json() for p in out]}
+    if op == "delta":
+        version = msg["v"]
+        pred = models.get(version)
+        if pred is None:
+            raise PredictorError(f"inference process has no model {version!r} (has {sorted(models)})")
+        try:
+            applied = pred.apply_delta(ModelDelta.decode(base64.b64decode(msg["d"])))
+        except ValueError as exc:  # a delta that does not fit: nothing changed (as in-process)
+            return {"ok": True, "applied": False, "version": version, "rejected": str(exc)}
+        if applied:
+            models[str(pred.version)] = models.pop(version)
+        return {"ok": True, "applied": bool(applied), "version": str(pred.version)}
     if op == "load":
         current = models[msg["current"]]
         new = _load(current, msg["path"], msg.get("sha256"), settings)
@@ -123,6 +141,8 @@ class _Channel:
         self.ctx = mp.get_context("spawn")
         self.lock = threading.Lock()
         self.path: str | None = None  # the checkpoint last loaded by a successor (for a respawn)
+        self.base: str | None = None  # the version the child loaded last (start or successor) ...
+        self.lineage: ModelDelta | None = None  # ... and the deltas applied on top of it, merged
         self.proc = self.conn = None
         self.pending_observe: list[dict] = []
         self.respawns = 0
@@ -137,6 +157,15 @@ class _Channel:
         hello = self._recv(timeout=CALL_TIMEOUT_S)
         if not hello.get("ok"):
             raise PredictorError(f"inference process failed to start: {hello.get('error')}")
+        if self.base is None:
+            self.base = str(hello["version"])
+        if self.lineage is not None and self.lineage.follows(hello["version"]):  # a respawn: replay the deltas
+            self.conn.send_bytes(orjson.dumps(_delta_message(hello["version"], self.lineage)))
+            reply = _checked(self._recv(timeout=CALL_TIMEOUT_S))
+            if not reply["applied"]:
+                raise PredictorError(f"inference process could not replay delta {self.lineage.label}: "
+                                     f"{reply.get('rejected')}")
+            hello["version"] = reply["version"]
         log.info("inference process %d serving %s", self.proc.pid, hello["version"])
         return hello
 
@@ -228,6 +257,10 @@ class _Channel:
             self.proc = None
 
 
+def _delta_message(version: str, delta: ModelDelta) -> dict:
+    return {"op": "delta", "v": version, "d": base64.b64encode(delta.encode()).decode("ascii")}
+
+
 def _checked(reply: dict) -> dict:
     if not reply.get("ok"):
         raise PredictorError(f"inference process: {reply.get('error')}")
@@ -299,7 +332,37 @@ class RemotePredictor(Predictor):
         batch that this new predictor makes (after ``Batcher.swap``)."""
         reply = self._channel.call({"op": "load", "current": self.version, "path": str(path), "sha256": sha256})
         self._channel.path = str(path)
+        self._channel.base, self._channel.lineage = str(reply["version"]), None  # a new lineage
         return self._described(self._channel, reply)
+
+    def apply_delta(self, delta: ModelDelta) -> bool:
+        """Apply ``delta`` to the child's model of :attr:`version` (the contract:
+        :meth:`models.predictor.Predictor.apply_delta`); ``version`` becomes ``delta.label`` when it
+        applied. Blocks on the pipe (call it from the inference thread, or await
+        :meth:`apply_delta_async`); raises ``ValueError`` for a delta that follows but does not fit."""
+        if not delta.follows(str(self.version)):
+            return False
+        return self._applied(delta, self._channel.call(_delta_message(str(self.version), delta)))
+
+    async def apply_delta_async(self, delta: ModelDelta) -> bool:
+        """:meth:`apply_delta` awaited on the event loop (no thread waits on the pipe)."""
+        if not delta.follows(str(self.version)):
+            return False
+        return self._applied(delta, await self._channel.call_async(_delta_message(str(self.version), delta)))
+
+    def _applied(self, delta: ModelDelta, reply: dict) -> bool:
+        if reply.get("rejected"):
+            raise ValueError(f"inference process rejected delta {delta.label}: {reply['rejected']}")
+        if not reply["applied"]:
+            return False
+        self.version = reply["version"]
+        ch = self._channel  # remembered for a respawn: the lineage of the checkpoint loaded last
+        if delta.base == ch.base:
+            if ch.lineage is None and delta.prev == 0:
+                ch.lineage = delta
+            elif ch.lineage is not None and delta.follows(ch.lineage.label):
+                ch.lineage = merge(ch.lineage, delta)
+        return True
 
     def warm_up(self) -> None:
         """The inference process warms each model up when it loads it."""

@@ -101,6 +101,9 @@ class _Settings(BaseSettings):
     kv_overflow: Literal[OVERFLOW_MODES] = Field("exact", description="at a full window: rebuild (`exact`) or drop "
                                                                         "the oldest token (`evict`)")
     kv_refresh_every: int = Field(16, description="with `evict`: re-prefill after this many dropped tokens")
+    kv_max_stale_deltas: int = Field(10, description="online deltas: a user's cached state built this many deltas "
+                                     "ago is still stepped, an older one is rebuilt from the history (0 = after "
+                                     "every delta; docs/serving.md, online deltas)")
     # --- operations ----------------------------------------------------------------------------
     web_bind: str = Field("127.0.0.1", description="the worker's web server (`/metrics`): address ...")
     web_port: int = Field(6066, description="... and port")
@@ -117,7 +120,7 @@ class _Settings(BaseSettings):
         return v
 
     @field_validator("max_future_skew_s", "max_event_age_s", "max_wait_ms", "serve_threads", "producer_linger_ms",
-                     "max_poll_records")
+                     "max_poll_records", "kv_max_stale_deltas")
     @classmethod
     def _non_negative(cls, v):
         if v < 0:

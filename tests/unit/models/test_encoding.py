@@ -79,6 +79,29 @@ def test_vocab_json_round_trip_and_errors():
         ItemVocab(["a", "a"])
 
 
+def test_set_items_appends_and_reuses_rows_in_place():
+    v = ItemVocab(["a", "b", "c"], n_hash_buckets=4)
+    first = v.first_item
+    assert v.set_items([first + 4, first + 3, first + 1], ["e", "d", "b"]) == []  # appends in index order; b: no-op
+    assert len(v) == first + 5 and v.items == ["a", "b", "c", "d", "e"] and v.index("e") == first + 4
+    assert v.set_items([first], ["z"]) == [first]  # row reuse: "a" is now unknown
+    assert v.index("z") == first and "a" not in v and v.index("a") == v.bucket("a")
+    assert v.set_items([first + 1, first + 2], ["c", "b"]) == [first + 1, first + 2]  # a swap in one call
+    assert (v.index("b"), v.index("c")) == (first + 2, first + 1)
+    assert ItemVocab.from_json(v.to_json()) == v and v.extended(["y", "z"]).items[-1] == "y"
+    snapshot = list(v.items)
+    for idx, ids, match in (([first - 1], ["q"], f"index {first - 1} is below the first item row"),
+                            ([0], ["q"], "index 0 is below"),
+                            ([len(v) + 1], ["q"], f"index {len(v) + 1} leaves a gap"),
+                            ([first, first], ["q", "r"], f"index {first} is given twice"),
+                            ([len(v), len(v) + 1], ["q", "q"], "'q' is given to rows"),
+                            ([len(v)], ["b"], "'b' is already at row"),
+                            ([first], ["q", "r"], "1 indices but 2 ids")):
+        with pytest.raises(ValueError, match=match):
+            v.set_items(idx, ids)
+        assert v.items == snapshot  # a refused call changes nothing
+
+
 def test_disabled_features_are_zero():
     cfg = CFG.replace(features=("item", "action"))
     x = encode(_seq(5), VOCAB, cfg)

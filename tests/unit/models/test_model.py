@@ -181,6 +181,39 @@ def test_item_rows_with_categories_are_cached_for_serving_and_follow_weight_chan
     torch.testing.assert_close(b, m.item_emb.weight + m.cat_emb(m.item_category))
 
 
+def test_a_delta_grows_the_tables_and_the_serving_caches_follow():
+    from models.delta import ModelDelta
+
+    vocab = ItemVocab([f"i{k}" for k in range(15)], n_hash_buckets=4)
+    torch.manual_seed(0)
+    m = NextActionModel(ModelConfig(n_items=len(vocab), n_hash_buckets=4, d_model=8, n_heads=2, max_len=4,
+                                    item_categories=True, n_category_buckets=8, transition_weight=1.0)).eval()
+    m.set_item_categories(np.arange(len(vocab)) % 5)
+    m.set_untrained_items([7], [vocab.bucket("i3")])
+    with torch.inference_mode():
+        rows, (table, _) = m.item_vectors(), m._item_table(torch.bfloat16)
+    weight = m.item_emb.weight
+    d = ModelDelta("v", 1, 0, [7, 19, 20], ["i1", "n0", "n1"], np.ones((3, 8)), [1.0, 2.0, 3.0], [0, 4, 8],
+                   trans_rows=[20], trans_ptr=[0, 2], trans_idx=[7, 19], trans_val=[0.5, 0.25],
+                   action_bias=np.arange(5.0), calibration=(1.5, (0.0, 0.1, 0.2, 0.3, 0.4)))
+    m.apply_delta(d)
+    assert m.cfg.n_items == 21 and m.item_emb.weight is weight and m.item_emb.weight.shape == (21, 8)
+    assert m.item_bias.shape == (21,) and m.item_category.tolist()[19:] == [4, 8]
+    assert m.item_input.tolist()[6:] == list(range(6, 21))  # delta rows read their own row (7 read a bucket)
+    assert m.trans_ptr.tolist() == [0] * 21 + [2] and m.uses_transitions  # a table where there was none
+    assert (m.cfg.action_temperature, m.cfg.action_bias[1]) == (1.5, 0.1)
+    assert m.action_head.bias.tolist() == [0.0, 1.0, 2.0, 3.0, 4.0]
+    with torch.inference_mode():
+        rows2, (table2, bias2) = m.item_vectors(), m._item_table(torch.bfloat16)
+    assert rows2.shape == (21, 8) and table2.shape == (21, 8) and bias2[20].item() == 3.0
+    torch.testing.assert_close(rows2, m.item_emb.weight + m.cat_emb(m.item_category))
+    assert torch.equal(rows2[:7], rows[:7]) and not torch.equal(rows2[7], rows[7]) and table2 is not table
+    with pytest.raises(ValueError, match=r"trans_idx must be item rows in \[6, 21\)"):
+        m.apply_delta(ModelDelta("v", 2, 1, [], [], np.zeros((0, 8)), [], [], trans_rows=[8], trans_ptr=[0, 1],
+                                 trans_idx=[21], trans_val=[1.0]))
+    assert m.cfg.n_items == 21 and m.trans_ptr[-1].item() == 2  # refused: unchanged
+
+
 def _pattern_seqs(n_users: int, length: int, rng) -> list[EventSeq]:
     """Deterministic item cycles (i -> i+1 mod 12) and an action funnel view→click→cart→purchase."""
     out = []

@@ -122,6 +122,29 @@ def test_successor_is_none_or_serves_the_new_checkpoint(predictor, make_checkpoi
         new.close()
 
 
+def test_a_delta_for_its_version_applies_in_place_or_is_refused_without_change(predictor):
+    """A delta built for the predictor's version (a changed row, a new item, the action bias) either
+    applies (the version becomes its label, predictions stay well formed, the new item is ranked)
+    or, for a predictor without such a model (the baseline), returns False and changes nothing."""
+    from models.delta import ModelDelta, label_parts
+
+    version = str(predictor.version)
+    first, n, d = 6, 46, 32  # the make_checkpoint(0) model: 4 hash buckets, 40 items, d_model 32
+    delta = ModelDelta(version, label_parts(version)[1] + 1, label_parts(version)[1], [first + 1, n], ["i1", "new-1"],
+                       np.full((2, d), 0.01, np.float32), [0.0, 1_000.0], [0, 0], action_bias=np.zeros(5))
+    hs = _histories()
+    applied = predictor.apply_delta(delta)
+    assert isinstance(applied, bool)
+    if not applied:
+        assert predictor.version == version
+        return
+    assert predictor.version == delta.label != version
+    for p in predictor.predict(hs, K):
+        _well_formed(p, K)
+        assert p.top_items[0][0] == "new-1"  # the new item ranks at once
+    assert predictor.apply_delta(delta) is False and predictor.version == delta.label  # applied once only
+
+
 def test_warm_up_and_close_are_safe(predictor):
     predictor.warm_up()
     predictor.close()

@@ -214,13 +214,15 @@ def test_lru_is_bounded_by_users_and_bytes(ckpt):
 
 
 def test_swap_gives_a_fresh_cache_and_the_new_version(ckpt, ckpt2):
-    p1 = TransformerPredictor.from_checkpoint(ckpt, device="cpu", num_threads=1)
+    p1 = TransformerPredictor.from_checkpoint(ckpt, device="cpu", num_threads=1, max_stale_deltas=3)
     h = EventSeq.from_columns(ITEMS[:3], ["view", "click", "cart"], [T0, T0 + 1_000, T0 + 2_000])
     p1.predict([h[:2]], 3, users=["u"])
     assert len(p1.cache) == 1
     p2 = p1.successor(ckpt2)
     assert p2.version != p1.version and len(p2.cache) == 0
-    assert (p2.num_threads, p2.overflow, p2.cache.max_entries) == (p1.num_threads, p1.overflow, p1.cache.max_entries)
+    assert (p2.num_threads, p2.overflow, p2.cache.max_entries, p2.max_stale_deltas) == (
+        p1.num_threads, p1.overflow, p1.cache.max_entries, 3)
+    assert p2.deltas == 0  # a full version starts a new lineage
     pr = p2.predict([h], 3, users=["u"])
     assert p2.stats["steps"] == 0 and p2.stats["prefills"] == 1  # rebuilt with the new model
     _assert_matches(p2.model, [h], pr, 3)
@@ -261,7 +263,8 @@ def test_bad_arguments_name_the_setting_or_the_argument():
 
     for kw, setting in (({"num_threads": 0}, "serve_threads"), ({"refresh_every": 0}, "kv_refresh_every"),
                         ({"cache_users": -1}, "kv_cache_users"), ({"cache_bytes": -(1 << 20)}, "kv_cache_mb"),
-                        ({"overflow": "sometimes"}, "kv_overflow")):
+                        ({"overflow": "sometimes"}, "kv_overflow"),
+                        ({"max_stale_deltas": -1}, "kv_max_stale_deltas")):
         with pytest.raises(ConfigError, match=f"^'{setting}'") as exc:
             make(**kw)
         assert exc.value.name == setting

@@ -129,6 +129,45 @@ def test_the_event_loop_path_answers_alike_and_replaces_a_dead_child(checkpoints
         remote.close()
 
 
+def test_a_delta_applied_in_the_child_answers_like_in_process_and_survives_a_respawn(checkpoints):
+    from models.delta import ModelDelta
+
+    v1, _ = checkpoints
+    local = TransformerPredictor.from_checkpoint(v1, device="cpu", num_threads=1)
+    remote = RemotePredictor.start(Settings(checkpoint=v1, device="cpu", serve_threads=1))
+    try:
+        base, first, n = remote.version, local.vocab.first_item, len(local.vocab)
+        rng = np.random.default_rng(4)
+        d1 = ModelDelta(base, 1, 0, [first + 2, n, n + 1], ["i2", "new-1", "new-2"], rng.normal(0, 0.1, (3, 32)),
+                        [0.1, 5.0, -1.0], [0, 0, 0], trans_rows=[first + 1], trans_ptr=[0, 1], trans_idx=[n + 1],
+                        trans_val=[2.0], action_bias=rng.normal(0, 0.3, 5))
+        d2 = ModelDelta(base, 2, 1, [first + 4], ["new-3"], rng.normal(0, 0.1, (1, 32)), [3.0], [0])
+        hs = _histories(6) + [EventSeq.from_columns(["i1", "new-1", "new-3"], ["view"] * 3,
+                                                    [1_700_000_000_000, 1_700_000_001_000, 1_700_000_002_000])]
+        users = [f"u{i}" for i in range(len(hs))]
+        remote.predict(hs, 5, users=users)  # warm the child's cache
+        assert not remote.apply_delta(ModelDelta(base, 2, 1, [], [], np.zeros((0, 32)), [], []))  # does not follow
+        assert remote.apply_delta(d1) and remote.version == f"{base}+1"
+        assert asyncio.run(remote.apply_delta_async(d2)) and remote.version == f"{base}+2"
+        assert not remote.apply_delta(d2)  # the same delta twice
+        with pytest.raises(ValueError, match="rejected.*gap"):  # follows, does not fit: nothing changes
+            remote.apply_delta(ModelDelta(base, 3, 2, [n + 9], ["far"], np.zeros((1, 32)), [0.0], [0]))
+        assert local.apply_delta(d1) and local.apply_delta(d2) and local.version == remote.version
+        want = local.predict_full(hs, 5)
+        for a, b in zip(remote.predict(hs, 5, users=users), want):
+            _same(a, b)
+        assert "new-1" in [i for i, _ in want[-1].top_items]
+        old_pid = remote.pid
+        os.kill(old_pid, signal.SIGKILL)
+        remote._channel.proc.join(10)
+        again = remote.predict(hs, 5)  # respawned: the checkpoint, then its deltas replayed as one
+        assert remote.pid != old_pid and remote._channel.respawns == 1 and remote.version == f"{base}+2"
+        for a, b in zip(again, want):
+            _same(a, b)
+    finally:
+        remote.close()
+
+
 def test_bad_checkpoint_in_the_child_falls_back_to_the_baseline_which_learns(tmp_path):
     remote = RemotePredictor.start(Settings(checkpoint=tmp_path / "missing", device="cpu", serve_threads=1))
     try:
