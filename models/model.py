@@ -361,13 +361,15 @@ class NextActionModel(nn.Module):
 
     def resize_optimizer_state(self, optimizer: torch.optim.Optimizer) -> int:
         """After a delta grew the item tables (:meth:`apply_delta`): pad the optimizer's
-        per-parameter state of ``item_emb.weight`` and ``item_bias`` (e.g. Adam's moments) with zero
-        rows to the new size, so training continues where it was. Returns the tensors resized."""
+        per-parameter state of ``item_emb.weight`` and ``item_bias`` to the new size, so training
+        continues where it was: new rows start as a fresh parameter would (zero moments for Adam,
+        Adagrad's ``initial_accumulator_value`` for its sums). Returns the tensors resized."""
         n = 0
         for p in (self.item_emb.weight, self.item_bias):
             for key, t in optimizer.state.get(p, {}).items():
                 if torch.is_tensor(t) and t.dim() == p.dim() and t.shape[1:] == p.shape[1:] and t.shape[0] < p.shape[0]:
-                    grown = t.new_zeros(p.shape)
+                    fill = optimizer.defaults.get("initial_accumulator_value", 0.0) if key == "sum" else 0.0
+                    grown = t.new_full(p.shape, fill)
                     grown[: t.shape[0]] = t
                     optimizer.state[p][key] = grown
                     n += 1
@@ -525,10 +527,12 @@ class NextActionModel(nn.Module):
     # ------------------------------------------------------------------------------------------
     # training
     # ------------------------------------------------------------------------------------------
-    def forward(self, batch: dict[str, torch.Tensor], objective: str = "causal"):
+    def forward(self, batch: dict[str, torch.Tensor], objective: str = "causal", last_only: bool = False):
         """Train/eval pass over all positions. ``batch`` is a :func:`models.encoding.collate` output.
 
-        ``objective='causal'``: position ``t`` predicts event ``t + 1`` (item, action, gap).
+        ``objective='causal'``: position ``t`` predicts event ``t + 1`` (item, action, gap); with
+        ``last_only`` only the last event is a target (predicted from all the events before it: the
+        online trainer's examples, whose earlier positions were learned when they happened).
         ``objective='masked'``: BERT4Rec-style — random items replaced by the mask token,
         bidirectional attention, predict the masked items.
         Returns ``(outputs, loss)`` with ``outputs = {hidden [B,T,d], action_logits [B,T,5],
@@ -541,6 +545,8 @@ class NextActionModel(nn.Module):
         h = self.hidden(inp)  # (B, T, d)
         ar = torch.arange(T, device=items.device)
         tmask = ar[None, :] < (lengths[:, None] - 1)  # (B, T): positions with a next event
+        if last_only:
+            tmask = ar[None, :] == (lengths[:, None] - 2)  # (B, T): the position before the last event
         rows, cols = tmask.nonzero(as_tuple=True)  # N target positions
         h_n = h[rows, cols]  # (N, d)
         tgt_item = items[rows, cols + 1]  # (N,)

@@ -25,8 +25,8 @@ EVENTS_REJECTED = Counter("nextaction_events_rejected", "Messages dead-lettered,
                           registry=REGISTRY)
 EVENTS_DUPLICATE = Counter("nextaction_events_duplicate",
                            "Events already in the user's history (redelivery after a restart)", registry=REGISTRY)
-PREDICTIONS_OUT = Counter("nextaction_predictions_out", "Predictions published", ["model_version"],
-                          registry=REGISTRY)
+PREDICTIONS_OUT = Counter("nextaction_predictions_out", "Predictions published, by full model version (online "
+                          "deltas on top of it are not told apart here)", ["model_version"], registry=REGISTRY)
 OUTCOMES_OUT = Counter("nextaction_outcomes_out", "Outcome records published", registry=REGISTRY)
 PREDICT_ERRORS = Counter("nextaction_predict_errors", "Predictor calls that raised (before retries)",
                          registry=REGISTRY)
@@ -54,6 +54,24 @@ MODEL_SWAPS = Counter("nextaction_model_swaps", "Predictor hot swaps", registry=
 MODEL_UPDATES = Counter("nextaction_model_updates", "model-updates records, by result (applied, skipped, rejected: "
                         "full versions; delta, gap, ignored: online deltas)",
                         ["result"], registry=REGISTRY)
+
+# --- the online trainer's process (stream_app.training), on its own web port -----------------------------
+ONLINE_EXAMPLES = Counter("nextaction_online_examples", "outcomes read by the trainer, by what became of them "
+                          "(learned, out_of_order, rate_limited, bad_record)", ["result"], registry=REGISTRY)
+ONLINE_PREQUENTIAL = Gauge("nextaction_online_prequential", "Rolling prequential metric of each served version "
+                           "(scored before anything learns from the example)", ["version", "metric"],
+                           registry=REGISTRY)
+ONLINE_SHADOW = Gauge("nextaction_online_shadow_ndcg10", "Rolling NDCG@10 of the served models vs the frozen shadow "
+                      "over the rollback window", ["model"], registry=REGISTRY)
+ONLINE_STEPS = Counter("nextaction_online_steps", "Training steps, by result (ok, or the guard's reason)",
+                       ["result"], registry=REGISTRY)
+ONLINE_STEP_SECONDS = Histogram("nextaction_online_step_seconds", "Wall time of one learn() call (score, filter, "
+                                "step)", buckets=_LATENCY_BUCKETS, registry=REGISTRY)
+ONLINE_PUBLISHED = Counter("nextaction_online_published", "model-updates records the trainer wrote, by kind "
+                           "(delta, online, reset, rollback)", ["kind"], registry=REGISTRY)
+ONLINE_DRIFTS = Counter("nextaction_online_drifts", "Drift detections on the prequential loss", registry=REGISTRY)
+ONLINE_VOCAB = Gauge("nextaction_online_vocabulary_items", "Items in the trainer's vocabulary", registry=REGISTRY)
+ONLINE_LAG = Gauge("nextaction_online_lag_records", "outcomes records not yet read by the trainer", registry=REGISTRY)
 
 CONTENT_TYPE = "text/plain"  # aiohttp refuses a charset inside content_type; version param is optional
 

@@ -217,7 +217,13 @@ class Pipeline:
             return "rejected:bad_delta"
         batcher = await self.start_batcher()
         current = batcher.predictor
-        if await batcher.run_in_executor(current.apply_delta, delta):
+        try:
+            applied = await batcher.run_in_executor(current.apply_delta, delta)
+        except ValueError as exc:  # it follows the served version but does not fit the model: nothing changed
+            log.error("!!! model delta %s rejected, still serving %s: %s", delta.label, current.version, exc)
+            monitoring.MODEL_UPDATES.labels("rejected").inc()
+            return "rejected:" + type(exc).__name__
+        if applied:
             monitoring.MODEL_UPDATES.labels("delta").inc()
             return f"delta:{delta.label}"
         base, seq = label_parts(str(current.version))
@@ -413,7 +419,7 @@ class Pipeline:
         await self.publisher.send("predictions", key, prediction_record(
             user, stored, latency_ms=latency * 1000.0, history_len=len(req.history), activity=src.activity,
             duplicate=src.duplicate, published_ms=int(now * 1000)))
-        monitoring.PREDICTIONS_OUT.labels(r.version).inc()
+        monitoring.PREDICTIONS_OUT.labels(label_parts(r.version)[0]).inc()  # the full version: bounded labels
         monitoring.EVENT_TO_PREDICTION.observe(latency)
         if not replay:
             pend.state.last, pend.dirty = stored, True
