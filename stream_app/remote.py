@@ -102,7 +102,9 @@ def _handle(msg: dict, models: dict[str, Predictor], settings: SettingsType) -> 
         pred = models.get(version)
         if pred is None:
             raise PredictorError(f"inference process has no model {version!r} (has {sorted(models)})")
-        for other in [v for v in models if v != version]:  # the swap happened: free the old model
+        # models are kept in load order: a batch of a version means the swap to it happened, so the
+        # ones loaded before it go; one loaded after it (a successor still warming up) stays
+        for other in list(models)[:list(models).index(version)]:
             del models[other]
         for seq in msg.get("observe", ()):  # best effort, as in-process (Batcher._infer)
             try:
@@ -120,8 +122,10 @@ def _handle(msg: dict, models: dict[str, Predictor], settings: SettingsType) -> 
             applied = pred.apply_delta(ModelDelta.decode(base64.b64decode(msg["d"])))
         except ValueError as exc:  # a delta that does not fit: nothing changed (as in-process)
             return {"ok": True, "applied": False, "version": version, "rejected": str(exc)}
-        if applied:
-            models[str(pred.version)] = models.pop(version)
+        if applied:  # the same model under its new label, in the same place of the load order
+            renamed = {(str(pred.version) if v == version else v): m for v, m in models.items()}
+            models.clear()
+            models.update(renamed)
         return {"ok": True, "applied": bool(applied), "version": str(pred.version)}
     if op == "load":
         current = models[msg["current"]]

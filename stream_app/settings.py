@@ -104,6 +104,31 @@ class _Settings(BaseSettings):
     kv_max_stale_deltas: int = Field(10, description="online deltas: a user's cached state built this many deltas "
                                      "ago is still stepped, an older one is rebuilt from the history (0 = after "
                                      "every delta; docs/serving.md, online deltas)")
+    # --- online learning (``nextaction trainer``; stream_app/training.py, online/trainer.py) ------
+    models_dir: Path | None = Field(None, description="where the trainer saves full versions: storage every "
+                                    "worker can read (a shared volume); unset = `DATA_DIR/models`")
+    trainer_port: int = Field(6067, description="the trainer's `/metrics` port (on `WEB_BIND`)")
+    trainer_batch: int = Field(256, description="outcomes the trainer learns from per step, at most")
+    trainer_delta_interval_s: float = Field(2.0, description="seconds between the trainer's deltas (the rows it "
+                                            "changed, applied in place by every worker)")
+    trainer_full_every_examples: int = Field(50_000, description="a full version (all weights, a new checkpoint) "
+                                             "after this many examples ...")
+    trainer_full_every_s: float = Field(600.0, description="... or this many seconds, whichever comes first")
+    trainer_start: Literal["earliest", "latest"] = Field("earliest", description="where a trainer with no "
+                                                         "recorded offsets starts reading `outcomes`")
+    trainer_lease_timeout_s: float = Field(10.0, description="a dead trainer's lease passes to a standby after "
+                                           "this long")
+    trainer_dense_lr: float = Field(1e-4, description="online learning rate of the encoder and heads (Adam)")
+    trainer_sparse_lr: float = Field(0.05, description="online learning rate of the item rows (Adagrad)")
+    trainer_replay_ratio: float = Field(1.0, description="replayed older examples per new example in a step")
+    trainer_max_new_items: int = Field(20_000, description="items the vocabulary may add online; beyond, the "
+                                       "online item seen least recently gives up its row")
+    trainer_user_per_minute: int = Field(60, description="examples learned per user per minute of event time "
+                                         "(one bot cannot steer the model)")
+    trainer_rollback_window: int = Field(2000, description="rollback: served vs frozen-shadow NDCG@10 over this "
+                                         "many outcomes ...")
+    trainer_rollback_margin: float = Field(0.02, description="... served worse by more than this (absolute) ...")
+    trainer_rollback_min: int = Field(500, description="... with at least this many outcomes in the window")
     # --- operations ----------------------------------------------------------------------------
     web_bind: str = Field("127.0.0.1", description="the worker's web server (`/metrics`): address ...")
     web_port: int = Field(6066, description="... and port")
@@ -112,7 +137,9 @@ class _Settings(BaseSettings):
     @field_validator("partitions", "window_events", "window_ttl_s", "activity_window_s", "max_event_bytes",
                      "top_k", "max_batch", "predict_queue", "kafka_port", "kafka_controller_port",
                      "kv_cache_users", "kv_cache_mb", "kv_refresh_every", "stream_buffer_maxsize",
-                     "producer_buffer_max_messages")
+                     "producer_buffer_max_messages", "trainer_port", "trainer_batch", "trainer_full_every_examples",
+                     "trainer_max_new_items", "trainer_user_per_minute", "trainer_rollback_window",
+                     "trainer_rollback_min")
     @classmethod
     def _positive(cls, v: int) -> int:
         if v < 1:
@@ -120,14 +147,15 @@ class _Settings(BaseSettings):
         return v
 
     @field_validator("max_future_skew_s", "max_event_age_s", "max_wait_ms", "serve_threads", "producer_linger_ms",
-                     "max_poll_records", "kv_max_stale_deltas")
+                     "max_poll_records", "kv_max_stale_deltas", "trainer_replay_ratio", "trainer_rollback_margin")
     @classmethod
     def _non_negative(cls, v):
         if v < 0:
             raise ValueError("must be >= 0")
         return v
 
-    @field_validator("commit_interval_s", "gil_switch_interval_ms")
+    @field_validator("commit_interval_s", "gil_switch_interval_ms", "trainer_delta_interval_s", "trainer_full_every_s",
+                     "trainer_lease_timeout_s", "trainer_dense_lr", "trainer_sparse_lr")
     @classmethod
     def _positive_float(cls, v: float) -> float:
         if not v > 0:

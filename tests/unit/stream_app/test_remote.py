@@ -64,6 +64,9 @@ def test_child_process_answers_like_the_in_process_predictor_and_swaps(checkpoin
         assert remote._channel.pending_observe == []
         nxt = remote.successor(str(v2))
         assert nxt.version == local2.version != remote.version
+        # batches of the current version go on while the successor waits for its swap (traffic never stops)
+        for a, b in zip(remote.predict(hs, 5, users=users), local1.predict(hs, 5, users=users)):
+            _same(a, b)
         for a, b in zip(nxt.predict(hs, 5, users=users), local2.predict(hs, 5, users=users)):
             _same(a, b)
         assert remote._channel.pending_observe == []

@@ -1,0 +1,385 @@
+"""The online trainer as a service: ``outcomes`` in, ``model-updates`` out (``nextaction trainer``).
+
+One trainer is **active** per app (``app_id``): trainers join one consumer group on a one-partition
+lease topic (``<app_id>.trainer-lease``), and the member holding its partition learns and publishes;
+the others wait as hot standbys and take over when the active one leaves or dies (after the group's
+session timeout). So a fleet runs one trainer per GPU/CPU node it can spare, and only one writes.
+
+The active trainer (logic: :class:`online.trainer.OnlineTrainer`):
+
+1. **resumes its lineage** from ``model-updates`` (:func:`stream_app.updates.lineage_start`): the
+   newest full record names the checkpoint to continue from, and that checkpoint's metadata holds
+   the ``outcomes`` offsets it learned up to (``online.offsets``) and how many examples the lineage
+   learned (``online.examples``). Deltas published after it by a trainer that died are superseded
+   by re-announcing that checkpoint (``reason: reset``), so the workers drop them and every example
+   after the offsets is learned exactly once in the lineage they serve. Without any full record it
+   announces ``settings.checkpoint`` and starts at the beginning of ``outcomes``
+   (``trainer_start``);
+2. reads ``outcomes`` (a group-less consumer assigned to every partition, so its offsets are the
+   ones recorded with the versions, not a group's), learns in batches, and every
+   ``trainer_delta_interval_s`` publishes the rows it changed as deltas (bytes on the topic);
+3. every ``trainer_full_every_examples`` examples or ``trainer_full_every_s`` seconds saves a full
+   checkpoint under ``models_dir`` (storage every worker can read: a shared volume in production)
+   and announces it (``reason: online``); records are numbered (``n``) and the numbers only grow;
+4. rolls the fleet back to the last good full version when the served models score worse than the
+   frozen shadow by ``trainer_rollback_margin`` (``reason: rollback``).
+
+Metrics on ``/metrics`` at ``web_bind:trainer_port``; a summary line in the log every 10 s.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from models.errors import ConfigError
+from stream_app import monitoring
+from stream_app.kafka_admin import ensure_topics_async, start_client
+from stream_app.records import DELTA, FULL, KIND_HEADER, ModelUpdate, update_kind
+from stream_app.settings import SettingsType
+from stream_app.updates import lineage_start, read_range
+
+log = logging.getLogger(__name__)
+
+#: ``Settings`` field → ``online.trainer.OnlineConfig`` field.
+ONLINE_OPTIONS = {"trainer_dense_lr": "dense_lr", "trainer_sparse_lr": "sparse_lr",
+                  "trainer_replay_ratio": "replay_ratio", "trainer_max_new_items": "max_new_items",
+                  "trainer_user_per_minute": "user_per_minute", "trainer_rollback_window": "shadow_window",
+                  "trainer_rollback_margin": "shadow_margin", "trainer_rollback_min": "shadow_min"}
+
+
+def online_config(settings: SettingsType):
+    """The trainer's :class:`~online.trainer.OnlineConfig` from ``settings`` (:data:`ONLINE_OPTIONS`)."""
+    from online.trainer import OnlineConfig  # noqa: PLC0415 - imports torch
+
+    return OnlineConfig(**{field: getattr(settings, name) for name, field in ONLINE_OPTIONS.items()})
+
+
+@dataclass
+class Lineage:
+    """Where the trainer stands on ``model-updates``: the full version its model is, and the counters."""
+
+    path: Path
+    sha256: str
+    n: int  # the number of the last record published (by anyone) on the topic
+    next_seq: int  # the next delta number (above any on the topic)
+    offsets: dict[int, int] | None  # outcomes offsets learned up to (None: not recorded)
+    examples: int  # examples the lineage learned
+    timestamp_ms: int  # the full record's time
+
+
+class Lease:
+    """Membership of the trainers' group on the one-partition lease topic; ``active`` while this
+    member holds the partition."""
+
+    def __init__(self, settings: SettingsType) -> None:
+        self.settings = settings
+        self.topic = f"{settings.app_id}.trainer-lease"
+        self.active = asyncio.Event()
+        self.lost = False
+        self.consumer = None
+
+    async def start(self) -> None:
+        from aiokafka import AIOKafkaConsumer  # noqa: PLC0415
+        from aiokafka.abc import ConsumerRebalanceListener  # noqa: PLC0415
+
+        lease = self
+
+        class Listener(ConsumerRebalanceListener):
+            async def on_partitions_revoked(self, revoked):
+                if lease.active.is_set():
+                    lease.lost = True
+                lease.active.clear()
+
+            async def on_partitions_assigned(self, assigned):
+                if assigned:
+                    lease.active.set()
+
+        await ensure_topics_async(self.settings, [self.topic], partitions=1)
+        self.consumer = AIOKafkaConsumer(bootstrap_servers=self.settings.bootstrap_servers,
+                                         group_id=f"{self.settings.app_id}-trainer", enable_auto_commit=False,
+                                         session_timeout_ms=int(self.settings.trainer_lease_timeout_s * 1000),
+                                         heartbeat_interval_ms=int(self.settings.trainer_lease_timeout_s * 1000 / 3),
+                                         client_id=f"{self.settings.app_id}-trainer")
+        await start_client(self.settings, self.consumer.start, self.consumer.stop)
+        self.consumer.subscribe([self.topic], listener=Listener())
+
+    async def wait(self) -> None:
+        """Until this member holds the lease (polling keeps the membership alive)."""
+        while not self.active.is_set():
+            await self.poll()
+            await asyncio.sleep(0.2)
+
+    async def poll(self) -> None:
+        await self.consumer.getmany(timeout_ms=0)
+
+    async def stop(self) -> None:
+        if self.consumer is not None:
+            await self.consumer.stop()
+
+
+class TrainingService:
+    """See the module docstring. ``run()`` until cancelled."""
+
+    def __init__(self, settings: SettingsType) -> None:
+        self.settings = settings
+        self.topic = settings.topic_model_updates
+        self.models_dir = Path(settings.models_dir or Path(settings.data_dir) / "models").expanduser().absolute()
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="nextaction-learn")
+        self.trainer = None
+        self.lineage: Lineage | None = None
+        self.last_good: tuple[Path, str] | None = None
+        self.next_offsets: dict[int, int] = {}
+        self.producer = None
+        self.since_full = 0
+        self.published: list[dict] = []  # what this service published (tests, logs)
+
+    # ------------------------------------------------------------------ lifecycle
+    async def run(self) -> None:
+        s = self.settings
+        lease = Lease(s)
+        await lease.start()
+        try:
+            log.info("trainer waiting for the lease on %r (one active trainer per app)", lease.topic)
+            await lease.wait()
+            log.info("trainer holds the lease: resuming the lineage from %r", self.topic)
+            await self._serve(lease)
+        finally:
+            await lease.stop()
+            if self.producer is not None:
+                await self.producer.stop()
+            self.pool.shutdown(wait=False)
+
+    async def _serve(self, lease: Lease) -> None:
+        from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition  # noqa: PLC0415
+
+        s = self.settings
+        await ensure_topics_async(s, [s.topic_outcomes, self.topic])
+        self.producer = AIOKafkaProducer(bootstrap_servers=s.bootstrap_servers, acks="all", enable_idempotence=True,
+                                         client_id=f"{s.app_id}-trainer-publisher", max_request_size=4 << 20)
+        await start_client(s, self.producer.start, self.producer.stop)
+        await self._resume()
+        outcomes = AIOKafkaConsumer(bootstrap_servers=s.bootstrap_servers, group_id=None, enable_auto_commit=False,
+                                    client_id=f"{s.app_id}-trainer-outcomes", max_partition_fetch_bytes=8 << 20)
+        await start_client(s, outcomes.start, outcomes.stop)
+        try:
+            parts = sorted(await self.producer.partitions_for(s.topic_outcomes))
+            tps = [TopicPartition(s.topic_outcomes, p) for p in parts]
+            outcomes.assign(tps)
+            await self._seek(outcomes, tps)
+            await self._loop(outcomes, tps, lease)
+        finally:
+            await outcomes.stop()
+
+    # ------------------------------------------------------------------ resume
+    async def _resume(self) -> None:
+        """Load the lineage's full version (or announce ``settings.checkpoint``) into a trainer."""
+        from aiokafka import AIOKafkaConsumer, TopicPartition  # noqa: PLC0415
+
+        from models.checkpoint import load_checkpoint, read_manifest  # noqa: PLC0415
+        from models.devices import resolve_device  # noqa: PLC0415
+        from online.trainer import OnlineTrainer  # noqa: PLC0415
+
+        s = self.settings
+        consumer = AIOKafkaConsumer(bootstrap_servers=s.bootstrap_servers, group_id=None, enable_auto_commit=False)
+        await start_client(s, consumer.start, consumer.stop)
+        try:
+            parts = sorted(await self.producer.partitions_for(self.topic))
+            tps = [TopicPartition(self.topic, p) for p in parts]
+            consumer.assign(tps)
+            ends = await consumer.end_offsets(tps)
+            start = await lineage_start(consumer, tps, ends)
+            recs = await read_range(consumer, start[0], start[1], ends[start[0]]) if start else []
+            n = seq = 0
+            for tp in tps:  # the highest record number and delta number on the topic
+                for rec in await read_range(consumer, tp, max(0, ends[tp] - 2000), ends[tp]):
+                    n, seq = self._counters(rec, n, seq)
+        finally:
+            await consumer.stop()
+        device = resolve_device(s.device)
+        if recs:
+            full = ModelUpdate.decode(recs[0].value)
+            ck = load_checkpoint(full.path, device=device)
+            online = ck.metadata.get("online") or {}
+            self.lineage = Lineage(Path(full.path), ck.content_hash, n, seq + 1,
+                                   {int(p): int(o) for p, o in online.get("offsets", {}).items()} or None,
+                                   int(online.get("examples", 0)), recs[0].timestamp)
+            stale = sum(update_kind(r.headers) == DELTA for r in recs[1:])
+            log.info("resuming from %s (%s): %d examples learned, offsets %s; %d deltas after it are superseded",
+                     full.path, ck.version, self.lineage.examples, self.lineage.offsets, stale)
+            if stale:
+                await self._announce(self.lineage.path, ck.content_hash, "reset")
+        else:
+            if s.checkpoint is None:
+                raise ConfigError("checkpoint", None, "the trainer needs a Transformer checkpoint to start a lineage "
+                                                      "(no full version on model-updates yet)")
+            path = Path(s.checkpoint).expanduser().absolute()
+            ck = load_checkpoint(path, device=device)
+            self.lineage = Lineage(path, read_manifest(path)["content_hash"], n, seq + 1, None, 0, 0)
+            await self._announce(path, ck.content_hash, "online")
+        self.trainer = OnlineTrainer(ck.model, ck.vocab, ck.version, online_config(s), device=device)
+        self.trainer.next_seq = self.lineage.next_seq
+        self.last_good = (self.lineage.path, ck.content_hash)
+        monitoring.ONLINE_VOCAB.set(len(ck.vocab))
+
+    @staticmethod
+    def _counters(rec: Any, n: int, seq: int) -> tuple[int, int]:
+        try:
+            if update_kind(rec.headers) == FULL:
+                return max(n, ModelUpdate.decode(rec.value).n or 0), seq
+            from models.delta import ModelDelta  # noqa: PLC0415
+
+            return n, max(seq, ModelDelta.decode(rec.value).seq)
+        except ValueError:
+            return n, seq
+
+    async def _seek(self, consumer: Any, tps: list) -> None:
+        lin = self.lineage
+        if lin.offsets is not None:
+            for tp in tps:
+                consumer.seek(tp, lin.offsets.get(tp.partition, 0))
+        elif lin.timestamp_ms and self.settings.trainer_start == "earliest":
+            # a version announced without offsets (a deploy): the outcomes since it was announced
+            found = await consumer.offsets_for_times({tp: lin.timestamp_ms for tp in tps})
+            ends = await consumer.end_offsets(tps)
+            for tp in tps:
+                consumer.seek(tp, found[tp].offset if found.get(tp) is not None else ends[tp])
+        elif self.settings.trainer_start == "earliest":
+            await consumer.seek_to_beginning(*tps)
+        else:
+            await consumer.seek_to_end(*tps)
+        for tp in tps:
+            self.next_offsets[tp.partition] = await consumer.position(tp)
+        log.info("trainer reading %r from offsets %s", self.settings.topic_outcomes, self.next_offsets)
+
+    # ------------------------------------------------------------------ the loop
+    async def _loop(self, consumer: Any, tps: list, lease: Lease) -> None:
+        from online.examples import example_from_outcome  # noqa: PLC0415
+
+        s = self.settings
+        loop = asyncio.get_running_loop()
+        last_delta = last_full = last_log = time.monotonic()
+        learned_since_log = 0
+        while True:
+            await lease.poll()
+            if lease.lost:
+                raise RuntimeError("the trainer lost its lease (another trainer is active now): stopping")
+            got = await consumer.getmany(timeout_ms=100, max_records=s.trainer_batch)
+            examples = []
+            for tp, recs in got.items():
+                for rec in recs:
+                    try:
+                        examples.append(example_from_outcome(orjson.loads(rec.value)))
+                    except (orjson.JSONDecodeError, ValueError) as exc:  # counted; one line a record is noise
+                        monitoring.ONLINE_EXAMPLES.labels("bad_record").inc()
+                        log.debug("outcomes %s[%d]@%d is not an example: %s", tp.topic, tp.partition, rec.offset, exc)
+                    self.next_offsets[tp.partition] = rec.offset + 1
+            if examples:
+                rep = await loop.run_in_executor(self.pool, self.trainer.learn, examples)
+                self._observe(rep)
+                self.since_full += len(examples)
+                self.lineage.examples += len(examples)
+                learned_since_log += len(examples)
+            now = time.monotonic()
+            if now - last_delta >= s.trainer_delta_interval_s:
+                last_delta = now
+                await self._publish_deltas()
+            if self.trainer.should_rollback():
+                await self._rollback()
+                last_full = time.monotonic()
+            elif self.since_full >= s.trainer_full_every_examples or now - last_full >= s.trainer_full_every_s:
+                if self.since_full:
+                    await self._publish_full()
+                last_full = time.monotonic()
+            if now - last_log >= 10.0:
+                self._log(learned_since_log / (now - last_log))
+                ends = await consumer.end_offsets(tps)
+                monitoring.ONLINE_LAG.set(sum(ends[tp] - self.next_offsets.get(tp.partition, 0) for tp in tps))
+                last_log, learned_since_log = now, 0
+
+    def _observe(self, rep) -> None:
+        monitoring.ONLINE_EXAMPLES.labels("learned").inc(rep.learned)
+        for why, n in rep.skipped.items():
+            monitoring.ONLINE_EXAMPLES.labels(why).inc(n)
+        monitoring.ONLINE_STEPS.labels(rep.step_refused or "ok").inc()
+        monitoring.ONLINE_STEP_SECONDS.observe(rep.seconds)
+        if rep.drift:
+            monitoring.ONLINE_DRIFTS.inc()
+        monitoring.ONLINE_VOCAB.set(len(self.trainer.vocab))
+        for version, m in self.trainer.prequential.snapshot().items():
+            for metric in ("hr10", "ndcg10", "log_loss"):
+                monitoring.ONLINE_PREQUENTIAL.labels(version, metric).set(m[metric])
+        monitoring.ONLINE_SHADOW.labels("served").set(self.trainer.comparator.online_mean)
+        monitoring.ONLINE_SHADOW.labels("shadow").set(self.trainer.comparator.shadow_mean)
+
+    def _log(self, rate: float) -> None:
+        t = self.trainer
+        overall = t.prequential.overall()
+        log.info("trainer %s: %.0f examples/s, lineage %d examples; prequential (served) HR@10 %.4f NDCG@10 %.4f "
+                 "log loss %.4f over %d; shadow NDCG@10 %.4f; vocabulary %d (+%d online); drifts %d; steps refused %d",
+                 t.version, rate, self.lineage.examples, overall["hr10"], overall["ndcg10"], overall["log_loss"],
+                 overall["n"], t.comparator.shadow_mean, len(t.vocab), len(t.vocab) - t.trained_items,
+                 t.stats["drifts"], t.stats["refused_steps"])
+
+    # ------------------------------------------------------------------ publishing
+    async def _send(self, kind: str, value: bytes) -> None:
+        await self.producer.send_and_wait(self.topic, value, key=ModelUpdate.KEY, headers=[(KIND_HEADER, kind.encode())])
+
+    async def _publish_deltas(self) -> None:
+        meta = {"offsets": dict(self.next_offsets), "examples": self.lineage.examples}
+        deltas = await asyncio.get_running_loop().run_in_executor(self.pool, self.trainer.deltas, meta)
+        for d in deltas:
+            await self._send(DELTA, d.encode())
+            monitoring.ONLINE_PUBLISHED.labels("delta").inc()
+            self.published.append({"kind": DELTA, "label": d.label, "rows": d.n_rows, "meta": d.meta})
+
+    async def _announce(self, path: Path, sha256: str, reason: str) -> None:
+        self.lineage.n += 1  # records are numbered, and the numbers only grow
+        update = ModelUpdate(sha256[:12], str(path), sha256, self.lineage.n, reason)
+        await self._send(FULL, update.encode())
+        monitoring.ONLINE_PUBLISHED.labels(reason).inc()
+        self.published.append({"kind": FULL, "reason": reason, "label": sha256[:12], "n": update.n, "path": str(path)})
+        log.info("announced %s (%s, n=%d)", path, reason, update.n)
+
+    async def _publish_full(self, reason: str = "online") -> None:
+        """Save the trainer's model as a new checkpoint (with the offsets and the example count it has
+        learned) and announce it; the next deltas follow it."""
+        from models.checkpoint import read_manifest, save_checkpoint  # noqa: PLC0415
+
+        await self._publish_deltas()  # the workers' chain stays whole up to the full version
+        t, n = self.trainer, self.lineage.n + 1
+        meta = {"online": {"n": n, "reason": reason, "parent": t.version, "offsets": dict(self.next_offsets),
+                           "examples": self.lineage.examples, "created_ms": int(time.time() * 1000)}}
+        path = await asyncio.get_running_loop().run_in_executor(
+            self.pool, lambda: save_checkpoint(self.models_dir / f"v{n:06d}", t.model, t.vocab, None, meta))
+        sha = read_manifest(path)["content_hash"]
+        healthy = reason == "rollback" or not t.should_rollback()
+        await self._announce(path, sha, reason)
+        t.rebase(sha[:12])
+        self.lineage.path, self.lineage.sha256 = path, sha
+        self.since_full = 0
+        if healthy:
+            self.last_good = (path, sha)
+
+    async def _rollback(self) -> None:
+        """Back to the last good full version: its weights, saved again with the current offsets (so a
+        restart resumes here, not before the outcomes learned since) and announced to the fleet."""
+        from models.checkpoint import load_checkpoint  # noqa: PLC0415
+        from models.devices import resolve_device  # noqa: PLC0415
+
+        path, _ = self.last_good
+        t = self.trainer
+        log.error("!!! the served model (%s) scores worse than the frozen shadow (NDCG@10 %.4f vs %.4f over %d "
+                  "outcomes): rolling the fleet back to %s", t.version, t.comparator.online_mean,
+                  t.comparator.shadow_mean, t.comparator.n, path)
+        ck = await asyncio.get_running_loop().run_in_executor(
+            self.pool, lambda: load_checkpoint(path, device=resolve_device(self.settings.device)))
+        t.restore(ck.model, ck.vocab, ck.version)
+        await self._publish_full("rollback")
