@@ -63,7 +63,8 @@ class OnlineConfig:
     """How the trainer learns (defaults: benchmarks/RESULTS.md, "Online learning")."""
 
     dense_lr: float = 1e-4  # Adam, encoder and heads (shipped with full versions)
-    sparse_lr: float = 0.05  # Adagrad, item rows (shipped with deltas)
+    sparse_lr: float = 0.05  # Adagrad, item rows (shipped with deltas) ...
+    sparse_accumulator: float = 1.0  # ... its initial accumulator (the first steps are ~lr * g / sqrt(this))
     replay_ratio: float = 1.0  # replayed examples per new example in a step
     replay_recent: int = 5_000  # the replay buffer: the latest examples ...
     replay_reservoir: int = 20_000  # ... and a uniform sample of older ones
@@ -81,7 +82,7 @@ class OnlineConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        for name in ("dense_lr", "sparse_lr", "transition_prior"):
+        for name in ("dense_lr", "sparse_lr", "sparse_accumulator", "transition_prior"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"OnlineConfig.{name} must be > 0 (got {getattr(self, name)!r})")
         for name in ("replay_recent", "replay_reservoir", "max_new_items", "user_per_minute", "shadow_window",
@@ -133,6 +134,8 @@ class OnlineTrainer:
         self.replay: ReplayBuffer[Example] = ReplayBuffer(self.cfg.replay_recent, self.cfg.replay_reservoir,
                                                            seed=self.cfg.seed)
         self.guard = StepGuard()
+        self.compared_bases: set[str] = set()  # served bases in the comparator since the last rollback
+        self.superseded: set[str] = set()  # bases rolled back from: their outcomes are not compared
         self.stats = {"examples": 0, "learned": 0, "steps": 0, "refused_steps": 0, "restores": 0, "new_items": 0,
                       "reused_rows": 0, "drifts": 0, "deltas": 0, "rollbacks": 0}
         self.next_seq = 1
@@ -151,7 +154,8 @@ class OnlineTrainer:
         dense = [p for p in self.model.parameters() if p.requires_grad and id(p) not in ids]
         # Adagrad: a row with a zero gradient stays exactly as it is (the rows that change are known);
         # the initial accumulator makes the first steps SGD-sized instead of lr per coordinate
-        self.sparse_opt = torch.optim.Adagrad(sparse, lr=self.cfg.sparse_lr, initial_accumulator_value=1.0)
+        self.sparse_opt = torch.optim.Adagrad(sparse, lr=self.cfg.sparse_lr,
+                                              initial_accumulator_value=self.cfg.sparse_accumulator)
         self.dense_opt = torch.optim.Adam(dense, lr=self.cfg.dense_lr)
         self.touched: set[int] = set()
         self.trans_touched: set[int] = set()
@@ -176,6 +180,11 @@ class OnlineTrainer:
         online rows as they were then; the shadow, the counters and the replay buffer stay."""
         self._load(model, vocab, version)
         self.comparator.reset()
+        # outcomes still in flight from the versions rolled back from do not count against this one
+        self.superseded.update(self.compared_bases)
+        self.compared_bases.clear()
+        while len(self.superseded) > 1000:
+            self.superseded.pop()
         self.stats["rollbacks"] += 1
 
     def should_rollback(self) -> bool:
@@ -223,8 +232,10 @@ class OnlineTrainer:
                             "and %.0f%% recent examples for %d steps", self.drift.detections,
                             self.drift.adaptation.lr_multiplier, 100 * self.drift.adaptation.recent_fraction,
                             self.drift.adaptation.steps)
-        for ex, rank in zip(examples, self.shadow_ranks(examples)):
+        compared = [ex for ex in examples if label_parts(ex.served_version)[0] not in self.superseded]
+        for ex, rank in zip(compared, self.shadow_ranks(compared)):
             self.comparator.update(ndcg_at(ex.item_rank), ndcg_at(rank))
+            self.compared_bases.add(label_parts(ex.served_version)[0])
 
     @torch.no_grad()
     def shadow_ranks(self, examples: Sequence[Example]) -> list[int | None]:

@@ -108,7 +108,9 @@ class _Settings(BaseSettings):
     models_dir: Path | None = Field(None, description="where the trainer saves full versions: storage every "
                                     "worker can read (a shared volume); unset = `DATA_DIR/models`")
     trainer_port: int = Field(6067, description="the trainer's `/metrics` port (on `WEB_BIND`)")
-    trainer_batch: int = Field(256, description="outcomes the trainer learns from per step, at most")
+    trainer_batch: int = Field(256, description="outcomes the trainer learns from per step, at most ...")
+    trainer_max_wait_s: float = Field(1.0, description="... or those that arrived within this many seconds, "
+                                      "whichever comes first")
     trainer_delta_interval_s: float = Field(2.0, description="seconds between the trainer's deltas (the rows it "
                                             "changed, applied in place by every worker)")
     trainer_full_every_examples: int = Field(50_000, description="a full version (all weights, a new checkpoint) "
@@ -147,7 +149,8 @@ class _Settings(BaseSettings):
         return v
 
     @field_validator("max_future_skew_s", "max_event_age_s", "max_wait_ms", "serve_threads", "producer_linger_ms",
-                     "max_poll_records", "kv_max_stale_deltas", "trainer_replay_ratio", "trainer_rollback_margin")
+                     "max_poll_records", "kv_max_stale_deltas", "trainer_replay_ratio", "trainer_rollback_margin",
+                     "trainer_max_wait_s")
     @classmethod
     def _non_negative(cls, v):
         if v < 0:

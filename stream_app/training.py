@@ -77,36 +77,45 @@ class Lineage:
 
 class Lease:
     """Membership of the trainers' group on the one-partition lease topic; ``active`` while this
-    member holds the partition."""
+    member holds the partition.
+
+    The group uses the sticky assignor, so a standby joining (a rebalance) leaves the partition with
+    the member that holds it. Kafka's rebalance still revokes it for a moment: the holder pauses
+    (:meth:`hold`) and goes on when it gets it back; it is ``lost`` only when the partition went to
+    another member (then that member resumes from the topic, and this one must stop)."""
 
     def __init__(self, settings: SettingsType) -> None:
         self.settings = settings
         self.topic = f"{settings.app_id}.trainer-lease"
         self.active = asyncio.Event()
+        self.held = False  # this member has held the lease
         self.lost = False
         self.consumer = None
 
     async def start(self) -> None:
         from aiokafka import AIOKafkaConsumer  # noqa: PLC0415
         from aiokafka.abc import ConsumerRebalanceListener  # noqa: PLC0415
+        from aiokafka.coordinator.assignors.sticky.sticky_assignor import StickyPartitionAssignor  # noqa: PLC0415
 
         lease = self
 
         class Listener(ConsumerRebalanceListener):
             async def on_partitions_revoked(self, revoked):
-                if lease.active.is_set():
-                    lease.lost = True
                 lease.active.clear()
 
             async def on_partitions_assigned(self, assigned):
                 if assigned:
+                    lease.held = True
                     lease.active.set()
+                elif lease.held:
+                    lease.lost = True
 
         await ensure_topics_async(self.settings, [self.topic], partitions=1)
         self.consumer = AIOKafkaConsumer(bootstrap_servers=self.settings.bootstrap_servers,
                                          group_id=f"{self.settings.app_id}-trainer", enable_auto_commit=False,
                                          session_timeout_ms=int(self.settings.trainer_lease_timeout_s * 1000),
                                          heartbeat_interval_ms=int(self.settings.trainer_lease_timeout_s * 1000 / 3),
+                                         partition_assignment_strategy=(StickyPartitionAssignor,),
                                          client_id=f"{self.settings.app_id}-trainer")
         await start_client(self.settings, self.consumer.start, self.consumer.stop)
         self.consumer.subscribe([self.topic], listener=Listener())
@@ -116,6 +125,16 @@ class Lease:
         while not self.active.is_set():
             await self.poll()
             await asyncio.sleep(0.2)
+
+    async def hold(self) -> None:
+        """Keep the membership alive; return while this member holds the lease (waiting out a
+        rebalance); raise when it went to another member."""
+        await self.poll()
+        while not self.active.is_set() and not self.lost:
+            await asyncio.sleep(0.1)
+            await self.poll()
+        if self.lost:
+            raise RuntimeError("the trainer lost its lease (another trainer is active now): stopping")
 
     async def poll(self) -> None:
         await self.consumer.getmany(timeout_ms=0)
@@ -267,26 +286,35 @@ class TrainingService:
         loop = asyncio.get_running_loop()
         last_delta = last_full = last_log = time.monotonic()
         learned_since_log = 0
+        # examples read and not learned yet: a step takes trainer_batch of them, or those that waited
+        # trainer_max_wait_s; the offsets recorded with updates (next_offsets) move only past learned ones
+        pending: list = []
+        read_to: dict[int, int] = {}
+        oldest = 0.0
         while True:
-            await lease.poll()
-            if lease.lost:
-                raise RuntimeError("the trainer lost its lease (another trainer is active now): stopping")
-            got = await consumer.getmany(timeout_ms=100, max_records=s.trainer_batch)
-            examples = []
+            await lease.hold()
+            got = await consumer.getmany(timeout_ms=100, max_records=max(1, s.trainer_batch - len(pending)))
             for tp, recs in got.items():
                 for rec in recs:
                     try:
-                        examples.append(example_from_outcome(orjson.loads(rec.value)))
+                        example = example_from_outcome(orjson.loads(rec.value))
                     except (orjson.JSONDecodeError, ValueError) as exc:  # counted; one line a record is noise
                         monitoring.ONLINE_EXAMPLES.labels("bad_record").inc()
                         log.debug("outcomes %s[%d]@%d is not an example: %s", tp.topic, tp.partition, rec.offset, exc)
-                    self.next_offsets[tp.partition] = rec.offset + 1
-            if examples:
+                    else:
+                        if not pending:
+                            oldest = time.monotonic()
+                        pending.append(example)
+                    read_to[tp.partition] = rec.offset + 1
+            if pending and (len(pending) >= s.trainer_batch or time.monotonic() - oldest >= s.trainer_max_wait_s):
+                examples, pending = pending, []
                 rep = await loop.run_in_executor(self.pool, self.trainer.learn, examples)
                 self._observe(rep)
                 self.since_full += len(examples)
                 self.lineage.examples += len(examples)
                 learned_since_log += len(examples)
+            if not pending:
+                self.next_offsets.update(read_to)
             now = time.monotonic()
             if now - last_delta >= s.trainer_delta_interval_s:
                 last_delta = now

@@ -21,23 +21,32 @@ you already run (it is then neither started nor stopped).
 
 Per-test isolation on the shared broker: :func:`app_settings` gives each test its own app id
 (consumer group, changelog prefix), topic names, data dir and web port; :func:`app_env` is the
-same as environment variables for a worker subprocess.
+same as environment variables for a worker subprocess; :func:`service_process` starts the product's
+long-running processes (``faust worker``, ``nextaction trainer``) with those settings.
 """
 
 from __future__ import annotations
 
 import os
 import re
+import signal
 import socket
+import subprocess
+import sys
+import time
+import urllib.request
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
 
 from stream_app.ports import free_port, port_free
 from stream_app.settings import Settings, SettingsType
 
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
 TEST_KAFKA_PORT = 19092
 TEST_CONTROLLER_PORT = 19093
 
@@ -144,3 +153,90 @@ def make_checkpoint(tmp_path_factory: pytest.TempPathFactory):
         return made[key]
 
     return make
+
+
+class ServiceProcess:
+    """One of the product's processes in a subprocess (own process group), configured only through
+    ``NEXTACTION_*`` variables, its output in ``log_path``: ``worker`` (``faust -A stream_app worker``)
+    or ``trainer`` (``nextaction trainer``). ``start()`` returns once its ``/metrics`` answer."""
+
+    READY: ClassVar[dict[str, bytes]] = {"worker": b"nextaction_events_in_total",
+                                         "trainer": b"nextaction_online_examples"}
+
+    def __init__(self, kind: str, settings: SettingsType, log_path: Path) -> None:
+        if kind not in self.READY:
+            raise ValueError(f"kind must be one of {sorted(self.READY)} (got {kind!r})")
+        self.kind, self.settings, self.log_path = kind, settings, log_path
+        self.port = settings.web_port if kind == "worker" else settings.trainer_port
+        self.proc: subprocess.Popen | None = None
+
+    def argv(self) -> list[str]:
+        if self.kind == "worker":
+            return [str(BIN / "faust"), "-A", "stream_app", "worker", "-l", "info", "--web-bind", "127.0.0.1",
+                    "--web-port", str(self.port)]
+        return [str(BIN / "nextaction"), "trainer", "-l", "info"]
+
+    def start(self, timeout: float = 120.0) -> None:
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(self.argv(), cwd=REPO, env=settings_env(self.settings), stdout=log,
+                                         stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:  # a worker's web server starts after table recovery
+            if self.proc.poll() is not None:
+                raise AssertionError(f"{self.kind} exited with {self.proc.returncode}:\n{self.tail()}")
+            try:
+                if self.READY[self.kind] in self.metrics().encode():
+                    return
+            except OSError:
+                pass
+            time.sleep(0.3)
+        raise AssertionError(f"{self.kind} not ready after {timeout} s:\n{self.tail()}")
+
+    def metrics(self) -> str:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/metrics", timeout=5) as resp:
+            return resp.read().decode()
+
+    def wait_log(self, text: str, timeout: float) -> None:
+        """Until ``text`` appears in the log (the process must stay up)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if text in self.log_path.read_text(errors="replace"):
+                return
+            if self.proc.poll() is not None:
+                raise AssertionError(f"{self.kind} exited with {self.proc.returncode}:\n{self.tail()}")
+            time.sleep(0.3)
+        raise AssertionError(f"{self.kind} did not log {text!r} within {timeout} s:\n{self.tail()}")
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 60.0) -> int:
+        if self.proc is None or self.proc.poll() is not None:
+            return self.proc.returncode if self.proc else 0
+        self.proc.send_signal(sig)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(10)
+            raise AssertionError(f"{self.kind} ignored {sig!r} for {timeout} s:\n{self.tail()}") from None
+
+    def tail(self, lines: int = 60) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+
+@pytest.fixture
+def service_process() -> Iterator:
+    """``make(kind, settings, log_path) -> ServiceProcess`` (not started); every one made is killed at
+    the end of the test if still running."""
+    made: list[ServiceProcess] = []
+
+    def make(kind: str, settings: SettingsType, log_path: Path) -> ServiceProcess:
+        made.append(ServiceProcess(kind, settings, log_path))
+        return made[-1]
+
+    yield make
+    for p in made:
+        if p.proc is not None and p.proc.poll() is None:
+            os.killpg(p.proc.pid, signal.SIGKILL)
+            p.proc.wait(10)

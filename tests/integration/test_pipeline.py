@@ -17,7 +17,6 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.request
 from collections import Counter, defaultdict
 from pathlib import Path
 
@@ -35,64 +34,12 @@ from tests.conftest import settings_env
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(600)]
 
 REPO = Path(__file__).resolve().parents[2]
-FAUST = Path(sys.executable).parent / "faust"
 N_EVENTS = 10_000
 N_USERS = 400
 BAD_FRACTION = 0.02
 
 
 # --- helpers -------------------------------------------------------------------------------------------
-class Worker:
-    """``faust -A stream_app worker`` in a subprocess, configured only through NEXTACTION_* env."""
-
-    def __init__(self, settings, log_path: Path) -> None:
-        self.settings, self.log_path = settings, log_path
-        self.proc: subprocess.Popen | None = None
-
-    def start(self, timeout: float = 120.0) -> None:
-        log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen(
-            [str(FAUST), "-A", "stream_app", "worker", "-l", "info", "--web-bind", "127.0.0.1",
-             "--web-port", str(self.settings.web_port)],
-            cwd=REPO, env=settings_env(self.settings), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        log.close()
-        deadline = time.monotonic() + timeout
-        url = f"http://127.0.0.1:{self.settings.web_port}/metrics"
-        while time.monotonic() < deadline:  # the web server starts after table recovery
-            if self.proc.poll() is not None:
-                raise AssertionError(f"worker exited with {self.proc.returncode}:\n{self.tail()}")
-            try:
-                with urllib.request.urlopen(url, timeout=1) as resp:
-                    if resp.status == 200 and b"nextaction_events_in_total" in resp.read():
-                        return
-            except OSError:
-                pass
-            time.sleep(0.3)
-        raise AssertionError(f"worker not ready after {timeout} s:\n{self.tail()}")
-
-    def metrics(self) -> str:
-        url = f"http://127.0.0.1:{self.settings.web_port}/metrics"
-        with urllib.request.urlopen(url, timeout=5) as resp:
-            return resp.read().decode()
-
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 60.0) -> int:
-        if self.proc is None or self.proc.poll() is not None:
-            return self.proc.returncode if self.proc else 0
-        self.proc.send_signal(sig)
-        try:
-            return self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(10)
-            raise AssertionError(f"worker ignored {sig!r} for {timeout} s:\n{self.tail()}") from None
-
-    def tail(self, lines: int = 60) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return "(no log)"
-
-
 async def _read_topics(settings, topics: list[str], until, timeout: float) -> dict[str, list]:
     """Read ``topics`` from the beginning until ``until(records)`` is true (or the timeout)."""
     from aiokafka import AIOKafkaConsumer, TopicPartition
@@ -232,10 +179,10 @@ def _events():
 
 
 # --- tests -----------------------------------------------------------------------------------------------
-def test_every_event_yields_one_prediction_or_one_dlq_record(pipeline_settings, tmp_path):
+def test_every_event_yields_one_prediction_or_one_dlq_record(pipeline_settings, tmp_path, service_process):
     s = pipeline_settings
     evs = _events()
-    worker = Worker(s, tmp_path / "worker.log")
+    worker = service_process("worker", s, tmp_path / "worker.log")
     worker.start()
     try:
         t0, t0_wall = time.monotonic(), time.time()
@@ -273,10 +220,10 @@ def test_every_event_yields_one_prediction_or_one_dlq_record(pipeline_settings, 
     assert rc == 0, worker.tail()
 
 
-def test_sigterm_restart_resumes_from_committed_offsets_with_state(pipeline_settings, tmp_path):
+def test_sigterm_restart_resumes_from_committed_offsets_with_state(pipeline_settings, tmp_path, service_process):
     s = pipeline_settings
     evs = _events()
-    worker = Worker(s, tmp_path / "worker.log")
+    worker = service_process("worker", s, tmp_path / "worker.log")
     worker.start()
     produced: list[int] = []
     # produce at a steady rate in the background, so the worker is stopped mid-stream
@@ -309,7 +256,7 @@ def _produce_one(settings, topic: str, value: bytes) -> None:
     asyncio.run(send_one(settings, topic, None, value))
 
 
-def test_model_update_through_the_topic_hot_swaps(pipeline_settings, make_checkpoint, tmp_path):
+def test_model_update_through_the_topic_hot_swaps(pipeline_settings, make_checkpoint, tmp_path, service_process):
     """A ``model-updates`` record between two halves of a stream: the worker swaps models between
     batches, nothing is lost, every prediction names exactly one of the two versions, the first half
     is served by v1 and the second by v2, and per partition the version switches once. (The swap
@@ -322,7 +269,7 @@ def test_model_update_through_the_topic_hot_swaps(pipeline_settings, make_checkp
     s = pipeline_settings.model_copy(update={"checkpoint": v1, "device": "cpu", "serve_threads": 1})
     n = 2000
     evs = list(synthetic(n, 200, seed=5))
-    worker = Worker(s, tmp_path / "worker.log")
+    worker = service_process("worker", s, tmp_path / "worker.log")
     worker.start()
     try:
         assert replay(s, evs[: n // 2]) == n // 2
@@ -358,7 +305,7 @@ def test_model_update_through_the_topic_hot_swaps(pipeline_settings, make_checkp
     assert rc == 0, worker.tail()
 
 
-def _wait_for_metric(worker: Worker, name: str, at_least: float, timeout: float) -> None:
+def _wait_for_metric(worker, name: str, at_least: float, timeout: float) -> None:
     """Poll the worker's /metrics until ``name`` reaches ``at_least`` (a slow answer is retried)."""
     deadline = time.monotonic() + timeout
     while True:
@@ -372,6 +319,7 @@ def _wait_for_metric(worker: Worker, name: str, at_least: float, timeout: float)
 
 
 def test_model_update_reaches_every_worker_and_a_restarted_one_catches_up(pipeline_settings, make_checkpoint,
+                                                                        service_process,
                                                                           tmp_path):
     """Two workers of one app share the ``events`` partitions; one ``nextaction deploy`` record
     makes **both** swap (each follows ``model-updates`` without a consumer group), and a worker
@@ -383,7 +331,7 @@ def test_model_update_reaches_every_worker_and_a_restarted_one_catches_up(pipeli
     ver2 = read_manifest(v2)["content_hash"][:12]
     base = pipeline_settings.model_copy(update={"checkpoint": v1, "device": "cpu", "serve_threads": 1})
 
-    workers = [Worker(base.model_copy(update={"web_port": free_port(), "data_dir": tmp_path / f"data-{i}"}),
+    workers = [service_process("worker", base.model_copy(update={"web_port": free_port(), "data_dir": tmp_path / f"data-{i}"}),
                       tmp_path / f"worker-{i}.log") for i in range(2)]
     try:
         for w in workers:

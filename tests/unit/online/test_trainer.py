@@ -148,6 +148,11 @@ def test_the_shadow_comparison_asks_for_a_rollback_only_when_served_is_worse(mak
     ck = load_checkpoint(make_checkpoint(0, items=30))
     t.restore(ck.model, ck.vocab, ck.version)
     assert not t.should_rollback() and t.stats["rollbacks"] == 1 and t.version == ck.version
+    step = __import__("online.trainer", fromlist=["StepReport"]).StepReport
+    t._score(bad, step())  # still in flight from the version rolled back from: not held against the new one
+    assert not t.should_rollback() and t.comparator.n == 0
+    t._score([ex(window, f"i{best}", rank=None, offset=i, version="w+3") for i in range(40)], step())
+    assert t.should_rollback()  # another version served as badly: detected again
 
 
 def test_drift_in_the_served_loss_is_detected_and_adapts_learning(make_checkpoint):

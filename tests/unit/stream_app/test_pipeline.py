@@ -300,3 +300,54 @@ def test_worker_sets_the_configured_gil_switch_interval(make_app):
         assert asyncio.run(main()) == pytest.approx(0.0005)
     finally:
         sys.setswitchinterval(before)
+
+
+# --- model-updates: online deltas through the pipeline's handler ----------------------------------------------
+
+def test_deltas_are_applied_in_order_and_label_predictions_base_plus_seq(make_app, make_checkpoint):
+    """A delta that follows the served weights is applied between batches (predictions say ``base+seq``);
+    one whose predecessor never came is a ``gap`` (the listener replays the lineage); one of another
+    lineage or already applied is ``ignored``; bytes that are no delta, or a delta that does not fit
+    the model, are ``rejected`` and the served weights stay as they were."""
+    import numpy as np
+    import torch
+
+    from models.checkpoint import load_checkpoint
+    from models.delta import add_items, make_delta
+
+    path = make_checkpoint(0, items=30)
+    ck = load_checkpoint(path)
+    base = ck.version
+    new = add_items(ck.model, ck.vocab, ["fresh-item"])  # the trainer's copy learns a new item and a row
+    with torch.no_grad():
+        ck.model.item_bias[new] = 50.0  # so large that the new item tops every prediction
+    d1 = make_delta(ck.model, ck.vocab, base, seq=1, prev=0, item_rows=new)
+    d2 = make_delta(ck.model, ck.vocab, base, seq=2, prev=1, item_rows=[ck.vocab.index("i3")])
+    d4 = make_delta(ck.model, ck.vocab, base, seq=4, prev=3, item_rows=[ck.vocab.index("i4")])
+    other = make_delta(ck.model, ck.vocab, "ffffffffffff", seq=1, prev=0, item_rows=[ck.vocab.index("i4")])
+    misfit = make_delta(ck.model, ck.vocab, base, seq=3, prev=2, item_rows=[ck.vocab.index("i5")])
+    misfit.item_emb = np.zeros((1, misfit.item_emb.shape[1] + 1), np.float32)  # a model of another width
+    app, rec = make_app(checkpoint=path, device="cpu", serve_process=False)
+
+    async def main():
+        out = []
+        await app.pipeline.start_batcher()
+        t = int(time.time() * 1000) - 10_000
+        async with app.pipeline.agent.test_context() as agent:
+            await agent.put(ev(item="i1", ts=t), key=b"u1")
+            await app.pipeline.batcher.drain()
+            for n, d in enumerate([d2, d1, d1, other, d2, b"not a delta", misfit, d4], start=1):
+                out.append(await app.pipeline.handle_model_update("delta", d if isinstance(d, bytes) else d.encode()))
+                await agent.put(ev(item="i2", ts=t + n * 1000), key=b"u1")
+                await app.pipeline.batcher.drain()
+        await app.pipeline.stop_batcher()
+        return out
+
+    out = asyncio.run(main())
+    assert out == ["gap", f"delta:{base}+1", "ignored", "ignored", f"delta:{base}+2", "rejected:bad_delta",
+                   "rejected:ValueError", "gap"]
+    versions = [p["model_version"] for p in rec.of("predictions")]
+    assert versions == [base, base, f"{base}+1", f"{base}+1", f"{base}+1", f"{base}+2", f"{base}+2", f"{base}+2",
+                        f"{base}+2"]
+    tops = [p["top_items"][0][0] for p in rec.of("predictions")]
+    assert "fresh-item" not in tops[:2] and all(t == "fresh-item" for t in tops[2:])  # new item predictable at once
