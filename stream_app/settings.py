@@ -121,7 +121,7 @@ class _Settings(BaseSettings):
     trainer_lease_timeout_s: float = Field(10.0, description="a dead trainer's lease passes to a standby after "
                                            "this long")
     trainer_dense_lr: float = Field(1e-4, description="online learning rate of the encoder and heads (Adam)")
-    trainer_sparse_lr: float = Field(0.05, description="online learning rate of the item rows (Adagrad)")
+    trainer_sparse_lr: float = Field(0.2, description="online learning rate of the item rows (Adagrad)")
     trainer_replay_ratio: float = Field(1.0, description="replayed older examples per new example in a step")
     trainer_max_new_items: int = Field(20_000, description="items the vocabulary may add online; beyond, the "
                                        "online item seen least recently gives up its row")
