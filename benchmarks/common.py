@@ -187,3 +187,22 @@ def publish(section: str, text: str, *, write: bool, path: Path = RESULTS, headi
     if write:
         write_section(section, text, path, heading=heading)
         print(f"wrote section {section!r} of {path}")
+
+
+def taobao_stream(path: Path, n: int, max_events: int) -> list[tuple[str, Any, dict]]:
+    """(user, window as of the event, the event) for the first ``n`` events of a Taobao CSV in file
+    order, each window extended exactly as the stream does (``stream_app.history.add_event``)."""
+    import itertools
+
+    from models.schema import EventSeq
+    from stream_app.history import add_event
+    from stream_app.replay import taobao_csv
+
+    hist: dict[str, EventSeq] = {}
+    out = []
+    for ev in itertools.islice(taobao_csv(path), n):
+        h = add_event(hist.get(ev["user_id"], EventSeq.empty()), ev["item_id"], ev["action"], ev["ts"],
+                      max_events=max_events, ttl_ms=7 * 86_400_000, category=ev.get("category", ""))
+        hist[ev["user_id"]] = h
+        out.append((ev["user_id"], h, ev))
+    return out

@@ -28,27 +28,9 @@ from pathlib import Path
 if str(Path(__file__).resolve().parents[1]) not in sys.path:  # run as `python benchmarks/delta_cost.py`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import TAOBAO_SLICE, command_line, machine, publish  # noqa: E402
+from benchmarks.common import TAOBAO_SLICE, command_line, machine, publish, taobao_stream  # noqa: E402
 
 SECTION = "delta-cost"
-
-
-def stream(path: Path, n: int, max_events: int) -> list[tuple[str, object, dict]]:
-    """(user, window as of the event, the event) for the first ``n`` events of a Taobao CSV."""
-    import itertools
-
-    from models.schema import EventSeq
-    from stream_app.history import add_event
-    from stream_app.replay import taobao_csv
-
-    hist: dict[str, EventSeq] = {}
-    out = []
-    for ev in itertools.islice(taobao_csv(path), n):
-        h = add_event(hist.get(ev["user_id"], EventSeq.empty()), ev["item_id"], ev["action"], ev["ts"],
-                      max_events=max_events, ttl_ms=7 * 86_400_000, category=ev.get("category", ""))
-        hist[ev["user_id"]] = h
-        out.append((ev["user_id"], h, ev))
-    return out
 
 
 def learn_deltas(checkpoint: str, reqs: list, batch: int, every: int) -> dict[int, list[bytes]]:
@@ -111,7 +93,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(1)
     t_start = time.time()
     probe = TransformerPredictor.from_checkpoint(args.checkpoint, device="cpu", num_threads=1)
-    reqs = stream(Path(args.data), args.events, probe.cfg.max_len)
+    reqs = taobao_stream(Path(args.data), args.events, probe.cfg.max_len)
     batches = [reqs[i:i + args.batch] for i in range(0, len(reqs), args.batch)]
     every = int(args.rate * args.interval_s)
     deltas = learn_deltas(args.checkpoint, reqs, args.batch, every)

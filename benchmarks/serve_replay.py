@@ -19,7 +19,6 @@ Results go to the ``serve-replay`` section of benchmarks/RESULTS.md.
 from __future__ import annotations
 
 import argparse
-import itertools
 import sys
 import time
 from datetime import datetime, timezone
@@ -28,25 +27,9 @@ from pathlib import Path
 if str(Path(__file__).resolve().parents[1]) not in sys.path:  # run as `python benchmarks/serve_replay.py`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import TAOBAO_SLICE, command_line, machine, publish  # noqa: E402
+from benchmarks.common import TAOBAO_SLICE, command_line, machine, publish, taobao_stream  # noqa: E402
 
 SECTION = "serve-replay"
-
-
-def stream_requests(path: Path, n: int, max_events: int) -> list[tuple[str, object]]:
-    """(user, history as of the event) for the first ``n`` events of a Taobao CSV, in file order."""
-    from models.schema import EventSeq
-    from stream_app.history import add_event
-    from stream_app.replay import taobao_csv
-
-    hist: dict[str, EventSeq] = {}
-    out = []
-    for ev in itertools.islice(taobao_csv(path), n):
-        h = add_event(hist.get(ev["user_id"], EventSeq.empty()), ev["item_id"], ev["action"], ev["ts"],
-                      max_events=max_events, ttl_ms=7 * 86_400_000, category=ev.get("category", ""))
-        hist[ev["user_id"]] = h
-        out.append((ev["user_id"], h))
-    return out
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -72,7 +55,7 @@ def main(argv: list[str] | None = None) -> None:
     preds = {name: TransformerPredictor.from_checkpoint(args.checkpoint, device="cpu", **opts)
              for name, opts in variants.items()}
     preds["transformers forward"].model.lean_serving = False
-    reqs = stream_requests(Path(args.data), args.warm + args.events, preds["defaults"].cfg.max_len)
+    reqs = [(u, h) for u, h, _ in taobao_stream(Path(args.data), args.warm + args.events, preds["defaults"].cfg.max_len)]
     batches = [reqs[i:i + args.batch] for i in range(0, len(reqs), args.batch)]
     n_warm = args.warm // args.batch
     cpu = {name: 0.0 for name in preds}

@@ -225,7 +225,7 @@ def _full_swap(trainer, current, device: str):
     trainer.deltas()  # the chain stays whole up to the full version
     model = copy.deepcopy(trainer.model).eval()
     vocab = type(trainer.vocab)(trainer.vocab.items, trainer.vocab.n_hash_buckets)
-    base, seq = label_parts(trainer.version)
+    _, seq = label_parts(trainer.version)
     version = f"full{seq}"  # a new lineage label, as a new checkpoint's hash would be
     trainer.rebase(version)
     return TransformerPredictor(model, vocab, version=version, device=device, num_threads=1)
