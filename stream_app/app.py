@@ -77,6 +77,7 @@ def create_app(settings: SettingsType | None = None, *, predictor_factory: Calla
         producer_linger=settings.producer_linger_ms / 1000.0,
         producer_max_batch_size=256 * 1024,
         stream_buffer_maxsize=settings.stream_buffer_maxsize,
+        processing_guarantee=settings.processing_guarantee,
         **({"broker_max_poll_records": settings.max_poll_records} if settings.max_poll_records else {}),
     )
 

@@ -27,6 +27,10 @@ EVENTS_DUPLICATE = Counter("nextaction_events_duplicate",
                            "Events already in the user's history (redelivery after a restart)", registry=REGISTRY)
 PREDICTIONS_OUT = Counter("nextaction_predictions_out", "Predictions published, by full model version (online "
                           "deltas on top of it are not told apart here)", ["model_version"], registry=REGISTRY)
+EVENTS_LATE = Counter("nextaction_events_late", "Events older than the user's last prediction (arrived out of "
+                      "order): predicted, but no outcome record (it would have a negative gap)", registry=REGISTRY)
+PRODUCE_FAILED = Counter("nextaction_produce_failed", "Output batches whose produce failed after the producer's "
+                         "retries (the worker crashes without committing past them)", registry=REGISTRY)
 OUTCOMES_OUT = Counter("nextaction_outcomes_out", "Outcome records published", registry=REGISTRY)
 PREDICT_ERRORS = Counter("nextaction_predict_errors", "Predictor calls that raised (before retries)",
                          registry=REGISTRY)

@@ -32,9 +32,9 @@ import logging
 import sys
 import time
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Protocol
+from typing import Any, Awaitable, Callable, Protocol
 
 from models.delta import ModelDelta, label_parts
 from models.predictor import Predictor
@@ -76,29 +76,62 @@ def next_predictor(current: Predictor, path: str, sha256: str | None, settings: 
 
 
 class Publisher(Protocol):
-    """Where the pipeline's outputs go: ``kind`` is ``predictions``, ``outcomes`` or ``dlq``."""
+    """Where the pipeline's outputs go: ``kind`` is ``predictions``, ``outcomes`` or ``dlq``.
 
-    async def send(self, kind: str, key: bytes | None, value: bytes) -> None: ...
+    ``send`` returns once the record is queued, with an awaitable that resolves when the broker
+    has it (and raises if it never will), or ``None`` when the record is already delivered (tests).
+    """
+
+    async def send(self, kind: str, key: bytes | None, value: bytes) -> Awaitable[Any] | None: ...
 
 
 class KafkaPublisher:
-    """Publishes through the Faust app's producer (flushed by Faust before every offset commit).
-    ``topics`` maps each kind to its topic name."""
+    """Publishes through the Faust app's producer. ``topics`` maps each kind to its topic name.
 
-    def __init__(self, app: Any, topics: dict[str, str]) -> None:
-        self.app, self.topics = app, topics
+    The returned future is the only report of a failed produce: aiokafka's ``flush()`` (which Faust
+    awaits before committing offsets) waits for failed batches without raising, so the pipeline
+    acks an event only once every future of its outputs resolved (:meth:`Pipeline._ack_when_sent`).
+    """
 
-    async def send(self, kind: str, key: bytes | None, value: bytes) -> None:
-        await self.app.producer.send(self.topics[kind], key, value, partition=None, timestamp=None, headers=None)
+    def __init__(self, app: Any, topics: dict[str, str], *, transactional: bool = False) -> None:
+        self.app, self.topics, self.transactional = app, topics, transactional
+
+    async def send(self, kind: str, key: bytes | None, value: bytes) -> Awaitable[Any]:
+        tid = self._transactional_id() if self.transactional else None
+        return await self.app.producer.send(self.topics[kind], key, value, partition=None, timestamp=None,
+                                            headers=None, transactional_id=tid)
+
+    def _transactional_id(self) -> str:
+        """The transaction of the current event's input partition (``exactly_once``): Faust's own,
+        which also carries that partition's changelog records and commits its offsets."""
+        from faust.streams import current_event as faust_current_event
+
+        msg = faust_current_event().message
+        group = self.app.assignor.group_for_topic(msg.topic)
+        return f"{self.app.conf.id}-{group}-{msg.partition}"
 
 
 @dataclass(slots=True, eq=False)
 class Pending:
-    """A user's state between an event's state update and its delivery (:attr:`Pipeline.pending`)."""
+    """A user's state between an event's state update and the table write after its delivery
+    (:attr:`Pipeline.pending`)."""
 
     state: UserState
-    inflight: int = 0  # the user's events submitted and not yet delivered
-    dirty: bool = False  # changed since the table last got it
+    inflight: int = 0  # the user's events submitted and not yet written to the tables
+    dirty: bool = False  # changed since the last snapshot for the table
+    added: dict[int, int] = field(default_factory=dict)  # activity window → events not yet counted in the table
+
+
+@dataclass(slots=True, eq=False)
+class Write:
+    """What one delivered event leaves for the tables, written once its outputs are safe
+    (:meth:`Pipeline._write`)."""
+
+    user: str
+    src: "Source"
+    pending: Pending
+    state: bytes | None  # the user's encoded state after this event (None: unchanged)
+    window: int | None  # the activity window the event counts in (None: a redelivery, not counted)
 
 
 @dataclass(slots=True, eq=False)
@@ -115,7 +148,6 @@ class Source:
     item_id: str
     action: str
     category: str
-    activity: int
     duplicate: bool
     before: EventSeq  # the user's window before this event joined it: the previous prediction's context
 
@@ -146,13 +178,19 @@ class Pipeline:
         s = self.settings
         self.predictor_factory = predictor_factory or start_predictor
         self.topics = {"predictions": s.topic_predictions, "outcomes": s.topic_outcomes, "dlq": s.topic_dlq}
-        self.publisher = publisher or KafkaPublisher(app, self.topics)
+        self.exactly_once = s.processing_guarantee == "exactly_once"
+        self.publisher = publisher or KafkaPublisher(app, self.topics, transactional=self.exactly_once)
+        #: exactly_once: held while a batch's outputs are sent and its events acked, and by every
+        #: offset commit, so a transaction never holds outputs of events whose offsets it does not commit
+        self._txn_gate = asyncio.Lock()
         self.batcher: Batcher | None = None
         #: user → state of the users with events in flight (see the module docstring)
         self.pending: dict[str, Pending] = {}
         self._verified_topics: set[str] = set()
         self._update_n: int | None = None  # the number of the last trainer record applied (monotonic)
         self._watch: asyncio.Task | None = None
+        self._ack_tasks: set[asyncio.Task] = set()  # writes + acks waiting for their outputs' produce futures
+        self._last_ack: asyncio.Task | None = None
         self.ttl_ms = s.window_ttl_s * 1000
         self.parse_kw = dict(max_bytes=s.max_event_bytes, max_future_skew_ms=s.max_future_skew_s * 1000,
                              max_age_ms=s.max_event_age_s * 1000)
@@ -171,10 +209,35 @@ class Pipeline:
             self.batcher = Batcher(predictor, self.deliver, k=s.top_k, max_batch=s.max_batch,
                                    max_wait_ms=s.max_wait_ms, max_queue=s.predict_queue)
             await self.batcher.start()
+            if self.exactly_once and getattr(self.app.consumer, "transactions", None) is not None:
+                self._gate_commits(self.app.consumer)
             if s.gc_freeze:
                 runtime.freeze_heap()
             self._watch = asyncio.ensure_future(self._watch_batcher(self.batcher))
         return self.batcher
+
+    def _gate_commits(self, consumer: Any) -> None:
+        """``exactly_once``: make Faust's offset commit (which commits each input partition's
+        transaction) wait for :attr:`_txn_gate`, and first hand Faust's buffered changelog records to
+        their transactions.
+
+        Faust's transactional commit assumes an event's outputs are sent before it is acked and that
+        nothing is sent between the offsets being chosen and the transaction committing. Here outputs
+        are sent by the deliverer, a task of its own, so without the gate a commit could fall between
+        a batch's outcome and its prediction (the outcome committed with an offset that does not cover
+        its event: a duplicate after a crash). And Faust's commit in this mode does not flush its
+        producer buffer, where table writes wait: a state write for a committed offset could miss the
+        transaction and be lost in a crash.
+        """
+        force_commit = consumer.force_commit
+        gate, buffer = self._txn_gate, self.app.producer.buffer
+
+        async def gated_force_commit(*args: Any, **kwargs: Any) -> bool:
+            async with gate:
+                await buffer.flush()
+                return await force_commit(*args, **kwargs)
+
+        consumer.force_commit = gated_force_commit
 
     async def _watch_batcher(self, batcher: Batcher) -> None:
         try:
@@ -193,6 +256,8 @@ class Pipeline:
             if self._watch is not None:
                 self._watch.cancel()
             await batcher.stop(drain=True)
+            if self._ack_tasks:  # the last batches' outputs: acked (so committed) once the broker has them
+                await asyncio.gather(*self._ack_tasks, return_exceptions=True)
             batcher.predictor.close()
 
     # --- model updates (called by stream_app.updates.ModelUpdateListener) ---------------------------------
@@ -287,21 +352,19 @@ class Pipeline:
         try:
             ev = parse_event(raw, now_ms=int(arrival * 1000), key=key if key is not None else b"", **self.parse_kw)
         except EventRejected as exc:
-            await self.dead_letter(raw, key, exc.reason, str(exc), msg)
-            await stream.ack(event)
+            await self._reject(raw, key, exc.reason, str(exc), msg, stream, event)
             return f"rejected:{exc.reason}"
         setattr(event, EVENT_TS_ATTR, ev.ts / 1000.0)  # the activity window's event time, parsed once
         if msg.topic not in self._verified_topics:
             await self._wait_for_changelogs(msg.topic)
         try:
-            history, before, activity, duplicate = self.update_state(ev)
+            history, before, duplicate = self.update_state(ev)
         except Exception as exc:  # noqa: BLE001 - dead-letter, keep the worker alive
             log.exception("state update failed for %s[%s]@%s", msg.topic, msg.partition, msg.offset)
-            await self.dead_letter(raw, key, PROCESSING_FAILED, f"{type(exc).__name__}: {exc}", msg)
-            await stream.ack(event)
+            await self._reject(raw, key, PROCESSING_FAILED, f"{type(exc).__name__}: {exc}", msg, stream, event)
             return f"rejected:{PROCESSING_FAILED}"
         src = Source(event, stream, msg.topic, msg.partition, msg.offset, raw, key, ev.item_id, ev.action,
-                     ev.category, activity, duplicate, before)
+                     ev.category, duplicate, before)
         try:
             await self.batcher.submit(Request(ev.user_id, history, ev.ts, arrival, observe=not duplicate, ref=src))
         except BaseException:  # never delivered: the user's pending entry must not wait for it
@@ -341,11 +404,13 @@ class Pipeline:
             await asyncio.wait_for(producer.partitions_for(topic), timeout)
         self._verified_topics.add(source_topic)
 
-    def update_state(self, ev: Event) -> tuple[EventSeq, EventSeq, int, bool]:
-        """Add the event to the user's window and activity count; return (window as of the event, the
-        window before it joined, count, duplicate).
+    def update_state(self, ev: Event) -> tuple[EventSeq, EventSeq, bool]:
+        """Add the event to the user's window; return (window as of the event, the window before it
+        joined, duplicate).
 
-        The window goes to :attr:`pending` (written to ``histories`` at delivery, with the prediction).
+        The window goes to :attr:`pending` and is written to ``histories`` at delivery, together with
+        the prediction and the activity count (:meth:`deliver`): one synchronous step, so a crash
+        leaves either all three or none of them for a redelivered event to find.
         """
         s = self.settings
         p = self.pending.get(ev.user_id)
@@ -353,15 +418,14 @@ class Pipeline:
             p = Pending(decode_state(self.t.histories.get(ev.user_id)))
         history = before = p.state.history
         duplicate = window.contains(history, ev.item_id, ev.action, ev.ts)
-        activity = self.t.activity[ev.user_id]
         if duplicate:
             monitoring.EVENTS_DUPLICATE.inc()
         else:
             history = window.add_event(history, ev.item_id, ev.action, ev.ts, max_events=s.window_events,
-                                ttl_ms=self.ttl_ms, device=ev.device, location=ev.location, category=ev.category)
-            activity += 1
+                                       ttl_ms=self.ttl_ms, device=ev.device, location=ev.location,
+                                       category=ev.category)
             p.state.history, p.dirty = history, True
-        out = window.as_of(history, ev.ts), before, int(activity.value()), duplicate
+        out = window.as_of(history, ev.ts), before, duplicate
         p.inflight += 1  # last: from here on, the request is submitted (or _delivered undoes this)
         self.pending[ev.user_id] = p
         return out
@@ -373,53 +437,153 @@ class Pipeline:
             if p.inflight <= 0:
                 del self.pending[user]
 
-    async def dead_letter(self, raw: bytes | None, key: bytes | None, reason: str, detail: str, msg: Any) -> None:
+    async def dead_letter(self, raw: bytes | None, key: bytes | None, reason: str, detail: str,
+                          msg: Any) -> Awaitable[Any] | None:
         monitoring.EVENTS_REJECTED.labels(reason).inc()
-        await self.publisher.send("dlq", key, dlq_record(raw, reason, detail, topic=msg.topic,
-                                                         partition=msg.partition, offset=msg.offset, key=key))
+        return await self.publisher.send("dlq", key, dlq_record(raw, reason, detail, topic=msg.topic,
+                                                                partition=msg.partition, offset=msg.offset, key=key))
+
+    async def _reject(self, raw: bytes | None, key: bytes | None, reason: str, detail: str, msg: Any, stream: Any,
+                      event: Any) -> None:
+        """Dead-letter one message and ack it (once the DLQ record is safe: :meth:`_ack_when_sent`)."""
+        async with self._transaction():
+            sent = await self.dead_letter(raw, key, reason, detail, msg)
+            await self._ack_when_sent([sent], [(stream, event)])
+
+    def _transaction(self) -> Any:
+        """``exactly_once``: the gate a commit waits for (:meth:`_gate_commits`); else nothing."""
+        return self._txn_gate if self.exactly_once else contextlib.nullcontext()
+
+    async def _ack_when_sent(self, sent: list, acks: list[tuple[Any, Any]], writes: list[Write] = ()) -> None:
+        """Write ``writes`` to the tables and ack ``acks`` (``(stream, event)`` pairs) once every
+        produce in ``sent`` reached the broker.
+
+        An offset is committed only after its event is acked, and the tables learn that an event was
+        handled only here: so a lost output can never sit behind a committed offset, nor behind a
+        stored state that would make the redelivered event look done. The wait runs in a task of its
+        own, so the deliverer goes on with the next batch meanwhile; these tasks write and ack in
+        delivery order (each waits for the one before). A produce that failed (after the producer's
+        own retries) leaves its events unwritten and unacked and crashes the worker loudly: commits
+        stop before the lost output, and the restarted worker processes those events again.
+        ``exactly_once``: written and acked at once, since the transaction commits the outputs, the
+        changelog records and the offsets together, or none of them.
+        """
+        futures = [f for f in sent if f is not None]
+        if self.exactly_once or (not futures and self._last_ack is None):
+            self._write(writes)
+            for stream, event in acks:
+                await stream.ack(event)
+            return
+        task = asyncio.ensure_future(self._ack_after(futures, acks, writes, self._last_ack))
+        self._last_ack = task
+        self._ack_tasks.add(task)
+        task.add_done_callback(self._ack_done)
+
+    def _ack_done(self, task: asyncio.Task) -> None:
+        self._ack_tasks.discard(task)
+        if self._last_ack is task:
+            self._last_ack = None
+
+    async def _ack_after(self, futures: list, acks: list[tuple[Any, Any]], writes: list[Write],
+                         before: asyncio.Task | None) -> None:
+        results = await asyncio.gather(*futures, return_exceptions=True)
+        if before is not None:
+            await asyncio.wait([before])  # write and ack in delivery order
+        failed = next((r for r in results if isinstance(r, BaseException)), None)
+        if failed is not None:
+            monitoring.PRODUCE_FAILED.inc()
+            event = acks[0][1] if acks else None
+            where = (f"{event.message.topic}[{event.message.partition}]@{event.message.offset}"
+                     if event is not None else "?")
+            log.critical("!!! a produce failed (%s: %s) for the outputs of %d events from %s on: their "
+                         "offsets stay uncommitted; crashing the worker, which processes them again on "
+                         "restart", type(failed).__name__, failed, len(acks), where)
+            await self.app.crash(failed)
+            return
+        self._write(writes)
+        for stream, event in acks:
+            await stream.ack(event)
+
+    def _write(self, writes: list[Write]) -> None:
+        """The tables' part of delivered events: per user, the activity counts and the newest state
+        (one ``histories`` write, one changelog record per user and batch). Synchronous: a crash
+        leaves all of it or none of it in the local store."""
+        last = {w.user: n for n, w in enumerate(writes) if w.state is not None}
+        for n, w in enumerate(writes):
+            with current_event(w.src.event):
+                if w.window is not None:
+                    counts = self.t.activity[w.user]  # the window of this event's time (current_event)
+                    counts += 1
+                    left = w.pending.added[w.window] - 1
+                    if left:
+                        w.pending.added[w.window] = left
+                    else:
+                        del w.pending.added[w.window]
+                if last.get(w.user) == n:
+                    self.t.histories[w.user] = w.state
+            self._delivered(w.user)
 
     # --- per batch (batcher's deliverer) --------------------------------------------------------------
     async def deliver(self, results: list[Result]) -> None:
+        async with self._transaction():
+            await self._deliver(results)
+
+    async def _deliver(self, results: list[Result]) -> None:
+        sent: list = []
+        acks: list[tuple[Any, Any]] = []
+        writes: list[Write] = []
+        size = self.settings.activity_window_s
         for r in results:
             src: Source = r.request.ref
             user = r.request.user_id
-            try:
-                with current_event(src.event):
-                    p = self.pending.get(user)
-                    if p is None:  # not from handle() (tests, or a bug): the table has the state
-                        p = self.pending[user] = Pending(decode_state(self.t.histories.get(user)), inflight=1)
-                    await self._deliver_one(r, src, p)
-                    if p.dirty:  # the window and the latest prediction: one write, one changelog record
-                        self.t.histories[user] = encode_state(p.state)
-                        p.dirty = False
-            finally:
-                self._delivered(user)
-            await src.stream.ack(src.event)
+            with current_event(src.event):
+                p = self.pending.get(user)
+                if p is None:  # not from handle() (tests, or a bug): the table has the state
+                    p = self.pending[user] = Pending(decode_state(self.t.histories.get(user)), inflight=1)
+                win = int(r.request.event_ts // 1000) // size  # Faust's tumbling window of the event time
+                activity = int(self.t.activity[user].value()) + p.added.get(win, 0)
+                w = None
+                if not src.duplicate:
+                    w, activity = win, activity + 1
+                    p.added[win] = p.added.get(win, 0) + 1
+                await self._deliver_one(r, src, p, activity, sent)
+            state = None
+            if p.dirty:  # the window and the latest prediction
+                state, p.dirty = encode_state(p.state), False
+            writes.append(Write(user, src, p, state, w))
+            acks.append((src.stream, src.event))
+        await self._ack_when_sent(sent, acks, writes)
 
-    async def _deliver_one(self, r: Result, src: Source, pend: Pending) -> None:
+    async def _deliver_one(self, r: Result, src: Source, pend: Pending, activity: int, sent: list) -> None:
         req, user = r.request, r.request.user_id
         key = user.encode()
         last = pend.state.last
         # A redelivered event that the stored prediction already covers: no outcome, no state change.
         replay = last is not None and last.covers(src.partition, src.offset)
-        if last is not None and not replay:
-            await self.publisher.send("outcomes", key, outcome_record(
+        # An event older than the prediction the user last got did not happen *after* it: no outcome
+        # (its gap would be negative, a wrong label for the trainer), and that prediction stays the one
+        # the user's next event answers.
+        late = last is not None and not replay and req.event_ts < last.event_ts
+        if late:
+            monitoring.EVENTS_LATE.inc()
+        elif last is not None and not replay:
+            sent.append(await self.publisher.send("outcomes", key, outcome_record(
                 user, last, served=window.as_of(src.before, last.event_ts), action=src.action, item_id=src.item_id,
-                category=src.category, event_ts=req.event_ts, partition=src.partition, offset=src.offset))
+                category=src.category, event_ts=req.event_ts, partition=src.partition, offset=src.offset)))
             monitoring.OUTCOMES_OUT.inc()
         if r.prediction is None:
-            await self.dead_letter(src.raw, src.key, PREDICT_FAILED, r.error or "prediction failed",
-                                   src.event.message)
-            if not replay and last is not None:  # the next outcome must not pair with an older one
+            sent.append(await self.dead_letter(src.raw, src.key, PREDICT_FAILED, r.error or "prediction failed",
+                                               src.event.message))
+            if not replay and not late and last is not None:  # the next outcome must not pair with an older one
                 pend.state.last, pend.dirty = None, True
             return
         now = time.time()
         latency = now - req.arrival
         stored = StoredPrediction(r.version, req.event_ts, src.partition, src.offset, r.prediction)
-        await self.publisher.send("predictions", key, prediction_record(
-            user, stored, latency_ms=latency * 1000.0, history_len=len(req.history), activity=src.activity,
-            duplicate=src.duplicate, published_ms=int(now * 1000)))
+        sent.append(await self.publisher.send("predictions", key, prediction_record(
+            user, stored, latency_ms=latency * 1000.0, history_len=len(req.history), activity=activity,
+            duplicate=src.duplicate, published_ms=int(now * 1000))))
         monitoring.PREDICTIONS_OUT.labels(label_parts(r.version)[0]).inc()  # the full version: bounded labels
         monitoring.EVENT_TO_PREDICTION.observe(latency)
-        if not replay:
+        if not replay and not late:
             pend.state.last, pend.dirty = stored, True

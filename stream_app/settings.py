@@ -55,6 +55,10 @@ class _Settings(BaseSettings):
                                               "e2e-analysis)")
     stream_buffer_maxsize: int = Field(4096, description="Faust's buffer of messages per partition stream")
     max_poll_records: int = Field(0, description="records per consumer poll (0 = Faust's default)")
+    processing_guarantee: Literal["at_least_once", "exactly_once"] = Field(
+        "at_least_once", description="`exactly_once`: outputs, state changelogs and input offsets commit in one "
+        "Kafka transaction per input partition (read outputs with `isolation.level=read_committed`); costs "
+        "throughput (docs/reliability.md)")
     gc_freeze: bool = Field(True, description="`gc.freeze()` after start-up, so full collections skip the start-up "
                                               "heap (pauses: benchmarks/RESULTS.md, e2e-analysis)")
     # --- embedded broker (``nextaction kafka start``) -------------------------------------------
