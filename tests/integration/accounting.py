@@ -6,6 +6,8 @@ prediction, dead-letter and outcome record names the (partition, offset) it came
 be counted exactly:
 
 * ``lost``: a valid input without any prediction, or an invalid one without a DLQ record;
+* ``first_copy_lost``: a valid input whose only predictions are marked ``duplicate`` (its state
+  change reached the changelog before the crash, its first prediction did not reach the topic);
 * ``duplicates_marked``: re-published predictions flagged ``duplicate: true`` (a redelivery the
   worker recognised); ``duplicates_unmarked``: a second *first-time* prediction of one input (a
   redelivery the worker did not recognise, its state change was lost with the crash);
@@ -107,6 +109,7 @@ class Account:
     dlq: int = 0
     outcomes: int = 0
     lost: int = 0
+    first_copy_lost: int = 0
     duplicates_marked: int = 0
     duplicates_unmarked: int = 0
     dlq_repeats: int = 0
@@ -116,6 +119,7 @@ class Account:
     users: int = 0
     lost_keys: list = field(default_factory=list, repr=False)
     fresh: dict = field(default_factory=dict, repr=False)  # (partition, offset) -> its first-time prediction
+    # (or, where that was lost, its first re-published one)
 
     def summary(self) -> dict:
         return {k: v for k, v in asdict(self).items() if k not in ("lost_keys", "fresh")}
@@ -151,11 +155,13 @@ def account(out: dict, activity_window_s: int = 3600) -> Account:
         fresh = [p for p in records if not p["duplicate"]]
         a.duplicates_marked += len(records) - len(fresh)
         a.duplicates_unmarked += max(0, len(fresh) - 1)
-        if not fresh:
+        if not records:
             a.lost += 1
             a.lost_keys.append(po)
             continue
-        a.fresh[po] = fresh[0]
+        if not fresh:
+            a.first_copy_lost += 1
+        a.fresh[po] = (fresh or records)[0]
         by_user[ev.user_id].append((po, ev))
     a.users = len(by_user)
     size_ms = activity_window_s * 1000
