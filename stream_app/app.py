@@ -74,6 +74,11 @@ def create_app(settings: SettingsType | None = None, *, predictor_factory: Calla
         stream_wait_empty=True,  # rebalance/shutdown waits until the batcher acked in-flight events
         table_standby_replicas=0,
         broker_commit_interval=settings.commit_interval_s,
+        # a dead worker's partitions move after the session timeout (docs/reliability.md); heartbeats
+        # stay well inside it (Kafka's rule of thumb: at most a third)
+        broker_session_timeout=settings.session_timeout_s,
+        broker_heartbeat_interval=min(3.0, settings.session_timeout_s / 5),
+        consumer_group_instance_id=settings.group_instance_id or None,
         producer_linger=settings.producer_linger_ms / 1000.0,
         producer_max_batch_size=256 * 1024,
         stream_buffer_maxsize=settings.stream_buffer_maxsize,

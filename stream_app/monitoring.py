@@ -54,6 +54,8 @@ GC_PAUSE = Histogram("nextaction_gc_pause_seconds",
                      "Python garbage-collection pauses of the worker process, by generation (2 = full)",
                      ["generation"], buckets=_LATENCY_BUCKETS, registry=REGISTRY)
 QUEUE_DEPTH = Gauge("nextaction_queue_depth", "Prediction requests waiting for a batch", registry=REGISTRY)
+METADATA_RETRIES = Counter("nextaction_metadata_retries", "Failed or timed-out metadata requests of the start-up "
+                           "changelog check, retried (the broker was unreachable)", registry=REGISTRY)
 MODEL_SWAPS = Counter("nextaction_model_swaps", "Predictor hot swaps", registry=REGISTRY)
 MODEL_UPDATES = Counter("nextaction_model_updates", "model-updates records, by result (applied, skipped, rejected: "
                         "full versions; delta, gap, ignored: online deltas)",

@@ -54,6 +54,9 @@ log = logging.getLogger(__name__)
 #: DLQ reason of a message whose state update raised unexpectedly (a bug or a storage error).
 PROCESSING_FAILED = "processing_failed"
 
+#: First and longest wait between two tries of the changelog check (:meth:`Pipeline._wait_for_changelogs`).
+METADATA_BACKOFF_S, METADATA_BACKOFF_MAX_S = 0.5, 10.0
+
 
 def start_predictor(settings: SettingsType) -> Predictor:
     """The predictor a worker serves at start: the checkpoint's Transformer in the inference process
@@ -372,7 +375,7 @@ class Pipeline:
             raise
         return "duplicate" if duplicate else "queued"
 
-    async def _wait_for_changelogs(self, source_topic: str, timeout: float = 60.0) -> None:
+    async def _wait_for_changelogs(self, source_topic: str, timeout: float = 30.0) -> None:
         """Check once per source topic that every table's changelog has the source's partition count.
 
         Faust does this check itself on a table's first write, but reads the partition counts from
@@ -382,13 +385,35 @@ class Pipeline:
         the batcher. So the counts are read here from the producer's cluster metadata (refreshed
         on demand) and the tables marked as verified; a real mismatch still raises. The output
         topics' metadata is fetched here too, before the first delivery needs it.
-        """
-        from faust.exceptions import PartitionsMismatch
 
-        tables = (self.t.histories, self.t.activity.table)
+        A metadata request that times out or fails (the broker is restarting, a topic is still being
+        created) is retried with a backoff (:data:`METADATA_BACKOFF_S`, doubling up to
+        :data:`METADATA_BACKOFF_MAX_S`) and logged, never raised: raising here would crash the agent,
+        and a crashed agent stops acknowledging, so nothing would be committed any more.
+        """
+        from aiokafka.errors import KafkaError
+
         if self.app.consumer.topic_partitions(source_topic) is None:  # no broker (agent.test_context())
             self._verified_topics.add(source_topic)
             return
+        delay, attempt = METADATA_BACKOFF_S, 1
+        while True:
+            try:
+                await self._check_changelogs(source_topic, timeout)
+                break
+            except (asyncio.TimeoutError, KafkaError) as exc:
+                log.warning("waiting for the metadata of %r and its changelogs (attempt %d, %s); retrying in "
+                            "%.1f s", source_topic, attempt, type(exc).__name__ if not str(exc) else exc, delay)
+                monitoring.METADATA_RETRIES.inc()
+                await asyncio.sleep(delay)
+                delay, attempt = min(delay * 2, METADATA_BACKOFF_MAX_S), attempt + 1
+        self._verified_topics.add(source_topic)
+
+    async def _check_changelogs(self, source_topic: str, timeout: float) -> None:
+        """One try of :meth:`_wait_for_changelogs`: each metadata request within ``timeout`` seconds."""
+        from faust.exceptions import PartitionsMismatch
+
+        tables = (self.t.histories, self.t.activity.table)
         producer = self.app.producer._ensure_producer()  # the aiokafka producer: public partitions_for()
         source_n = len(await asyncio.wait_for(producer.partitions_for(source_topic), timeout))
         for table in tables:
@@ -402,7 +427,6 @@ class Pipeline:
         # for a metadata round trip inside the deliverer, and every delivery behind it waits too.
         for topic in self.topics.values():
             await asyncio.wait_for(producer.partitions_for(topic), timeout)
-        self._verified_topics.add(source_topic)
 
     def update_state(self, ev: Event) -> tuple[EventSeq, EventSeq, bool]:
         """Add the event to the user's window; return (window as of the event, the window before it

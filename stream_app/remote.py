@@ -15,7 +15,8 @@ docs/serving.md, "The inference process").
   message) to the child, which applies it to the model serving that version and files it under the
   delta's label; the proxy's ``version`` follows.
 * :func:`serve` is the child's loop (:func:`stream_app.predictors.load_local` at start), answering
-  until the pipe closes (the worker is gone: the child exits too).
+  until the pipe closes, and exits within about half a second of its worker however the worker
+  died (``kill -9`` included: :func:`_die_with_parent`).
 * Messages are orjson (no pickle): histories as ``EventSeq.to_json()``, predictions as
   ``Prediction.to_json()``. A child that dies is replaced on the next call (same settings, the
   checkpoint last loaded, the deltas applied on top of it replayed as one merged delta:
@@ -29,6 +30,7 @@ import asyncio
 import base64
 import logging
 import multiprocessing as mp
+import os
 import threading
 import time
 from typing import Any, Sequence
@@ -48,10 +50,48 @@ log = logging.getLogger(__name__)
 CALL_TIMEOUT_S = 300.0
 
 
-def serve(conn: Any, settings_payload: dict, path: str | None) -> None:
-    """The child process: build the predictor, then answer requests until the pipe closes."""
+#: Seconds between the child's checks that its worker is still alive (:func:`_die_with_parent`).
+PARENT_POLL_S = 0.5
+
+
+def _die_with_parent(parent_pid: int, deathsig: bool) -> None:
+    """Exit when the worker does, even if it was ``kill -9``\ ed in the middle of a long call.
+
+    The pipe's EOF tells the child only when it next reads (after the batch or the model load it is
+    busy with), so: ``prctl(PR_SET_PDEATHSIG, SIGKILL)`` on Linux when ``deathsig`` (the kernel
+    kills the child the moment the *thread* that spawned it dies, so the worker asks for it only
+    when its main thread spawned the child: an executor thread may end before the worker does),
+    and everywhere a daemon thread that polls ``os.getppid()`` every :data:`PARENT_POLL_S` and
+    exits the process once the parent is no longer ``parent_pid`` (reparented: the worker died).
+    """
+    import ctypes
+    import sys
+
+    if deathsig and sys.platform.startswith("linux"):
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(1, 9, 0, 0, 0)  # PR_SET_PDEATHSIG = 1, SIGKILL = 9
+        except (OSError, AttributeError):  # no prctl: the watchdog below still works
+            log.warning("prctl(PR_SET_PDEATHSIG) unavailable; relying on the parent watchdog")
+    if os.getppid() != parent_pid:  # the worker died before the prctl took effect
+        os._exit(1)
+
+    def watch() -> None:
+        while os.getppid() == parent_pid:
+            time.sleep(PARENT_POLL_S)
+        os._exit(1)  # no cleanup: the worker is gone, nobody reads our answers
+
+    threading.Thread(target=watch, name="nextaction-parent-watchdog", daemon=True).start()
+
+
+def serve(conn: Any, settings_payload: dict, path: str | None, parent_pid: int | None = None,
+          deathsig: bool = False) -> None:
+    """The child process: build the predictor, then answer requests until the pipe closes (or the
+    worker ``parent_pid`` dies: :func:`_die_with_parent`)."""
     import signal
 
+    if parent_pid is not None:
+        _die_with_parent(parent_pid, deathsig)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the worker handles Ctrl-C and closes the pipe
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s] [%(process)d] [%(levelname)s] %(message)s")
     settings = Settings(**{**settings_payload, "serve_process": False})  # no grandchildren
@@ -153,8 +193,10 @@ class _Channel:
 
     def start(self) -> dict:
         parent, child = self.ctx.Pipe()
-        self.proc = self.ctx.Process(target=serve, args=(child, self.payload, self.path), daemon=True,
-                                     name="nextaction-inference")
+        # PR_SET_PDEATHSIG follows the spawning thread: only the main thread lives as long as the worker
+        deathsig = threading.current_thread() is threading.main_thread()
+        self.proc = self.ctx.Process(target=serve, args=(child, self.payload, self.path, os.getpid(), deathsig),
+                                     daemon=True, name="nextaction-inference")
         self.proc.start()
         child.close()
         self.conn = parent

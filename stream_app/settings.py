@@ -54,6 +54,13 @@ class _Settings(BaseSettings):
                                               "the stream to drain them (Faust: 100; benchmarks/RESULTS.md, "
                                               "e2e-analysis)")
     stream_buffer_maxsize: int = Field(4096, description="Faust's buffer of messages per partition stream")
+    session_timeout_s: float = Field(10.0, description="consumer group session timeout: a worker that stops "
+                                     "heartbeating (`kill -9`) loses its partitions after this long, and a worker "
+                                     "restarted without `GROUP_INSTANCE_ID` waits for it (Faust: 60; "
+                                     "docs/reliability.md)")
+    group_instance_id: str = Field("", description="static group membership: a stable id unique to this worker "
+                                   "(e.g. the pod name); a restart within the session timeout gets its partitions "
+                                   "back without a rebalance (empty = dynamic membership; docs/reliability.md)")
     max_poll_records: int = Field(0, description="records per consumer poll (0 = Faust's default)")
     processing_guarantee: Literal["at_least_once", "exactly_once"] = Field(
         "at_least_once", description="`exactly_once`: outputs, state changelogs and input offsets commit in one "
@@ -159,6 +166,13 @@ class _Settings(BaseSettings):
     def _non_negative(cls, v):
         if v < 0:
             raise ValueError("must be >= 0")
+        return v
+
+    @field_validator("session_timeout_s")
+    @classmethod
+    def _session_timeout(cls, v: float) -> float:
+        if not 6.0 <= v <= 90.0:  # the broker's group.min.session.timeout.ms; Faust's broker_request_timeout
+            raise ValueError("must be between 6 and 90 seconds")
         return v
 
     @field_validator("commit_interval_s", "gil_switch_interval_ms", "trainer_delta_interval_s", "trainer_full_every_s",

@@ -351,3 +351,47 @@ def test_deltas_are_applied_in_order_and_label_predictions_base_plus_seq(make_ap
                         f"{base}+2"]
     tops = [p["top_items"][0][0] for p in rec.of("predictions")]
     assert "fresh-item" not in tops[:2] and all(t == "fresh-item" for t in tops[2:])  # new item predictable at once
+
+
+def _changelog_checker(sizes: dict, failures: list):
+    """A Pipeline with just what ``_wait_for_changelogs`` reads: a producer whose ``partitions_for``
+    raises the queued ``failures`` first, then answers ``sizes``."""
+    from types import SimpleNamespace
+
+    from stream_app.pipeline import Pipeline
+
+    class Producer:
+        async def partitions_for(self, topic):
+            if failures:
+                raise failures.pop(0)
+            return set(range(sizes.get(topic, 4)))
+
+    def table(name):
+        return SimpleNamespace(name=name, changelog_topic_name=f"{name}-changelog",
+                               _verified_source_topics_for_partitions=set())
+
+    p = Pipeline.__new__(Pipeline)
+    p.app = SimpleNamespace(consumer=SimpleNamespace(topic_partitions=lambda t: {0}),
+                            producer=SimpleNamespace(_ensure_producer=Producer))
+    p.t = SimpleNamespace(histories=table("histories"), activity=SimpleNamespace(table=table("activity")))
+    p.topics = {"predictions": "predictions", "outcomes": "outcomes", "dlq": "dlq"}
+    p._verified_topics = set()
+    return p
+
+
+def test_changelog_check_retries_broker_timeouts_and_still_raises_a_real_mismatch(monkeypatch, caplog):
+    from aiokafka.errors import KafkaTimeoutError, UnknownTopicOrPartitionError
+    from faust.exceptions import PartitionsMismatch
+
+    from stream_app import pipeline
+
+    monkeypatch.setattr(pipeline, "METADATA_BACKOFF_S", 0.01)
+    before = monitoring.METADATA_RETRIES._value.get()
+    p = _changelog_checker({}, [asyncio.TimeoutError(), KafkaTimeoutError(), UnknownTopicOrPartitionError()])
+    asyncio.run(p._wait_for_changelogs("events"))  # three failures, then the answer: no exception
+    assert p._verified_topics == {"events"}
+    assert p.t.histories._verified_source_topics_for_partitions == {"events"}
+    assert monitoring.METADATA_RETRIES._value.get() - before == 3
+    assert caplog.text.count("retrying in") == 3
+    with pytest.raises(PartitionsMismatch, match="histories"):
+        asyncio.run(_changelog_checker({"histories-changelog": 2}, [])._wait_for_changelogs("events"))

@@ -185,3 +185,53 @@ def test_bad_checkpoint_in_the_child_falls_back_to_the_baseline_which_learns(tmp
         assert remote._channel.pending_observe == []
     finally:
         remote.close()
+
+
+_PARENT = """
+import sys, threading, time
+from stream_app.remote import RemotePredictor
+from stream_app.settings import Settings
+
+def start():
+    r = RemotePredictor.start(Settings(checkpoint=sys.argv[1], device="cpu", serve_threads=1))
+    print(r.pid, flush=True)
+
+if sys.argv[2] == "thread":  # spawned from a thread that outlives nothing: the watchdog's case
+    t = threading.Thread(target=start)
+    t.start(); t.join()
+else:
+    start()
+time.sleep(600)
+"""
+
+
+@pytest.mark.parametrize("spawner", ["main", "thread"])
+def test_the_child_dies_within_2_s_of_a_killed_worker(tmp_path, spawner):
+    """``kill -9`` of the worker: the child goes too (PR_SET_PDEATHSIG when the main thread spawned it,
+    the getppid watchdog otherwise), instead of waiting for its next read of the pipe."""
+    import subprocess
+    import sys
+    import time
+
+    parent = subprocess.Popen([sys.executable, "-c", _PARENT, str(tmp_path / "missing"), spawner],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        child = int(parent.stdout.readline())
+        if spawner == "thread":  # the spawning thread has ended: the child must still be there
+            time.sleep(1.0)
+        os.kill(child, 0)
+        os.kill(parent.pid, signal.SIGKILL)
+        parent.wait(10)
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < 2.0:
+            try:
+                os.kill(child, 0)
+            except ProcessLookupError:
+                break
+            time.sleep(0.05)
+        else:
+            os.kill(child, signal.SIGKILL)
+            pytest.fail(f"inference process {child} outlived its worker by 2 s")
+    finally:
+        if parent.poll() is None:
+            parent.kill()
