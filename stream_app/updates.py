@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any, Awaitable, Callable
 
 from stream_app.kafka_admin import ensure_topics_async, start_client
+from stream_app.kafka_security import client_kwargs
 from stream_app.records import FULL, ModelUpdate, update_kind
 from stream_app.settings import SettingsType
 
@@ -116,7 +117,7 @@ class ModelUpdateListener:
         from aiokafka import AIOKafkaConsumer, TopicPartition  # noqa: PLC0415
 
         n = (await ensure_topics_async(self.settings, [self.topic], partitions=1))[self.topic]
-        consumer = AIOKafkaConsumer(bootstrap_servers=self.settings.bootstrap_servers, group_id=None,
+        consumer = AIOKafkaConsumer(bootstrap_servers=self.settings.bootstrap_servers, **client_kwargs(self.settings), group_id=None,
                                     enable_auto_commit=False, auto_offset_reset="latest",
                                     client_id=f"{self.settings.app_id}-model-updates")
         await start_client(self.settings, consumer.start, consumer.stop)

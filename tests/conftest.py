@@ -63,11 +63,10 @@ def _broker_ports() -> tuple[int, int]:
 
 def settings_env(settings: SettingsType) -> dict[str, str]:
     """``os.environ`` plus ``NEXTACTION_*`` variables that reproduce ``settings`` in a subprocess."""
+    from stream_app.settings import settings_env as nextaction_env  # secrets revealed for the child only
+
     env = {k: v for k, v in os.environ.items() if not k.startswith("NEXTACTION_")}
-    for name, value in settings.model_dump().items():
-        if value is not None:
-            env[f"NEXTACTION_{name.upper()}"] = str(value)
-    return env
+    return env | nextaction_env(settings)
 
 
 @pytest.fixture(scope="session")

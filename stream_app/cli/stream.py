@@ -27,6 +27,7 @@ from rich.markup import escape
 from stream_app.cli.common import console, current_settings, err_console, errors, existing_file, positive
 from stream_app.errors import BrokerError
 from stream_app.kafka_admin import start_client
+from stream_app.kafka_security import client_kwargs
 from stream_app.settings import SettingsType
 
 app = typer.Typer()
@@ -218,7 +219,7 @@ async def _topic_partitions(settings: SettingsType, topic: str) -> list[int]:
     """The partition ids of ``topic``; BrokerError naming the topic (and the known ones) if it is missing."""
     from aiokafka.admin import AIOKafkaAdminClient
 
-    admin = AIOKafkaAdminClient(bootstrap_servers=settings.bootstrap_servers, request_timeout_ms=15_000)
+    admin = AIOKafkaAdminClient(bootstrap_servers=settings.bootstrap_servers, **client_kwargs(settings), request_timeout_ms=15_000)
     await start_client(settings, admin.start, admin.close)
     try:
         topics = await admin.list_topics()
@@ -237,7 +238,7 @@ async def open_consumer(settings: SettingsType, topic: str, *, from_beginning: b
     from aiokafka import AIOKafkaConsumer, TopicPartition
 
     parts = [TopicPartition(topic, p) for p in await _topic_partitions(settings, topic)]
-    consumer = AIOKafkaConsumer(bootstrap_servers=settings.bootstrap_servers, group_id=None,
+    consumer = AIOKafkaConsumer(bootstrap_servers=settings.bootstrap_servers, **client_kwargs(settings), group_id=None,
                                 enable_auto_commit=False, request_timeout_ms=15_000,
                                 auto_offset_reset="earliest" if from_beginning else "latest")
     await start_client(settings, consumer.start, consumer.stop)
@@ -323,7 +324,7 @@ async def send_one(settings: SettingsType, topic: str, key: bytes | None, value:
     """Produce one record to ``topic`` and wait for the broker's acknowledgement."""
     from aiokafka import AIOKafkaProducer
 
-    producer = AIOKafkaProducer(bootstrap_servers=settings.bootstrap_servers, request_timeout_ms=15_000)
+    producer = AIOKafkaProducer(bootstrap_servers=settings.bootstrap_servers, **client_kwargs(settings), request_timeout_ms=15_000)
     await start_client(settings, producer.start, producer.stop)
     try:
         await producer.send_and_wait(topic, value, key=key)
