@@ -45,7 +45,7 @@ from stream_app.kafka_admin import ensure_topics_async, start_client
 from stream_app.kafka_security import client_kwargs
 from stream_app.records import DELTA, FULL, KIND_HEADER, ModelUpdate, update_kind
 from stream_app.settings import SettingsType
-from stream_app.updates import lineage_start, read_range
+from stream_app.updates import UpdateRejected, admit, checkpoint_roots, lineage_start, read_range
 
 log = logging.getLogger(__name__)
 
@@ -225,8 +225,15 @@ class TrainingService:
             await consumer.stop()
         device = resolve_device(s.device)
         if recs:
-            full = ModelUpdate.decode(recs[0].value)
+            try:  # the same checks as every worker's (sha256, a path under the checkpoint roots)
+                full = admit(recs[0].value, checkpoint_roots(s))
+            except UpdateRejected as exc:
+                raise ConfigError("model-updates", f"{s.topic_model_updates}[{recs[0].partition}]@{recs[0].offset}",
+                                  f"the lineage's newest full record is rejected ({exc.reason}): {exc.detail}") from None
             ck = load_checkpoint(full.path, device=device)
+            if ck.content_hash.lower() != full.sha256.lower():
+                raise ConfigError("model-updates", full.path, f"content hash {ck.content_hash}, the record announced "
+                                                              f"{full.sha256}")
             online = ck.metadata.get("online") or {}
             self.lineage = Lineage(Path(full.path), ck.content_hash, n, seq + 1,
                                    {int(p): int(o) for p, o in online.get("offsets", {}).items()} or None,

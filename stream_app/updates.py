@@ -24,7 +24,10 @@ writes both kinds (:mod:`stream_app.training`).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
+import os
+import re
 from pathlib import Path
 from typing import Any, Awaitable, Callable
 
@@ -71,6 +74,61 @@ async def lineage_start(consumer: Any, tps: list[Any], ends: dict) -> tuple[Any,
                 break
             hi = lo
     return None if best is None else (best[0], best[1])
+
+
+#: What a ``model-updates`` full record must carry: the checkpoint's content hash, 64 hex digits.
+SHA256 = re.compile(r"[0-9a-fA-F]{64}")
+
+
+class UpdateRejected(ValueError):
+    """A full ``model-updates`` record the fleet must not load: ``reason`` (a short code, the label of
+    the rejection in the logs and in the result) and ``detail`` (what was wrong, with the bad value)."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason, self.detail = reason, detail
+
+
+def checkpoint_roots(settings: SettingsType) -> list[Path]:
+    """The folders a full record may name a checkpoint under (each resolved: symlinks followed):
+    ``models_dir`` (default ``data_dir/models``: where the trainer writes), the folder holding
+    ``checkpoint`` (where ``nextaction train`` put it, and its siblings), and ``checkpoint_roots``."""
+    roots = [Path(settings.models_dir or Path(settings.data_dir) / "models")]
+    if settings.checkpoint is not None:
+        roots.append(Path(settings.checkpoint).expanduser().absolute().parent)
+    roots += [Path(r) for r in settings.checkpoint_roots.split(":") if r.strip()]
+    out: list[Path] = []
+    for r in roots:
+        resolved = Path(os.path.realpath(r.expanduser().absolute()))
+        if resolved not in out:
+            out.append(resolved)
+    return out
+
+
+def admit(value: bytes | None, roots: list[Path]) -> ModelUpdate:
+    """The full record in ``value`` if the fleet may load it, with its path resolved; else
+    :class:`UpdateRejected`: ``bad_record`` (not a record), ``no_sha256`` / ``bad_sha256`` (the content
+    hash is missing or is not 64 hex digits), ``relative_path`` (a path that depends on the worker's
+    working directory), ``path_not_allowed`` (the path, resolved with symlinks and ``..``, is not under
+    one of ``roots``: :func:`checkpoint_roots`). The checkpoint's files are checked against the hash
+    when it is loaded (:func:`stream_app.predictors.load_successor`)."""
+    try:
+        update = ModelUpdate.decode(value)
+    except ValueError as exc:
+        raise UpdateRejected("bad_record", f"{exc} (record {(value or b'')[:200]!r})") from None
+    if update.sha256 is None:
+        raise UpdateRejected("no_sha256", f"the record for {update.path!r} carries no 'sha256' (the checkpoint's "
+                                          f"content hash, which `nextaction deploy` computes)")
+    if not SHA256.fullmatch(update.sha256):
+        raise UpdateRejected("bad_sha256", f"'sha256' must be 64 hex digits (got {update.sha256[:80]!r})")
+    if not os.path.isabs(update.path):
+        raise UpdateRejected("relative_path", f"{update.path[:300]!r} is not an absolute path")
+    resolved = Path(os.path.realpath(update.path))
+    if not any(resolved == root or resolved.is_relative_to(root) for root in roots):
+        raise UpdateRejected("path_not_allowed", f"{update.path[:300]!r} (resolved: {str(resolved)[:300]!r}) is "
+                             f"under none of the checkpoint roots {[str(r) for r in roots]} (settings "
+                             f"models_dir, checkpoint, checkpoint_roots)")
+    return dataclasses.replace(update, path=str(resolved))
 
 
 def update_record(checkpoint: str | Path, version: str | None = None) -> ModelUpdate:

@@ -307,14 +307,20 @@ def deploy(
     version: str | None = typer.Option(None, help="Label for the record (default: the first 12 hex digits "
                                                   "of the content hash, which is what workers report)."),
 ) -> None:
-    """Verify a checkpoint and publish it on the model-updates topic: every worker loads, checks and
-    swaps to it between batches (the path must be readable by the workers)."""
+    """Verify a checkpoint and publish it on the model-updates topic with its content hash: every worker
+    loads, checks and swaps to it between batches (the path must be readable by the workers and lie
+    under their checkpoint roots: CHECKPOINT's folder, MODELS_DIR, CHECKPOINT_ROOTS)."""
 
-    from stream_app.updates import update_record
+    from stream_app.updates import UpdateRejected, admit, checkpoint_roots, update_record
 
     with errors():
         settings = current_settings()
-        update = update_record(checkpoint, version)
+        update = update_record(checkpoint, version)  # computes the sha256 from the files
+        try:
+            admit(update.encode(), checkpoint_roots(settings))
+        except UpdateRejected as exc:  # the workers may be configured otherwise: say so, send anyway
+            err_console.print(f"[yellow]warning:[/] workers with these settings would reject it: "
+                              f"{escape(exc.detail)}")
         asyncio.run(send_one(settings, settings.topic_model_updates, update.KEY, update.encode()))
     console.print(f"[green]announced[/] {update.path} (content hash {update.sha256[:12]}) on "
                   f"[bold]{settings.topic_model_updates}[/]; workers report it as model_version {update.sha256[:12]}")
