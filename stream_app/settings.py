@@ -222,9 +222,11 @@ def Settings(**overrides) -> _Settings:  # noqa: N802 - reads like a class at ca
         return _Settings(**overrides)
     except ValidationError as exc:
         err = exc.errors()[0]
-        name = ".".join(str(p) for p in err["loc"]) or "?"
+        name = ".".join(str(p) for p in err["loc"]) or "settings"
         msg = err["msg"].removeprefix("Value error, ")
-        raise ConfigError(name, err.get("input"), msg) from None
+        # A check across fields gets every input (the password included): name none of them.
+        value = err.get("input") if err["loc"] and "password" not in name else "(not shown)"
+        raise ConfigError(name, value, msg) from None
 
 
 SettingsType = _Settings

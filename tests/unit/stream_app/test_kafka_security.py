@@ -63,8 +63,12 @@ def test_sasl_ssl_passes_user_password_mechanism_and_tls(mechanism):
 def test_sasl_without_user_or_password_is_refused():
     with pytest.raises(ConfigError, match="needs kafka_sasl_username and kafka_sasl_password"):
         Settings(kafka_security_protocol="SASL_SSL", kafka_sasl_username="nx")
-    with pytest.raises(ConfigError, match="needs kafka_sasl_username"):
+    with pytest.raises(ConfigError, match="needs kafka_sasl_username") as exc:
         Settings(kafka_security_protocol="SASL_PLAINTEXT", kafka_sasl_password=SECRET)
+    assert SECRET not in str(exc.value) and SECRET not in repr(exc.value.value)  # the error names no secret
+    with pytest.raises(ConfigError) as exc:
+        Settings(kafka_sasl_password=[SECRET])  # a field error on the password itself
+    assert SECRET not in str(exc.value)
     with pytest.raises(ConfigError):
         Settings(kafka_security_protocol="TLS")
     with pytest.raises(ConfigError):
