@@ -18,7 +18,8 @@ After a broker error it reconnects and resumes at the next unread offset. The ha
 listener never stops the worker.
 
 ``nextaction deploy <checkpoint>`` writes a full record (:func:`update_record`); the online trainer
-writes both kinds (:mod:`stream_app.training`).
+writes both kinds (:mod:`stream_app.training`). A full record is loaded only if :func:`admit` accepts
+it: a ``sha256``, and a path that resolves under one of :func:`checkpoint_roots` (docs/security.md).
 """
 
 from __future__ import annotations
