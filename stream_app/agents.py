@@ -3,18 +3,25 @@
 ``process_events`` (concurrency 1, manual acks) hands every message to the
 :class:`~stream_app.pipeline.Pipeline`; ``follow_model_updates`` runs the worker's group-less
 reader of ``model-updates`` (:class:`~stream_app.updates.ModelUpdateListener`), so every update
-reaches every worker; ``/metrics`` serves the Prometheus metrics (:mod:`stream_app.monitoring`).
+reaches every worker; ``/metrics`` serves the Prometheus metrics (:mod:`stream_app.monitoring`);
+``/healthz`` answers 503 when the worker is stalled (:mod:`stream_app.health`). Faust's own views
+(``/table``, ``/router``) are off (stream_app/app.py).
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
 from typing import Any, Callable
 
 from models.predictor import Predictor
 from stream_app import monitoring
+from stream_app.health import HealthWatch, consumer_sample
 from stream_app.pipeline import Pipeline, Publisher
 from stream_app.settings import SettingsType
 from stream_app.updates import ModelUpdateListener
+
+log = logging.getLogger(__name__)
 
 
 def install(app: Any, topology: Any, *, predictor_factory: Callable[[SettingsType], Predictor] | None = None,
@@ -29,7 +36,9 @@ def install(app: Any, topology: Any, *, predictor_factory: Callable[[SettingsTyp
         await pipeline.start_batcher()
         manual = stream.noack()
         async for event in manual.events():
-            yield await pipeline.handle(event, manual)
+            result = await pipeline.handle(event, manual)
+            health.progressed()
+            yield result
 
     listener = ModelUpdateListener(topology.settings, pipeline.handle_model_update,
                                    catch_up=topology.settings.model_updates_catch_up)
@@ -44,6 +53,25 @@ def install(app: Any, topology: Any, *, predictor_factory: Callable[[SettingsTyp
     async def prometheus_metrics(web, request):
         body, content_type = monitoring.render()
         return web.bytes(body, content_type=content_type)
+
+    health = HealthWatch(topology.settings.health_stall_s)
+    app.health = health
+
+    @app.page("/healthz")
+    async def healthz(web, request):
+        """200 while the worker keeps up, 503 when input waits and it is stalled (stream_app.health)."""
+        try:
+            lag, committed = consumer_sample(app.consumer, topology.settings.topic_events)
+        except Exception as exc:  # noqa: BLE001 - no consumer yet (starting): judged on the clocks alone
+            log.debug("healthz: no consumer sample (%s)", exc)
+            lag, committed = 0, {}
+        state = health.check(lag, committed)
+        return web.json(state, status=200 if state["ok"] else 503)
+
+    @app.timer(5.0)
+    async def _sample_commits():  # commits are noticed even when nobody asks /healthz
+        with contextlib.suppress(Exception):
+            health.observe(consumer_sample(app.consumer, topology.settings.topic_events)[1])
 
     @app.on_before_shutdown.connect
     async def _stop_batcher(app_, **kwargs):  # after Faust waited for in-flight events (stream_wait_empty)

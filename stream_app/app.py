@@ -25,6 +25,7 @@ import faust
 
 from models.predictor import Predictor
 from stream_app.events import event_time_s
+from stream_app.kafka_security import faust_credentials
 from stream_app.settings import SettingsType, get_settings
 
 #: Activity windows kept per user (older windows expire, on event time).
@@ -70,6 +71,14 @@ def create_app(settings: SettingsType | None = None, *, predictor_factory: Calla
         web_bind=settings.web_bind,
         web_port=settings.web_port,
         web_host=settings.web_bind,
+        # Faust's built-in views serve every table's contents (``/table/...``: any user's history) and
+        # the router (``/router``) to anyone who reaches the port: off. The worker serves only its own
+        # pages (``/metrics``, ``/healthz``; stream_app/agents.py).
+        web_router_enabled=False,
+        web_tables_enabled=False,
+        web_graph_enabled=False,
+        web_stats_enabled=False,
+        broker_credentials=faust_credentials(settings),  # SASL / TLS: stream_app/kafka_security.py
         autodiscover=False,
         stream_wait_empty=True,  # rebalance/shutdown waits until the batcher acked in-flight events
         table_standby_replicas=0,

@@ -15,6 +15,7 @@ from collections.abc import Awaitable, Callable, Coroutine, Iterable
 from typing import Any, TypeVar
 
 from stream_app.errors import BrokerError
+from stream_app.kafka_security import client_kwargs
 from stream_app.settings import Settings, SettingsType
 
 _T = TypeVar("_T")
@@ -46,7 +47,7 @@ async def ensure_topics_async(settings: SettingsType, topics: Iterable[str] | No
 
     names = list(dict.fromkeys(topics if topics is not None else app_topics(settings)))
     n_partitions = partitions or settings.partitions
-    admin = AIOKafkaAdminClient(bootstrap_servers=settings.bootstrap_servers, request_timeout_ms=int(timeout * 1000))
+    admin = AIOKafkaAdminClient(bootstrap_servers=settings.bootstrap_servers, **client_kwargs(settings), request_timeout_ms=int(timeout * 1000))
     await start_client(settings, admin.start, admin.close, timeout)
     try:
         existing = set(await admin.list_topics())
@@ -79,14 +80,17 @@ async def _partition_counts(admin: Any, names: list[str], settings: SettingsType
         await asyncio.sleep(0.2)
 
 
-def probe(bootstrap: str, timeout: float = 3.0) -> int:
-    """How many brokers the cluster at ``bootstrap`` (``host:port[,...]``) reports; 0 if it does not answer."""
-    return run_async(_probe(bootstrap, timeout))
+def probe(bootstrap: str, timeout: float = 3.0, settings: SettingsType | None = None) -> int:
+    """How many brokers the cluster at ``bootstrap`` (``host:port[,...]``) reports; 0 if it does not answer.
+    With ``settings``, through their security settings (:mod:`stream_app.kafka_security`); without, in
+    plain text (the embedded broker's loopback listener)."""
+    security = client_kwargs(settings) if settings is not None else {"security_protocol": "PLAINTEXT"}
+    return run_async(_probe(bootstrap, timeout, security))
 
 
 def require_broker(settings: SettingsType, timeout: float = 5.0) -> int:
     """Raise :class:`BrokerError` unless ``settings.broker_url`` answers a metadata request."""
-    brokers = probe(settings.bootstrap_servers, timeout)
+    brokers = probe(settings.bootstrap_servers, timeout, settings)
     if not brokers:
         raise unreachable(settings)
     return brokers
@@ -115,7 +119,7 @@ def unreachable(settings: SettingsType, exc: BaseException | None = None) -> Bro
                        f"start the embedded broker with `nextaction kafka start` or set NEXTACTION_BROKER_URL")
 
 
-async def _probe(bootstrap: str, timeout: float) -> int:
+async def _probe(bootstrap: str, timeout: float, security: dict[str, Any]) -> int:
     """Number of brokers in the metadata answered at ``bootstrap``; 0 if it does not answer in time."""
     import logging
 
@@ -126,7 +130,7 @@ async def _probe(bootstrap: str, timeout: float) -> int:
     level = log.level
     log.setLevel(logging.CRITICAL)
     client = AIOKafkaClient(bootstrap_servers=bootstrap, request_timeout_ms=int(timeout * 1000),
-                            retry_backoff_ms=100, connections_max_idle_ms=10_000)
+                            retry_backoff_ms=100, connections_max_idle_ms=10_000, **security)
     try:
         await asyncio.wait_for(client.bootstrap(), timeout)
         return len(client.cluster.brokers())

@@ -48,6 +48,7 @@ from stream_app.records import (DELTA, ModelUpdate, StoredPrediction, UserState,
                                 outcome_record, prediction_record)
 from stream_app.remote import RemotePredictor
 from stream_app.settings import SettingsType
+from stream_app.updates import UpdateRejected, admit, checkpoint_roots
 
 log = logging.getLogger(__name__)
 
@@ -308,15 +309,17 @@ class Pipeline:
         thread** (never on the event loop, never concurrently with a batch), then
         :meth:`Batcher.swap` serves it from the next batch on. Any problem (a malformed record, a
         missing or corrupt checkpoint, a content hash other than the announced one, non-finite
-        outputs) is logged and counted, and the current predictor keeps serving. An update naming
+        outputs) is logged and counted, and the current predictor keeps serving. Before anything is
+        read, :func:`stream_app.updates.admit` refuses a record without a ``sha256`` or whose path
+        lies outside the checkpoint roots (docs/security.md). An update naming
         the version already served is skipped (a redelivery).
         """
         try:
-            update = ModelUpdate.decode(value)
-        except ValueError as exc:
-            log.error("model update rejected: bad record %r: %s", (value or b"")[:200], exc)
+            update = admit(value, checkpoint_roots(self.settings))
+        except UpdateRejected as exc:
+            log.error("!!! model update rejected (%s): %s", exc.reason, exc.detail)
             monitoring.MODEL_UPDATES.labels("rejected").inc()
-            return "rejected:bad_record"
+            return f"rejected:{exc.reason}"
         batcher = await self.start_batcher()
         current = batcher.predictor
         if update.n is not None and self._update_n is not None and update.n < self._update_n:

@@ -158,7 +158,8 @@ class ModelUpdate:
     ``content_hash``; ``version`` a label, by default the hash's first 12 hex digits). The online
     trainer numbers its records (``n``, increasing: a worker ignores a trainer record numbered below
     the last it applied) and says why (``reason``: ``online``, ``reset``, ``rollback``); ``nextaction
-    deploy`` leaves both unset."""
+    deploy`` leaves both unset. The codec reads a record without ``sha256``; a worker refuses to load
+    one (:func:`stream_app.updates.admit`: the hash and a path under the checkpoint roots)."""
 
     version: str | None
     path: str

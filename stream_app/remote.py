@@ -42,7 +42,7 @@ from models.errors import PredictorError
 from models.predictor import Prediction, Predictor
 from models.schema import EventSeq
 from stream_app import monitoring, predictors, runtime
-from stream_app.settings import Settings, SettingsType
+from stream_app.settings import KAFKA_AUTH_FIELDS, Settings, SettingsType
 
 log = logging.getLogger(__name__)
 
@@ -181,7 +181,8 @@ class _Channel:
     """The child process and its pipe, shared by every :class:`RemotePredictor` of one worker."""
 
     def __init__(self, settings: SettingsType) -> None:
-        self.payload = settings.model_dump(mode="json")
+        # The child speaks to no broker: it gets no Kafka credentials (a secret stays in the worker).
+        self.payload = settings.model_dump(mode="json", exclude=set(KAFKA_AUTH_FIELDS))
         self.ctx = mp.get_context("spawn")
         self.lock = threading.Lock()
         self.path: str | None = None  # the checkpoint last loaded by a successor (for a respawn)

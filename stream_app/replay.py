@@ -36,6 +36,7 @@ from models.datasets.synthetic import events as synthetic_events
 from models.errors import DatasetError
 from models.schema import canonical_action
 from stream_app.errors import BrokerError
+from stream_app.kafka_security import client_kwargs
 from stream_app.events import FIELDS, REQUIRED_FIELDS
 
 log = logging.getLogger(__name__)
@@ -294,7 +295,7 @@ async def produce(settings, events: Iterable[dict], rate: float | None = None, p
 
     if rate is not None and not rate > 0:
         raise DatasetError(f"rate must be > 0 events/s or None (got {rate!r})")
-    producer = AIOKafkaProducer(bootstrap_servers=settings.bootstrap_servers, client_id="nextaction-replay",
+    producer = AIOKafkaProducer(bootstrap_servers=settings.bootstrap_servers, **client_kwargs(settings), client_id="nextaction-replay",
                                 linger_ms=10, max_batch_size=512 * 1024, acks="all", enable_idempotence=True,
                                 request_timeout_ms=30_000)
     try:

@@ -23,12 +23,17 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from models.config import DEVICES, OVERFLOW_MODES, SCORE_DTYPES
 from models.errors import ConfigError
 
+SECURITY_PROTOCOLS = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
+SASL_MECHANISMS = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512")
+#: The settings that authenticate to Kafka (a process that speaks to no broker needs none of them).
+KAFKA_AUTH_FIELDS = ("kafka_security_protocol", "kafka_sasl_mechanism", "kafka_sasl_username", "kafka_sasl_password",
+                     "kafka_sasl_ssl_port")
 CACHE_ROOT = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "nextaction"
 
 
@@ -68,10 +73,26 @@ class _Settings(BaseSettings):
         "throughput (docs/reliability.md)")
     gc_freeze: bool = Field(True, description="`gc.freeze()` after start-up, so full collections skip the start-up "
                                               "heap (pauses: benchmarks/RESULTS.md, e2e-analysis)")
+    # --- Kafka security (every client: the worker, the trainer, the CLI; docs/security.md) ----------
+    kafka_security_protocol: Literal[SECURITY_PROTOCOLS] = Field(
+        "PLAINTEXT", description="`PLAINTEXT`, `SSL`, `SASL_PLAINTEXT` or `SASL_SSL` to the brokers")
+    kafka_sasl_mechanism: Literal[SASL_MECHANISMS] = Field("PLAIN", description="`PLAIN`, `SCRAM-SHA-256` or "
+                                                                               "`SCRAM-SHA-512` (with `SASL_*`)")
+    kafka_sasl_username: str | None = Field(None, description="SASL user name")
+    kafka_sasl_password: SecretStr | None = Field(None, description="SASL password (a secret: never logged or shown)")
+    kafka_ssl_cafile: Path | None = Field(None, description="PEM file of the CA(s) that sign the brokers' "
+                                                            "certificates (unset: the system's CAs)")
+    kafka_ssl_certfile: Path | None = Field(None, description="PEM client certificate (mutual TLS) ...")
+    kafka_ssl_keyfile: Path | None = Field(None, description="... and its private key")
+    kafka_ssl_check_hostname: bool = Field(True, description="check that a broker's certificate names the host "
+                                                             "it was reached at")
     # --- embedded broker (``nextaction kafka start``) -------------------------------------------
     kafka_version: str = Field("3.9.1", description="the embedded broker's Kafka version")
     kafka_port: int = Field(9092, description="the embedded broker's port on 127.0.0.1")
     kafka_controller_port: int = Field(9093, description="the embedded broker's KRaft controller port")
+    kafka_sasl_ssl_port: int = Field(0, description="the embedded broker's extra `SASL_SSL` listener on 127.0.0.1 "
+                                     "(0 = none; its user is `KAFKA_SASL_USERNAME`/`PASSWORD`, its CA "
+                                     "`DATA_DIR/kafka/tls/ca.pem`)")
     kafka_home: Path = Field(CACHE_ROOT / "kafka", description="the broker jars, outside the clone, shared by every "
                                                                "checkout (under `$XDG_CACHE_HOME` if set)")
     # --- state ---------------------------------------------------------------------------------
@@ -90,6 +111,9 @@ class _Settings(BaseSettings):
     device: Literal[DEVICES] = Field("auto", description="`auto`, `cpu` or `cuda` for the model")
     checkpoint: Path | None = Field(None, description="model checkpoint folder; unset or bad → the baseline "
                                                       "predictor, with a warning")
+    checkpoint_roots: str = Field("", description="`:`-separated folders a `model-updates` record may name a "
+                                  "checkpoint under, besides `MODELS_DIR` (or `DATA_DIR/models`) and the folder "
+                                  "holding `CHECKPOINT` (docs/security.md)")
     model_updates_catch_up: bool = Field(True, description="at start, apply the newest `model-updates` record (the "
                                          "fleet's current version) over `CHECKPOINT`")
     max_batch: int = Field(256, description="dynamic micro-batching: flush at this many requests ...")
@@ -145,6 +169,8 @@ class _Settings(BaseSettings):
     # --- operations ----------------------------------------------------------------------------
     web_bind: str = Field("127.0.0.1", description="the worker's web server (`/metrics`): address ...")
     web_port: int = Field(6066, description="... and port")
+    health_stall_s: float = Field(120.0, description="`/healthz` answers 503 when input waits but no event was "
+                                  "handled, or no offset committed, for this many seconds")
     log_level: str = Field("info", description="the worker's log level")
 
     @field_validator("partitions", "window_events", "window_ttl_s", "activity_window_s", "max_event_bytes",
@@ -160,7 +186,7 @@ class _Settings(BaseSettings):
         return v
 
     @field_validator("max_future_skew_s", "max_event_age_s", "max_wait_ms", "serve_threads", "producer_linger_ms",
-                     "max_poll_records", "kv_max_stale_deltas", "trainer_replay_ratio", "trainer_rollback_margin",
+                     "max_poll_records", "kv_max_stale_deltas", "kafka_sasl_ssl_port", "trainer_replay_ratio", "trainer_rollback_margin",
                      "trainer_max_wait_s")
     @classmethod
     def _non_negative(cls, v):
@@ -176,7 +202,7 @@ class _Settings(BaseSettings):
         return v
 
     @field_validator("commit_interval_s", "gil_switch_interval_ms", "trainer_delta_interval_s", "trainer_full_every_s",
-                     "trainer_lease_timeout_s", "trainer_dense_lr", "trainer_sparse_lr")
+                     "trainer_lease_timeout_s", "trainer_dense_lr", "trainer_sparse_lr", "health_stall_s")
     @classmethod
     def _positive_float(cls, v: float) -> float:
         if not v > 0:
@@ -190,6 +216,18 @@ class _Settings(BaseSettings):
             raise ValueError("must look like kafka://host:port[;host:port]")
         return v
 
+    @model_validator(mode="after")
+    def _sasl_user(self):
+        if self.kafka_security_protocol.startswith("SASL_") and not (
+                self.kafka_sasl_username and self.kafka_sasl_password and self.kafka_sasl_password.get_secret_value()):
+            raise ValueError(f"kafka_security_protocol={self.kafka_security_protocol} needs kafka_sasl_username "
+                             f"and kafka_sasl_password")
+        if self.kafka_sasl_ssl_port and not (self.kafka_sasl_username and self.kafka_sasl_password):
+            raise ValueError("kafka_sasl_ssl_port needs kafka_sasl_username and kafka_sasl_password (its user)")
+        if bool(self.kafka_ssl_certfile) != bool(self.kafka_ssl_keyfile) and self.kafka_ssl_keyfile:
+            raise ValueError("kafka_ssl_keyfile needs kafka_ssl_certfile")
+        return self
+
     @property
     def bootstrap_servers(self) -> str:
         """``host:port[,host:port]`` for plain aiokafka clients."""
@@ -202,9 +240,11 @@ def Settings(**overrides) -> _Settings:  # noqa: N802 - reads like a class at ca
         return _Settings(**overrides)
     except ValidationError as exc:
         err = exc.errors()[0]
-        name = ".".join(str(p) for p in err["loc"]) or "?"
+        name = ".".join(str(p) for p in err["loc"]) or "settings"
         msg = err["msg"].removeprefix("Value error, ")
-        raise ConfigError(name, err.get("input"), msg) from None
+        # A check across fields gets every input (the password included): name none of them.
+        value = err.get("input") if err["loc"] and "password" not in name else "(not shown)"
+        raise ConfigError(name, value, msg) from None
 
 
 SettingsType = _Settings
@@ -214,6 +254,21 @@ SettingsType = _Settings
 def get_settings() -> _Settings:
     """The process-wide settings, read from the environment once."""
     return Settings()
+
+
+def settings_env(settings: _Settings) -> dict[str, str]:
+    """``{NEXTACTION_<FIELD>: value}`` that reproduce ``settings`` in a child process (unset fields left
+    out). Secrets are revealed here, and only here: the result is for a child's environment, never for
+    a log."""
+    env: dict[str, str] = {}
+    for name in type(settings).model_fields:
+        value = getattr(settings, name)
+        if value is None:
+            continue
+        if isinstance(value, SecretStr):
+            value = value.get_secret_value()
+        env[f"NEXTACTION_{name.upper()}"] = str(value)
+    return env
 
 
 def _default_text(value: object) -> str:

@@ -42,9 +42,10 @@ import orjson
 from models.errors import ConfigError
 from stream_app import monitoring
 from stream_app.kafka_admin import ensure_topics_async, start_client
+from stream_app.kafka_security import client_kwargs
 from stream_app.records import DELTA, FULL, KIND_HEADER, ModelUpdate, update_kind
 from stream_app.settings import SettingsType
-from stream_app.updates import lineage_start, read_range
+from stream_app.updates import UpdateRejected, admit, checkpoint_roots, lineage_start, read_range
 
 log = logging.getLogger(__name__)
 
@@ -111,7 +112,7 @@ class Lease:
                     lease.lost = True
 
         await ensure_topics_async(self.settings, [self.topic], partitions=1)
-        self.consumer = AIOKafkaConsumer(bootstrap_servers=self.settings.bootstrap_servers,
+        self.consumer = AIOKafkaConsumer(bootstrap_servers=self.settings.bootstrap_servers, **client_kwargs(self.settings),
                                          group_id=f"{self.settings.app_id}-trainer", enable_auto_commit=False,
                                          session_timeout_ms=int(self.settings.trainer_lease_timeout_s * 1000),
                                          heartbeat_interval_ms=int(self.settings.trainer_lease_timeout_s * 1000 / 3),
@@ -181,11 +182,11 @@ class TrainingService:
 
         s = self.settings
         await ensure_topics_async(s, [s.topic_outcomes, self.topic])
-        self.producer = AIOKafkaProducer(bootstrap_servers=s.bootstrap_servers, acks="all", enable_idempotence=True,
+        self.producer = AIOKafkaProducer(bootstrap_servers=s.bootstrap_servers, **client_kwargs(s), acks="all", enable_idempotence=True,
                                          client_id=f"{s.app_id}-trainer-publisher", max_request_size=4 << 20)
         await start_client(s, self.producer.start, self.producer.stop)
         await self._resume()
-        outcomes = AIOKafkaConsumer(bootstrap_servers=s.bootstrap_servers, group_id=None, enable_auto_commit=False,
+        outcomes = AIOKafkaConsumer(bootstrap_servers=s.bootstrap_servers, **client_kwargs(s), group_id=None, enable_auto_commit=False,
                                     client_id=f"{s.app_id}-trainer-outcomes", max_partition_fetch_bytes=8 << 20)
         await start_client(s, outcomes.start, outcomes.stop)
         try:
@@ -207,7 +208,7 @@ class TrainingService:
         from online.trainer import OnlineTrainer  # noqa: PLC0415
 
         s = self.settings
-        consumer = AIOKafkaConsumer(bootstrap_servers=s.bootstrap_servers, group_id=None, enable_auto_commit=False)
+        consumer = AIOKafkaConsumer(bootstrap_servers=s.bootstrap_servers, **client_kwargs(s), group_id=None, enable_auto_commit=False)
         await start_client(s, consumer.start, consumer.stop)
         try:
             parts = sorted(await self.producer.partitions_for(self.topic))
@@ -224,8 +225,15 @@ class TrainingService:
             await consumer.stop()
         device = resolve_device(s.device)
         if recs:
-            full = ModelUpdate.decode(recs[0].value)
+            try:  # the same checks as every worker's (sha256, a path under the checkpoint roots)
+                full = admit(recs[0].value, checkpoint_roots(s))
+            except UpdateRejected as exc:
+                raise ConfigError("model-updates", f"{s.topic_model_updates}[{recs[0].partition}]@{recs[0].offset}",
+                                  f"the lineage's newest full record is rejected ({exc.reason}): {exc.detail}") from None
             ck = load_checkpoint(full.path, device=device)
+            if ck.content_hash.lower() != full.sha256.lower():
+                raise ConfigError("model-updates", full.path, f"content hash {ck.content_hash}, the record announced "
+                                                              f"{full.sha256}")
             online = ck.metadata.get("online") or {}
             self.lineage = Lineage(Path(full.path), ck.content_hash, n, seq + 1,
                                    {int(p): int(o) for p, o in online.get("offsets", {}).items()} or None,

@@ -18,17 +18,22 @@ After a broker error it reconnects and resumes at the next unread offset. The ha
 listener never stops the worker.
 
 ``nextaction deploy <checkpoint>`` writes a full record (:func:`update_record`); the online trainer
-writes both kinds (:mod:`stream_app.training`).
+writes both kinds (:mod:`stream_app.training`). A full record is loaded only if :func:`admit` accepts
+it: a ``sha256``, and a path that resolves under one of :func:`checkpoint_roots` (docs/security.md).
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
+import os
+import re
 from pathlib import Path
 from typing import Any, Awaitable, Callable
 
 from stream_app.kafka_admin import ensure_topics_async, start_client
+from stream_app.kafka_security import client_kwargs
 from stream_app.records import FULL, ModelUpdate, update_kind
 from stream_app.settings import SettingsType
 
@@ -70,6 +75,61 @@ async def lineage_start(consumer: Any, tps: list[Any], ends: dict) -> tuple[Any,
                 break
             hi = lo
     return None if best is None else (best[0], best[1])
+
+
+#: What a ``model-updates`` full record must carry: the checkpoint's content hash, 64 hex digits.
+SHA256 = re.compile(r"[0-9a-fA-F]{64}")
+
+
+class UpdateRejected(ValueError):
+    """A full ``model-updates`` record the fleet must not load: ``reason`` (a short code, the label of
+    the rejection in the logs and in the result) and ``detail`` (what was wrong, with the bad value)."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason, self.detail = reason, detail
+
+
+def checkpoint_roots(settings: SettingsType) -> list[Path]:
+    """The folders a full record may name a checkpoint under (each resolved: symlinks followed):
+    ``models_dir`` (default ``data_dir/models``: where the trainer writes), the folder holding
+    ``checkpoint`` (where ``nextaction train`` put it, and its siblings), and ``checkpoint_roots``."""
+    roots = [Path(settings.models_dir or Path(settings.data_dir) / "models")]
+    if settings.checkpoint is not None:
+        roots.append(Path(settings.checkpoint).expanduser().absolute().parent)
+    roots += [Path(r) for r in settings.checkpoint_roots.split(":") if r.strip()]
+    out: list[Path] = []
+    for r in roots:
+        resolved = Path(os.path.realpath(r.expanduser().absolute()))
+        if resolved not in out:
+            out.append(resolved)
+    return out
+
+
+def admit(value: bytes | None, roots: list[Path]) -> ModelUpdate:
+    """The full record in ``value`` if the fleet may load it, with its path resolved; else
+    :class:`UpdateRejected`: ``bad_record`` (not a record), ``no_sha256`` / ``bad_sha256`` (the content
+    hash is missing or is not 64 hex digits), ``relative_path`` (a path that depends on the worker's
+    working directory), ``path_not_allowed`` (the path, resolved with symlinks and ``..``, is not under
+    one of ``roots``: :func:`checkpoint_roots`). The checkpoint's files are checked against the hash
+    when it is loaded (:func:`stream_app.predictors.load_successor`)."""
+    try:
+        update = ModelUpdate.decode(value)
+    except ValueError as exc:
+        raise UpdateRejected("bad_record", f"{exc} (record {(value or b'')[:200]!r})") from None
+    if update.sha256 is None:
+        raise UpdateRejected("no_sha256", f"the record for {update.path!r} carries no 'sha256' (the checkpoint's "
+                                          f"content hash, which `nextaction deploy` computes)")
+    if not SHA256.fullmatch(update.sha256):
+        raise UpdateRejected("bad_sha256", f"'sha256' must be 64 hex digits (got {update.sha256[:80]!r})")
+    if not os.path.isabs(update.path):
+        raise UpdateRejected("relative_path", f"{update.path[:300]!r} is not an absolute path")
+    resolved = Path(os.path.realpath(update.path))
+    if not any(resolved == root or resolved.is_relative_to(root) for root in roots):
+        raise UpdateRejected("path_not_allowed", f"{update.path[:300]!r} (resolved: {str(resolved)[:300]!r}) is "
+                             f"under none of the checkpoint roots {[str(r) for r in roots]} (settings "
+                             f"models_dir, checkpoint, checkpoint_roots)")
+    return dataclasses.replace(update, path=str(resolved))
 
 
 def update_record(checkpoint: str | Path, version: str | None = None) -> ModelUpdate:
@@ -116,7 +176,7 @@ class ModelUpdateListener:
         from aiokafka import AIOKafkaConsumer, TopicPartition  # noqa: PLC0415
 
         n = (await ensure_topics_async(self.settings, [self.topic], partitions=1))[self.topic]
-        consumer = AIOKafkaConsumer(bootstrap_servers=self.settings.bootstrap_servers, group_id=None,
+        consumer = AIOKafkaConsumer(bootstrap_servers=self.settings.bootstrap_servers, **client_kwargs(self.settings), group_id=None,
                                     enable_auto_commit=False, auto_offset_reset="latest",
                                     client_id=f"{self.settings.app_id}-model-updates")
         await start_client(self.settings, consumer.start, consumer.stop)

@@ -63,11 +63,10 @@ def _broker_ports() -> tuple[int, int]:
 
 def settings_env(settings: SettingsType) -> dict[str, str]:
     """``os.environ`` plus ``NEXTACTION_*`` variables that reproduce ``settings`` in a subprocess."""
+    from stream_app.settings import settings_env as nextaction_env  # secrets revealed for the child only
+
     env = {k: v for k, v in os.environ.items() if not k.startswith("NEXTACTION_")}
-    for name, value in settings.model_dump().items():
-        if value is not None:
-            env[f"NEXTACTION_{name.upper()}"] = str(value)
-    return env
+    return env | nextaction_env(settings)
 
 
 @pytest.fixture(scope="session")
@@ -128,9 +127,10 @@ def app_env(app_settings: SettingsType) -> dict[str, str]:
 @pytest.fixture(scope="session")
 def make_checkpoint(tmp_path_factory: pytest.TempPathFactory):
     """``make(seed=0, items=40, **config) -> path``: a tiny random Transformer saved as a real
-    checkpoint (safetensors + manifest) in a temp dir; the same arguments give the same path, shared by
+    checkpoint (safetensors + manifest) in one temp dir shared by all of them; the same arguments give the same path, shared by
     every test that asks for it (a test that changes the files works on a copy)."""
     made: dict[tuple, Path] = {}
+    roots: list[Path] = []
 
     def make(seed: int = 0, items: int = 40, **config) -> Path:
         key = (seed, items, tuple(sorted(config.items())))
@@ -149,7 +149,11 @@ def make_checkpoint(tmp_path_factory: pytest.TempPathFactory):
             model = NextActionModel(ModelConfig(**kw)).eval()
             with torch.no_grad():  # make the otherwise zero-initialised parts matter too
                 model.item_bias.normal_(0, 0.5)
-            made[key] = save_checkpoint(tmp_path_factory.mktemp("checkpoint") / f"s{seed}", model, vocab)
+            # all in one folder: a test serving one of them may deploy another (siblings of CHECKPOINT are
+            # under the worker's checkpoint roots, stream_app.updates.checkpoint_roots)
+            if not roots:
+                roots.append(tmp_path_factory.mktemp("checkpoints"))
+            made[key] = save_checkpoint(roots[0] / f"s{seed}-{len(made)}", model, vocab)
         return made[key]
 
     return make

@@ -25,6 +25,8 @@ import numpy as np
 import orjson
 
 from benchmarks.common import BenchError
+from stream_app.kafka_security import client_kwargs
+from stream_app.settings import Settings
 
 log = logging.getLogger("e2e")
 
@@ -95,7 +97,7 @@ async def read_topic(bootstrap: str, topic: str, timeout: float = 120.0) -> list
     """Every record of ``topic`` from the beginning up to its current end offsets."""
     from aiokafka import AIOKafkaConsumer
 
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, group_id=None,
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, **client_kwargs(Settings()), enable_auto_commit=False, group_id=None,
                                 auto_offset_reset="earliest", max_partition_fetch_bytes=8 << 20,
                                 fetch_max_bytes=64 << 20)
     await asyncio.wait_for(consumer.start(), 30)
@@ -140,7 +142,7 @@ async def end_offsets_sum_once(bootstrap: str, topics: list[str]) -> int:
     """:func:`end_offsets_sum` with a consumer of its own."""
     from aiokafka import AIOKafkaConsumer
 
-    c = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=None)
+    c = AIOKafkaConsumer(bootstrap_servers=bootstrap, **client_kwargs(Settings()), group_id=None)
     await c.start()
     try:
         return await end_offsets_sum(c, topics)

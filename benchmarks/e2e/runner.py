@@ -30,6 +30,7 @@ from benchmarks.e2e.measure import (Phase, dlq_outputs, dlq_reasons, end_offsets
                                     spy_summary, stage_summary, summarise, tree_cpu_s)
 from benchmarks.e2e.worker import Worker, tail_file
 from stream_app import broker, kafka_admin
+from stream_app.kafka_security import client_kwargs
 from stream_app.ports import free_port
 from stream_app.settings import Settings, SettingsType
 
@@ -84,7 +85,7 @@ async def precreate_changelogs(settings: SettingsType) -> None:
     """
     from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
-    admin = AIOKafkaAdminClient(bootstrap_servers=settings.bootstrap_servers)
+    admin = AIOKafkaAdminClient(bootstrap_servers=settings.bootstrap_servers, **client_kwargs(settings))
     await admin.start()
     try:
         names = [f"{settings.app_id}-{t}-changelog" for t in TABLES]
@@ -117,11 +118,11 @@ async def passthrough(bootstrap: str, in_topic: str, out_topic: str, n_expected:
     """
     from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
-    consumer = AIOKafkaConsumer(in_topic, bootstrap_servers=bootstrap, group_id=group, enable_auto_commit=True,
+    consumer = AIOKafkaConsumer(in_topic, bootstrap_servers=bootstrap, **client_kwargs(Settings()), group_id=group, enable_auto_commit=True,
                                 auto_commit_interval_ms=1000, auto_offset_reset="earliest",
                                 max_partition_fetch_bytes=1 << 20)
     # Same producer batching as the Faust app (producer_linger=0.005, acks=all).
-    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=5, acks="all",
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, **client_kwargs(Settings()), linger_ms=5, acks="all",
                                 max_batch_size=256 * 1024, client_id="e2e-passthrough")
     await asyncio.wait_for(consumer.start(), 30)
     await asyncio.wait_for(producer.start(), 30)
@@ -277,7 +278,7 @@ class Bench:
         w.start()
         from aiokafka import AIOKafkaConsumer
 
-        mon = AIOKafkaConsumer(bootstrap_servers=s.bootstrap_servers, group_id=None)
+        mon = AIOKafkaConsumer(bootstrap_servers=s.bootstrap_servers, **client_kwargs(s), group_id=None)
         await asyncio.wait_for(mon.start(), 30)
         out_topics = [s.topic_predictions, s.topic_dlq]
         expected = len(inputs)
@@ -363,7 +364,7 @@ class Bench:
     async def _warm_up(self, s: SettingsType, w: Worker, mon: Any, out_topics: list[str]) -> set[tuple[int, int]]:
         from aiokafka import AIOKafkaProducer
 
-        producer = AIOKafkaProducer(bootstrap_servers=s.bootstrap_servers, acks="all")
+        producer = AIOKafkaProducer(bootstrap_servers=s.bootstrap_servers, **client_kwargs(s), acks="all")
         await producer.start()
         keys: set[tuple[int, int]] = set()
         deadline = time.monotonic() + self.args.timeout

@@ -23,10 +23,10 @@ log = logging.getLogger("e2e")
 
 def settings_env(settings: SettingsType, extra: dict[str, str] | None = None) -> dict[str, str]:
     """os.environ without NEXTACTION_*, plus the variables that reproduce ``settings`` in a subprocess."""
+    from stream_app.settings import settings_env as nextaction_env  # secrets revealed for the child only
+
     env = {k: v for k, v in os.environ.items() if not k.startswith("NEXTACTION_")}
-    for name, value in settings.model_dump().items():
-        if value is not None:
-            env[f"NEXTACTION_{name.upper()}"] = str(value)
+    env.update(nextaction_env(settings))
     env.update(extra or {})
     return env
 

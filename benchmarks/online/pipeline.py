@@ -46,6 +46,8 @@ from benchmarks.e2e.measure import read_topic
 from benchmarks.e2e.worker import Worker, settings_env, tail_file
 from benchmarks.online.harness import EPS, Stream
 from models.schema import ACTIONS
+from stream_app.kafka_security import client_kwargs
+from stream_app.settings import Settings
 
 
 @dataclass
@@ -297,7 +299,7 @@ async def _read_with_headers(bootstrap: str, topic: str) -> list[_HRec]:
 
     from stream_app.updates import read_range
 
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, group_id=None,
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, **client_kwargs(Settings()), enable_auto_commit=False, group_id=None,
                                 max_partition_fetch_bytes=8 << 20)
     await consumer.start()
     try:

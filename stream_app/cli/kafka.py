@@ -40,6 +40,10 @@ def kafka_start(
         else:
             console.print(f"[green]already running[/] Kafka {st.version} (pid {st.pid}) on [bold]{st.bootstrap}[/]; "
                           f"log: {st.log}")
+        if settings.kafka_sasl_ssl_port:
+            console.print(f"SASL_SSL listener on [bold]127.0.0.1:{settings.kafka_sasl_ssl_port}[/] (user "
+                          f"{escape(settings.kafka_sasl_username or '')}; PLAIN, SCRAM-SHA-256, SCRAM-SHA-512); its CA: "
+                          f"{broker.BrokerPaths.of(settings).ca_pem} (NEXTACTION_KAFKA_SSL_CAFILE)")
         warn_if_broker_url_elsewhere(settings)
         if topics:
             counts = kafka_admin.ensure_topics(local_settings(settings))
@@ -110,13 +114,15 @@ def kafka_install() -> None:
 
 def local_settings(settings: SettingsType) -> SettingsType:
     """``settings`` aimed at the embedded broker (which may differ from ``broker_url``)."""
-    return settings.model_copy(update={"broker_url": f"kafka://127.0.0.1:{settings.kafka_port}"})
+    return settings.model_copy(update={"broker_url": f"kafka://127.0.0.1:{settings.kafka_port}",
+                                       "kafka_security_protocol": "PLAINTEXT"})  # its loopback listener
 
 
 def points_at_embedded(settings: SettingsType) -> bool:
     """Whether ``broker_url`` names the embedded broker's port on this host."""
     hosts = settings.bootstrap_servers.split(",")
-    return any(h.strip() in (f"127.0.0.1:{settings.kafka_port}", f"localhost:{settings.kafka_port}") for h in hosts)
+    ports = [settings.kafka_port] + ([settings.kafka_sasl_ssl_port] if settings.kafka_sasl_ssl_port else [])
+    return any(h.strip() in (f"127.0.0.1:{p}", f"localhost:{p}") for h in hosts for p in ports)
 
 
 def warn_if_broker_url_elsewhere(settings: SettingsType) -> None:

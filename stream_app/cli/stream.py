@@ -27,6 +27,7 @@ from rich.markup import escape
 from stream_app.cli.common import console, current_settings, err_console, errors, existing_file, positive
 from stream_app.errors import BrokerError
 from stream_app.kafka_admin import start_client
+from stream_app.kafka_security import client_kwargs
 from stream_app.settings import SettingsType
 
 app = typer.Typer()
@@ -218,7 +219,7 @@ async def _topic_partitions(settings: SettingsType, topic: str) -> list[int]:
     """The partition ids of ``topic``; BrokerError naming the topic (and the known ones) if it is missing."""
     from aiokafka.admin import AIOKafkaAdminClient
 
-    admin = AIOKafkaAdminClient(bootstrap_servers=settings.bootstrap_servers, request_timeout_ms=15_000)
+    admin = AIOKafkaAdminClient(bootstrap_servers=settings.bootstrap_servers, **client_kwargs(settings), request_timeout_ms=15_000)
     await start_client(settings, admin.start, admin.close)
     try:
         topics = await admin.list_topics()
@@ -237,7 +238,7 @@ async def open_consumer(settings: SettingsType, topic: str, *, from_beginning: b
     from aiokafka import AIOKafkaConsumer, TopicPartition
 
     parts = [TopicPartition(topic, p) for p in await _topic_partitions(settings, topic)]
-    consumer = AIOKafkaConsumer(bootstrap_servers=settings.bootstrap_servers, group_id=None,
+    consumer = AIOKafkaConsumer(bootstrap_servers=settings.bootstrap_servers, **client_kwargs(settings), group_id=None,
                                 enable_auto_commit=False, request_timeout_ms=15_000,
                                 auto_offset_reset="earliest" if from_beginning else "latest")
     await start_client(settings, consumer.start, consumer.stop)
@@ -306,14 +307,20 @@ def deploy(
     version: str | None = typer.Option(None, help="Label for the record (default: the first 12 hex digits "
                                                   "of the content hash, which is what workers report)."),
 ) -> None:
-    """Verify a checkpoint and publish it on the model-updates topic: every worker loads, checks and
-    swaps to it between batches (the path must be readable by the workers)."""
+    """Verify a checkpoint and publish it on the model-updates topic with its content hash: every worker
+    loads, checks and swaps to it between batches (the path must be readable by the workers and lie
+    under their checkpoint roots: CHECKPOINT's folder, MODELS_DIR, CHECKPOINT_ROOTS)."""
 
-    from stream_app.updates import update_record
+    from stream_app.updates import UpdateRejected, admit, checkpoint_roots, update_record
 
     with errors():
         settings = current_settings()
-        update = update_record(checkpoint, version)
+        update = update_record(checkpoint, version)  # computes the sha256 from the files
+        try:
+            admit(update.encode(), checkpoint_roots(settings))
+        except UpdateRejected as exc:  # the workers may be configured otherwise: say so, send anyway
+            err_console.print(f"[yellow]warning:[/] workers with these settings would reject it: "
+                              f"{escape(exc.detail)}")
         asyncio.run(send_one(settings, settings.topic_model_updates, update.KEY, update.encode()))
     console.print(f"[green]announced[/] {update.path} (content hash {update.sha256[:12]}) on "
                   f"[bold]{settings.topic_model_updates}[/]; workers report it as model_version {update.sha256[:12]}")
@@ -323,7 +330,7 @@ async def send_one(settings: SettingsType, topic: str, key: bytes | None, value:
     """Produce one record to ``topic`` and wait for the broker's acknowledgement."""
     from aiokafka import AIOKafkaProducer
 
-    producer = AIOKafkaProducer(bootstrap_servers=settings.bootstrap_servers, request_timeout_ms=15_000)
+    producer = AIOKafkaProducer(bootstrap_servers=settings.bootstrap_servers, **client_kwargs(settings), request_timeout_ms=15_000)
     await start_client(settings, producer.start, producer.stop)
     try:
         await producer.send_and_wait(topic, value, key=key)

@@ -10,6 +10,7 @@ import pytest
 
 from stream_app import broker, kafka_admin
 from stream_app.errors import BrokerError
+from stream_app.kafka_security import client_kwargs
 from stream_app.settings import Settings
 
 pytestmark = pytest.mark.integration
@@ -45,7 +46,7 @@ def test_produce_consume_round_trip(app_settings):
     sent = {f"u{i}": f'{{"n": {i}}}'.encode() for i in range(50)}
 
     async def run() -> dict[str, bytes]:
-        producer = AIOKafkaProducer(bootstrap_servers=app_settings.bootstrap_servers, acks="all")
+        producer = AIOKafkaProducer(bootstrap_servers=app_settings.bootstrap_servers, **client_kwargs(app_settings), acks="all")
         await producer.start()
         try:
             for key, value in sent.items():
@@ -53,7 +54,7 @@ def test_produce_consume_round_trip(app_settings):
             await producer.flush()
         finally:
             await producer.stop()
-        consumer = AIOKafkaConsumer(topic, bootstrap_servers=app_settings.bootstrap_servers,
+        consumer = AIOKafkaConsumer(topic, bootstrap_servers=app_settings.bootstrap_servers, **client_kwargs(app_settings),
                                     group_id=app_settings.app_id, auto_offset_reset="earliest")
         await consumer.start()
         got: dict[str, bytes] = {}

@@ -19,6 +19,7 @@ from models.predictor import Prediction
 from models.schema import EventSeq
 from stream_app import kafka_admin
 from stream_app.history import add_event
+from stream_app.kafka_security import client_kwargs
 from stream_app.ports import free_port
 from stream_app.records import DELTA, ModelUpdate, StoredPrediction, outcome_record, update_kind
 from tests.conftest import settings_env
@@ -51,7 +52,7 @@ def outcomes(n: int, items: list[str], seed: int, n_users: int = 40) -> list[tup
 async def produce(settings, topic: str, records: list[tuple[bytes, bytes]]) -> None:
     from aiokafka import AIOKafkaProducer
 
-    producer = AIOKafkaProducer(bootstrap_servers=settings.bootstrap_servers, acks="all", enable_idempotence=True)
+    producer = AIOKafkaProducer(bootstrap_servers=settings.bootstrap_servers, **client_kwargs(settings), acks="all", enable_idempotence=True)
     await producer.start()
     try:
         await asyncio.gather(*[await producer.send(topic, v, key=k) for k, v in records])
@@ -65,7 +66,7 @@ async def read_all(settings, topic: str) -> list:
 
     from stream_app.updates import read_range
 
-    consumer = AIOKafkaConsumer(bootstrap_servers=settings.bootstrap_servers, group_id=None,
+    consumer = AIOKafkaConsumer(bootstrap_servers=settings.bootstrap_servers, **client_kwargs(settings), group_id=None,
                                 enable_auto_commit=False, max_partition_fetch_bytes=8 << 20)
     await consumer.start()
     try:

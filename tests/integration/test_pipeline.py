@@ -27,6 +27,7 @@ from models.schema import ACTIONS
 from stream_app import kafka_admin
 from stream_app.errors import EventRejected
 from stream_app.events import parse_event
+from stream_app.kafka_security import client_kwargs
 from stream_app.replay import encode, produce, synthetic
 from tests.conftest import settings_env
 
@@ -44,7 +45,7 @@ async def _read_topics(settings, topics: list[str], until, timeout: float) -> di
     """Read ``topics`` from the beginning until ``until(records)`` is true (or the timeout)."""
     from aiokafka import AIOKafkaConsumer, TopicPartition
 
-    consumer = AIOKafkaConsumer(bootstrap_servers=settings.bootstrap_servers, enable_auto_commit=False,
+    consumer = AIOKafkaConsumer(bootstrap_servers=settings.bootstrap_servers, **client_kwargs(settings), enable_auto_commit=False,
                                 auto_offset_reset="earliest")
     await consumer.start()
     try:

@@ -261,7 +261,7 @@ def test_model_update_swaps_between_batches_and_bad_updates_keep_the_old_model(m
         await _updates_then_events(app, [], [(b"u1", ev(item="i1", ts=t))])
         updates = [
             b"not json",  # malformed
-            orjson.dumps({"version": "v9", "path": str(tmp_path / "missing")}),  # missing checkpoint
+            orjson.dumps({"version": "v9", "path": str(v1.parent / "missing"), "sha256": "0" * 64}),  # missing
             orjson.dumps({"version": "v2", "path": str(v2), "sha256": "0" * 64}),  # announced hash is wrong
             orjson.dumps({"version": "v2", "path": str(v2), "sha256": sha2}),  # good
             orjson.dumps({"version": "v2", "path": str(v2), "sha256": sha2}),  # redelivery: skipped
@@ -272,10 +272,36 @@ def test_model_update_swaps_between_batches_and_bad_updates_keep_the_old_model(m
 
     res = asyncio.run(main())
     assert start_version == read_manifest(v1)["content_hash"][:12]  # the worker loaded the checkpoint at start
-    assert res[0] == "rejected:bad_record" and res[1].startswith("rejected:") and res[2] == "rejected:CheckpointError"
+    assert res[0] == "rejected:bad_record" and res[1] == "rejected:CheckpointError"
+    assert res[2] == "rejected:CheckpointError"
     assert res[3] == f"swapped:{sha2[:12]}" and res[4] == "skipped"
     versions = [p["model_version"] for p in rec.of("predictions")]
     assert versions == [start_version, sha2[:12]]
+
+
+def test_model_updates_without_a_hash_or_outside_the_roots_are_rejected_counted_and_logged(make_app, tmp_path,
+                                                                                             caplog):
+    """Nothing is read from such a path: the record is refused before any load (stream_app.updates.admit)."""
+    app, _ = make_app(models_dir=tmp_path / "models")
+    outside = tmp_path / "elsewhere" / "v1"
+    records = [orjson.dumps({"version": "v", "path": str(tmp_path / "models" / "v1")}),
+               orjson.dumps({"version": "v", "path": str(outside), "sha256": "ab" * 32})]
+
+    async def main():
+        await app.pipeline.start_batcher()
+        try:
+            return [await app.pipeline.handle_model_update("full", r) for r in records]
+        finally:
+            await app.pipeline.stop_batcher()
+
+    before = _metric(monitoring.render()[0].decode(), "nextaction_model_updates_total", result="rejected")
+    with caplog.at_level("ERROR", logger="stream_app.pipeline"):
+        assert asyncio.run(main()) == ["rejected:no_sha256", "rejected:path_not_allowed"]
+    after = _metric(monitoring.render()[0].decode(), "nextaction_model_updates_total", result="rejected")
+    assert after - before == 2
+    text = caplog.text
+    assert "rejected (no_sha256)" in text and "rejected (path_not_allowed)" in text and str(outside) in text
+    assert app.pipeline.batcher is None or app.pipeline.batcher.predictor.version.startswith("baseline")
 
 
 @pytest.mark.slow  # starts an inference process, which falls back

@@ -1,0 +1,85 @@
+"""The worker's health, served at ``/healthz`` (the container's healthcheck): 200 while it keeps up,
+503 when it is stalled.
+
+A worker is **stalled** when input waits for it (its assigned ``events`` partitions have records
+past the committed offsets) and either
+
+- ``agent_stalled``: the agent handled no event for ``health_stall_s`` seconds, or
+- ``commits_stopped``: no committed offset advanced for ``health_stall_s`` seconds (the agent reads,
+  but events are not acknowledged: inference or delivery hangs, or Faust's commit does).
+
+An idle worker (nothing to read) is healthy however long it waits. The clock of both starts when
+the worker starts, so a worker recovering its tables is not stalled before ``health_stall_s``.
+
+>>> verdict(lag=0, since_progress_s=999, since_commit_s=999, stall_s=60) is None
+True
+>>> verdict(lag=5, since_progress_s=61, since_commit_s=1, stall_s=60)
+'agent_stalled'
+>>> verdict(lag=5, since_progress_s=1, since_commit_s=61, stall_s=60)
+'commits_stopped'
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Callable
+
+
+def verdict(*, lag: int, since_progress_s: float, since_commit_s: float, stall_s: float) -> str | None:
+    """Why the worker is unhealthy (``agent_stalled``, ``commits_stopped``), or ``None`` when healthy."""
+    if lag <= 0:
+        return None
+    if since_progress_s > stall_s:
+        return "agent_stalled"
+    if since_commit_s > stall_s:
+        return "commits_stopped"
+    return None
+
+
+class HealthWatch:
+    """Remembers when the agent last handled an event (:meth:`progressed`) and when the committed
+    offsets last moved (:meth:`observe`, on each sample), and judges a sample (:meth:`check`)."""
+
+    def __init__(self, stall_s: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.stall_s, self.clock = stall_s, clock
+        self.last_progress = self.last_commit = clock()
+        self._committed: dict[Any, int] = {}
+
+    def progressed(self) -> None:
+        self.last_progress = self.clock()
+
+    def observe(self, committed: dict[Any, int]) -> None:
+        """Record the committed offsets (per partition); a partition's offset moving up counts as
+        commits advancing."""
+        before = self._committed
+        if any(off > before.get(tp, -1) for tp, off in committed.items()):
+            self.last_commit = self.clock()
+        self._committed = dict(committed)
+
+    def check(self, lag: int, committed: dict[Any, int]) -> dict[str, Any]:
+        """``{"ok", "reason", "lag", "since_progress_s", "since_commit_s"}`` for one sample."""
+        self.observe(committed)
+        now = self.clock()
+        since_progress, since_commit = now - self.last_progress, now - self.last_commit
+        reason = verdict(lag=lag, since_progress_s=since_progress, since_commit_s=since_commit, stall_s=self.stall_s)
+        return {"ok": reason is None, "reason": reason, "lag": lag, "since_progress_s": round(since_progress, 1),
+                "since_commit_s": round(since_commit, 1), "stall_s": self.stall_s}
+
+
+def consumer_sample(consumer: Any, topic: str) -> tuple[int, dict[Any, int]]:
+    """``(lag, committed)`` of the Faust consumer's assigned partitions of ``topic``: the records past
+    the committed offset (the next offset to read, as Kafka keeps it) and those offsets."""
+    lag, committed = 0, {}
+    for tp in consumer.assignment():
+        if tp.topic != topic:
+            continue
+        done = consumer._committed_offset.get(tp)  # noqa: SLF001 - Faust exposes no public getter
+        if done is not None:
+            committed[tp] = done
+        try:
+            high = consumer.highwater(tp)
+        except Exception:  # noqa: BLE001 - not fetched yet (no highwater known): nothing known to wait
+            high = None
+        if high is not None and high > 0:
+            lag += max(0, high - (done if done is not None else 0))
+    return lag, committed

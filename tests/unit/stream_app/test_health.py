@@ -1,0 +1,81 @@
+"""stream_app.health: the decision behind ``/healthz`` (a real worker answers it in
+tests/integration/test_security.py)."""
+
+from __future__ import annotations
+
+from collections import namedtuple
+
+import pytest
+
+from stream_app.health import HealthWatch, consumer_sample, verdict
+
+TP = namedtuple("TP", "topic partition")
+
+
+@pytest.mark.parametrize("lag, progress, commit, expected", [
+    (0, 1e6, 1e6, None),  # idle: nothing to read, healthy however long
+    (3, 10, 10, None),  # keeping up
+    (3, 61, 10, "agent_stalled"),
+    (3, 10, 61, "commits_stopped"),
+    (3, 61, 61, "agent_stalled"),
+    (3, 60, 60, None),  # exactly at the limit
+])
+def test_verdict(lag, progress, commit, expected):
+    assert verdict(lag=lag, since_progress_s=progress, since_commit_s=commit, stall_s=60) == expected
+
+
+class Clock:
+    def __init__(self):
+        self.t = 1000.0
+
+    def __call__(self):
+        return self.t
+
+
+def test_watch_tracks_progress_and_commit_advances():
+    clock = Clock()
+    w = HealthWatch(30, clock)
+    a, b = TP("events", 0), TP("events", 1)
+    assert w.check(5, {})["ok"]  # just started: the clocks start now
+    clock.t += 31
+    state = w.check(5, {})
+    assert state == {"ok": False, "reason": "agent_stalled", "lag": 5, "since_progress_s": 31.0,
+                     "since_commit_s": 31.0, "stall_s": 30}
+    assert w.check(0, {})["ok"]  # the input drained: idle
+    w.progressed()
+    assert w.check(5, {a: 10})["ok"]  # the first commit seen
+    clock.t += 20
+    w.progressed()
+    assert w.check(5, {a: 10})["ok"]
+    clock.t += 20
+    w.progressed()
+    assert w.check(5, {a: 10})["reason"] == "commits_stopped"  # reads, but nothing commits for 40 s
+    assert w.check(5, {a: 10, b: 0})["ok"]  # a newly assigned partition's offset counts as movement
+    clock.t += 31
+    w.progressed()
+    w.observe({a: 12, b: 0})  # the timer saw a commit move
+    assert w.check(5, {a: 12, b: 0})["ok"]
+    clock.t += 31
+    w.progressed()
+    assert not w.check(5, {a: 11, b: 0})["ok"]  # an offset going back (a rebalance) is no progress
+
+
+class FakeConsumer:
+    def __init__(self, high, committed):
+        self.high, self._committed_offset = high, committed
+
+    def assignment(self):
+        return set(self.high)
+
+    def highwater(self, tp):
+        if self.high[tp] == "boom":
+            raise RuntimeError("not fetched")
+        return self.high[tp]
+
+
+def test_consumer_sample_counts_records_past_the_committed_offsets_of_the_events_topic():
+    e0, e1, e2, other = TP("events", 0), TP("events", 1), TP("events", 2), TP("histories-changelog", 0)
+    c = FakeConsumer({e0: 100, e1: 7, e2: None, other: 500}, {e0: 90, other: 1})
+    assert consumer_sample(c, "events") == (10 + 7, {e0: 90})
+    c = FakeConsumer({e0: "boom"}, {})
+    assert consumer_sample(c, "events") == (0, {})
