@@ -3,11 +3,14 @@
 ``process_events`` (concurrency 1, manual acks) hands every message to the
 :class:`~stream_app.pipeline.Pipeline`; ``follow_model_updates`` runs the worker's group-less
 reader of ``model-updates`` (:class:`~stream_app.updates.ModelUpdateListener`), so every update
-reaches every worker; ``/metrics`` serves the Prometheus metrics (:mod:`stream_app.monitoring`).
+reaches every worker; ``sweep_idle_users`` (a timer, when ``state_idle_ttl_s`` > 0) asks for idle
+users to be forgotten (:meth:`~stream_app.pipeline.Pipeline.sweep`, docs/privacy.md); ``/metrics`` serves the
+Prometheus metrics (:mod:`stream_app.monitoring`).
 """
 
 from __future__ import annotations
 
+import logging
 from typing import Any, Callable
 
 from models.predictor import Predictor
@@ -15,6 +18,8 @@ from stream_app import monitoring
 from stream_app.pipeline import Pipeline, Publisher
 from stream_app.settings import SettingsType
 from stream_app.updates import ModelUpdateListener
+
+log = logging.getLogger(__name__)
 
 
 def install(app: Any, topology: Any, *, predictor_factory: Callable[[SettingsType], Predictor] | None = None,
@@ -39,6 +44,16 @@ def install(app: Any, topology: Any, *, predictor_factory: Callable[[SettingsTyp
     async def follow_model_updates():
         """Every worker follows ``model-updates`` itself (no consumer group): see stream_app.updates."""
         await listener.run()
+
+    settings = topology.settings
+    if settings.state_idle_ttl_s > 0:
+        @app.timer(settings.state_sweep_interval_s, name="sweep_idle_users")
+        async def sweep_idle_users():
+            """Forget users idle longer than ``state_idle_ttl_s`` (through the agent: Pipeline.sweep)."""
+            try:
+                await pipeline.sweep()
+            except Exception:  # noqa: BLE001 - a failed sweep is retried at the next tick; never stop the worker
+                log.exception("idle sweep failed")
 
     @app.page("/metrics")
     async def prometheus_metrics(web, request):
