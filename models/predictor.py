@@ -19,6 +19,8 @@ else. Subclasses implement :meth:`~Predictor.predict` and inherit defaults for t
 * online deltas: :meth:`~Predictor.apply_delta` updates the served weights in place between two
   batches (a :class:`~models.delta.ModelDelta` that follows ``version``; ``version`` then becomes
   the delta's label), or returns ``False`` when it does not apply (another version, or no model).
+* privacy: :meth:`~Predictor.forget_users` drops whatever per-user state the predictor keeps (a KV
+  cache); :meth:`~Predictor.forget_users_async` is what the worker awaits (by default the same).
 
 >>> class Constant(Predictor):
 ...     version = "const-1"
@@ -112,6 +114,15 @@ class Predictor(ABC):
         """Apply ``delta`` in place if it follows this predictor's ``version`` (then ``version`` is
         ``delta.label``) and return True; False if it does not apply here (nothing changes)."""
         return False
+
+    def forget_users(self, users: Sequence[str]) -> int:
+        """Drop the per-user state kept for ``users`` (privacy deletion); returns how many entries
+        went. A predictor that keeps none (the default) drops nothing."""
+        return 0
+
+    async def forget_users_async(self, users: Sequence[str]) -> int:
+        """:meth:`forget_users` for the worker to await (``runs_elsewhere``: the other process does it)."""
+        return self.forget_users(users)
 
     def warm_up(self) -> None:
         """Run every code path once before serving (raise if the model does not work)."""

@@ -345,6 +345,10 @@ class TransformerPredictor(Predictor):
         """Drop a user's cached state (privacy deletion). Needs ``users`` passed to :meth:`predict`."""
         return self.cache.forget_user(user)
 
+    def forget_users(self, users: Sequence[str]) -> int:
+        """The :class:`~models.predictor.Predictor` contract: drop each user's cached state."""
+        return sum(self.cache.forget_user(u) for u in users)
+
     def clear_cache(self) -> None:
         self.cache.clear()
 

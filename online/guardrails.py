@@ -176,6 +176,10 @@ class UserRateLimit:
         self.refused = 0
         self.forgotten = 0
 
+    def forget(self, user_id: str) -> bool:
+        """Drop what is kept about ``user_id`` (a privacy deletion); True if anything was."""
+        return self._users.pop(user_id, None) is not None
+
     def allow(self, user_id: str, ts_ms: int) -> bool:
         """May this example of ``user_id`` at event time ``ts_ms`` be learned from?"""
         times = self._users.get(user_id)

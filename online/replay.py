@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import random
 from collections import deque
-from typing import Generic, Iterable, TypeVar
+from typing import Callable, Generic, Iterable, TypeVar
 
 T = TypeVar("T")
 
@@ -116,6 +116,22 @@ class ReplayBuffer(Generic[T]):
         rng.shuffle(out)
         self.sampled += len(out)
         return out
+
+    def discard(self, drop: Callable[[T], bool]) -> int:
+        """Remove every example for which ``drop`` is true (a privacy deletion); returns how many went.
+        The reservoir then holds fewer than ``reservoir`` examples and refills from the next examples
+        that leave the recent part (the sample stays uniform over what is kept, up to those slots).
+
+        >>> buf = ReplayBuffer.replay(range(10), recent=2, reservoir=20)
+        >>> buf.discard(lambda x: x % 2 == 0), buf.recent_items(), sorted(buf.reservoir_items())
+        (5, [9], [1, 3, 5, 7])
+        """
+        before = len(self)
+        kept = [x for x in self._recent if not drop(x)]
+        self._recent.clear()
+        self._recent.extend(kept)
+        self._reservoir = [x for x in self._reservoir if not drop(x)]
+        return before - len(self)
 
     def recent_items(self) -> list[T]:
         """The recent part, oldest first."""

@@ -191,6 +191,13 @@ class OnlineTrainer:
         """Has the served model been worse than the frozen shadow by the margin over the window?"""
         return self.comparator.should_rollback()
 
+    def forget_user(self, user_id: str) -> int:
+        """Drop what the trainer keeps of ``user_id`` (a privacy deletion): its examples in the replay
+        buffer and its rate-limit timestamps; returns the number of examples dropped. What earlier
+        steps learned from them stays in the weights (docs/privacy.md)."""
+        self.rate.forget(user_id)
+        return self.replay.discard(lambda ex: ex.user_id == user_id)
+
     # ------------------------------------------------------------------ learning
     def learn(self, examples: Sequence[Example]) -> StepReport:
         t0 = time.perf_counter()

@@ -6,6 +6,8 @@ reader of ``model-updates`` (:class:`~stream_app.updates.ModelUpdateListener`), 
 reaches every worker; ``/metrics`` serves the Prometheus metrics (:mod:`stream_app.monitoring`);
 ``/healthz`` answers 503 when the worker is stalled (:mod:`stream_app.health`). Faust's own views
 (``/table``, ``/router``) are off (stream_app/app.py).
+``sweep_idle_users`` (a timer, when ``state_idle_ttl_s`` > 0) asks for idle
+users to be forgotten (:meth:`~stream_app.pipeline.Pipeline.sweep`, docs/privacy.md).
 """
 
 from __future__ import annotations
@@ -48,6 +50,16 @@ def install(app: Any, topology: Any, *, predictor_factory: Callable[[SettingsTyp
     async def follow_model_updates():
         """Every worker follows ``model-updates`` itself (no consumer group): see stream_app.updates."""
         await listener.run()
+
+    settings = topology.settings
+    if settings.state_idle_ttl_s > 0:
+        @app.timer(settings.state_sweep_interval_s, name="sweep_idle_users")
+        async def sweep_idle_users():
+            """Forget users idle longer than ``state_idle_ttl_s`` (through the agent: Pipeline.sweep)."""
+            try:
+                await pipeline.sweep()
+            except Exception:  # noqa: BLE001 - a failed sweep is retried at the next tick; never stop the worker
+                log.exception("idle sweep failed")
 
     @app.page("/metrics")
     async def prometheus_metrics(web, request):

@@ -13,6 +13,12 @@ rebalance):
                      which the user's next event turns into an ``outcomes`` record.
 ``activity``         (user, tumbling window) → event count, windows on *event time*
                      (``activity_window_s``; kept for :data:`ACTIVITY_WINDOWS_KEPT` windows).
+
+Privacy (docs/privacy.md): the per-user topics get ``retention.ms`` (``topic_retention_s``) and the
+changelogs ``max.compaction.lag.ms`` (``changelog_compaction_lag_s``) where Faust creates them. Faust
+expires old activity windows locally without a changelog tombstone, so the ``activity`` changelog
+also deletes records older than twice the kept span (``compact,delete``): otherwise every window of
+every user would come back with each restore, forever.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ import faust
 from models.predictor import Predictor
 from stream_app.events import event_time_s
 from stream_app.kafka_security import faust_credentials
+from stream_app.kafka_admin import topic_config
 from stream_app.settings import SettingsType, get_settings
 
 #: Activity windows kept per user (older windows expire, on event time).
@@ -97,21 +104,27 @@ def create_app(settings: SettingsType | None = None, *, predictor_factory: Calla
 
     # --- topics (names from settings; JSON bodies are encoded/decoded with orjson by hand) -------
     events = app.topic(settings.topic_events, key_serializer="raw", value_serializer="raw",
-                       partitions=settings.partitions)
-    dlq = app.topic(settings.topic_dlq, key_serializer="raw", value_serializer="raw")
+                       partitions=settings.partitions, config=topic_config(settings, settings.topic_events))
+    dlq = app.topic(settings.topic_dlq, key_serializer="raw", value_serializer="raw",
+                    config=topic_config(settings, settings.topic_dlq))
     predictions = app.topic(settings.topic_predictions, key_serializer="raw", value_serializer="raw",
-                            partitions=settings.partitions)
+                            partitions=settings.partitions, config=topic_config(settings, settings.topic_predictions))
     outcomes = app.topic(settings.topic_outcomes, key_serializer="raw", value_serializer="raw",
-                         partitions=settings.partitions)
+                         partitions=settings.partitions, config=topic_config(settings, settings.topic_outcomes))
     # ``model-updates`` is not a Faust topic: every worker follows it without a consumer group
     # (stream_app.updates.ModelUpdateListener), so each update reaches every worker.
 
     # --- tables ------------------------------------------------------------------------------------
+    lag = {"max.compaction.lag.ms": str(settings.changelog_compaction_lag_s * 1000)} \
+        if settings.changelog_compaction_lag_s else {}
     histories = app.Table("histories", partitions=settings.partitions, key_type=bytes, value_type=bytes,
-                          help="user -> UserState: bounded event window + latest prediction")
+                          help="user -> UserState: bounded event window + latest prediction", extra_topic_configs=lag)
+    kept_ms = settings.activity_window_s * ACTIVITY_WINDOWS_KEPT * 1000
     activity = (
         app.Table("activity", default=int, partitions=settings.partitions,
-                  help="per-user event count per tumbling window (event time)")
+                  help="per-user event count per tumbling window (event time)",
+                  extra_topic_configs={**lag, "cleanup.policy": "compact,delete", "retention.ms": str(2 * kept_ms),
+                                       "segment.ms": str(kept_ms)})
         .tumbling(timedelta(seconds=settings.activity_window_s),
                   expires=timedelta(seconds=settings.activity_window_s * ACTIVITY_WINDOWS_KEPT))
         .relative_to(event_time_s)

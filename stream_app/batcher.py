@@ -346,8 +346,8 @@ class Batcher:
         for r, p, e in zip(batch, preds, errors):
             if p is None:
                 self.stats["failed"] += 1
-                log.error("prediction failed for user %r (event ts %s) with %s: %s", r.user_id, r.event_ts,
-                          version, e)
+                log.error("prediction failed (event ts %s) with %s: %s", r.event_ts, version, e)  # no user id
+                log.debug("... the failed prediction's user: %r", r.user_id)
             out.append(Result(r, p, version, e, done))
         return out
 
@@ -376,7 +376,7 @@ class Batcher:
                     predictor.observe(r.history)
                 except Exception:  # noqa: BLE001 - the predictions are already made
                     monitoring.OBSERVE_ERRORS.inc()
-                    log.exception("predictor %s observe() failed for user %r", predictor.version, r.user_id)
+                    log.exception("predictor %s observe() failed", predictor.version)  # no user id at INFO+
 
     async def _predict_robust(self, predictor: Predictor, batch: list[Request]
                               ) -> tuple[list[Prediction | None], list[str | None]]:

@@ -27,12 +27,33 @@ def app_topics(settings: SettingsType) -> list[str]:
             settings.topic_model_updates]
 
 
+def user_topics(settings: SettingsType) -> list[str]:
+    """The app's topics that hold per-user records (raw events or records derived from them): a
+    forgotten user's records stay there until retention deletes them (docs/privacy.md)."""
+    return [settings.topic_events, settings.topic_dlq, settings.topic_predictions, settings.topic_outcomes]
+
+
+def topic_config(settings: SettingsType, topic: str) -> dict[str, str]:
+    """The configs the product sets when it creates ``topic``: ``retention.ms`` of the per-user topics
+    (``topic_retention_s``; none when 0, the broker's default applies).
+
+    >>> from stream_app.settings import Settings
+    >>> s = Settings(topic_retention_s=60)
+    >>> off = Settings(topic_retention_s=0)
+    >>> topic_config(s, "events.dlq"), topic_config(s, "model-updates"), topic_config(off, "outcomes")
+    ({'retention.ms': '60000'}, {}, {})
+    """
+    if settings.topic_retention_s and topic in user_topics(settings):
+        return {"retention.ms": str(settings.topic_retention_s * 1000)}
+    return {}
+
+
 def ensure_topics(settings: SettingsType | None = None, topics: Iterable[str] | None = None, *,
                   partitions: int | None = None, replication: int = 1, timeout: float = 30.0) -> dict[str, int]:
     """Create the app's topics (or ``topics``) that are missing, on ``settings.broker_url``.
 
     Returns ``{topic: partition count}`` for every requested topic (existing topics are left as they
-    are, even if their partition count differs from ``settings.partitions``).
+    are, even if their partition count or configs differ; new ones get :func:`topic_config`).
     """
     settings = settings or Settings()
     return run_async(ensure_topics_async(settings, topics, partitions=partitions, replication=replication,
@@ -54,7 +75,8 @@ async def ensure_topics_async(settings: SettingsType, topics: Iterable[str] | No
         missing = [t for t in names if t not in existing]
         if missing:
             resp = await admin.create_topics(
-                [NewTopic(t, num_partitions=n_partitions, replication_factor=replication) for t in missing],
+                [NewTopic(t, num_partitions=n_partitions, replication_factor=replication,
+                          topic_configs=topic_config(settings, t) or None) for t in missing],
                 timeout_ms=int(timeout * 1000))
             for topic, code, *rest in resp.topic_errors:
                 if code not in (0, 36):  # 36 = TOPIC_ALREADY_EXISTS (a concurrent creator won)

@@ -60,10 +60,16 @@ MODEL_SWAPS = Counter("nextaction_model_swaps", "Predictor hot swaps", registry=
 MODEL_UPDATES = Counter("nextaction_model_updates", "model-updates records, by result (applied, skipped, rejected: "
                         "full versions; delta, gap, ignored: online deltas)",
                         ["result"], registry=REGISTRY)
+FORGETS = Counter("nextaction_forgets", "Forget control records handled, by reason (request: `nextaction forget`; "
+                  "idle: the sweep) and result (forgotten: this worker held state for the user and deleted it; "
+                  "absent: it held none, e.g. another partition's copy of a request; kept: an idle request for a "
+                  "user active again)", ["reason", "result"], registry=REGISTRY)
+SWEEPS = Counter("nextaction_idle_sweeps", "Idle-user sweeps run by this worker", registry=REGISTRY)
 
 # --- the online trainer's process (stream_app.training), on its own web port -----------------------------
 ONLINE_EXAMPLES = Counter("nextaction_online_examples", "outcomes read by the trainer, by what became of them "
-                          "(learned, out_of_order, rate_limited, bad_record)", ["result"], registry=REGISTRY)
+                          "(learned, out_of_order, rate_limited, bad_record, forget: a forget marker)", ["result"],
+                          registry=REGISTRY)
 ONLINE_PREQUENTIAL = Gauge("nextaction_online_prequential", "Rolling prequential metric of each served version "
                            "(scored before anything learns from the example)", ["version", "metric"],
                            registry=REGISTRY)

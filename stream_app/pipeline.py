@@ -17,6 +17,10 @@ dead letter), then one write of the user's state (window + this prediction: one 
 then the ack. Between 2 and the write the user's state waits in :attr:`Pipeline.pending`, where
 the user's next event in flight finds it.
 
+A control record on ``events`` (header ``nextaction-control: forget``, key = a user id; written by
+``nextaction forget`` and by the idle sweep) is never validated, dead-lettered or predicted:
+:meth:`Pipeline.forget` deletes the user (docs/privacy.md), in order with the user's events.
+
 Delivery is at-least-once (an offset is committed only after its event is acked, and Faust
 flushes the producer first); a redelivered event gets no second state change or outcome and its
 prediction is re-published with ``duplicate: true``. Model updates hot-swap the predictor between
@@ -36,6 +40,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Awaitable, Callable, Protocol
 
+import orjson
+
 from models.delta import ModelDelta, label_parts
 from models.predictor import Predictor
 from models.schema import EventSeq
@@ -44,8 +50,9 @@ from stream_app import monitoring, predictors, runtime
 from stream_app.batcher import PREDICT_FAILED, Batcher, Request, Result
 from stream_app.errors import EventRejected
 from stream_app.events import EVENT_TS_ATTR, Event, parse_event
-from stream_app.records import (DELTA, ModelUpdate, StoredPrediction, UserState, decode_state, dlq_record, encode_state,
-                                outcome_record, prediction_record)
+from stream_app.records import (CONTROL_HEADER, DELTA, FORGET, IDLE, REQUEST, ForgetRequest, ModelUpdate,
+                                StoredPrediction, UserState, control_kind, decode_state, dlq_record, encode_state,
+                                forget_marker, last_seen, outcome_record, prediction_record)
 from stream_app.remote import RemotePredictor
 from stream_app.settings import SettingsType
 from stream_app.updates import UpdateRejected, admit, checkpoint_roots
@@ -352,9 +359,12 @@ class Pipeline:
     async def handle(self, event: Any, stream: Any) -> str:
         """Process one message; returns what happened (``queued``, ``duplicate``, ``rejected:<reason>``)."""
         arrival = time.time()
-        monitoring.EVENTS_IN.inc()
         msg = event.message
         raw, key = event.value, event.key
+        kind = control_kind(msg.headers)
+        if kind is not None:  # before validation: a control record is never an event
+            return await self.handle_control(kind, event, stream)
+        monitoring.EVENTS_IN.inc()
         try:
             ev = parse_event(raw, now_ms=int(arrival * 1000), key=key if key is not None else b"", **self.parse_kw)
         except EventRejected as exc:
@@ -445,6 +455,7 @@ class Pipeline:
             p = Pending(decode_state(self.t.histories.get(ev.user_id)))
         history = before = p.state.history
         duplicate = window.contains(history, ev.item_id, ev.action, ev.ts)
+        p.state.seen = int(time.time() * 1000)  # the idle sweep's clock (written with the state at delivery)
         if duplicate:
             monitoring.EVENTS_DUPLICATE.inc()
         else:
@@ -456,6 +467,150 @@ class Pipeline:
         p.inflight += 1  # last: from here on, the request is submitted (or _delivered undoes this)
         self.pending[ev.user_id] = p
         return out
+
+    # --- privacy: forget a user (docs/privacy.md) -------------------------------------------------------
+    async def handle_control(self, kind: str, event: Any, stream: Any) -> str:
+        """A control record (:func:`stream_app.records.control_kind`): a forget request for the user
+        named by the key. A malformed one is logged (without the user id) and skipped, never
+        dead-lettered: it is not an event."""
+        msg = event.message
+        try:
+            if kind != FORGET:
+                raise ValueError(f"unknown control kind {kind!r}")
+            if not event.key:
+                raise ValueError("no key (the key is the user id)")
+            user = bytes(event.key).decode("utf-8")
+            request = ForgetRequest.decode(event.value)
+        except ValueError as exc:
+            log.warning("control record %s[%s]@%s skipped: %s", msg.topic, msg.partition, msg.offset, exc)
+            monitoring.FORGETS.labels("?", "invalid").inc()
+            await stream.ack(event)
+            return "control:invalid"
+        if msg.topic not in self._verified_topics:
+            await self._wait_for_changelogs(msg.topic)
+        result = await self.forget(user, request.reason, request.idle_before_ms, partition=msg.partition)
+        await stream.ack(event)
+        return f"forget:{result}"
+
+    async def forget(self, user: str, reason: str = REQUEST, idle_before_ms: int | None = None, *,
+                     partition: int = 0) -> str:
+        """Delete ``user`` from this worker; must run in the agent, with the control record as the
+        current event (table deletes go to its partition). Returns ``forgotten``, ``absent`` (no state
+        here) or ``kept`` (an idle request for a user seen since ``idle_before_ms``).
+
+        1. The user's events in flight are delivered first (:meth:`Batcher.drain`: their outcome, their
+           prediction, their state write), so nothing recreates what is deleted below; the agent waits
+           meanwhile, so no later event of the user overtakes the request.
+        2. ``histories``: ``del`` writes a tombstone to the changelog; ``activity``: every window of the
+           user in this partition's store (:meth:`_activity_keys`), each with its tombstone.
+        3. The predictor's per-user state (the KV cache, in the inference process or in this one).
+        4. A forget marker on ``outcomes`` (key: the user): the trainer drops the user's pending and
+           replayed examples. Sent for every request (idempotent), since a trainer may hold examples
+           of a user whose state is already gone.
+        """
+        if self.batcher is not None and user in self.pending:
+            await self.batcher.drain()
+        value = self.t.histories.get(user)  # this partition's store only (the current event's)
+        if idle_before_ms is not None and (value is None or last_seen(decode_state(value)) >= idle_before_ms):
+            monitoring.FORGETS.labels(reason, "kept" if value is not None else "absent").inc()
+            return "kept" if value is not None else "absent"
+        windows = self._activity_keys(user, partition)
+        if value is not None:
+            del self.t.histories[user]
+        for k in windows:
+            del self.t.activity.table[k]
+        self.pending.pop(user, None)
+        if self.batcher is not None:
+            predictor = self.batcher.predictor
+            if predictor.runs_elsewhere:
+                await predictor.forget_users_async([user])
+            else:  # the inference thread owns the model's cache: run it there, between batches
+                await self.batcher.run_in_executor(predictor.forget_users, [user])
+        result = "forgotten" if value is not None or windows else "absent"
+        if result == "forgotten" or reason == REQUEST:
+            await self.publisher.send("outcomes", user.encode(), forget_marker(user, reason))
+        monitoring.FORGETS.labels(reason, result).inc()
+        log.debug("forget %r (%s): %s, %d activity windows", user, reason, result, len(windows))
+        return result
+
+    def _activity_keys(self, user: str, partition: int) -> list:
+        """The user's ``activity`` keys, ``(user, (start, end))``, in ``partition``'s store.
+
+        A prefix scan of that partition's RocksDB (keys are JSON ``["user",[start,end]]``, so one
+        user's windows are adjacent): it finds every window still stored, including windows Faust
+        restored from the changelog and never expires again, which computing ranges from the
+        history's timestamps would miss (the window keeps only the last ``window_events`` events).
+        Any other store (tests with ``memory://``): a full scan.
+        """
+        table = self.t.activity.table
+        store = table.data
+        db_for = getattr(store, "_db_for_partition", None)
+        if db_for is None:
+            return [k for k in list(table.keys()) if k[0] == user]
+        encoded = store._encode_key((user, (0, 0)))
+        prefix = encoded[:encoded.rfind(b"[")]  # '["user",'
+        out = []
+        it = db_for(partition).iter()
+        it.seek(prefix)
+        while it.valid():
+            raw = it.key()
+            if not raw.startswith(prefix):
+                break
+            k = orjson.loads(raw)
+            out.append((k[0], tuple(k[1])))
+            it.next()
+        return out
+
+    async def idle_users(self, now_ms: int | None = None) -> tuple[int, list[tuple[int, str]]]:
+        """The users of this worker's active ``histories`` partitions not seen for ``state_idle_ttl_s``:
+        ``(cutoff_ms, [(partition, user)])``. Read from the partitions' RocksDB stores directly (the
+        sweep runs outside any event), yielding to the event loop every 1000 users; users with events
+        in flight are skipped."""
+        now_ms = int(time.time() * 1000) if now_ms is None else now_ms
+        cutoff = now_ms - self.settings.state_idle_ttl_s * 1000
+        store = self.t.histories.data
+        dbs = getattr(store, "_dbs", None)
+        out: list[tuple[int, str]] = []
+        if dbs is None:
+            return cutoff, out
+        actives = {tp.partition for tp in self.app.assignor.assigned_actives()
+                   if tp.topic == self.t.histories.changelog_topic_name}
+        if not actives:  # agent.test_context(): no assignment, every local partition
+            actives = set(dbs)
+        n = 0
+        for partition in sorted(actives):
+            db = dbs.get(partition)
+            if db is None:
+                continue
+            for raw_key, value in store._visible_items(db):
+                n += 1
+                if n % 1000 == 0:
+                    await asyncio.sleep(0)
+                user = raw_key.decode("utf-8", "replace")
+                if user in self.pending:
+                    continue
+                if last_seen(decode_state(value)) < cutoff:
+                    out.append((partition, user))
+        return cutoff, out
+
+    async def sweep(self) -> int:
+        """One idle sweep (``state_idle_ttl_s``): a conditional forget request (:class:`ForgetRequest`
+        with ``idle_before_ms``) on ``events`` for each idle user, to the partition holding the user, so
+        the deletion itself runs in the agent, in order with the user's events, by :meth:`forget`
+        (an event that arrives meanwhile keeps the user). Returns the number of requests sent."""
+        cutoff, users = await self.idle_users()
+        for partition, user in users:
+            await self.request_forget(user, ForgetRequest(IDLE, cutoff), partition)
+        monitoring.SWEEPS.inc()
+        if users:
+            log.info("idle sweep: %d users not seen for %d s, forget requested", len(users),
+                     self.settings.state_idle_ttl_s)
+        return len(users)
+
+    async def request_forget(self, user: str, request: ForgetRequest, partition: int) -> None:
+        """Produce one forget control record on ``events`` (to ``partition``) with the app's producer."""
+        await self.app.producer.send(self.settings.topic_events, user.encode(), request.encode(),
+                                     partition=partition, timestamp=None, headers=[(CONTROL_HEADER, FORGET.encode())])
 
     def _delivered(self, user: str) -> None:
         p = self.pending.get(user)

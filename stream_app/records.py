@@ -7,11 +7,16 @@ prediction             topic ``predictions`` (key: user id)          :func:`pred
 outcome                topic ``outcomes`` (key: user id)             :func:`outcome_record`
 dead letter            topic ``events.dlq`` (key: the event's key)   :func:`dlq_record`
 user state             table ``histories`` (+ its changelog)         :func:`encode_state` / :func:`decode_state`
+forget request         topic ``events`` (key: user id; header        :class:`ForgetRequest`
+                       ``nextaction-control: forget``)
+forget marker          topic ``outcomes`` (key: user id)             :func:`forget_marker`
 model update           topic ``model-updates`` (key: ``b"model"``)   :class:`ModelUpdate`
 =====================  ============================================  ==================================
 
 A user's state is one value: the event window (:meth:`EventSeq.to_json` columns) plus ``"p"``,
-the :class:`StoredPrediction` the user's next event turns into an outcome.
+the :class:`StoredPrediction` the user's next event turns into an outcome, and ``"seen"``, the wall
+clock (epoch ms) when the worker last read an event of the user (the idle sweep's clock; states
+written before it existed lack it: :func:`last_seen`).
 
 >>> h = EventSeq.from_columns(["a"], ["cart"], [5])
 >>> last = StoredPrediction("m1", 5, 0, 7, Prediction([0.2, 0.8, 0, 0, 0], [("b", 0.5)], 60.0))
@@ -20,6 +25,8 @@ the :class:`StoredPrediction` the user's next event turns into an outcome.
 (['a'], 'm1', [('b', 0.5)])
 >>> decode_state(None).last is None, decode_state(h.pack()).last is None  # no entry; no prediction yet
 (True, True)
+>>> last_seen(decode_state(encode_state(UserState(h, seen=9)))), last_seen(decode_state(h.pack()))  # else: newest event
+(9, 5)
 >>> ModelUpdate.decode(ModelUpdate("v1", "/models/v1", "ab" * 32).encode()).path
 '/models/v1'
 """
@@ -61,10 +68,13 @@ class StoredPrediction:
 
 @dataclass(slots=True)
 class UserState:
-    """One user's ``histories`` value: the event window and the latest prediction (``None`` before the first)."""
+    """One user's ``histories`` value: the event window, the latest prediction (``None`` before the
+    first) and when the worker last read an event of the user (wall clock, epoch ms; ``None`` in a
+    state written before this field existed)."""
 
     history: EventSeq
     last: StoredPrediction | None = None
+    seen: int | None = None
 
 
 def encode_state(state: UserState) -> bytes:
@@ -72,6 +82,8 @@ def encode_state(state: UserState) -> bytes:
     d = state.history.to_json()
     if state.last is not None:
         d["p"] = state.last.to_json()
+    if state.seen is not None:
+        d["seen"] = state.seen
     return orjson.dumps(d)
 
 
@@ -82,7 +94,98 @@ def decode_state(value: bytes | None) -> UserState:
         return UserState(EventSeq.empty())
     d = orjson.loads(value)
     last = d.pop("p", None)
-    return UserState(EventSeq.from_json(d), StoredPrediction.from_json(last) if last is not None else None)
+    seen = d.pop("seen", None)
+    return UserState(EventSeq.from_json(d), StoredPrediction.from_json(last) if last is not None else None,
+                     int(seen) if seen is not None else None)
+
+
+def last_seen(state: UserState) -> int:
+    """When the user was last active (epoch ms) for the idle sweep: ``seen``, or for a state written
+    before ``seen`` existed the newest event's time (the best guess on a live stream); 0 if empty."""
+    if state.seen is not None:
+        return state.seen
+    return int(state.history.ts[-1]) if len(state.history) else 0
+
+
+# --- privacy: forget requests (topic ``events``) and markers (topic ``outcomes``) ---------------------------
+#: Kafka header that marks a control record on ``events`` (never an event: never validated, never
+#: dead-lettered, never predicted); its value names the kind (:data:`FORGET`).
+CONTROL_HEADER = "nextaction-control"
+FORGET = "forget"
+#: Why a user is forgotten: on request (``nextaction forget``) or idle longer than ``state_idle_ttl_s``.
+REQUEST, IDLE = "request", "idle"
+
+
+def control_kind(headers) -> str | None:
+    """The control kind of an ``events`` record from its headers (a mapping or ``[(key, bytes)]``), or
+    ``None`` for an ordinary event.
+
+    >>> control_kind([("nextaction-control", b"forget")]), control_kind({"x": b"1"}), control_kind(None)
+    ('forget', None, None)
+    """
+    if not headers:
+        return None
+    pairs = headers.items() if hasattr(headers, "items") else headers
+    for key, value in pairs:
+        if key == CONTROL_HEADER:
+            if isinstance(value, (bytes, bytearray)):
+                return bytes(value).decode("utf-8", "replace")
+            return str(value)
+    return None
+
+
+@dataclass(frozen=True, slots=True)
+class ForgetRequest:
+    """The value of a forget control record (key: the user id). ``idle_before_ms`` (the sweep's)
+    makes it conditional: the user is forgotten only if not seen since then (an event that arrived
+    after the sweep looked keeps the user).
+
+    >>> ForgetRequest.decode(ForgetRequest(IDLE, 5).encode()), ForgetRequest.decode(b"")
+    (ForgetRequest(reason='idle', idle_before_ms=5), ForgetRequest(reason='request', idle_before_ms=None))
+    """
+
+    reason: str = REQUEST
+    idle_before_ms: int | None = None
+
+    def encode(self) -> bytes:
+        d: dict = {"reason": self.reason}
+        if self.idle_before_ms is not None:
+            d["idle_before_ms"] = self.idle_before_ms
+        return orjson.dumps(d)
+
+    @classmethod
+    def decode(cls, value: bytes | None) -> "ForgetRequest":
+        """Parse a request (an empty value is a plain request); ``ValueError`` names what is wrong."""
+        if not value:
+            return cls()
+        try:
+            d = orjson.loads(value)
+        except orjson.JSONDecodeError as exc:
+            raise ValueError(f"not JSON: {exc}") from None
+        if not isinstance(d, dict):
+            raise ValueError("expected a JSON object")
+        reason = d.get("reason", REQUEST)
+        if reason not in (REQUEST, IDLE):
+            raise ValueError(f"'reason' must be {REQUEST!r} or {IDLE!r} (got {reason!r})")
+        before = d.get("idle_before_ms")
+        if before is not None and (isinstance(before, bool) or not isinstance(before, int)):
+            raise ValueError(f"'idle_before_ms' must be an integer (got {before!r})")
+        return cls(reason, before)
+
+
+def forget_marker(user_id: str, reason: str) -> bytes:
+    """The ``outcomes`` record that tells the trainer to drop the user's examples (pending and replayed).
+
+    >>> forget_user_of(orjson.loads(forget_marker("u1", "request")))
+    'u1'
+    """
+    return orjson.dumps({"forget": user_id, "reason": reason})
+
+
+def forget_user_of(rec: dict) -> str | None:
+    """The user a decoded ``outcomes`` record asks to forget (:func:`forget_marker`), else ``None``."""
+    user = rec.get("forget") if isinstance(rec, dict) else None
+    return str(user) if user is not None else None
 
 
 # --- topic records ----------------------------------------------------------------------------------

@@ -14,6 +14,8 @@ docs/serving.md, "The inference process").
   :meth:`~RemotePredictor.apply_delta` ships an online delta (its safetensors bytes, base64 in the
   message) to the child, which applies it to the model serving that version and files it under the
   delta's label; the proxy's ``version`` follows.
+  :meth:`~RemotePredictor.forget_users` has every model in the child drop those users' KV cache
+  entries (a privacy deletion), in order with the batches on the one pipe.
 * :func:`serve` is the child's loop (:func:`stream_app.predictors.load_local` at start), answering
   until the pipe closes, and exits within about half a second of its worker however the worker
   died (``kill -9`` included: :func:`_die_with_parent`).
@@ -167,6 +169,8 @@ def _handle(msg: dict, models: dict[str, Predictor], settings: SettingsType) -> 
             models.clear()
             models.update(renamed)
         return {"ok": True, "applied": bool(applied), "version": str(pred.version)}
+    if op == "forget":  # every model held (a successor warming up included) drops the users' cached state
+        return {"ok": True, "n": sum(m.forget_users(msg["users"]) for m in models.values())}
     if op == "load":
         current = models[msg["current"]]
         new = _load(current, msg["path"], msg.get("sha256"), settings)
@@ -410,6 +414,15 @@ class RemotePredictor(Predictor):
             elif ch.lineage is not None and delta.follows(ch.lineage.label):
                 ch.lineage = merge(ch.lineage, delta)
         return True
+
+    def forget_users(self, users: Sequence[str]) -> int:
+        """Every model in the inference process drops the users' cached state (privacy deletion); in
+        order with the batches, since calls share the one pipe."""
+        return int(self._channel.call({"op": "forget", "users": list(users)})["n"]) if users else 0
+
+    async def forget_users_async(self, users: Sequence[str]) -> int:
+        """:meth:`forget_users` awaited on the event loop."""
+        return int((await self._channel.call_async({"op": "forget", "users": list(users)}))["n"]) if users else 0
 
     def warm_up(self) -> None:
         """The inference process warms each model up when it loads it."""

@@ -100,6 +100,16 @@ class _Settings(BaseSettings):
     window_events: int = Field(50, description="per-user history: at most this many events ...")
     window_ttl_s: int = Field(7 * 24 * 3600, description="... no older than this before the user's newest event")
     activity_window_s: int = Field(3600, description="tumbling window of the per-user activity counts (event time)")
+    # --- privacy (docs/privacy.md) -------------------------------------------------------------
+    state_idle_ttl_s: int = Field(30 * 24 * 3600, description="forget users (state, KV cache, trainer examples) not "
+                                  "seen for this long, wall clock (0 = never; docs/privacy.md)")
+    state_sweep_interval_s: float = Field(600.0, description="how often a worker looks for idle users")
+    topic_retention_s: int = Field(7 * 24 * 3600, description="`retention.ms` of `events`, `events.dlq`, "
+                                   "`predictions` and `outcomes` where the product creates them: a forgotten "
+                                   "user's records there last this long (0 = the broker's default)")
+    changelog_compaction_lag_s: int = Field(24 * 3600, description="`max.compaction.lag.ms` of the table changelogs "
+                                            "where Faust creates them: a forgotten user's old state records are "
+                                            "compacted away within about this long (0 = the broker's default)")
     # --- validation ----------------------------------------------------------------------------
     max_event_bytes: int = Field(16_384, description="larger messages are dead-lettered (`too_large`)")
     max_future_skew_s: int = Field(300, description="events stamped further in the future are dead-lettered "
@@ -187,7 +197,8 @@ class _Settings(BaseSettings):
 
     @field_validator("max_future_skew_s", "max_event_age_s", "max_wait_ms", "serve_threads", "producer_linger_ms",
                      "max_poll_records", "kv_max_stale_deltas", "kafka_sasl_ssl_port", "trainer_replay_ratio", "trainer_rollback_margin",
-                     "trainer_max_wait_s")
+                     "trainer_max_wait_s", "state_idle_ttl_s", "topic_retention_s",
+                     "changelog_compaction_lag_s")
     @classmethod
     def _non_negative(cls, v):
         if v < 0:
@@ -202,7 +213,8 @@ class _Settings(BaseSettings):
         return v
 
     @field_validator("commit_interval_s", "gil_switch_interval_ms", "trainer_delta_interval_s", "trainer_full_every_s",
-                     "trainer_lease_timeout_s", "trainer_dense_lr", "trainer_sparse_lr", "health_stall_s")
+                     "trainer_lease_timeout_s", "trainer_dense_lr", "trainer_sparse_lr", "health_stall_s",
+                     "state_sweep_interval_s")
     @classmethod
     def _positive_float(cls, v: float) -> float:
         if not v > 0:

@@ -22,7 +22,9 @@ The active trainer (logic: :class:`online.trainer.OnlineTrainer`):
    checkpoint under ``models_dir`` (storage every worker can read: a shared volume in production)
    and announces it (``reason: online``); records are numbered (``n``) and the numbers only grow;
 4. rolls the fleet back to the last good full version when the served models score worse than the
-   frozen shadow by ``trainer_rollback_margin`` (``reason: rollback``).
+   frozen shadow by ``trainer_rollback_margin`` (``reason: rollback``);
+5. drops a user's examples (read and not learned yet, and in the replay buffer) at a forget marker
+   on ``outcomes`` (:func:`stream_app.records.forget_marker`; docs/privacy.md).
 
 Metrics on ``/metrics`` at ``web_bind:trainer_port``; a summary line in the log every 10 s.
 """
@@ -43,7 +45,7 @@ from models.errors import ConfigError
 from stream_app import monitoring
 from stream_app.kafka_admin import ensure_topics_async, start_client
 from stream_app.kafka_security import client_kwargs
-from stream_app.records import DELTA, FULL, KIND_HEADER, ModelUpdate, update_kind
+from stream_app.records import DELTA, FULL, KIND_HEADER, ModelUpdate, forget_user_of, update_kind
 from stream_app.settings import SettingsType
 from stream_app.updates import UpdateRejected, admit, checkpoint_roots, lineage_start, read_range
 
@@ -305,11 +307,19 @@ class TrainingService:
             for tp, recs in got.items():
                 for rec in recs:
                     try:
-                        example = example_from_outcome(orjson.loads(rec.value))
-                    except (orjson.JSONDecodeError, ValueError) as exc:  # counted; one line a record is noise
+                        value = orjson.loads(rec.value)
+                        forget = forget_user_of(value)
+                        example = None if forget is not None else example_from_outcome(value)
+                    except (orjson.JSONDecodeError, ValueError, TypeError) as exc:  # counted; a line each is noise
                         monitoring.ONLINE_EXAMPLES.labels("bad_record").inc()
                         log.debug("outcomes %s[%d]@%d is not an example: %s", tp.topic, tp.partition, rec.offset, exc)
                     else:
+                        if forget is not None:  # a privacy deletion: the user's examples not learned yet, and replayed
+                            pending = [ex for ex in pending if ex.user_id != forget]
+                            self.trainer.forget_user(forget)
+                            monitoring.ONLINE_EXAMPLES.labels("forget").inc()
+                            read_to[tp.partition] = rec.offset + 1
+                            continue
                         if not pending:
                             oldest = time.monotonic()
                         pending.append(example)

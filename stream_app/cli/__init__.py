@@ -3,7 +3,7 @@
 =====================================================  =====================================================
 ``nextaction kafka start|stop|status|logs|install``    the embedded broker (:mod:`stream_app.cli.kafka`)
 ``nextaction worker``, ``replay taobao|csv|synthetic``, the stream (:mod:`stream_app.cli.stream`)
-``tail TOPIC``, ``deploy CHECKPOINT``
+``tail TOPIC``, ``deploy CHECKPOINT``, ``forget USER_ID...``
 ``nextaction train|evaluate|fit-transitions``          offline model commands (:mod:`stream_app.cli.offline`)
 ``nextaction settings``                                the settings table (:mod:`stream_app.cli.settings`)
 ``nextaction trainer``                                 the online trainer (:mod:`stream_app.cli.trainer`)
@@ -15,7 +15,7 @@ Settings come from ``NEXTACTION_*`` environment variables (:mod:`stream_app.sett
 imports (Faust, torch, Kafka clients, the replay sources) happen inside the commands that need them.
 
 >>> sorted(c.name for c in typer.main.get_command(app).commands.values())[:6]
-['demo', 'deploy', 'evaluate', 'fit-transitions', 'kafka', 'replay']
+['demo', 'deploy', 'evaluate', 'fit-transitions', 'forget', 'kafka']
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """The stream's commands: ``worker`` (the Faust worker), ``replay taobao|csv|synthetic`` (produce
-events), ``tail TOPIC`` (pretty-print a topic) and ``deploy CHECKPOINT`` (announce a model on
-``model-updates``). The replay sources and Kafka clients are imported inside the commands.
+events), ``tail TOPIC`` (pretty-print a topic), ``deploy CHECKPOINT`` (announce a model on
+``model-updates``) and ``forget USER_ID...`` (privacy deletion, docs/privacy.md). The replay sources and Kafka clients are imported inside the commands.
 
 >>> parse_mapping(["user_id=uid,item_id=sku", "action=type", "ts=time"])
 {'user_id': 'uid', 'item_id': 'sku', 'action': 'type', 'ts': 'time'}
@@ -324,6 +324,51 @@ def deploy(
         asyncio.run(send_one(settings, settings.topic_model_updates, update.KEY, update.encode()))
     console.print(f"[green]announced[/] {update.path} (content hash {update.sha256[:12]}) on "
                   f"[bold]{settings.topic_model_updates}[/]; workers report it as model_version {update.sha256[:12]}")
+
+
+# --------------------------------------------------------------------------------------------- #
+# forget: privacy deletion of users (docs/privacy.md)
+# --------------------------------------------------------------------------------------------- #
+
+@app.command()
+def forget(
+    user_ids: list[str] = typer.Argument(..., help="User ids to forget."),
+) -> None:
+    """Forget users: every worker deletes them from its tables (changelog tombstones), its KV cache and
+    the trainer's examples, in order with their events. Records already in `events`, `predictions`,
+    `outcomes` and `events.dlq` stay until those topics' retention (docs/privacy.md)."""
+    with errors():
+        settings = current_settings()
+        if any(not u for u in user_ids):
+            raise typer.BadParameter("a user id must not be empty", param_hint="USER_ID")
+        n = asyncio.run(send_forget(settings, user_ids))
+    console.print(f"[green]requested[/] forgetting {len(user_ids)} user(s) on [bold]{settings.topic_events}[/] "
+                  f"({n} control records: one per partition and user)")
+
+
+async def send_forget(settings: SettingsType, user_ids: list[str]) -> int:
+    """Produce a forget control record for each user to **every** partition of ``events`` (key: the user).
+
+    Whichever partitioner the event producers use (murmur2 for Java and aiokafka, CRC32 for
+    librdkafka clients: DESIGN.md), the partition that holds the user's events gets it after them;
+    the workers of the other partitions find no state and only pass the marker on to the trainer.
+    Returns the number of records, each acknowledged by the broker."""
+    from aiokafka import AIOKafkaProducer
+
+    from stream_app.records import CONTROL_HEADER, FORGET, ForgetRequest
+
+    producer = AIOKafkaProducer(bootstrap_servers=settings.bootstrap_servers, request_timeout_ms=15_000)
+    await start_client(settings, producer.start, producer.stop)
+    try:
+        partitions = sorted(await producer.partitions_for(settings.topic_events))
+        value, headers = ForgetRequest().encode(), [(CONTROL_HEADER, FORGET.encode())]
+        futures = [await producer.send(settings.topic_events, value, key=u.encode(), partition=p, headers=headers)
+                   for u in user_ids for p in partitions]
+        for f in futures:  # each send's own result: flush() would not raise for a failed batch
+            await f
+        return len(futures)
+    finally:
+        await producer.stop()
 
 
 async def send_one(settings: SettingsType, topic: str, key: bytes | None, value: bytes) -> None:

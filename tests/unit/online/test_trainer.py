@@ -199,3 +199,12 @@ def test_replay_mixes_older_examples_into_each_step_and_deltas_chain(make_checkp
     t.learn([ex(["i1"], "i7", user="u6")])
     (third,) = t.deltas()
     assert (third.base, third.prev, third.seq) == ("fedcba987654", 0, 3)  # a new chain, numbers still grow
+
+
+def test_forget_user_drops_its_replayed_examples_and_rate_limit_state(make_checkpoint):
+    t = trainer_for(make_checkpoint(0, items=30), user_per_minute=5, replay_ratio=0.0)
+    t.learn([ex(["i1"], "i2", user="gone", ts=T0 + 60_000 + i) for i in range(3)]
+            + [ex(["i1"], "i3", user="kept", ts=T0 + 60_000)])
+    assert t.forget_user("gone") == 3 and t.forget_user("gone") == 0
+    assert {e.user_id for e in t.replay.recent_items() + t.replay.reservoir_items()} == {"kept"}
+    assert "gone" not in t.rate._users

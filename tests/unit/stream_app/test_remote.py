@@ -235,3 +235,16 @@ def test_the_child_dies_within_2_s_of_a_killed_worker(tmp_path, spawner):
     finally:
         if parent.poll() is None:
             parent.kill()
+
+
+def test_forget_users_drops_the_users_kv_cache_entries_in_the_child(checkpoints):
+    v1, _ = checkpoints
+    remote = RemotePredictor.start(Settings(checkpoint=v1, device="cpu", serve_threads=1))
+    try:
+        hs = _histories(3)
+        remote.predict(hs, 5, users=["u0", "u1", "u2"])
+        users = ["u0", "u1", "u2", "nobody"]
+        assert remote.forget_users(users) >= 1  # the cached ones (a very short window may not be cached)
+        assert asyncio.run(remote.forget_users_async(users)) == 0 and remote.forget_users([]) == 0
+    finally:
+        remote.close()
