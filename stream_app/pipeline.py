@@ -44,8 +44,8 @@ from stream_app import monitoring, predictors, runtime
 from stream_app.batcher import PREDICT_FAILED, Batcher, Request, Result
 from stream_app.errors import EventRejected
 from stream_app.events import EVENT_TS_ATTR, Event, parse_event
-from stream_app.records import (DELTA, ModelUpdate, StoredPrediction, UserState, decode_state, dlq_record, encode_state,
-                                outcome_record, prediction_record)
+from stream_app.records import (DELTA, ModelUpdate, StoredPrediction, UserState, decode_state, dlq_key, dlq_record,
+                                encode_state, outcome_record, prediction_record)
 from stream_app.remote import RemotePredictor
 from stream_app.settings import SettingsType
 
@@ -53,6 +53,10 @@ log = logging.getLogger(__name__)
 
 #: DLQ reason of a message whose state update raised unexpectedly (a bug or a storage error).
 PROCESSING_FAILED = "processing_failed"
+#: DLQ reason of a user's stored state that could not be decoded: the record carries the stored bytes
+#: (key: the user id; source: the event that found it), the state is reset to empty, and that event
+#: is processed on the empty state (it still gets its prediction).
+STATE_RESET = "state_reset"
 
 
 def start_predictor(settings: SettingsType) -> Predictor:
@@ -294,7 +298,8 @@ class Pipeline:
         if msg.topic not in self._verified_topics:
             await self._wait_for_changelogs(msg.topic)
         try:
-            history, before, activity, duplicate = self.update_state(ev)
+            stored = None if ev.user_id in self.pending else await self._stored_state(ev.user_id, msg)
+            history, before, activity, duplicate = self.update_state(ev, stored)
         except Exception as exc:  # noqa: BLE001 - dead-letter, keep the worker alive
             log.exception("state update failed for %s[%s]@%s", msg.topic, msg.partition, msg.offset)
             await self.dead_letter(raw, key, PROCESSING_FAILED, f"{type(exc).__name__}: {exc}", msg)
@@ -341,16 +346,29 @@ class Pipeline:
             await asyncio.wait_for(producer.partitions_for(topic), timeout)
         self._verified_topics.add(source_topic)
 
-    def update_state(self, ev: Event) -> tuple[EventSeq, EventSeq, int, bool]:
+    async def _stored_state(self, user: str, msg: Any) -> UserState:
+        """The user's state from ``histories``. One that does not decode is dead-lettered once
+        (``state_reset``) and replaced by the empty state (overwritten at delivery), so it cannot
+        poison every later event of the user."""
+        stored = self.t.histories.get(user)
+        try:
+            return decode_state(stored)
+        except ValueError as exc:
+            log.error("user %r: stored state unreadable (%s), reset to empty", user[:80], exc)
+            await self.dead_letter(stored, user.encode(), STATE_RESET, str(exc), msg)
+            return UserState(EventSeq.empty())
+
+    def update_state(self, ev: Event, stored: UserState | None = None) -> tuple[EventSeq, EventSeq, int, bool]:
         """Add the event to the user's window and activity count; return (window as of the event, the
-        window before it joined, count, duplicate).
+        window before it joined, count, duplicate). ``stored``: the user's state as read from the table
+        (:meth:`_stored_state`), used when the user has no pending state.
 
         The window goes to :attr:`pending` (written to ``histories`` at delivery, with the prediction).
         """
         s = self.settings
         p = self.pending.get(ev.user_id)
         if p is None:
-            p = Pending(decode_state(self.t.histories.get(ev.user_id)))
+            p = Pending(stored if stored is not None else decode_state(self.t.histories.get(ev.user_id)))
         history = before = p.state.history
         duplicate = window.contains(history, ev.item_id, ev.action, ev.ts)
         activity = self.t.activity[ev.user_id]
@@ -375,7 +393,7 @@ class Pipeline:
 
     async def dead_letter(self, raw: bytes | None, key: bytes | None, reason: str, detail: str, msg: Any) -> None:
         monitoring.EVENTS_REJECTED.labels(reason).inc()
-        await self.publisher.send("dlq", key, dlq_record(raw, reason, detail, topic=msg.topic,
+        await self.publisher.send("dlq", dlq_key(key), dlq_record(raw, reason, detail, topic=msg.topic,
                                                          partition=msg.partition, offset=msg.offset, key=key))
 
     # --- per batch (batcher's deliverer) --------------------------------------------------------------
