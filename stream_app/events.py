@@ -15,6 +15,20 @@ Reason codes (the ``reason`` field of a dead-letter record):
 ``key_mismatch``       the message key is not the event's ``user_id``
 =====================  ===========================================================
 
+The pipeline (:mod:`stream_app.pipeline`, :mod:`stream_app.batcher`) adds three reasons of its own,
+for events that passed validation:
+
+=====================  ===========================================================
+``predict_failed``     inference failed for this event (also after the batch was split)
+``processing_failed``  the state update raised unexpectedly (a bug or a storage error)
+``state_reset``        the user's stored state did not decode: the record holds the
+                       stored bytes (key: the user id), the state is reset to empty and
+                       the event itself is processed on it (it still gets a prediction)
+=====================  ===========================================================
+
+A dead-letter record never exceeds :data:`stream_app.records.DLQ_MAX_BYTES`; a longer original is cut
+(``truncated``, ``original_bytes``, ``original_sha256``: :func:`stream_app.records.dlq_record`).
+
 >>> e = parse_event(b'{"user_id": "u1", "item_id": "i9", "action": "view", "ts": 1700000000000}',
 ...                 now_ms=1700000000000)
 >>> e.user_id, e.item_id, e.action, e.ts

@@ -51,7 +51,7 @@ from stream_app.batcher import PREDICT_FAILED, Batcher, Request, Result
 from stream_app.errors import EventRejected
 from stream_app.events import EVENT_TS_ATTR, Event, parse_event
 from stream_app.records import (CONTROL_HEADER, DELTA, FORGET, IDLE, REQUEST, ForgetRequest, ModelUpdate,
-                                StoredPrediction, UserState, control_kind, decode_state, dlq_record, encode_state,
+                                StoredPrediction, UserState, control_kind, decode_state, dlq_key, dlq_record, encode_state,
                                 forget_marker, last_seen, outcome_record, prediction_record)
 from stream_app.remote import RemotePredictor
 from stream_app.settings import SettingsType
@@ -61,6 +61,10 @@ log = logging.getLogger(__name__)
 
 #: DLQ reason of a message whose state update raised unexpectedly (a bug or a storage error).
 PROCESSING_FAILED = "processing_failed"
+#: DLQ reason of a user's stored state that could not be decoded: the record carries the stored bytes
+#: (key: the user id; source: the event that found it), the state is reset to empty, and that event
+#: is processed on the empty state (it still gets its prediction).
+STATE_RESET = "state_reset"
 
 #: First and longest wait between two tries of the changelog check (:meth:`Pipeline._wait_for_changelogs`).
 METADATA_BACKOFF_S, METADATA_BACKOFF_MAX_S = 0.5, 10.0
@@ -374,7 +378,8 @@ class Pipeline:
         if msg.topic not in self._verified_topics:
             await self._wait_for_changelogs(msg.topic)
         try:
-            history, before, duplicate = self.update_state(ev)
+            stored = None if ev.user_id in self.pending else await self._stored_state(ev.user_id, msg)
+            history, before, duplicate = self.update_state(ev, stored)
         except Exception as exc:  # noqa: BLE001 - dead-letter, keep the worker alive
             log.exception("state update failed for %s[%s]@%s", msg.topic, msg.partition, msg.offset)
             await self._reject(raw, key, PROCESSING_FAILED, f"{type(exc).__name__}: {exc}", msg, stream, event)
@@ -441,9 +446,22 @@ class Pipeline:
         for topic in self.topics.values():
             await asyncio.wait_for(producer.partitions_for(topic), timeout)
 
-    def update_state(self, ev: Event) -> tuple[EventSeq, EventSeq, bool]:
+    async def _stored_state(self, user: str, msg: Any) -> UserState:
+        """The user's state from ``histories``. One that does not decode is dead-lettered once
+        (``state_reset``) and replaced by the empty state (overwritten at delivery), so it cannot
+        poison every later event of the user."""
+        stored = self.t.histories.get(user)
+        try:
+            return decode_state(stored)
+        except ValueError as exc:
+            log.error("user %r: stored state unreadable (%s), reset to empty", user[:80], exc)
+            await self.dead_letter(stored, user.encode(), STATE_RESET, str(exc), msg)
+            return UserState(EventSeq.empty())
+
+    def update_state(self, ev: Event, stored: UserState | None = None) -> tuple[EventSeq, EventSeq, bool]:
         """Add the event to the user's window; return (window as of the event, the window before it
-        joined, duplicate).
+        joined, duplicate). ``stored``: the user's state as read from the table (:meth:`_stored_state`),
+        used when the user has no pending state.
 
         The window goes to :attr:`pending` and is written to ``histories`` at delivery, together with
         the prediction and the activity count (:meth:`deliver`): one synchronous step, so a crash
@@ -452,7 +470,7 @@ class Pipeline:
         s = self.settings
         p = self.pending.get(ev.user_id)
         if p is None:
-            p = Pending(decode_state(self.t.histories.get(ev.user_id)))
+            p = Pending(stored if stored is not None else decode_state(self.t.histories.get(ev.user_id)))
         history = before = p.state.history
         duplicate = window.contains(history, ev.item_id, ev.action, ev.ts)
         p.state.seen = int(time.time() * 1000)  # the idle sweep's clock (written with the state at delivery)
@@ -622,7 +640,7 @@ class Pipeline:
     async def dead_letter(self, raw: bytes | None, key: bytes | None, reason: str, detail: str,
                           msg: Any) -> Awaitable[Any] | None:
         monitoring.EVENTS_REJECTED.labels(reason).inc()
-        return await self.publisher.send("dlq", key, dlq_record(raw, reason, detail, topic=msg.topic,
+        return await self.publisher.send("dlq", dlq_key(key), dlq_record(raw, reason, detail, topic=msg.topic,
                                                                 partition=msg.partition, offset=msg.offset, key=key))
 
     async def _reject(self, raw: bytes | None, key: bytes | None, reason: str, detail: str, msg: Any, stream: Any,

@@ -34,12 +34,13 @@ written before it existed lack it: :func:`last_seen`).
 from __future__ import annotations
 
 import base64
+import hashlib
 from dataclasses import dataclass
 
 import orjson
 
 from models.predictor import Prediction
-from models.schema import ACTION_INDEX, EventSeq
+from models.schema import ACTION_INDEX, N_ACTIONS, EventSeq
 
 # --- user state (table ``histories``) ----------------------------------------------------------------
 @dataclass(slots=True)
@@ -87,16 +88,54 @@ def encode_state(state: UserState) -> bytes:
     return orjson.dumps(d)
 
 
+_STR = {str}
+
+
 def decode_state(value: bytes | None) -> UserState:
     """Inverse of :func:`encode_state`; ``None`` (no entry yet) is the empty history, and a value
-    without ``"p"`` (written before the prediction joined the window) has no prediction yet."""
+    without ``"p"`` (written before the prediction joined the window) has no prediction yet.
+
+    A value it cannot read as a consistent state (not JSON, missing or mistyped columns, columns of
+    different lengths, unknown actions, times out of order, a malformed prediction) raises
+    :class:`ValueError`, never anything else: the pipeline then resets the user's state
+    (``state_reset``, docs/architecture.md).
+
+    >>> decode_state(b'{"i": ["a"], "a": [9], "t": [1], "d": [""], "l": [""]}')
+    Traceback (most recent call last):
+    ...
+    ValueError: stored state unreadable: action index out of range
+    """
     if value is None:
         return UserState(EventSeq.empty())
-    d = orjson.loads(value)
-    last = d.pop("p", None)
-    seen = d.pop("seen", None)
-    return UserState(EventSeq.from_json(d), StoredPrediction.from_json(last) if last is not None else None,
-                     int(seen) if seen is not None else None)
+    try:
+        d = orjson.loads(value)
+        if not isinstance(d, dict):
+            raise ValueError("not a JSON object")
+        last = d.pop("p", None)
+        seen = d.pop("seen", None)
+        if seen is not None and (isinstance(seen, bool) or not isinstance(seen, int)):
+            raise ValueError("'seen' must be an integer")
+        h = EventSeq.from_json(d)
+        n = len(h.items)
+        if not (len(h.actions) == len(h.ts) == len(h.devices) == len(h.locations) == len(h.categories) == n):
+            raise ValueError("columns of different lengths")
+        if h.actions.ndim != 1 or h.ts.ndim != 1:
+            raise ValueError("columns must be flat lists")
+        if n and int(h.actions.max()) >= N_ACTIONS:
+            raise ValueError("action index out of range")
+        if n > 1 and bool((h.ts[1:] < h.ts[:-1]).any()):
+            raise ValueError("event times out of order")
+        for column in (h.items, h.devices, h.locations, h.categories):
+            if not isinstance(column, list) or not set(map(type, column)) <= _STR:
+                raise ValueError("string columns must be lists of strings")
+        stored = StoredPrediction.from_json(last) if last is not None else None
+        if stored is not None and len(stored.prediction.action_probs) != N_ACTIONS:
+            raise ValueError("prediction has the wrong number of action probabilities")
+        return UserState(h, stored, seen)
+    except ValueError as exc:
+        raise ValueError(f"stored state unreadable: {exc}") from None
+    except (TypeError, KeyError, AttributeError, IndexError, OverflowError) as exc:
+        raise ValueError(f"stored state unreadable: {type(exc).__name__}: {exc}") from None
 
 
 def last_seen(state: UserState) -> int:
@@ -188,6 +227,7 @@ def forget_user_of(rec: dict) -> str | None:
     return str(user) if user is not None else None
 
 
+
 # --- topic records ----------------------------------------------------------------------------------
 def prediction_record(user_id: str, stored: StoredPrediction, *, latency_ms: float, history_len: int, activity: int,
                       duplicate: bool, published_ms: int) -> bytes:
@@ -224,20 +264,87 @@ def outcome_record(user_id: str, last: StoredPrediction, *, served: EventSeq, ac
     })
 
 
+#: Bound of an encoded dead-letter record (the value), well under the producer's maximum request size
+#: (Faust/aiokafka: 1,000,000 bytes; the broker's ``max.message.bytes``: 1,048,588). It keeps any event up
+#: to ``max_event_bytes``' default (16 KiB) whole, even if every character is escaped (6 bytes each).
+DLQ_MAX_BYTES = 256 * 1024
+#: Bound of a dead-letter record's message key (and of the ``key`` field's source bytes).
+DLQ_MAX_KEY_BYTES = 1024
+#: The smallest ``max_bytes`` :func:`dlq_record` accepts: room for its bounded fields at their worst
+#: (every character escaped) and a prefix of the original.
+DLQ_MIN_BYTES = 16 * 1024
+_MAX_REASON_CHARS, _MAX_DETAIL_CHARS, _MAX_TOPIC_CHARS = 64, 1024, 255
+
+
+def dlq_key(key: bytes | None) -> bytes | None:
+    """The message key of a dead-letter record: the event's key, cut to :data:`DLQ_MAX_KEY_BYTES`."""
+    return key if key is None or len(key) <= DLQ_MAX_KEY_BYTES else key[:DLQ_MAX_KEY_BYTES]
+
+
+def _text(s: str, limit: int) -> str:
+    """``s`` cut to ``limit`` characters, as valid UTF-8 (lone surrogates replaced)."""
+    s = str(s)
+    if len(s) > limit:
+        s = s[: limit - 1] + "\u2026"
+    return s.encode("utf-8", "replace").decode("utf-8")
+
+
+def _fit_text(text: str, budget: int) -> str:
+    """The longest prefix of ``text`` whose JSON string encoding takes at most ``budget`` bytes."""
+    lo, hi = 0, min(len(text), budget)  # every character takes at least one byte
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if len(orjson.dumps(text[:mid])) <= budget:
+            lo = mid
+        else:
+            hi = mid - 1
+    return text[:lo]
+
+
 def dlq_record(raw: bytes | None, reason: str, detail: str, *, topic: str, partition: int, offset: int,
-               key: bytes | None = None) -> bytes:
+               key: bytes | None = None, max_bytes: int = DLQ_MAX_BYTES) -> bytes:
     """The dead-letter record: the original bytes (as UTF-8 text, or base64 if not UTF-8) + why + where.
+
+    The encoded record is never longer than ``max_bytes`` (at least :data:`DLQ_MIN_BYTES`), so it can
+    always be produced: ``reason``, ``detail``, ``key`` and ``source.topic`` are cut to fixed lengths,
+    and an original that does not fit is cut to the prefix that does; the record then says
+    ``"truncated": true`` with ``original_bytes`` (the full length) and ``original_sha256`` (hex digest
+    of the full original bytes, to match it with the source message). A key longer than
+    :data:`DLQ_MAX_KEY_BYTES` is cut likewise, with ``key_bytes`` and ``key_sha256``.
 
     >>> orjson.loads(dlq_record(b"\\xff", "not_json", "invalid", topic="events", partition=0, offset=3))["encoding"]
     'base64'
+    >>> rec = orjson.loads(dlq_record(b"x" * 100_000, "too_large", "big", topic="events", partition=0, offset=4,
+    ...                               max_bytes=20_000))
+    >>> rec["truncated"], rec["original_bytes"], len(rec["original"]) < 20_000
+    (True, 100000, True)
     """
+    if max_bytes < DLQ_MIN_BYTES:
+        raise ValueError(f"max_bytes must be >= {DLQ_MIN_BYTES} (got {max_bytes})")
+    raw = raw or b""
     try:
-        original, encoding = (raw or b"").decode("utf-8"), "utf-8"
+        original, encoding = raw.decode("utf-8"), "utf-8"
     except UnicodeDecodeError:
-        original, encoding = base64.b64encode(raw).decode(), "base64"
-    return orjson.dumps({"reason": reason, "detail": detail, "original": original, "encoding": encoding,
-                         "key": key.decode("utf-8", "replace") if key else None,
-                         "source": {"topic": topic, "partition": partition, "offset": offset}})
+        original, encoding = None, "base64"
+    record = {"reason": _text(reason, _MAX_REASON_CHARS), "detail": _text(detail, _MAX_DETAIL_CHARS),
+              "original": original if original is not None else base64.b64encode(raw).decode(),
+              "encoding": encoding, "key": None,
+              "source": {"topic": _text(topic, _MAX_TOPIC_CHARS), "partition": int(partition), "offset": int(offset)}}
+    if key:
+        record["key"] = key[:DLQ_MAX_KEY_BYTES].decode("utf-8", "replace")
+        if len(key) > DLQ_MAX_KEY_BYTES:
+            record.update(key_bytes=len(key), key_sha256=hashlib.sha256(key).hexdigest())
+    out = orjson.dumps(record)
+    if len(out) <= max_bytes:
+        return out
+    # Too large: keep the prefix of the original that fits beside everything else.
+    record.update(original="", truncated=True, original_bytes=len(raw), original_sha256=hashlib.sha256(raw).hexdigest())
+    budget = max_bytes - len(orjson.dumps(record)) + 2  # the 2 bytes of the empty string's quotes
+    if original is not None:
+        record["original"] = _fit_text(original, budget)
+    else:
+        record["original"] = base64.b64encode(raw[: max(0, budget - 2) // 4 * 3]).decode()
+    return orjson.dumps(record)
 
 
 # --- model updates (topic ``model-updates``) -----------------------------------------------------------

@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import base64
+import hashlib
+
 import numpy as np
 import orjson
 import pytest
+from hypothesis import event, given, settings
+from hypothesis import strategies as st
 
 from models.predictor import Prediction
 from models.schema import EventSeq
-from stream_app.records import (ModelUpdate, StoredPrediction, UserState, decode_state, dlq_record, encode_state,
-                                outcome_record, prediction_record)
+from stream_app.records import (DLQ_MAX_BYTES, DLQ_MAX_KEY_BYTES, DLQ_MIN_BYTES, ModelUpdate, StoredPrediction,
+                                UserState, decode_state, dlq_key, dlq_record, encode_state, outcome_record,
+                                prediction_record)
 
 
 def history() -> EventSeq:
@@ -82,3 +88,89 @@ def test_model_update_round_trip_and_version_match():
     assert ModelUpdate.decode(u.encode()) == u
     assert u.names("0123456789ab") and not u.names("0123") and not u.names("fedcba987654")
     assert not ModelUpdate(None, "/m").names("0123456789ab")
+
+
+# --- dead letters always fit the producer's limit ---------------------------------------------------------------
+def _original(rec: dict) -> bytes:
+    return rec["original"].encode() if rec["encoding"] == "utf-8" else base64.b64decode(rec["original"])
+
+
+_nasty_text = st.text(st.characters(codec=None, exclude_categories=()), max_size=3000)  # control chars, surrogates
+_payload = st.one_of(
+    st.binary(max_size=4000),
+    _nasty_text.map(lambda t: t.encode("utf-8", "surrogatepass")),  # lone surrogates: invalid UTF-8
+    st.tuples(st.sampled_from(["\x00", "\x1f", '"', "\\", "é", "🍵", "a"]), st.integers(0, 60_000)).map(
+        lambda cn: (cn[0] * cn[1]).encode()),  # long runs of the costliest characters to escape
+    st.tuples(st.binary(min_size=1, max_size=40), st.integers(0, 5_000)).map(lambda bn: bn[0] * bn[1]),  # big blocks
+    st.tuples(_nasty_text, st.integers(0, 500)).map(lambda tn: (tn[0] * tn[1]).encode("utf-8", "surrogatepass")),
+)
+
+
+_huge = st.tuples(st.one_of(st.binary(min_size=1, max_size=40),
+                            _nasty_text.filter(bool).map(lambda t: t.encode("utf-8", "surrogatepass"))),
+                  st.integers(1, 3000)).map(lambda bn: bn[0] * (70_000 // len(bn[0]) + bn[1]))  # > every bound
+
+
+@settings(max_examples=1000, deadline=None)
+@given(raw=st.none() | _payload | _huge, key=st.none() | _payload, detail=_nasty_text, reason=_nasty_text,
+       topic=st.text(max_size=300), max_bytes=st.sampled_from([DLQ_MIN_BYTES, 20_000, 65_536]))
+def test_dlq_record_never_exceeds_its_bound_and_keeps_a_matching_prefix(raw, key, detail, reason, topic, max_bytes):
+    out = dlq_record(raw, reason, detail, topic=topic, partition=3, offset=2**40, key=key, max_bytes=max_bytes)
+    assert len(out) <= max_bytes
+    rec = orjson.loads(out)
+    raw = raw or b""
+    kept = _original(rec)
+    event(f"truncated={bool(rec.get('truncated'))} encoding={rec['encoding']}")
+    if rec.get("truncated"):
+        assert rec["original_bytes"] == len(raw) and rec["original_sha256"] == hashlib.sha256(raw).hexdigest()
+        assert raw.startswith(kept) and len(kept) < len(raw)
+        assert len(out) > max_bytes - 16  # the prefix fills the room: at most one escaped character short
+    else:
+        assert kept == raw and "original_sha256" not in rec
+    assert rec["source"]["offset"] == 2**40 and len(rec["detail"]) <= 1024
+    if key and len(key) > DLQ_MAX_KEY_BYTES:
+        assert rec["key_bytes"] == len(key) and rec["key_sha256"] == hashlib.sha256(key).hexdigest()
+    assert dlq_key(key) == (key[:DLQ_MAX_KEY_BYTES] if key is not None else None)
+
+
+def test_dlq_record_of_a_megabyte_and_of_escaped_control_characters_fits_the_default_bound():
+    for raw in (b"x" * 1_000_000, b"\x01" * 170_000, orjson.dumps({"user_id": "u", "t": "\x00" * 170_000})):
+        out = dlq_record(raw, "too_large", "d", topic="events", partition=0, offset=1, key=b"k" * 900_000)
+        rec = orjson.loads(out)
+        assert len(out) <= DLQ_MAX_BYTES and rec["truncated"] and rec["original_bytes"] == len(raw)
+        assert raw.startswith(rec["original"].encode()) and len(rec["original"]) > DLQ_MAX_BYTES // 7
+    assert DLQ_MAX_BYTES + DLQ_MAX_KEY_BYTES + 1024 < 1_000_000  # the producer's max_request_size (Faust's default)
+    small = dlq_record(b'{"a":1}', "not_object", "x", topic="t", partition=0, offset=0)
+    assert "truncated" not in orjson.loads(small)
+
+
+@pytest.mark.parametrize("value", [b"garbage", b"[1]", b'{"i": "abc", "a": [0], "t": [1], "d": [""], "l": [""]}',
+                                   b'{"i": ["a"], "a": [0, 1], "t": [1], "d": [""], "l": [""]}',
+                                   b'{"i": ["a"], "a": [-1], "t": [1], "d": [""], "l": [""]}',
+                                   b'{"i": ["a", "b"], "a": [0, 0], "t": [5, 1], "d": ["", ""], "l": ["", ""]}',
+                                   b'{"i": [1], "a": [0], "t": [1], "d": [""], "l": [""]}',
+                                   b'{"i": ["a"], "a": [[0]], "t": [1], "d": [""], "l": [""]}',
+                                   b'{"i": ["a"], "a": [0], "t": ["x"], "d": [""], "l": [""]}',
+                                   b'{"i": ["a"], "a": [0], "t": [1e300], "d": [""], "l": [""]}',
+                                   b'{"i": ["a"], "a": [0], "t": [1], "d": [""], "l": [""], "p": {"v": "m"}}',
+                                   b'{"i": ["a"], "a": [0], "t": [1], "d": [""], "l": [""], "p": 5}'])
+def test_decode_state_raises_value_error_on_any_unreadable_value(value):
+    with pytest.raises(ValueError, match="stored state unreadable"):
+        decode_state(value)
+
+
+@settings(max_examples=300, deadline=None)
+@given(value=st.binary(max_size=200) | st.recursive(
+    st.none() | st.booleans() | st.integers(-2**63, 2**64 - 1) | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(st.characters(codec="utf-8"), max_size=5),
+    lambda c: st.lists(c, max_size=3) | st.dictionaries(st.sampled_from(["i", "a", "t", "d", "l", "c", "p", "v",
+                                                                         "event_ts", "partition", "offset", "top",
+                                                                         "gap"]), c, max_size=7),
+    max_leaves=20).map(orjson.dumps))
+def test_decode_state_only_raises_value_error(value):
+    try:
+        state = decode_state(value)
+    except ValueError:
+        return
+    n = len(state.history)
+    assert len(state.history.ts) == len(state.history.categories) == n
