@@ -1,7 +1,8 @@
 """The worker's Faust agent, task, web page and shutdown hook, registered on an app by :func:`install`.
 
 ``process_events`` (concurrency 1, manual acks) hands every message to the
-:class:`~stream_app.pipeline.Pipeline`; ``follow_model_updates`` runs the worker's group-less
+:class:`~stream_app.pipeline.Pipeline`, and so does ``process_rerouted`` for the repartition topic
+(the events that arrived on a partition their key does not belong to, forwarded by the pipeline); ``follow_model_updates`` runs the worker's group-less
 reader of ``model-updates`` (:class:`~stream_app.updates.ModelUpdateListener`), so every update
 reaches every worker; ``/metrics`` serves the Prometheus metrics (:mod:`stream_app.monitoring`);
 ``/healthz`` answers 503 when the worker is stalled (:mod:`stream_app.health`). Faust's own views
@@ -41,6 +42,17 @@ def install(app: Any, topology: Any, *, predictor_factory: Callable[[SettingsTyp
             result = await pipeline.handle(event, manual)
             health.progressed()
             yield result
+
+    if topology.repartition is not None:
+        @app.agent(topology.repartition, name="process_rerouted", concurrency=1)
+        async def process_rerouted(stream):
+            """The events the pipeline forwarded to the partition that owns their key: same handling."""
+            await pipeline.start_batcher()
+            manual = stream.noack()
+            async for event in manual.events():
+                yield await pipeline.handle(event, manual)
+
+        pipeline.rerouted_agent = process_rerouted
 
     listener = ModelUpdateListener(topology.settings, pipeline.handle_model_update,
                                    catch_up=topology.settings.model_updates_catch_up)

@@ -19,6 +19,9 @@ changelogs ``max.compaction.lag.ms`` (``changelog_compaction_lag_s``) where Faus
 expires old activity windows locally without a changelog tombstone, so the ``activity`` changelog
 also deletes records older than twice the kept span (``compact,delete``): otherwise every window of
 every user would come back with each restore, forever.
+
+A user's partition is the one the Java/murmur2 rule gives the user id (:mod:`stream_app.partitioning`);
+an event that arrives elsewhere goes there through the repartition topic first.
 """
 
 from __future__ import annotations
@@ -50,6 +53,7 @@ class Topology:
     outcomes: faust.TopicT
     histories: Any  # faust.Table[str, bytes]
     activity: Any  # windowed faust.Table[str, int] (a WindowWrapper)
+    repartition: faust.TopicT | None = None  # None: reroute_mispartitioned is off
 
 
 def create_app(settings: SettingsType | None = None, *, predictor_factory: Callable[[SettingsType], Predictor]
@@ -111,6 +115,12 @@ def create_app(settings: SettingsType | None = None, *, predictor_factory: Calla
                             partitions=settings.partitions, config=topic_config(settings, settings.topic_predictions))
     outcomes = app.topic(settings.topic_outcomes, key_serializer="raw", value_serializer="raw",
                          partitions=settings.partitions, config=topic_config(settings, settings.topic_outcomes))
+    # Events that arrived on a partition their key does not belong to, forwarded to the right one
+    # (stream_app.partitioning). Internal: the worker creates it. Same partition count as ``events``,
+    # so Faust's assignor co-partitions it with ``events`` and the tables (one owner per user).
+    repartition = (app.topic(settings.topic_repartition, key_serializer="raw", value_serializer="raw",
+                             partitions=settings.partitions, internal=True)
+                   if settings.reroute_mispartitioned else None)
     # ``model-updates`` is not a Faust topic: every worker follows it without a consumer group
     # (stream_app.updates.ModelUpdateListener), so each update reaches every worker.
 
@@ -134,7 +144,7 @@ def create_app(settings: SettingsType | None = None, *, predictor_factory: Calla
     def _make_data_dir(sender, **kwargs):  # Faust creates the datadir itself, but not its parents
         data_dir.mkdir(parents=True, exist_ok=True)
 
-    app.topology = Topology(settings, events, dlq, predictions, outcomes, histories, activity)
+    app.topology = Topology(settings, events, dlq, predictions, outcomes, histories, activity, repartition)
 
     # --- behaviour ---------------------------------------------------------------------------------
     from stream_app import agents  # noqa: PLC0415 - agents need the declarations above

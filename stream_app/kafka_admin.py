@@ -22,9 +22,13 @@ _T = TypeVar("_T")
 
 
 def app_topics(settings: SettingsType) -> list[str]:
-    """The topics the app reads and writes, by their configured names."""
-    return [settings.topic_events, settings.topic_dlq, settings.topic_predictions, settings.topic_outcomes,
-            settings.topic_model_updates]
+    """The topics the app reads and writes, by their configured names (the repartition topic too, when
+    ``reroute_mispartitioned``)."""
+    topics = [settings.topic_events, settings.topic_dlq, settings.topic_predictions, settings.topic_outcomes,
+              settings.topic_model_updates]
+    if settings.reroute_mispartitioned:
+        topics.insert(1, settings.topic_repartition)
+    return topics
 
 
 def user_topics(settings: SettingsType) -> list[str]:
@@ -53,7 +57,8 @@ def ensure_topics(settings: SettingsType | None = None, topics: Iterable[str] | 
     """Create the app's topics (or ``topics``) that are missing, on ``settings.broker_url``.
 
     Returns ``{topic: partition count}`` for every requested topic (existing topics are left as they
-    are, even if their partition count or configs differ; new ones get :func:`topic_config`).
+    are, even if their partition count or configs differ; new ones get :func:`topic_config`). A missing
+    repartition topic gets the partition count of an existing ``events`` topic: the worker co-partitions the two.
     """
     settings = settings or Settings()
     return run_async(ensure_topics_async(settings, topics, partitions=partitions, replication=replication,
@@ -74,8 +79,13 @@ async def ensure_topics_async(settings: SettingsType, topics: Iterable[str] | No
         existing = set(await admin.list_topics())
         missing = [t for t in names if t not in existing]
         if missing:
+            counts = {t: n_partitions for t in missing}
+            if settings.topic_repartition in counts and settings.topic_events in existing:
+                have = await _partition_counts(admin, [settings.topic_events], settings,
+                                               deadline=time.monotonic() + timeout)
+                counts[settings.topic_repartition] = have[settings.topic_events]
             resp = await admin.create_topics(
-                [NewTopic(t, num_partitions=n_partitions, replication_factor=replication,
+                [NewTopic(t, num_partitions=counts[t], replication_factor=replication,
                           topic_configs=topic_config(settings, t) or None) for t in missing],
                 timeout_ms=int(timeout * 1000))
             for topic, code, *rest in resp.topic_errors:

@@ -21,6 +21,10 @@ _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
 
 EVENTS_IN = Counter("nextaction_events_in", "Messages read from the events topic", registry=REGISTRY)
+EVENTS_REROUTED = Counter("nextaction_events_rerouted", "Valid events whose key belongs to another partition (by "
+                          "the Java/murmur2 rule) than they arrived on, forwarded there through the repartition "
+                          "topic (producer partitioner mismatch: README, \"Producers and partitions\")",
+                          registry=REGISTRY)
 EVENTS_REJECTED = Counter("nextaction_events_rejected", "Messages dead-lettered, by reason", ["reason"],
                           registry=REGISTRY)
 EVENTS_DUPLICATE = Counter("nextaction_events_duplicate",

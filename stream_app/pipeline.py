@@ -5,6 +5,10 @@ Per message, in the agent (:meth:`Pipeline.handle`, concurrency 1, manual acks):
 1. :func:`~stream_app.events.parse_event`; a bad message goes to ``events.dlq`` with its reason and
    is acked. An unexpected error while updating state dead-letters that one message
    (``processing_failed``): nothing raised by one message stops the worker.
+   A valid event whose key belongs to another partition (:mod:`stream_app.partitioning`) is forwarded
+   there through the repartition topic instead, and acked once the broker has it
+   (:meth:`Pipeline.reroute`); it comes back through ``process_rerouted`` and continues here, its
+   records naming its original topic, partition and offset (:class:`Origin`).
 2. State, per event (never inside ``take()``, Faust issue #497): the user's window and the activity
    count of the event-time window. An event already in the window (a redelivery) is not added or
    counted again.
@@ -42,11 +46,13 @@ from typing import Any, Awaitable, Callable, Protocol
 
 import orjson
 
+import orjson
+
 from models.delta import ModelDelta, label_parts
 from models.predictor import Predictor
 from models.schema import EventSeq
 from stream_app import history as window
-from stream_app import monitoring, predictors, runtime
+from stream_app import monitoring, partitioning, predictors, runtime
 from stream_app.batcher import PREDICT_FAILED, Batcher, Request, Result
 from stream_app.errors import EventRejected
 from stream_app.events import EVENT_TS_ATTR, Event, parse_event
@@ -68,6 +74,9 @@ STATE_RESET = "state_reset"
 
 #: First and longest wait between two tries of the changelog check (:meth:`Pipeline._wait_for_changelogs`).
 METADATA_BACKOFF_S, METADATA_BACKOFF_MAX_S = 0.5, 10.0
+
+#: Header of a repartition-topic record: where the event first arrived, and when (:class:`Origin`).
+ORIGIN_HEADER = "nextaction-origin"
 
 
 def start_predictor(settings: SettingsType) -> Predictor:
@@ -167,6 +176,33 @@ class Source:
     before: EventSeq  # the user's window before this event joined it: the previous prediction's context
 
 
+@dataclass(frozen=True, slots=True)
+class Origin:
+    """Where a re-routed event first arrived (the ``events`` topic, partition, offset) and when (epoch s).
+    Its records (prediction, outcome, dead letter) name these, as if it had arrived on the right partition."""
+
+    topic: str
+    partition: int
+    offset: int
+    arrival: float
+
+    def header(self) -> tuple[str, bytes]:
+        return ORIGIN_HEADER, orjson.dumps([self.topic, self.partition, self.offset, self.arrival])
+
+    @classmethod
+    def of(cls, msg: Any) -> "Origin | None":
+        """The origin a repartition-topic message carries (``None``: no or a bad header)."""
+        headers = msg.headers or ()
+        for name, value in (headers.items() if isinstance(headers, dict) else headers):
+            if name == ORIGIN_HEADER:
+                try:
+                    topic, partition, offset, arrival = orjson.loads(value)
+                    return cls(str(topic), int(partition), int(offset), float(arrival))
+                except (ValueError, TypeError):
+                    return None
+        return None
+
+
 @contextlib.contextmanager
 def current_event(event: Any):
     """Make ``event`` Faust's current event, so table writes go to that event's partition.
@@ -202,6 +238,10 @@ class Pipeline:
         #: user → state of the users with events in flight (see the module docstring)
         self.pending: dict[str, Pending] = {}
         self._verified_topics: set[str] = set()
+        self._partition_counts: dict[str, int] = {}  # source topic → its partition count
+        self._forwards: set[asyncio.Task] = set()  # re-routed events whose forward is not yet confirmed
+        self._starting = asyncio.Lock()  # two agents start the one batcher
+        self.rerouted_agent: Any = None  # the agent of the repartition topic (stream_app.agents)
         self._update_n: int | None = None  # the number of the last trainer record applied (monotonic)
         self._watch: asyncio.Task | None = None
         self._ack_tasks: set[asyncio.Task] = set()  # writes + acks waiting for their outputs' produce futures
@@ -212,6 +252,10 @@ class Pipeline:
 
     # --- lifecycle ----------------------------------------------------------------------------------
     async def start_batcher(self) -> Batcher:
+        async with self._starting:
+            return await self._start_batcher()
+
+    async def _start_batcher(self) -> Batcher:
         if self.batcher is None:
             s = self.settings
             runtime.reset_root_log_level(s.log_level)
@@ -362,8 +406,15 @@ class Pipeline:
     # --- per event (agent) --------------------------------------------------------------------------
     async def handle(self, event: Any, stream: Any) -> str:
         """Process one message; returns what happened (``queued``, ``duplicate``, ``rejected:<reason>``)."""
-        arrival = time.time()
         msg = event.message
+        rerouted = self.t.repartition is not None and msg.topic == self.settings.topic_repartition
+        origin = Origin.of(msg) if rerouted else None
+        # A re-routed event counts, validates and measures latency from its first arrival; its records
+        # name where it first arrived (``at``).
+        arrival = origin.arrival if origin is not None else time.time()
+        at = origin if origin is not None else msg
+        if not rerouted:
+            monitoring.EVENTS_IN.inc()
         raw, key = event.value, event.key
         kind = control_kind(msg.headers)
         if kind is not None:  # before validation: a control record is never an event
@@ -372,19 +423,24 @@ class Pipeline:
         try:
             ev = parse_event(raw, now_ms=int(arrival * 1000), key=key if key is not None else b"", **self.parse_kw)
         except EventRejected as exc:
-            await self._reject(raw, key, exc.reason, str(exc), msg, stream, event)
+            await self._reject(raw, key, exc.reason, str(exc), at, stream, event)
             return f"rejected:{exc.reason}"
         setattr(event, EVENT_TS_ATTR, ev.ts / 1000.0)  # the activity window's event time, parsed once
         if msg.topic not in self._verified_topics:
             await self._wait_for_changelogs(msg.topic)
+        if self.t.repartition is not None and not rerouted:
+            owner = partitioning.owner(key, self._partition_counts.get(msg.topic, self.settings.partitions))
+            if owner != msg.partition:
+                await self.reroute(event, stream, owner, Origin(msg.topic, msg.partition, msg.offset, arrival))
+                return "rerouted"
         try:
             stored = None if ev.user_id in self.pending else await self._stored_state(ev.user_id, msg)
             history, before, duplicate = self.update_state(ev, stored)
         except Exception as exc:  # noqa: BLE001 - dead-letter, keep the worker alive
             log.exception("state update failed for %s[%s]@%s", msg.topic, msg.partition, msg.offset)
-            await self._reject(raw, key, PROCESSING_FAILED, f"{type(exc).__name__}: {exc}", msg, stream, event)
+            await self._reject(raw, key, PROCESSING_FAILED, f"{type(exc).__name__}: {exc}", at, stream, event)
             return f"rejected:{PROCESSING_FAILED}"
-        src = Source(event, stream, msg.topic, msg.partition, msg.offset, raw, key, ev.item_id, ev.action,
+        src = Source(event, stream, at.topic, at.partition, at.offset, raw, key, ev.item_id, ev.action,
                      ev.category, duplicate, before)
         try:
             await self.batcher.submit(Request(ev.user_id, history, ev.ts, arrival, observe=not duplicate, ref=src))
@@ -392,6 +448,39 @@ class Pipeline:
             self._delivered(ev.user_id)
             raise
         return "duplicate" if duplicate else "queued"
+
+    async def reroute(self, event: Any, stream: Any, partition: int, origin: Origin) -> None:
+        """Forward a valid event (its bytes, key, headers and timestamp, plus :data:`ORIGIN_HEADER`) to
+        ``partition`` of the repartition topic; ack it only once the broker confirmed the forward (a
+        failed forward crashes the worker, which then reads the event again: never acked, never lost).
+        The agent goes on meanwhile; Faust commits an offset only below the first unacked one."""
+        msg = event.message
+        headers = msg.headers or []
+        headers = [*(headers.items() if isinstance(headers, dict) else headers), origin.header()]
+        sent = await self.forward(self.settings.topic_repartition, event.key, event.value, partition,
+                                  msg.timestamp or None, headers)
+        task = asyncio.ensure_future(self._ack_forward(sent, event, stream))
+        self._forwards.add(task)
+        task.add_done_callback(self._forwards.discard)
+
+    async def forward(self, topic: str, key: bytes | None, value: bytes | None, partition: int,
+                      timestamp: float | None, headers: list) -> Any:
+        """Queue one record on the app's producer; returns the awaitable of its delivery."""
+        return await self.app.producer.send(topic, key, value, partition=partition, timestamp=timestamp,
+                                            headers=headers)
+
+    async def _ack_forward(self, sent: Any, event: Any, stream: Any) -> None:
+        try:
+            await sent
+        except asyncio.CancelledError:
+            raise
+        except BaseException as exc:  # noqa: BLE001 - the event stays unacked: crash, read it again
+            log.critical("forwarding %s[%s]@%s to the repartition topic failed, crashing the worker: %r",
+                         event.message.topic, event.message.partition, event.message.offset, exc)
+            await self.app.crash(exc)
+            return
+        monitoring.EVENTS_REROUTED.inc()
+        await stream.ack(event)
 
     async def _wait_for_changelogs(self, source_topic: str, timeout: float = 30.0) -> None:
         """Check once per source topic that every table's changelog has the source's partition count.
@@ -434,6 +523,7 @@ class Pipeline:
         tables = (self.t.histories, self.t.activity.table)
         producer = self.app.producer._ensure_producer()  # the aiokafka producer: public partitions_for()
         source_n = len(await asyncio.wait_for(producer.partitions_for(source_topic), timeout))
+        self._partition_counts[source_topic] = source_n  # the modulus of the partition rule
         for table in tables:
             name = table.changelog_topic_name
             n = len(await asyncio.wait_for(producer.partitions_for(name), timeout))
@@ -441,6 +531,12 @@ class Pipeline:
                 raise PartitionsMismatch(f"table {table.name!r}: changelog topic {name!r} has {n} partitions, "
                                          f"source topic {source_topic!r} has {source_n}; they must be equal")
             table._verified_source_topics_for_partitions.add(source_topic)
+        if self.t.repartition is not None:  # a forward must land on the partition the tables use
+            name = self.settings.topic_repartition
+            n = len(await asyncio.wait_for(producer.partitions_for(name), timeout))
+            if n != source_n:
+                raise PartitionsMismatch(f"repartition topic {name!r} has {n} partitions, source topic "
+                                         f"{source_topic!r} has {source_n}; they must be equal")
         # Also fetch the output topics' metadata now: otherwise the first outcome / DLQ record waits
         # for a metadata round trip inside the deliverer, and every delivery behind it waits too.
         for topic in self.topics.values():
@@ -773,7 +869,7 @@ class Pipeline:
             monitoring.OUTCOMES_OUT.inc()
         if r.prediction is None:
             sent.append(await self.dead_letter(src.raw, src.key, PREDICT_FAILED, r.error or "prediction failed",
-                                               src.event.message))
+                                               src))
             if not replay and not late and last is not None:  # the next outcome must not pair with an older one
                 pend.state.last, pend.dirty = None, True
             return

@@ -51,6 +51,11 @@ class _Settings(BaseSettings):
     topic_model_updates: str = Field("model-updates", description="checkpoint announcements every worker follows "
                                                                   "(`nextaction deploy`)")
     partitions: int = Field(4, description="partitions of the app's topics and tables")
+    reroute_mispartitioned: bool = Field(True, description="an event whose key the Java/murmur2 rule puts on another "
+                                         "partition than it arrived on (e.g. from a librdkafka client's default "
+                                         "partitioner) is forwarded there through the topic "
+                                         "`<APP_ID>-<TOPIC_EVENTS>-repartition`, so each user keeps one history "
+                                         "(README, \"Producers and partitions\")")
     producer_linger_ms: float = Field(5.0, description="producer batching delay (more = fewer, larger produce "
                                       "requests, more latency; 5 vs 20 ms: benchmarks/RESULTS.md, e2e-analysis)")
     commit_interval_s: float = Field(1.0, description="consumer offset commit interval (a crash reprocesses at "
@@ -239,6 +244,12 @@ class _Settings(BaseSettings):
         if bool(self.kafka_ssl_certfile) != bool(self.kafka_ssl_keyfile) and self.kafka_ssl_keyfile:
             raise ValueError("kafka_ssl_keyfile needs kafka_ssl_certfile")
         return self
+
+    @property
+    def topic_repartition(self) -> str:
+        """The worker's repartition topic (``reroute_mispartitioned``): per app, like Faust's own
+        ``group_by`` topics, so two apps reading one ``events`` topic never read each other's forwards."""
+        return f"{self.app_id}-{self.topic_events}-repartition"
 
     @property
     def bootstrap_servers(self) -> str:

@@ -27,7 +27,7 @@ class Recorder:
 @pytest.fixture
 def make_app(tmp_path):
     """``make(**settings) -> (app, recorder)``: a finalized Faust app (stream_app.app.create_app) with
-    RocksDB tables in ``tmp_path``, one partition, a 5-event window, and its outputs going to a
+    RocksDB tables in ``tmp_path``, one partition (``partitions=``), a 5-event window, and its outputs going to a
     :class:`Recorder` instead of a broker. ``predictor_factory=`` replaces the predictor."""
     from stream_app.app import create_app
     from stream_app.settings import Settings
@@ -38,7 +38,8 @@ def make_app(tmp_path):
         # (torch/nanobind ones included), which nanobind then reports as leaks at exit.
         kw.setdefault("gc_freeze", False)
         kw.setdefault("max_wait_ms", 1)
-        s = Settings(app_id=f"test-agents-{next(_ids)}", data_dir=tmp_path, partitions=1, window_events=5, **kw)
+        kw.setdefault("partitions", 1)
+        s = Settings(app_id=f"test-agents-{next(_ids)}", data_dir=tmp_path, window_events=5, **kw)
         rec = Recorder()
         app = create_app(s, publisher=rec, predictor_factory=factory)
         app.finalize()

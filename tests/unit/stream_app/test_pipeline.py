@@ -421,3 +421,105 @@ def test_changelog_check_retries_broker_timeouts_and_still_raises_a_real_mismatc
     assert caplog.text.count("retrying in") == 3
     with pytest.raises(PartitionsMismatch, match="histories"):
         asyncio.run(_changelog_checker({"histories-changelog": 2}, [])._wait_for_changelogs("events"))
+
+
+# --- one user, one partition: re-routing events that arrived on the wrong partition ------------------------------
+class Forwards:
+    """Stands in for the producer's send of a forward: records it; its delivery resolves when told to."""
+
+    def __init__(self, fail: bool = False):
+        self.sent, self.fail = [], fail
+
+    async def __call__(self, topic, key, value, partition, timestamp, headers):
+        fut = asyncio.get_running_loop().create_future()
+        self.sent.append({"topic": topic, "key": key, "value": value, "partition": partition, "headers": headers,
+                          "fut": fut})
+        return fut
+
+    def resolve(self):
+        for f in self.sent:
+            if not f["fut"].done():
+                f["fut"].set_exception(RuntimeError("broker gone")) if self.fail else f["fut"].set_result(None)
+
+
+async def _reroute_round_trip(app, forwards, messages):
+    """``messages`` ((partition, key, value)) through the events agent; then each forward through the
+    repartition agent, as the broker would deliver it; returns (results, forwarded results, acked before the
+    forwards were confirmed, acked after)."""
+    app.pipeline.forward = forwards
+    async with app.pipeline.agent.test_context() as agent:
+        events = [await agent.put(value, key=key, partition=p) for p, key, value in messages]
+        await app.pipeline.batcher.drain()
+        results = dict(agent.results)
+        acked_before = [e.message.acked for e in events]
+        forwards.resolve()
+        await asyncio.gather(*list(app.pipeline._forwards))
+        acked_after = [e.message.acked for e in events]
+    async with app.pipeline.rerouted_agent.test_context() as agent:
+        for f in forwards.sent if not forwards.fail else ():
+            agent.sent_offset = 100  # the repartition topic's own offsets are nobody's business downstream
+            await agent.put(f["value"], key=f["key"], partition=f["partition"], headers=f["headers"])
+        await app.pipeline.batcher.drain()
+        rerouted_results = dict(agent.results)
+    return results, rerouted_results, acked_before, acked_after
+
+
+def test_an_event_on_the_wrong_partition_is_forwarded_to_its_owner_and_keeps_its_origin(make_app):
+    # by the Java/murmur2 rule (stream_app.partitioning), u1 belongs to partition 0 and u2 to 2 of 4
+    app, rec = make_app(partitions=4)
+    t = int(time.time() * 1000) - 10_000
+    before_in, before_rerouted = monitoring.EVENTS_IN._value.get(), monitoring.EVENTS_REROUTED._value.get()
+    msgs = [(0, b"u1", ev(item="a", ts=t)), (0, b"u2", ev(user="u2", item="b", ts=t + 1)),
+            (2, b"u2", ev(user="u2", item="c", ts=t - 1)), (1, b"u2", ev(user="u2", item="d", ts=t + 3, action="x"))]
+    forwards = Forwards()
+    results, rerouted, acked_before, acked_after = asyncio.run(_reroute_round_trip(app, forwards, msgs))
+    assert results == {0: "queued", 1: "rerouted", 2: "queued", 3: "rejected:bad_action"}  # bad ones: no hop
+    assert acked_before == [True, False, True, True] and acked_after == [True] * 4  # acked once the broker has it
+    (f,) = forwards.sent
+    assert (f["topic"], f["key"], f["value"], f["partition"]) == (app.topology.settings.topic_repartition, b"u2",
+                                                                  msgs[1][2], 2)
+    assert rerouted == {0: "queued"}
+    preds = {p["event_ts"]: p for p in rec.of("predictions")}
+    assert (preds[t + 1]["partition"], preds[t + 1]["offset"]) == (0, 1)  # where it first arrived, not 2@100
+    assert preds[t + 1]["history_len"] == 2  # joined u2's one history, after c (earlier in event time)
+    assert monitoring.EVENTS_IN._value.get() - before_in == 4  # counted once, at first arrival
+    assert monitoring.EVENTS_REROUTED._value.get() - before_rerouted == 1
+    state = decode_state(app.topology.histories.get("u2"))
+    assert state.history.items == ["c", "b"] and state.last.offset == 1
+
+
+def test_a_forward_the_broker_never_confirmed_stays_unacked_and_crashes_the_worker(make_app):
+    app, rec = make_app(partitions=4)
+    crashed = []
+
+    async def crash(exc):
+        crashed.append(exc)
+
+    app.crash = crash
+    t = int(time.time() * 1000) - 10_000
+    results, _, _, acked_after = asyncio.run(_reroute_round_trip(app, Forwards(fail=True),
+                                                                 [(1, b"u1", ev(item="a", ts=t))]))
+    assert results == {0: "rerouted"} and acked_after == [False]  # read again after the restart
+    assert [str(e) for e in crashed] == ["broker gone"] and rec.of("predictions") == []
+
+
+def test_a_rerouted_events_dead_letter_names_where_it_first_arrived(make_app):
+    app, rec = make_app(partitions=4, predictor_factory=lambda s: Exploding())
+    t = int(time.time() * 1000) - 10_000
+    asyncio.run(_reroute_round_trip(app, Forwards(), [(3, b"u2", ev(user="u2", ts=t))]))
+    (d,) = rec.of("dlq")
+    assert d["reason"] == "predict_failed" and d["source"] == {"topic": "events", "partition": 3, "offset": 0}
+
+
+def test_rerouting_can_be_turned_off(make_app):
+    app, rec = make_app(partitions=4, reroute_mispartitioned=False)
+    assert app.topology.repartition is None and app.pipeline.rerouted_agent is None
+    t = int(time.time() * 1000) - 10_000
+
+    async def main():
+        async with app.pipeline.agent.test_context() as agent:
+            await agent.put(ev(user="u2", ts=t), key=b"u2", partition=0)
+            await app.pipeline.batcher.drain()
+            return dict(agent.results)
+
+    assert asyncio.run(main()) == {0: "queued"} and rec.of("predictions")[0]["partition"] == 0
