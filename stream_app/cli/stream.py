@@ -357,7 +357,8 @@ async def send_forget(settings: SettingsType, user_ids: list[str]) -> int:
 
     from stream_app.records import CONTROL_HEADER, FORGET, ForgetRequest
 
-    producer = AIOKafkaProducer(bootstrap_servers=settings.bootstrap_servers, request_timeout_ms=15_000)
+    producer = AIOKafkaProducer(bootstrap_servers=settings.bootstrap_servers, **client_kwargs(settings),
+                                request_timeout_ms=15_000)
     await start_client(settings, producer.start, producer.stop)
     try:
         partitions = sorted(await producer.partitions_for(settings.topic_events))

@@ -31,6 +31,7 @@ from pathlib import Path
 
 import orjson
 
+from stream_app.kafka_security import client_kwargs
 from stream_app.errors import EventRejected
 from stream_app.events import parse_event
 
@@ -39,7 +40,7 @@ async def read_topics(settings, topics: list[str], until, timeout: float) -> dic
     """Read ``topics`` from the beginning until ``until(records)`` is true (or the timeout)."""
     from aiokafka import AIOKafkaConsumer, TopicPartition
 
-    consumer = AIOKafkaConsumer(bootstrap_servers=settings.bootstrap_servers, enable_auto_commit=False,
+    consumer = AIOKafkaConsumer(bootstrap_servers=settings.bootstrap_servers, **client_kwargs(settings), enable_auto_commit=False,
                                 auto_offset_reset="earliest")
     await consumer.start()
     try:

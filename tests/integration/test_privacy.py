@@ -10,6 +10,7 @@ import time
 import orjson
 import pytest
 
+from stream_app.kafka_security import client_kwargs
 from stream_app import kafka_admin
 from stream_app.cli.stream import send_forget
 
@@ -19,7 +20,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 async def _produce(settings, events):
     from aiokafka import AIOKafkaProducer
 
-    producer = AIOKafkaProducer(bootstrap_servers=settings.bootstrap_servers)
+    producer = AIOKafkaProducer(bootstrap_servers=settings.bootstrap_servers, **client_kwargs(settings))
     await producer.start()
     try:
         for user, item, ts in events:
@@ -32,7 +33,7 @@ async def _produce(settings, events):
 async def _read(settings, topic, until, timeout=120.0):
     from aiokafka import AIOKafkaConsumer, TopicPartition
 
-    consumer = AIOKafkaConsumer(bootstrap_servers=settings.bootstrap_servers, enable_auto_commit=False,
+    consumer = AIOKafkaConsumer(bootstrap_servers=settings.bootstrap_servers, **client_kwargs(settings), enable_auto_commit=False,
                                 auto_offset_reset="earliest")
     await consumer.start()
     try:
