@@ -72,7 +72,7 @@ SWEEPS = Counter("nextaction_idle_sweeps", "Idle-user sweeps run by this worker"
 
 # --- the online trainer's process (stream_app.training), on its own web port -----------------------------
 ONLINE_EXAMPLES = Counter("nextaction_online_examples", "outcomes read by the trainer, by what became of them "
-                          "(learned, out_of_order, rate_limited, bad_record, forget: a forget marker)", ["result"],
+                          "(learned, out_of_order, rate_limited, bad_record, forget: a forget marker, duplicate: an outcome already read)", ["result"],
                           registry=REGISTRY)
 ONLINE_PREQUENTIAL = Gauge("nextaction_online_prequential", "Rolling prequential metric of each served version "
                            "(scored before anything learns from the example)", ["version", "metric"],

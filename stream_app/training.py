@@ -42,6 +42,7 @@ from typing import Any
 import orjson
 
 from models.errors import ConfigError
+from online.dedupe import RecentIds
 from stream_app import monitoring
 from stream_app.kafka_admin import ensure_topics_async, start_client
 from stream_app.kafka_security import client_kwargs
@@ -159,6 +160,7 @@ class TrainingService:
         self.lineage: Lineage | None = None
         self.last_good: tuple[Path, str] | None = None
         self.next_offsets: dict[int, int] = {}
+        self.seen = RecentIds()  # outcomes already read, by their event (at-least-once can repeat one)
         self.producer = None
         self.since_full = 0
         self.published: list[dict] = []  # what this service published (tests, logs)
@@ -314,6 +316,10 @@ class TrainingService:
                         monitoring.ONLINE_EXAMPLES.labels("bad_record").inc()
                         log.debug("outcomes %s[%d]@%d is not an example: %s", tp.topic, tp.partition, rec.offset, exc)
                     else:
+                        if forget is None and not self.seen.add((value.get("partition"), value.get("offset"))):
+                            monitoring.ONLINE_EXAMPLES.labels("duplicate").inc()  # at-least-once: learned once
+                            read_to[tp.partition] = rec.offset + 1
+                            continue
                         if forget is not None:  # a privacy deletion: the user's examples not learned yet, and replayed
                             pending = [ex for ex in pending if ex.user_id != forget]
                             self.trainer.forget_user(forget)
