@@ -316,7 +316,8 @@ class TrainingService:
                         monitoring.ONLINE_EXAMPLES.labels("bad_record").inc()
                         log.debug("outcomes %s[%d]@%d is not an example: %s", tp.topic, tp.partition, rec.offset, exc)
                     else:
-                        if forget is None and not self.seen.add((value.get("partition"), value.get("offset"))):
+                        event_id = (value.get("partition"), value.get("offset"))
+                        if forget is None and None not in event_id and not self.seen.add(event_id):
                             monitoring.ONLINE_EXAMPLES.labels("duplicate").inc()  # at-least-once: learned once
                             read_to[tp.partition] = rec.offset + 1
                             continue

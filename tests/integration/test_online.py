@@ -5,6 +5,7 @@ versions) and, end to end with a ``faust worker``, the shadow rollback after a h
 from __future__ import annotations
 
 import asyncio
+import itertools
 import random
 import signal
 import subprocess
@@ -28,6 +29,9 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(600
 
 
 # --- helpers -------------------------------------------------------------------------------------------
+_SOURCE_OFFSETS = itertools.count()  # each outcome names a distinct event (the trainer dedupes on it)
+
+
 def outcomes(n: int, items: list[str], seed: int, n_users: int = 40) -> list[tuple[bytes, bytes]]:
     """``n`` well-formed ``outcomes`` records (key, value) of ``n_users`` users browsing ``items``."""
     rng = random.Random(seed)
@@ -42,7 +46,8 @@ def outcomes(n: int, items: list[str], seed: int, n_users: int = 40) -> list[tup
         before = windows.get(u, EventSeq.empty())
         if u in last:
             out.append((u.encode(), outcome_record(u, last[u], served=before, action="view", item_id=item,
-                                                   category="", event_ts=t, partition=0, offset=len(out))))
+                                                   category="", event_ts=t, partition=0,
+                                                   offset=next(_SOURCE_OFFSETS))))
         windows[u] = add_event(before, item, "view", t, max_events=8, ttl_ms=86_400_000)
         top = [(i, 1.0 / (k + 1)) for k, i in enumerate(rng.sample(items, 10))]
         last[u] = StoredPrediction("v", t, 0, len(out), Prediction([0.6, 0.1, 0.1, 0.1, 0.1], top, 30.0))
