@@ -31,17 +31,19 @@ from pathlib import Path
 
 import orjson
 
-from stream_app.kafka_security import client_kwargs
 from stream_app.errors import EventRejected
 from stream_app.events import parse_event
+from stream_app.kafka_security import client_kwargs
 
 
-async def read_topics(settings, topics: list[str], until, timeout: float) -> dict[str, list]:
-    """Read ``topics`` from the beginning until ``until(records)`` is true (or the timeout)."""
+async def read_topics(settings, topics: list[str], until, timeout: float,
+                      isolation: str = "read_uncommitted") -> dict[str, list]:
+    """Read ``topics`` from the beginning until ``until(records)`` is true (or the timeout);
+    ``isolation="read_committed"`` skips records of aborted or open transactions (``exactly_once``)."""
     from aiokafka import AIOKafkaConsumer, TopicPartition
 
-    consumer = AIOKafkaConsumer(bootstrap_servers=settings.bootstrap_servers, **client_kwargs(settings), enable_auto_commit=False,
-                                auto_offset_reset="earliest")
+    consumer = AIOKafkaConsumer(bootstrap_servers=settings.bootstrap_servers, **client_kwargs(settings),
+                                enable_auto_commit=False, auto_offset_reset="earliest", isolation_level=isolation)
     await consumer.start()
     try:
         tps = [TopicPartition(t, p) for t in topics for p in await _partitions(consumer, t)]

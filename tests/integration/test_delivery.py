@@ -24,47 +24,18 @@ from collections import Counter, defaultdict
 import orjson
 import pytest
 
-from stream_app.kafka_security import client_kwargs
 from stream_app import kafka_admin
 from stream_app.errors import EventRejected
 from stream_app.events import parse_event
-from stream_app.replay import encode, produce, synthetic
+from stream_app.kafka_security import client_kwargs
+from stream_app.replay import produce, synthetic
+from tests.integration.accounting import read_topics
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(600)]
 WINDOW_S = 10_000_000  # activity windows of ~116 days: every event of a test falls in one
 
 
-# --- helpers (small copies: no test module imports another) -------------------------------------
-async def _read(settings, topics: list[str], until, timeout: float, isolation: str = "read_uncommitted"):
-    from aiokafka import AIOKafkaConsumer, TopicPartition
-
-    consumer = AIOKafkaConsumer(bootstrap_servers=settings.bootstrap_servers, **client_kwargs(settings), enable_auto_commit=False,
-                                auto_offset_reset="earliest", isolation_level=isolation)
-    await consumer.start()
-    try:
-        tps = []
-        for t in topics:
-            for _ in range(50):
-                parts = consumer.partitions_for_topic(t)
-                if parts:
-                    break
-                await consumer._client.force_metadata_update()
-                await asyncio.sleep(0.1)
-            tps += [TopicPartition(t, p) for p in parts]
-        consumer.assign(tps)
-        await consumer.seek_to_beginning(*tps)
-        out: dict[str, list] = {t: [] for t in topics}
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            for tp, msgs in (await consumer.getmany(timeout_ms=500, max_records=10_000)).items():
-                out[tp.topic].extend(msgs)
-            if until(out):
-                break
-        return out
-    finally:
-        await consumer.stop()
-
-
+# --- helpers ---------------------------------------------------------------------------------------------
 def read_all(settings, n_inputs: int, timeout: float = 180.0, isolation: str = "read_uncommitted"):
     s = settings
 
@@ -76,7 +47,7 @@ def read_all(settings, n_inputs: int, timeout: float = 180.0, isolation: str = "
         return len(seen) >= n_inputs
 
     topics = [s.topic_events, s.topic_predictions, s.topic_dlq, s.topic_outcomes]
-    return asyncio.run(_read(s, topics, covered, timeout, isolation))
+    return asyncio.run(read_topics(s, topics, covered, timeout, isolation))
 
 
 def _json(msg):
@@ -172,7 +143,7 @@ def test_a_refused_produce_is_never_committed_past_and_a_restart_recovers(app_se
     log = worker.log_path.read_text(errors="replace")
     assert rc != 0 and "a produce failed" in log, f"exit code {rc}:\n{worker.tail()}"
     committed = asyncio.run(_committed(s))
-    out = asyncio.run(_read(s, [s.topic_predictions], lambda o: False, 3))
+    out = asyncio.run(read_topics(s, [s.topic_predictions], lambda o: False, 3))
     assert out[s.topic_predictions] == []  # the broker took none
     # No prediction reached the topic, so no offset may have been committed past any event.
     assert all(c in (None, 0) for c in committed.values()), committed
@@ -202,7 +173,7 @@ def test_exactly_once_survives_kill_9_without_repeated_outcomes(app_settings, tm
     def some_committed(out):
         return len(out[s.topic_predictions]) >= 1200
 
-    asyncio.run(_read(s, [s.topic_predictions], some_committed, 120, "read_committed"))
+    asyncio.run(read_topics(s, [s.topic_predictions], some_committed, 120, "read_committed"))
     worker.stop(signal.SIGKILL)
     t_kill = time.monotonic()
     worker.start()
