@@ -240,7 +240,8 @@ def service_process() -> Iterator:
         return made[-1]
 
     yield make
-    for p in made:
+    for p in made:  # pytest shows this output only when the test failed
+        print(f"--- {p.kind} log {p.log_path} (last 60 lines) ---\n{p.tail()}")
         if p.proc is not None and p.proc.poll() is None:
             os.killpg(p.proc.pid, signal.SIGKILL)
             p.proc.wait(10)
