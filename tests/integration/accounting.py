@@ -72,6 +72,33 @@ async def _partitions(consumer, topic: str) -> set[int]:
     raise AssertionError(f"topic {topic!r} has no partitions")
 
 
+async def committed_offsets(settings) -> dict[int, int | None]:
+    """The offsets the app's consumer group (``app_id``) committed on each ``events`` partition."""
+    from aiokafka import AIOKafkaConsumer, TopicPartition
+
+    c = AIOKafkaConsumer(bootstrap_servers=settings.bootstrap_servers, **client_kwargs(settings),
+                         group_id=settings.app_id, enable_auto_commit=False)
+    await c.start()
+    try:
+        return {p: await c.committed(TopicPartition(settings.topic_events, p)) for p in range(settings.partitions)}
+    finally:
+        await c.stop()
+
+
+async def end_offsets(settings, topic: str) -> dict[int, int]:
+    """The end offset (next offset to be written) of each partition of ``topic``."""
+    from aiokafka import AIOKafkaConsumer, TopicPartition
+
+    c = AIOKafkaConsumer(bootstrap_servers=settings.bootstrap_servers, **client_kwargs(settings),
+                         enable_auto_commit=False)
+    await c.start()
+    try:
+        tps = [TopicPartition(topic, p) for p in await _partitions(c, topic)]
+        return {tp.partition: off for tp, off in (await c.end_offsets(tps)).items()}
+    finally:
+        await c.stop()
+
+
 def source(kind: str, record: dict) -> tuple[int, int]:
     """The (partition, offset) of the input behind a ``predictions``, ``outcomes`` or ``dlq`` record."""
     if kind == "dlq":

@@ -29,7 +29,7 @@ from stream_app.errors import EventRejected
 from stream_app.events import parse_event
 from stream_app.kafka_security import client_kwargs
 from stream_app.replay import produce, synthetic
-from tests.integration.accounting import read_topics
+from tests.integration.accounting import committed_offsets, read_topics
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(600)]
 WINDOW_S = 10_000_000  # activity windows of ~116 days: every event of a test falls in one
@@ -52,18 +52,6 @@ def read_all(settings, n_inputs: int, timeout: float = 180.0, isolation: str = "
 
 def _json(msg):
     return orjson.loads(msg.value)
-
-
-async def _committed(settings) -> dict[int, int | None]:
-    from aiokafka import AIOKafkaConsumer, TopicPartition
-
-    c = AIOKafkaConsumer(bootstrap_servers=settings.bootstrap_servers, **client_kwargs(settings), group_id=settings.app_id,
-                         enable_auto_commit=False)
-    await c.start()
-    try:
-        return {p: await c.committed(TopicPartition(settings.topic_events, p)) for p in range(settings.partitions)}
-    finally:
-        await c.stop()
 
 
 async def _set_topic_config(settings, topic: str, config: dict[str, str]) -> None:
@@ -142,7 +130,7 @@ def test_a_refused_produce_is_never_committed_past_and_a_restart_recovers(app_se
     crashed_s = time.monotonic() - t0
     log = worker.log_path.read_text(errors="replace")
     assert rc != 0 and "a produce failed" in log, f"exit code {rc}:\n{worker.tail()}"
-    committed = asyncio.run(_committed(s))
+    committed = asyncio.run(committed_offsets(s))
     out = asyncio.run(read_topics(s, [s.topic_predictions], lambda o: False, 3))
     assert out[s.topic_predictions] == []  # the broker took none
     # No prediction reached the topic, so no offset may have been committed past any event.
@@ -170,7 +158,7 @@ def test_exactly_once_survives_kill_9_without_repeated_outcomes(app_settings, tm
                                 daemon=True)
     producer.start()
 
-    def some_committed(out):
+    def somecommitted_offsets(out):
         return len(out[s.topic_predictions]) >= 1200
 
     asyncio.run(read_topics(s, [s.topic_predictions], some_committed, 120, "read_committed"))

@@ -27,9 +27,9 @@ from models.schema import ACTIONS
 from stream_app import kafka_admin
 from stream_app.errors import EventRejected
 from stream_app.events import parse_event
-from stream_app.kafka_security import client_kwargs
 from stream_app.replay import encode, produce, synthetic
 from tests.conftest import settings_env
+from tests.integration.accounting import read_topics
 
 # slow: every test runs Faust worker processes
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(600)]
@@ -41,41 +41,6 @@ BAD_FRACTION = 0.02
 
 
 # --- helpers -------------------------------------------------------------------------------------------
-async def _read_topics(settings, topics: list[str], until, timeout: float) -> dict[str, list]:
-    """Read ``topics`` from the beginning until ``until(records)`` is true (or the timeout)."""
-    from aiokafka import AIOKafkaConsumer, TopicPartition
-
-    consumer = AIOKafkaConsumer(bootstrap_servers=settings.bootstrap_servers, **client_kwargs(settings), enable_auto_commit=False,
-                                auto_offset_reset="earliest")
-    await consumer.start()
-    try:
-        tps = [TopicPartition(t, p) for t in topics for p in (consumer.partitions_for_topic(t) or
-                                                               await _partitions(consumer, t))]
-        consumer.assign(tps)
-        await consumer.seek_to_beginning(*tps)
-        out: dict[str, list] = {t: [] for t in topics}
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            batch = await consumer.getmany(timeout_ms=500, max_records=10_000)
-            for tp, msgs in batch.items():
-                out[tp.topic].extend(msgs)
-            if until(out):
-                break
-        return out
-    finally:
-        await consumer.stop()
-
-
-async def _partitions(consumer, topic: str) -> set[int]:
-    for _ in range(50):
-        await consumer._client.force_metadata_update()
-        parts = consumer.partitions_for_topic(topic)
-        if parts:
-            return parts
-        await asyncio.sleep(0.1)
-    raise AssertionError(f"topic {topic!r} has no partitions")
-
-
 def read_outputs(settings, n_inputs: int, timeout: float = 240.0) -> dict[str, list]:
     """Inputs, predictions, DLQ records and outcomes, once every input has an output."""
     s = settings
@@ -87,7 +52,7 @@ def read_outputs(settings, n_inputs: int, timeout: float = 240.0) -> dict[str, l
         covered |= {(d["source"]["partition"], d["source"]["offset"]) for d in map(_json, out[s.topic_dlq])}
         return len(covered) >= n_inputs
 
-    return asyncio.run(_read_topics(s, [s.topic_events, s.topic_predictions, s.topic_dlq, s.topic_outcomes],
+    return asyncio.run(read_topics(s, [s.topic_events, s.topic_predictions, s.topic_dlq, s.topic_outcomes],
                                     done, timeout))
 
 
