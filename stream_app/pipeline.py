@@ -489,7 +489,8 @@ class Pipeline:
         moment earlier at 0 partitions for the whole run ("Ignoring missing topic" at start). The
         first write then raises ``PartitionsMismatch``, which would dead-letter valid events or stop
         the batcher. So the counts are read here from the producer's cluster metadata (refreshed
-        on demand) and the tables marked as verified; a real mismatch still raises. The output
+        on demand) and the tables marked as verified; a real mismatch (topics not co-partitioned)
+        crashes the worker with a CRITICAL log that names the topics and counts. The output
         topics' metadata is fetched here too, before the first delivery needs it.
 
         A metadata request that times out or fails (the broker is restarting, a topic is still being
@@ -498,6 +499,7 @@ class Pipeline:
         and a crashed agent stops acknowledging, so nothing would be committed any more.
         """
         from aiokafka.errors import KafkaError
+        from faust.exceptions import PartitionsMismatch
 
         if self.app.consumer.topic_partitions(source_topic) is None:  # no broker (agent.test_context())
             self._verified_topics.add(source_topic)
@@ -507,6 +509,13 @@ class Pipeline:
             try:
                 await self._check_changelogs(source_topic, timeout)
                 break
+            except PartitionsMismatch as exc:  # not co-partitioned: one user would get several histories
+                # Crash the worker (exit non-zero) rather than the agent: Faust's supervisor would restart
+                # a crashed agent, which would stall on the same check forever without a word on exit.
+                log.critical("%s; fix the topics (e.g. recreate the changelog or repartition topic with "
+                             "that partition count) and restart. Crashing the worker.", exc)
+                await self.app.crash(exc)
+                raise
             except (asyncio.TimeoutError, KafkaError) as exc:
                 log.warning("waiting for the metadata of %r and its changelogs (attempt %d, %s); retrying in "
                             "%.1f s", source_topic, attempt, type(exc).__name__ if not str(exc) else exc, delay)
