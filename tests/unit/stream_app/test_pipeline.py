@@ -396,9 +396,14 @@ def _changelog_checker(sizes: dict, failures: list):
         return SimpleNamespace(name=name, changelog_topic_name=f"{name}-changelog",
                                _verified_source_topics_for_partitions=set())
 
+    crashes = []
+
+    async def crash(exc):
+        crashes.append(exc)
+
     p = Pipeline.__new__(Pipeline)
     p.app = SimpleNamespace(consumer=SimpleNamespace(topic_partitions=lambda t: {0}),
-                            producer=SimpleNamespace(_ensure_producer=Producer))
+                            producer=SimpleNamespace(_ensure_producer=Producer), crash=crash, crashes=crashes)
     p.t = SimpleNamespace(histories=table("histories"), activity=SimpleNamespace(table=table("activity")),
                           repartition=None)
     p.topics = {"predictions": "predictions", "outcomes": "outcomes", "dlq": "dlq"}
@@ -421,8 +426,12 @@ def test_changelog_check_retries_broker_timeouts_and_still_raises_a_real_mismatc
     assert p.t.histories._verified_source_topics_for_partitions == {"events"}
     assert monitoring.METADATA_RETRIES._value.get() - before == 3
     assert caplog.text.count("retrying in") == 3
+    assert p.app.crashes == []
+    mismatched = _changelog_checker({"histories-changelog": 2}, [])
     with pytest.raises(PartitionsMismatch, match="histories"):
-        asyncio.run(_changelog_checker({"histories-changelog": 2}, [])._wait_for_changelogs("events"))
+        asyncio.run(mismatched._wait_for_changelogs("events"))
+    assert len(mismatched.app.crashes) == 1  # the worker, not only the agent (its supervisor would restart it)
+    assert "Crashing the worker" in caplog.text
 
 
 # --- one user, one partition: re-routing events that arrived on the wrong partition ------------------------------
