@@ -24,7 +24,8 @@ The active trainer (logic: :class:`online.trainer.OnlineTrainer`):
 4. rolls the fleet back to the last good full version when the served models score worse than the
    frozen shadow by ``trainer_rollback_margin`` (``reason: rollback``);
 5. drops a user's examples (read and not learned yet, and in the replay buffer) at a forget marker
-   on ``outcomes`` (:func:`stream_app.records.forget_marker`; docs/privacy.md).
+   on ``outcomes`` (:func:`stream_app.records.forget_marker`; docs/privacy.md), counted in
+   ``nextaction_online_forgotten_examples_total{where}``.
 
 Metrics on ``/metrics`` at ``web_bind:trainer_port``; a summary line in the log every 10 s.
 """
@@ -322,15 +323,14 @@ class TrainingService:
                             read_to[tp.partition] = rec.offset + 1
                             continue
                         if forget is not None:  # a privacy deletion: the user's examples not learned yet, and replayed
-                            pending = [ex for ex in pending if ex.user_id != forget]
-                            self.trainer.forget_user(forget)
-                            monitoring.ONLINE_EXAMPLES.labels("forget").inc()
+                            pending = self._forget(forget, pending)
                             read_to[tp.partition] = rec.offset + 1
                             continue
                         if not pending:
                             oldest = time.monotonic()
                         pending.append(example)
                     read_to[tp.partition] = rec.offset + 1
+            monitoring.ONLINE_PENDING.set(len(pending))
             if pending and (len(pending) >= s.trainer_batch or time.monotonic() - oldest >= s.trainer_max_wait_s):
                 examples, pending = pending, []
                 rep = await loop.run_in_executor(self.pool, self.trainer.learn, examples)
@@ -356,6 +356,18 @@ class TrainingService:
                 ends = await consumer.end_offsets(tps)
                 monitoring.ONLINE_LAG.set(sum(ends[tp] - self.next_offsets.get(tp.partition, 0) for tp in tps))
                 last_log, learned_since_log = now, 0
+
+    def _forget(self, user: str, pending: list) -> list:
+        """A forget marker: ``pending`` without ``user``'s examples, and the user gone from the trainer
+        (replay buffer, rate limit). Counted and logged without the user id (docs/privacy.md)."""
+        kept = [ex for ex in pending if ex.user_id != user]
+        replayed = self.trainer.forget_user(user)
+        monitoring.ONLINE_EXAMPLES.labels("forget").inc()
+        monitoring.ONLINE_FORGOTTEN.labels("pending").inc(len(pending) - len(kept))
+        monitoring.ONLINE_FORGOTTEN.labels("replay").inc(replayed)
+        log.info("forget marker: dropped %d pending and %d replayed examples", len(pending) - len(kept), replayed)
+        log.debug("forget marker for %r", user)
+        return kept
 
     def _observe(self, rep) -> None:
         monitoring.ONLINE_EXAMPLES.labels("learned").inc(rep.learned)
