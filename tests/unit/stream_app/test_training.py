@@ -89,3 +89,46 @@ def test_an_admissible_newest_record_is_chosen_with_nothing_rejected(models):
     newest = full(good, read_manifest(good)["content_hash"], 3)
     rec, (update, _), rejected = choose([newest], roots)
     assert rec is newest and rejected == [] and update.n == 4
+
+
+def test_a_forget_marker_drops_the_users_pending_and_replayed_examples_counted_and_logged_without_the_id(
+        make_checkpoint, caplog):
+    """TrainingService._forget (the loop's handling of a forget marker on ``outcomes``), with a real
+    OnlineTrainer: the user's pending examples and replay-buffer examples go, the counters say how
+    many, and the INFO line does not name the user."""
+    import logging
+
+    from models.checkpoint import load_checkpoint
+    from models.schema import ACTION_INDEX, EventSeq
+    from online.examples import Example
+    from online.trainer import OnlineConfig, OnlineTrainer
+    from stream_app import monitoring
+    from stream_app.settings import Settings
+    from stream_app.training import TrainingService
+
+    t0 = 1_700_000_000_000
+
+    def ex(user: str, target: str, k: int) -> Example:
+        window = EventSeq.from_columns(["i1", "i2"], ["view"] * 2, [t0, t0 + 1000])
+        return Example(user, window, target, ACTION_INDEX["view"], t0 + 2000 + k, "", "v", None, 0.2, 0, k)
+
+    ck = load_checkpoint(make_checkpoint(0, items=20))
+    service = TrainingService(Settings())
+    service.trainer = OnlineTrainer(ck.model, ck.vocab, ck.version, OnlineConfig(replay_ratio=0.0))
+    service.trainer.learn([ex("gone-7c1", "i3", 0), ex("gone-7c1", "i4", 1), ex("kept", "i5", 2)])
+    pending = [ex("kept", "i6", 3), ex("gone-7c1", "i7", 4)]
+
+    def count(where: str) -> float:
+        return monitoring.REGISTRY.get_sample_value("nextaction_online_forgotten_examples_total", {"where": where}) or 0
+
+    before = count("pending"), count("replay")
+    with caplog.at_level(logging.DEBUG, logger="stream_app.training"):
+        kept = service._forget("gone-7c1", pending)  # noqa: SLF001 - the loop's step, without a broker
+    service.pool.shutdown()
+    assert [e.user_id for e in kept] == ["kept"]
+    assert (count("pending") - before[0], count("replay") - before[1]) == (1, 2)
+    replayed = service.trainer.replay.recent_items() + service.trainer.replay.reservoir_items()
+    assert {e.user_id for e in replayed} == {"kept"}
+    info = [r.getMessage() for r in caplog.records if r.levelno >= logging.INFO]
+    assert info == ["forget marker: dropped 1 pending and 2 replayed examples"]
+    assert any("gone-7c1" in r.getMessage() for r in caplog.records if r.levelno == logging.DEBUG)
