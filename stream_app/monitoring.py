@@ -87,6 +87,14 @@ ONLINE_PUBLISHED = Counter("nextaction_online_published", "model-updates records
                            "(delta, online, reset, rollback)", ["kind"], registry=REGISTRY)
 ONLINE_DRIFTS = Counter("nextaction_online_drifts", "Drift detections on the prequential loss", registry=REGISTRY)
 ONLINE_VOCAB = Gauge("nextaction_online_vocabulary_items", "Items in the trainer's vocabulary", registry=REGISTRY)
+ONLINE_PENDING = Gauge("nextaction_online_pending_examples", "Examples the trainer read and has not learned yet "
+                       "(a step takes TRAINER_BATCH of them, or those that waited TRAINER_MAX_WAIT_S)", registry=REGISTRY)
+ONLINE_FORGOTTEN = Counter("nextaction_online_forgotten_examples", "Examples dropped at forget markers (privacy), by "
+                           "where they were (pending: read, not learned yet; replay: in the replay buffer)", ["where"],
+                           registry=REGISTRY)
+ONLINE_REJECTED = Counter("nextaction_online_rejected_full_records", "Full records of the lineage the trainer passed "
+                          "over when it resumed (the workers reject them too), by reason (stream_app.updates.admit's, "
+                          "checkpoint_unreadable, hash_mismatch)", ["reason"], registry=REGISTRY)
 ONLINE_LAG = Gauge("nextaction_online_lag_records", "outcomes records not yet read by the trainer", registry=REGISTRY)
 
 CONTENT_TYPE = "text/plain"  # aiohttp refuses a charset inside content_type; version param is optional

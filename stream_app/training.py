@@ -7,7 +7,7 @@ session timeout). So a fleet runs one trainer per GPU/CPU node it can spare, and
 
 The active trainer (logic: :class:`online.trainer.OnlineTrainer`):
 
-1. **resumes its lineage** from ``model-updates`` (:func:`stream_app.updates.lineage_start`): the
+1. **resumes its lineage** from ``model-updates`` (:func:`full_records`): the
    newest full record names the checkpoint to continue from, and that checkpoint's metadata holds
    the ``outcomes`` offsets it learned up to (``online.offsets``) and how many examples the lineage
    learned (``online.examples``). Deltas published after it by a trainer that died are superseded
@@ -24,7 +24,8 @@ The active trainer (logic: :class:`online.trainer.OnlineTrainer`):
 4. rolls the fleet back to the last good full version when the served models score worse than the
    frozen shadow by ``trainer_rollback_margin`` (``reason: rollback``);
 5. drops a user's examples (read and not learned yet, and in the replay buffer) at a forget marker
-   on ``outcomes`` (:func:`stream_app.records.forget_marker`; docs/privacy.md).
+   on ``outcomes`` (:func:`stream_app.records.forget_marker`; docs/privacy.md), counted in
+   ``nextaction_online_forgotten_examples_total{where}``.
 
 Metrics on ``/metrics`` at ``web_bind:trainer_port``; a summary line in the log every 10 s.
 """
@@ -37,7 +38,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, AsyncIterable, AsyncIterator, Callable
 
 import orjson
 
@@ -48,7 +49,7 @@ from stream_app.kafka_admin import ensure_topics_async, start_client
 from stream_app.kafka_security import client_kwargs
 from stream_app.records import DELTA, FULL, KIND_HEADER, ModelUpdate, forget_user_of, update_kind
 from stream_app.settings import SettingsType
-from stream_app.updates import UpdateRejected, admit, checkpoint_roots, lineage_start, read_range
+from stream_app.updates import SCAN_CHUNK, UpdateRejected, admit, checkpoint_roots, read_range
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +65,58 @@ def online_config(settings: SettingsType):
     from online.trainer import OnlineConfig  # noqa: PLC0415 - imports torch
 
     return OnlineConfig(**{field: getattr(settings, name) for name, field in ONLINE_OPTIONS.items()})
+
+
+async def full_records(consumer: Any, tps: list, ends: dict) -> AsyncIterator[Any]:
+    """The ``model-updates`` full records of ``tps`` newest first (by record time), read back from
+    each partition's end in chunks of :data:`~stream_app.updates.SCAN_CHUNK`, lazily: a caller that
+    stops at the first record it can use reads no further back."""
+    hi = {tp: ends[tp] for tp in tps}
+    found: dict[Any, list] = {tp: [] for tp in tps}  # per partition, oldest first (pop() gives the newest)
+    while True:
+        for tp in tps:
+            while not found[tp] and hi[tp] > 0:
+                lo = max(0, hi[tp] - SCAN_CHUNK)
+                found[tp] = [r for r in await read_range(consumer, tp, lo, hi[tp]) if update_kind(r.headers) == FULL]
+                hi[tp] = lo
+        heads = [tp for tp in tps if found[tp]]
+        if not heads:
+            return
+        yield found[max(heads, key=lambda tp: found[tp][-1].timestamp)].pop()
+
+
+def load_full(rec: Any, roots: list[Path], device: str) -> tuple[Any, Any]:
+    """``(update, checkpoint)`` for the full record ``rec`` if the trainer may continue from it: the
+    workers' checks (:func:`stream_app.updates.admit`: a ``sha256``, a path under the checkpoint roots),
+    then the checkpoint loaded (every file checked against its manifest) and its content hash equal to
+    the announced one. Else :class:`~stream_app.updates.UpdateRejected`: ``admit``'s reasons,
+    ``checkpoint_unreadable`` (missing or corrupt files) or ``hash_mismatch``."""
+    from models.checkpoint import load_checkpoint  # noqa: PLC0415 - imports torch
+    from models.errors import CheckpointError  # noqa: PLC0415
+
+    update = admit(rec.value, roots)
+    try:
+        ck = load_checkpoint(update.path, device=device)
+    except (CheckpointError, OSError) as exc:
+        raise UpdateRejected("checkpoint_unreadable", f"{update.path!r}: {exc}") from None
+    if ck.content_hash.lower() != update.sha256.lower():
+        raise UpdateRejected("hash_mismatch", f"{update.path!r} has content hash {ck.content_hash}, the record "
+                                              f"announced {update.sha256}")
+    return update, ck
+
+
+async def choose_full(candidates: AsyncIterable[Any], load: Callable[[Any], Any]
+                      ) -> tuple[Any, Any, list[tuple[Any, UpdateRejected]]]:
+    """``(record, load(record), rejected)``: the first of ``candidates`` (full records, newest first)
+    that ``load`` accepts, and the ``(record, UpdateRejected)`` of those it refused before it; the
+    record and its load are ``None`` when it refused every one (or there was none)."""
+    rejected: list[tuple[Any, UpdateRejected]] = []
+    async for rec in candidates:
+        try:
+            return rec, load(rec), rejected
+        except UpdateRejected as exc:
+            rejected.append((rec, exc))
+    return None, None, rejected
 
 
 @dataclass
@@ -204,7 +257,16 @@ class TrainingService:
 
     # ------------------------------------------------------------------ resume
     async def _resume(self) -> None:
-        """Load the lineage's full version (or announce ``settings.checkpoint``) into a trainer."""
+        """Load the lineage's full version (or announce ``settings.checkpoint``) into a trainer.
+
+        The lineage's full version is the newest full record the trainer may continue from
+        (:func:`load_full`: the workers' checks, then the checkpoint and its content hash). A newer one
+        it refuses (a bad record, a checkpoint missing, corrupt or not the announced one) is one the
+        workers refuse too: each is logged at CRITICAL and counted
+        (``nextaction_online_rejected_full_records_total{reason}``), and the version the trainer falls
+        back to — the newest admissible full record, else ``settings.checkpoint`` — is announced again
+        (``reason: reset``), so the fleet serves exactly the weights the trainer learns on (docs/online.md,
+        "A rejected full record")."""
         from aiokafka import AIOKafkaConsumer, TopicPartition  # noqa: PLC0415
 
         from models.checkpoint import load_checkpoint, read_manifest  # noqa: PLC0415
@@ -212,6 +274,8 @@ class TrainingService:
         from online.trainer import OnlineTrainer  # noqa: PLC0415
 
         s = self.settings
+        device = resolve_device(s.device)
+        roots = checkpoint_roots(s)
         consumer = AIOKafkaConsumer(bootstrap_servers=s.bootstrap_servers, **client_kwargs(s), group_id=None, enable_auto_commit=False)
         await start_client(s, consumer.start, consumer.stop)
         try:
@@ -219,42 +283,50 @@ class TrainingService:
             tps = [TopicPartition(self.topic, p) for p in parts]
             consumer.assign(tps)
             ends = await consumer.end_offsets(tps)
-            start = await lineage_start(consumer, tps, ends)
-            recs = await read_range(consumer, start[0], start[1], ends[start[0]]) if start else []
+            chosen, loaded, rejected = await choose_full(full_records(consumer, tps, ends),
+                                                         lambda rec: load_full(rec, roots, device))
+            after = []  # the records after the chosen full record (deltas, rejected full records)
+            if chosen is not None:
+                tp = TopicPartition(self.topic, chosen.partition)
+                after = await read_range(consumer, tp, chosen.offset + 1, ends[tp])
             n = seq = 0
             for tp in tps:  # the highest record number and delta number on the topic
                 for rec in await read_range(consumer, tp, max(0, ends[tp] - 2000), ends[tp]):
                     n, seq = self._counters(rec, n, seq)
         finally:
             await consumer.stop()
-        device = resolve_device(s.device)
-        if recs:
-            try:  # the same checks as every worker's (sha256, a path under the checkpoint roots)
-                full = admit(recs[0].value, checkpoint_roots(s))
-            except UpdateRejected as exc:
-                raise ConfigError("model-updates", f"{s.topic_model_updates}[{recs[0].partition}]@{recs[0].offset}",
-                                  f"the lineage's newest full record is rejected ({exc.reason}): {exc.detail}") from None
-            ck = load_checkpoint(full.path, device=device)
-            if ck.content_hash.lower() != full.sha256.lower():
-                raise ConfigError("model-updates", full.path, f"content hash {ck.content_hash}, the record announced "
-                                                              f"{full.sha256}")
+        for rec, exc in rejected:
+            monitoring.ONLINE_REJECTED.labels(exc.reason).inc()
+            log.critical("!!! the full record %s[%d]@%d is rejected (%s), as every worker rejects it: %s",
+                         self.topic, rec.partition, rec.offset, exc.reason, exc.detail)
+        if chosen is not None:
+            full, ck = loaded
             online = ck.metadata.get("online") or {}
             self.lineage = Lineage(Path(full.path), ck.content_hash, n, seq + 1,
                                    {int(p): int(o) for p, o in online.get("offsets", {}).items()} or None,
-                                   int(online.get("examples", 0)), recs[0].timestamp)
-            stale = sum(update_kind(r.headers) == DELTA for r in recs[1:])
+                                   int(online.get("examples", 0)), chosen.timestamp)
+            stale = sum(update_kind(r.headers) == DELTA for r in after)
+            if rejected:
+                log.critical("!!! resuming from the newest admissible full record %s[%d]@%d (%s) instead, and "
+                             "announcing it again so the workers serve it", self.topic, chosen.partition,
+                             chosen.offset, full.path)
             log.info("resuming from %s (%s): %d examples learned, offsets %s; %d deltas after it are superseded",
                      full.path, ck.version, self.lineage.examples, self.lineage.offsets, stale)
-            if stale:
+            if stale or rejected:
                 await self._announce(self.lineage.path, ck.content_hash, "reset")
         else:
+            where = (f"every full record on {self.topic!r} is rejected ({len(rejected)}, newest "
+                     f"{self.topic}[{rejected[0][0].partition}]@{rejected[0][0].offset}: {rejected[0][1]})"
+                     if rejected else f"no full version on {self.topic!r} yet")
             if s.checkpoint is None:
-                raise ConfigError("checkpoint", None, "the trainer needs a Transformer checkpoint to start a lineage "
-                                                      "(no full version on model-updates yet)")
+                raise ConfigError("checkpoint", None, f"the trainer needs a Transformer checkpoint to start a lineage "
+                                                      f"({where})")
             path = Path(s.checkpoint).expanduser().absolute()
             ck = load_checkpoint(path, device=device)
+            if rejected:
+                log.critical("!!! %s: starting a new lineage from the checkpoint setting %s", where, path)
             self.lineage = Lineage(path, read_manifest(path)["content_hash"], n, seq + 1, None, 0, 0)
-            await self._announce(path, ck.content_hash, "online")
+            await self._announce(path, ck.content_hash, "reset" if rejected else "online")
         self.trainer = OnlineTrainer(ck.model, ck.vocab, ck.version, online_config(s), device=device)
         self.trainer.next_seq = self.lineage.next_seq
         self.last_good = (self.lineage.path, ck.content_hash)
@@ -322,15 +394,14 @@ class TrainingService:
                             read_to[tp.partition] = rec.offset + 1
                             continue
                         if forget is not None:  # a privacy deletion: the user's examples not learned yet, and replayed
-                            pending = [ex for ex in pending if ex.user_id != forget]
-                            self.trainer.forget_user(forget)
-                            monitoring.ONLINE_EXAMPLES.labels("forget").inc()
+                            pending = self._forget(forget, pending)
                             read_to[tp.partition] = rec.offset + 1
                             continue
                         if not pending:
                             oldest = time.monotonic()
                         pending.append(example)
                     read_to[tp.partition] = rec.offset + 1
+            monitoring.ONLINE_PENDING.set(len(pending))
             if pending and (len(pending) >= s.trainer_batch or time.monotonic() - oldest >= s.trainer_max_wait_s):
                 examples, pending = pending, []
                 rep = await loop.run_in_executor(self.pool, self.trainer.learn, examples)
@@ -356,6 +427,18 @@ class TrainingService:
                 ends = await consumer.end_offsets(tps)
                 monitoring.ONLINE_LAG.set(sum(ends[tp] - self.next_offsets.get(tp.partition, 0) for tp in tps))
                 last_log, learned_since_log = now, 0
+
+    def _forget(self, user: str, pending: list) -> list:
+        """A forget marker: ``pending`` without ``user``'s examples, and the user gone from the trainer
+        (replay buffer, rate limit). Counted and logged without the user id (docs/privacy.md)."""
+        kept = [ex for ex in pending if ex.user_id != user]
+        replayed = self.trainer.forget_user(user)
+        monitoring.ONLINE_EXAMPLES.labels("forget").inc()
+        monitoring.ONLINE_FORGOTTEN.labels("pending").inc(len(pending) - len(kept))
+        monitoring.ONLINE_FORGOTTEN.labels("replay").inc(replayed)
+        log.info("forget marker: dropped %d pending and %d replayed examples", len(pending) - len(kept), replayed)
+        log.debug("forget marker for %r", user)
+        return kept
 
     def _observe(self, rep) -> None:
         monitoring.ONLINE_EXAMPLES.labels("learned").inc(rep.learned)

@@ -66,6 +66,8 @@ def settings_env(settings: SettingsType) -> dict[str, str]:
     from stream_app.settings import settings_env as nextaction_env  # secrets revealed for the child only
 
     env = {k: v for k, v in os.environ.items() if not k.startswith("NEXTACTION_")}
+    # the checkout under test first: an editable install may point at another checkout (a git worktree)
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), *filter(None, [env.get("PYTHONPATH")])])
     return env | nextaction_env(settings)
 
 

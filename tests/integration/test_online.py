@@ -248,3 +248,111 @@ def test_a_harmful_update_is_rolled_back_by_the_fleet(app_settings, good_and_har
     assert all(v.split("+")[0] != harmful_label for v in versions[last_harmful + 1:])  # ... and no longer does
     assert trainer.stop() == 0, trainer.tail()
     assert worker.stop() == 0, worker.tail()
+
+
+def test_a_trainer_restarted_under_a_rejected_newest_full_record_falls_back_and_the_fleet_follows(
+        app_settings, make_checkpoint, service_process, tmp_path):
+    """The newest full record on ``model-updates`` names a corrupt checkpoint (the worker rejects it and
+    keeps serving). A trainer started then does not crash-loop: it logs the rejection at CRITICAL,
+    counts it, resumes from the newest admissible full record, announces it again (``reset``) so the
+    worker serves those weights, and keeps learning: its next deltas are applied by the worker and
+    serve predictions."""
+    import shutil
+
+    from models.checkpoint import read_manifest
+    from stream_app.records import FULL, KIND_HEADER
+
+    ck = make_checkpoint(0, items=40)
+    s = app_settings.model_copy(update={
+        "checkpoint": str(ck), "models_dir": tmp_path / "models", "partitions": 1, "device": "cpu",
+        "trainer_port": free_port(), "trainer_batch": 16, "trainer_max_wait_s": 0.3,
+        "trainer_delta_interval_s": 0.5, "trainer_full_every_examples": 60, "trainer_start": "earliest",
+        "serve_threads": 1})
+    kafka_admin.ensure_topics(s, [s.topic_events, s.topic_dlq, s.topic_predictions, s.topic_outcomes,
+                                  s.topic_model_updates])
+    rng = random.Random(3)
+    t0 = int(time.time() * 1000) - 600_000
+
+    def events(start: int, n: int) -> list[tuple[bytes, bytes]]:
+        out = []
+        for k in range(start, start + n):
+            u = f"u{k % 10}"
+            out.append((u.encode(), orjson.dumps({"user_id": u, "item_id": f"i{rng.randrange(40)}", "action": "view",
+                                                  "ts": t0 + 1000 * k})))
+        return out
+
+    worker = service_process("worker", s, tmp_path / "worker.log")
+    trainer = service_process("trainer", s, tmp_path / "trainer.log")
+    worker.start()
+    trainer.start()
+    trainer.wait_log("trainer reading", 60)
+    asyncio.run(produce(s, s.topic_events, events(0, 200)))  # 190 outcomes: a few full versions
+    wait_until("two full versions of the trainer", lambda: len([u for u in updates(s) if u["kind"] == "full"
+                                                                 and u["path"] != str(ck)]) >= 2, 120)
+    assert trainer.stop() == 0, trainer.tail()
+
+    # the newest full record: a checkpoint under MODELS_DIR with a corrupted weights file (storage gone bad)
+    before = updates(s)
+    last_good = [u for u in before if u["kind"] == "full"][-1]
+    corrupt = Path(shutil.copytree(make_checkpoint(5, items=40), tmp_path / "models" / "v999999"))
+    data = bytearray((corrupt / "model.safetensors").read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (corrupt / "model.safetensors").write_bytes(bytes(data))
+    sha = read_manifest(corrupt)["content_hash"]
+    bad_n = max(u["n"] for u in before if u["kind"] == "full") + 1
+    asyncio.run(produce_with_headers(s, s.topic_model_updates, ModelUpdate.KEY,
+                                     ModelUpdate(sha[:12], str(corrupt), sha, bad_n, "online").encode(),
+                                     [(KIND_HEADER, FULL.encode())]))
+    worker.wait_log("rejected, still serving", 60)  # the worker keeps the version it serves
+
+    # the restarted trainer publishes deltas only (no full version of its own), so what serves is the fallback + deltas
+    trainer = service_process("trainer", s.model_copy(update={"trainer_full_every_examples": 1_000_000}),
+                              tmp_path / "trainer-restarted.log")
+    trainer.start()  # before: ConfigError "the lineage's newest full record is rejected", exit, forever
+    trainer.wait_log("trainer reading", 60)
+    log_text = trainer.log_path.read_text()
+    assert "[CRITICAL]" in log_text and "is rejected (checkpoint_unreadable" in log_text and "v999999" in log_text
+    assert ('nextaction_online_rejected_full_records_total{reason="checkpoint_unreadable"} 1.0'
+            in trainer.metrics())
+    after = updates(s)[len(before) + 1:]
+    reset = after[0]
+    assert reset["kind"] == "full" and reset["reason"] == "reset" and reset["n"] > bad_n
+    assert reset["path"] == last_good["path"]  # the newest admissible version, announced again
+    label = read_manifest(reset["path"])["content_hash"][:12]
+
+    worker.wait_log(f"(full): swapped:{label}", 60)  # the worker serves the fallback again
+    asyncio.run(produce(s, s.topic_events, events(200, 100)))  # more outcomes: the trainer keeps learning ...
+    wait_until("a delta on the fallback version", lambda: any(u["kind"] == "delta" and u["base"] == label
+                                                              for u in updates(s)[len(before) + 1:]), 60)
+    asyncio.run(produce(s, s.topic_events, events(300, 100)))  # ... and the worker serves what it learned
+
+    def served_online():
+        preds = [orjson.loads(r.value)["model_version"] for r in asyncio.run(read_all(s, s.topic_predictions))]
+        return preds if preds[-1].startswith(label + "+") else None
+
+    versions = wait_until("predictions by the fallback version plus the new trainer's deltas", served_online, 120)
+    assert not any(v.startswith(sha[:12]) for v in versions)  # the corrupt version never served
+    new = updates(s)[len(before) + 1:]
+    assert any(u["kind"] == "delta" and u["base"] == label for u in new)
+    metrics = urllib_get(f"http://127.0.0.1:{s.web_port}/metrics")
+    assert 'nextaction_model_updates_total{result="rejected"} 1.0' in metrics
+    assert trainer.stop() == 0, trainer.tail()
+    assert worker.stop() == 0, worker.tail()
+
+
+async def produce_with_headers(settings, topic: str, key: bytes, value: bytes, headers: list) -> None:
+    from aiokafka import AIOKafkaProducer
+
+    producer = AIOKafkaProducer(bootstrap_servers=settings.bootstrap_servers, **client_kwargs(settings), acks="all")
+    await producer.start()
+    try:
+        await producer.send_and_wait(topic, value, key=key, headers=headers)
+    finally:
+        await producer.stop()
+
+
+def urllib_get(url: str) -> str:
+    import urllib.request
+
+    with urllib.request.urlopen(url, timeout=5) as resp:
+        return resp.read().decode()
