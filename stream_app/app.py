@@ -58,6 +58,24 @@ class Topology:
     repartition: faust.TopicT | None = None  # None: reroute_mispartitioned is off
 
 
+def rocksdb_options(settings: SettingsType) -> dict[str, int]:
+    """The RocksDB options of every table partition (Faust's ``Table(options=...)``), in one place.
+
+    Faust opens one RocksDB per table partition, each with its own memtables and block cache; its
+    defaults (64 MiB × 3 memtables, a 2 GiB cache) let a worker's resident memory grow by gigabytes
+    with the partitions it holds. These bound it (settings ``ROCKSDB_*``):
+
+    >>> from stream_app.settings import Settings
+    >>> rocksdb_options(Settings(rocksdb_write_buffer_mb=8, rocksdb_write_buffers=2, rocksdb_block_cache_mb=32))
+    {'write_buffer_size': 8388608, 'max_write_buffer_number': 2, 'block_cache_size': 33554432, 'block_cache_compressed_size': 0}
+    """
+    mib = 1 << 20
+    return {"write_buffer_size": settings.rocksdb_write_buffer_mb * mib,
+            "max_write_buffer_number": settings.rocksdb_write_buffers,
+            "block_cache_size": settings.rocksdb_block_cache_mb * mib,
+            "block_cache_compressed_size": 0}  # python-rocksdb only; rocksdict has none
+
+
 def create_app(settings: SettingsType | None = None, *, predictor_factory: Callable[[SettingsType], Predictor]
                | None = None, store: str = "rocksdb://", publisher: Any = None) -> faust.App:
     """Build the Faust app, its topics and tables, and register the agents.
@@ -129,11 +147,13 @@ def create_app(settings: SettingsType | None = None, *, predictor_factory: Calla
     # --- tables ------------------------------------------------------------------------------------
     lag = {"max.compaction.lag.ms": str(settings.changelog_compaction_lag_s * 1000)} \
         if settings.changelog_compaction_lag_s else {}
+    store_options = rocksdb_options(settings)
     histories = app.Table("histories", partitions=settings.partitions, key_type=bytes, value_type=bytes,
-                          help="user -> UserState: bounded event window + latest prediction", extra_topic_configs=lag)
+                          help="user -> UserState: bounded event window + latest prediction", extra_topic_configs=lag,
+                          options=store_options)
     kept_ms = settings.activity_window_s * ACTIVITY_WINDOWS_KEPT * 1000
     activity = (
-        app.Table("activity", default=int, partitions=settings.partitions,
+        app.Table("activity", default=int, partitions=settings.partitions, options=store_options,
                   help="per-user event count per tumbling window (event time)",
                   extra_topic_configs={**lag, "cleanup.policy": "compact,delete", "retention.ms": str(2 * kept_ms),
                                        "segment.ms": str(kept_ms)})

@@ -105,6 +105,12 @@ class _Settings(BaseSettings):
     window_events: int = Field(50, description="per-user history: at most this many events ...")
     window_ttl_s: int = Field(7 * 24 * 3600, description="... no older than this before the user's newest event")
     activity_window_s: int = Field(3600, description="tumbling window of the per-user activity counts (event time)")
+    rocksdb_write_buffer_mb: int = Field(8, description="RocksDB memtable size, per table partition (Faust's default: "
+                                         "64); a worker's table memory is bounded by tables (2) × its partitions × "
+                                         "(this × `ROCKSDB_WRITE_BUFFERS` + `ROCKSDB_BLOCK_CACHE_MB`)")
+    rocksdb_write_buffers: int = Field(2, description="RocksDB memtables kept per table partition (Faust's default: 3)")
+    rocksdb_block_cache_mb: int = Field(32, description="RocksDB block cache per table partition (Faust's default: "
+                                        "2048, i.e. no bound in practice)")
     # --- privacy (docs/privacy.md) -------------------------------------------------------------
     state_idle_ttl_s: int = Field(30 * 24 * 3600, description="forget users (state, KV cache, trainer examples) not "
                                   "seen for this long, wall clock (0 = never; docs/privacy.md)")
@@ -193,7 +199,8 @@ class _Settings(BaseSettings):
                      "kv_cache_users", "kv_cache_mb", "kv_refresh_every", "stream_buffer_maxsize",
                      "producer_buffer_max_messages", "trainer_port", "trainer_batch", "trainer_full_every_examples",
                      "trainer_max_new_items", "trainer_user_per_minute", "trainer_rollback_window",
-                     "trainer_rollback_min")
+                     "trainer_rollback_min", "rocksdb_write_buffer_mb", "rocksdb_write_buffers",
+                     "rocksdb_block_cache_mb")
     @classmethod
     def _positive(cls, v: int) -> int:
         if v < 1:

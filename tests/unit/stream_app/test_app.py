@@ -23,3 +23,13 @@ def test_sasl_settings_reach_faust(make_app):
     creds = app.conf.broker_credentials
     assert isinstance(creds, faust.SASLCredentials) and creds.mechanism.value == "SCRAM-SHA-512"
     assert creds.protocol.value == "SASL_SSL" and creds.ssl_context is not None
+
+
+def test_every_table_store_gets_the_bounded_rocksdb_options(make_app):
+    """Faust's defaults (64 MiB × 3 memtables, a 2 GiB block cache per table partition) would let a
+    worker's memory grow by gigabytes; the settings reach the real RocksDB store of every table."""
+    app, _ = make_app(rocksdb_write_buffer_mb=4, rocksdb_write_buffers=2, rocksdb_block_cache_mb=16)
+    stores = [t.data for t in (app.topology.histories, app.topology.activity.table)]
+    for store in stores:
+        o = store.rocksdb_options
+        assert (o.write_buffer_size, o.max_write_buffer_number, o.block_cache_size) == (4 << 20, 2, 16 << 20)
