@@ -158,7 +158,7 @@ def test_exactly_once_survives_kill_9_without_repeated_outcomes(app_settings, tm
                                 daemon=True)
     producer.start()
 
-    def somecommitted_offsets(out):
+    def some_committed(out):
         return len(out[s.topic_predictions]) >= 1200
 
     asyncio.run(read_topics(s, [s.topic_predictions], some_committed, 120, "read_committed"))

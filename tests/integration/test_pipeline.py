@@ -199,7 +199,7 @@ def test_sigterm_restart_resumes_from_committed_offsets_with_state(pipeline_sett
         def outputs_seen(out):
             return len(out[s.topic_predictions]) + len(out[s.topic_dlq]) >= N_EVENTS // 3
 
-        asyncio.run(_read_topics(s, [s.topic_predictions, s.topic_dlq], outputs_seen, 120))
+        asyncio.run(read_topics(s, [s.topic_predictions, s.topic_dlq], outputs_seen, 120))
         rc = worker.stop(signal.SIGTERM)
         assert rc == 0, f"SIGTERM exit code {rc}:\n{worker.tail()}"
         stopped_log = worker.log_path.read_text(errors="replace")
