@@ -33,6 +33,11 @@ def install(app: Any, topology: Any, *, predictor_factory: Callable[[SettingsTyp
     pipeline = Pipeline(app, topology, predictor_factory, publisher)
     app.pipeline = pipeline
 
+    @app.on_partitions_revoked.connect
+    def forget_revoked_acks(sender: Any, revoked: Any, **kwargs: Any) -> None:  # noqa: ARG001 - signal API
+        """A revoked partition's unacked messages are the next owner's: stop holding acks for them."""
+        pipeline.ack_order.forget(revoked)
+
     @app.agent(topology.events, name="process_events", concurrency=1)
     async def process_events(stream):
         """Validate, update state, queue for prediction. Yields what happened to each message."""

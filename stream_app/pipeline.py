@@ -53,6 +53,7 @@ from models.predictor import Predictor
 from models.schema import EventSeq
 from stream_app import history as window
 from stream_app import monitoring, partitioning, predictors, runtime
+from stream_app.ackorder import AckOrder
 from stream_app.batcher import PREDICT_FAILED, Batcher, Request, Result
 from stream_app.errors import EventRejected
 from stream_app.events import EVENT_TS_ATTR, Event, parse_event
@@ -237,6 +238,8 @@ class Pipeline:
         self.batcher: Batcher | None = None
         #: user → state of the users with events in flight (see the module docstring)
         self.pending: dict[str, Pending] = {}
+        #: messages read and not yet acked, per partition: acks go out in read order (stream_app.ackorder)
+        self.ack_order = AckOrder()
         self._verified_topics: set[str] = set()
         self._partition_counts: dict[str, int] = {}  # source topic → its partition count
         self._forwards: set[asyncio.Task] = set()  # re-routed events whose forward is not yet confirmed
@@ -407,6 +410,7 @@ class Pipeline:
     async def handle(self, event: Any, stream: Any) -> str:
         """Process one message; returns what happened (``queued``, ``duplicate``, ``rejected:<reason>``)."""
         msg = event.message
+        self.ack_order.read((msg.topic, msg.partition, msg.offset), (stream, event))  # acked in read order
         rerouted = self.t.repartition is not None and msg.topic == self.settings.topic_repartition
         origin = Origin.of(msg) if rerouted else None
         # A re-routed event counts, validates and measures latency from its first arrival; its records
@@ -479,7 +483,7 @@ class Pipeline:
             await self.app.crash(exc)
             return
         monitoring.EVENTS_REROUTED.inc()
-        await stream.ack(event)
+        await self._ack(stream, event)
 
     async def _wait_for_changelogs(self, source_topic: str, timeout: float = 30.0) -> None:
         """Check once per source topic that every table's changelog has the source's partition count.
@@ -606,12 +610,12 @@ class Pipeline:
         except ValueError as exc:
             log.warning("control record %s[%s]@%s skipped: %s", msg.topic, msg.partition, msg.offset, exc)
             monitoring.FORGETS.labels("?", "invalid").inc()
-            await stream.ack(event)
+            await self._ack(stream, event)
             return "control:invalid"
         if msg.topic not in self._verified_topics:
             await self._wait_for_changelogs(msg.topic)
         result = await self.forget(user, request.reason, request.idle_before_ms, partition=msg.partition)
-        await stream.ack(event)
+        await self._ack(stream, event)
         return f"forget:{result}"
 
     async def forget(self, user: str, reason: str = REQUEST, idle_before_ms: int | None = None, *,
@@ -754,6 +758,15 @@ class Pipeline:
             sent = await self.dead_letter(raw, key, reason, detail, msg)
             await self._ack_when_sent([sent], [(stream, event)])
 
+    async def _ack(self, stream: Any, event: Any) -> None:
+        """Ack ``event`` once every message read before it on its partition is acked
+        (:mod:`stream_app.ackorder`: Faust would otherwise commit past an earlier message that is
+        still in a prediction batch)."""
+        msg = event.message
+        for item in self.ack_order.done((msg.topic, msg.partition, msg.offset)):
+            s, e = item if item is not None else (stream, event)
+            await s.ack(e)
+
     def _transaction(self) -> Any:
         """``exactly_once``: the gate a commit waits for (:meth:`_gate_commits`); else nothing."""
         return self._txn_gate if self.exactly_once else contextlib.nullcontext()
@@ -776,7 +789,7 @@ class Pipeline:
         if self.exactly_once or (not futures and self._last_ack is None):
             self._write(writes)
             for stream, event in acks:
-                await stream.ack(event)
+                await self._ack(stream, event)
             return
         task = asyncio.ensure_future(self._ack_after(futures, acks, writes, self._last_ack))
         self._last_ack = task
@@ -806,7 +819,7 @@ class Pipeline:
             return
         self._write(writes)
         for stream, event in acks:
-            await stream.ack(event)
+            await self._ack(stream, event)
 
     def _write(self, writes: list[Write]) -> None:
         """The tables' part of delivered events: per user, the activity counts and the newest state
