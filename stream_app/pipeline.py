@@ -175,6 +175,8 @@ class Source:
     category: str
     duplicate: bool
     before: EventSeq  # the user's window before this event joined it: the previous prediction's context
+    after: EventSeq | None = None  # the user's whole window once this event joined it: what the table
+    # gets with this event's outputs (the pending window may already hold events read after it)
 
 
 @dataclass(frozen=True, slots=True)
@@ -444,7 +446,7 @@ class Pipeline:
             await self._reject(raw, key, PROCESSING_FAILED, f"{type(exc).__name__}: {exc}", at, stream, event)
             return f"rejected:{PROCESSING_FAILED}"
         src = Source(event, stream, at.topic, at.partition, at.offset, raw, key, ev.item_id, ev.action,
-                     ev.category, duplicate, before)
+                     ev.category, duplicate, before, self.pending[ev.user_id].state.history)
         try:
             await self.batcher.submit(Request(ev.user_id, history, ev.ts, arrival, observe=not duplicate, ref=src))
         except BaseException:  # never delivered: the user's pending entry must not wait for it
@@ -865,8 +867,9 @@ class Pipeline:
                     p.added[win] = p.added.get(win, 0) + 1
                 await self._deliver_one(r, src, p, activity, sent)
             state = None
-            if p.dirty:  # the window and the latest prediction
-                state, p.dirty = encode_state(p.state), False
+            if p.dirty:  # the window as of this event (not of events read since) and its prediction
+                after = src.after if src.after is not None else p.state.history
+                state, p.dirty = encode_state(UserState(after, p.state.last, p.state.seen)), False
             writes.append(Write(user, src, p, state, w))
             acks.append((src.stream, src.event))
         await self._ack_when_sent(sent, acks, writes)
