@@ -869,7 +869,8 @@ class Pipeline:
             state = None
             if p.dirty:  # the window as of this event (not of events read since) and its prediction
                 after = src.after if src.after is not None else p.state.history
-                state, p.dirty = encode_state(UserState(after, p.state.last, p.state.seen)), False
+                state = encode_state(UserState(after, p.state.last, p.state.seen))
+                p.dirty = after is not p.state.history  # events read since still to be written
             writes.append(Write(user, src, p, state, w))
             acks.append((src.stream, src.event))
         await self._ack_when_sent(sent, acks, writes)
