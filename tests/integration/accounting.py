@@ -99,6 +99,12 @@ async def end_offsets(settings, topic: str) -> dict[int, int]:
         await c.stop()
 
 
+def metric(text: str, name: str) -> float:
+    """The sum of every sample whose line starts with ``name`` (all its label sets) in a ``/metrics`` text."""
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith(name) and not line.startswith("#"))
+
+
 def source(kind: str, record: dict) -> tuple[int, int]:
     """The (partition, offset) of the input behind a ``predictions``, ``outcomes`` or ``dlq`` record."""
     if kind == "dlq":

@@ -29,8 +29,8 @@ import pytest
 
 from stream_app import kafka_admin
 from stream_app.replay import produce, synthetic
-from tests.integration.accounting import (account, child_pids, first_published_after, pid_gone_within, read_outputs,
-                                          read_topics, report)
+from tests.integration.accounting import (account, child_pids, first_published_after, metric, pid_gone_within,
+                                          read_outputs, read_topics, report)
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(600)]
 
@@ -71,16 +71,11 @@ def _wait_outputs(settings, at_least: int, timeout: float = 120.0) -> int:
     return n[0]
 
 
-def _metric(text: str, name: str) -> float:
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-               if line.startswith(name) and not line.startswith("#"))
-
-
 def _wait_metric(worker, name: str, at_least: float, timeout: float) -> float:
     deadline = time.monotonic() + timeout
     while True:
         try:
-            value = _metric(worker.metrics(), name)
+            value = metric(worker.metrics(), name)
             if value >= at_least:
                 return value
         except OSError:
@@ -284,7 +279,7 @@ def test_broker_down_30_s_mid_stream(private_broker, fault_settings, tmp_path, s
         log_text = worker.log_path.read_text(errors="replace")
         report("broker_down_30s", acc, outputs_at_stop=at_stop, outage_s=30,
                first_prediction_after_up_s=first_published_after(out, up_wall),
-               metadata_retries=_metric(worker.metrics(), "nextaction_metadata_retries_total"),
+               metadata_retries=metric(worker.metrics(), "nextaction_metadata_retries_total"),
                worker_restarts=0 if worker.proc.pid == pid else 1)
         assert worker.proc.poll() is None and worker.proc.pid == pid, "the worker did not ride through"
         assert "crashing the worker" not in log_text
@@ -323,7 +318,7 @@ def test_three_workers_one_late_one_killed(fault_settings, tmp_path, service_pro
         assert sent == [n]
         out = read_outputs(base, n, timeout=240)
         acc = account(out, base.activity_window_s)
-        served = [_metric(ws[i].metrics(), "nextaction_predictions_out_total") for i in (0, 2)]
+        served = [metric(ws[i].metrics(), "nextaction_predictions_out_total") for i in (0, 2)]
         report("three_workers", acc, served_by_survivors=served,
                first_prediction_after_kill_s=first_published_after(out, kill_wall))
         assert acc.lost == 0, acc.lost_keys[:20]
@@ -384,11 +379,11 @@ def test_corrupt_checkpoint_announced_mid_stream_is_rejected(fault_settings, mak
         versions = sorted({p["model_version"] for p in out["predictions"]})
         text = worker.metrics()
         report("corrupt_checkpoint", acc, rejected=rejected, versions=versions,
-               applied=_metric(text, 'nextaction_model_updates_total{result="applied"}'))
+               applied=metric(text, 'nextaction_model_updates_total{result="applied"}'))
         assert acc.lost == 0 and acc.duplicates_marked == 0 and acc.duplicates_unmarked == 0
         assert acc.first_copy_lost == 0 and acc.activity_mismatches == 0 and acc.history_breaks == 0
         assert versions == [ver1]
-        assert _metric(text, 'nextaction_model_updates_total{result="applied"}') == 0
+        assert metric(text, 'nextaction_model_updates_total{result="applied"}') == 0
         assert rejected == 2
     finally:
         rc = worker.stop()

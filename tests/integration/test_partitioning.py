@@ -24,8 +24,7 @@ from stream_app.kafka_security import client_kwargs
 from stream_app.partitioning import crc32_partition, java_partition
 from stream_app.replay import encode, synthetic
 from stream_app.records import decode_state
-from tests.integration.accounting import read_outputs, read_topics
-from tests.integration.test_pipeline import metric
+from tests.integration.accounting import metric, read_outputs, read_topics
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(600)]
 

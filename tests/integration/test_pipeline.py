@@ -29,7 +29,7 @@ from stream_app.errors import EventRejected
 from stream_app.events import parse_event
 from stream_app.replay import encode, produce, synthetic
 from tests.conftest import settings_env
-from tests.integration.accounting import read_topics
+from tests.integration.accounting import metric, read_topics
 
 # slow: every test runs Faust worker processes
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(600)]
@@ -117,11 +117,6 @@ def check_prediction_record(p: dict, k: int) -> None:
     assert all(isinstance(i, str) and isinstance(sc, float) and math.isfinite(sc) for i, sc in p["top_items"])
     assert math.isfinite(p["next_gap_s"]) and p["next_gap_s"] >= 0
     assert p["latency_ms"] >= 0 and p["history_len"] >= 1 and p["activity"] >= 1
-
-
-def metric(text: str, name: str) -> float:
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-               if line.startswith(name) and not line.startswith("#"))
 
 
 @pytest.fixture
