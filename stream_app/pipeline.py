@@ -175,8 +175,8 @@ class Source:
     category: str
     duplicate: bool
     before: EventSeq  # the user's window before this event joined it: the previous prediction's context
-    after: EventSeq | None = None  # the user's whole window once this event joined it: what the table
-    # gets with this event's outputs (the pending window may already hold events read after it)
+    after: EventSeq  # the user's whole window once this event joined it: what the table gets with this
+    # event's outputs (the pending window may already hold events read after it)
 
 
 @dataclass(frozen=True, slots=True)
@@ -868,9 +868,8 @@ class Pipeline:
                 await self._deliver_one(r, src, p, activity, sent)
             state = None
             if p.dirty:  # the window as of this event (not of events read since) and its prediction
-                after = src.after if src.after is not None else p.state.history
-                state = encode_state(UserState(after, p.state.last, p.state.seen))
-                p.dirty = after is not p.state.history  # events read since still to be written
+                state = encode_state(UserState(src.after, p.state.last, p.state.seen))
+                p.dirty = src.after is not p.state.history  # events read since still to be written
             writes.append(Write(user, src, p, state, w))
             acks.append((src.stream, src.event))
         await self._ack_when_sent(sent, acks, writes)
