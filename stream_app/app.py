@@ -35,6 +35,7 @@ from typing import Any, Callable
 import faust
 
 from models.predictor import Predictor
+from stream_app import faust_fixes
 from stream_app.events import event_time_s
 from stream_app.kafka_security import faust_credentials
 from stream_app.kafka_admin import topic_config
@@ -89,6 +90,7 @@ def create_app(settings: SettingsType | None = None, *, predictor_factory: Calla
             since ``agent.test_context()`` runs without a broker.
     """
     settings = settings or get_settings()
+    faust_fixes.apply()  # Faust rebalance/fetch bugs that lose events: stream_app/faust_fixes.py
     data_dir = settings.data_dir.expanduser().absolute() / settings.app_id
     app = faust.App(
         settings.app_id,

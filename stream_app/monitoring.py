@@ -33,6 +33,11 @@ PREDICTIONS_OUT = Counter("nextaction_predictions_out", "Predictions published, 
                           "deltas on top of it are not told apart here)", ["model_version"], registry=REGISTRY)
 EVENTS_LATE = Counter("nextaction_events_late", "Events older than the user's last prediction (arrived out of "
                       "order): predicted, but no outcome record (it would have a negative gap)", registry=REGISTRY)
+OFFSET_GAPS = Counter("nextaction_offset_gaps", "Offset ranges Faust skipped on an input partition and counts as "
+                      "acked (a transactional producer's markers: one offset each; anything wider is a fetch that "
+                      "resumed past unread records: stream_app/faust_fixes.py)", ["topic"], registry=REGISTRY)
+OFFSET_GAP_OFFSETS = Counter("nextaction_offset_gap_offsets", "Offsets inside those gaps", ["topic"],
+                             registry=REGISTRY)
 PRODUCE_FAILED = Counter("nextaction_produce_failed", "Output batches whose produce failed after the producer's "
                          "retries (the worker crashes without committing past them)", registry=REGISTRY)
 OUTCOMES_OUT = Counter("nextaction_outcomes_out", "Outcome records published", registry=REGISTRY)

@@ -1,0 +1,195 @@
+"""Fixes for faust-streaming bugs that lose events, applied once by :func:`apply` (from ``create_app``).
+
+Written against faust-streaming 0.15.3 (the pinned version); :func:`apply` warns when another
+version is installed, since a later release may have changed the code patched here.
+
+**Seek before resume.** After a rebalance, Faust's recovery (``Recovery.on_recovery_completed`` and,
+for an app without tables, ``Recovery._resume_streams``) resumes the stream partitions *first* and
+only then seeks them to their committed offsets (``consumer.perform_seek()``, awaited). The consumer
+flow is already running at that point (recovery resumed it to read the changelogs), so the fetcher
+delivers records of a stream partition from where the *old* assignment's fetch position was, while
+the seek is in flight; the seek then resets Faust's read offset under the fetcher's feet. Seen in the
+three-worker fault test (tests/integration/test_faults.py): records ``445…1117`` delivered before the
+seek finished, the read offset then set back to ``445``, and the next record (``472``) made Faust
+record ``446…472`` as a "gap" (offsets it treats as acked, meant for compacted topics and
+transaction markers). When the records fetched early were dropped on their way to the agent (Faust
+clears the agents' buffers on a rebalance), nobody processed them, yet the gap let the commit move
+past them: 26 events lost for good in CI. faust-streaming fixed this ordering once for apps without
+tables (faust-streaming/faust#216, #217); both paths have it again in 0.15.3.
+
+The fix: while those two methods run, a resume of stream partitions is held back and done right
+after the seek completed (:func:`seek_before_resume`). Until then the partitions stay paused, so the
+fetcher cannot deliver anything from them before they point at the committed offset.
+
+**Fetch only what is active.** Faust hands its fetch thread the *live* set of active partitions,
+and aiokafka's ``Fetcher.fetched_records(partitions)`` returns records of *every* assigned partition
+when that set is empty. Recovery pauses the changelog partitions while a fetch waits (up to 1 s), so
+the set can turn empty under it, and the fetch returns records of paused stream partitions from
+their old position; if those partitions are resumed before Faust iterates the batch, they are
+delivered after the seek, the same gap as above. The fix (:func:`fetch_active_snapshot`): the fetch
+gets a frozen copy of the set taken when it starts, and returns nothing when that copy is empty.
+
+**A gap is only what was not read, and it is counted.** Faust records a gap whenever a partition's
+next record is more than one offset past the last one read, and counts the gap as acked; but its
+range ends *at* the next record, so that record counts as acked before it is processed (a commit
+may pass it while it waits in a batch; with a transactional upstream producer, at every
+transaction's marker). The fix (:func:`skipped_gap_only`) ends the range one offset earlier. A
+transactional producer's markers make one-offset gaps; a wider gap on the events topic means
+records were skipped. Each gap is counted (``nextaction_offset_gaps_total{topic}``,
+``nextaction_offset_gap_offsets_total{topic}``) and one wider than a single offset is logged as a
+warning.
+
+The other Faust commit bug that loses events (acks out of order; ``Consumer._new_offset``) is worked
+around in the pipeline instead: :mod:`stream_app.ackorder`.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from importlib import metadata
+from typing import Any, Awaitable, Callable
+
+log = logging.getLogger(__name__)
+
+#: The faust-streaming version these fixes were written against (pyproject.toml pins it).
+FAUST_VERSION = "0.15.3"
+
+_APPLIED = "_nextaction_faust_fix"
+
+
+def seek_before_resume(method: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+    """Wrap a ``Recovery`` method so that, while it runs, ``consumer.resume_partitions`` only notes
+    the partitions and ``consumer.perform_seek`` resumes them once the seek has completed.
+
+    >>> import asyncio
+    >>> calls = []
+    >>> class Consumer:
+    ...     def resume_partitions(self, tps): calls.append(("resume", sorted(tps)))
+    ...     async def perform_seek(self): calls.append(("seek",))
+    >>> class App:
+    ...     consumer = Consumer()
+    >>> class Recovery:
+    ...     app = App()
+    ...     @seek_before_resume
+    ...     async def on_recovery_completed(self):  # Faust's order: resume, then seek
+    ...         self.app.consumer.resume_partitions({"events-1", "events-0"})
+    ...         await self.app.consumer.perform_seek()
+    >>> asyncio.run(Recovery().on_recovery_completed())
+    >>> calls
+    [('seek',), ('resume', ['events-0', 'events-1'])]
+    """
+
+    @functools.wraps(method)
+    async def wrapper(self: Any, *args: Any, **kwargs: Any) -> Any:
+        consumer = self.app.consumer
+        resume, seek = consumer.resume_partitions, consumer.perform_seek
+        held: set = set()
+
+        def resume_after_seek(tps: Any) -> None:
+            held.update(tps)
+
+        async def seek_then_resume() -> None:
+            await seek()
+            if held:
+                resume(set(held))
+                held.clear()
+
+        consumer.resume_partitions, consumer.perform_seek = resume_after_seek, seek_then_resume
+        try:
+            result = await method(self, *args, **kwargs)
+        finally:  # a failed or interrupted seek (another rebalance) leaves them paused: the next recovery resumes them
+            del consumer.resume_partitions, consumer.perform_seek  # back to the class's methods
+        if held:  # resumed without a seek (Faust seeks only when it has an assignment)
+            resume(set(held))
+        return result
+
+    setattr(wrapper, _APPLIED, True)
+    return wrapper
+
+
+def fetch_active_snapshot(method: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+    """Wrap ``ThreadDelegateConsumer._getmany`` so the fetch thread gets a frozen copy of the active
+    partitions (``None``, a client-only app's "all", is passed on) and an empty copy fetches nothing.
+
+    >>> import asyncio
+    >>> class Consumer:
+    ...     @fetch_active_snapshot
+    ...     async def _getmany(self, active_partitions, timeout):
+    ...         return {"asked": active_partitions}
+    >>> asyncio.run(Consumer()._getmany({"events-0"}, 1.0))
+    {'asked': frozenset({'events-0'})}
+    >>> asyncio.run(Consumer()._getmany(set(), 1.0))  # aiokafka would read an empty set as "all"
+    {}
+    """
+
+    @functools.wraps(method)
+    async def wrapper(self: Any, active_partitions: Any, timeout: float) -> Any:
+        if active_partitions is not None:
+            active_partitions = frozenset(active_partitions)
+            if not active_partitions:
+                return {}
+        return await method(self, active_partitions, timeout)
+
+    setattr(wrapper, _APPLIED, True)
+    return wrapper
+
+
+def skipped_gap_only(method: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+    """Wrap ``Consumer._add_gap(tp, offset_from, offset_to)``: the gap is the offsets *not read*
+    (``offset_from … offset_to - 1``), count it, warn when it is wider than one offset.
+
+    Faust calls it with ``offset_to`` = the offset of the record it is about to deliver, and the gap
+    then includes that record: counted as acked before it is processed, so a commit could pass it
+    while it still waits in a batch.
+
+    >>> import asyncio
+    >>> from types import SimpleNamespace
+    >>> class Consumer:
+    ...     @skipped_gap_only
+    ...     async def _add_gap(self, tp, offset_from, offset_to):
+    ...         print("gap", offset_from, offset_to)
+    >>> tp = SimpleNamespace(topic="events", partition=0)
+    >>> asyncio.run(Consumer()._add_gap(tp, 41, 42))  # a transaction marker at 41, next record 42
+    gap 41 41
+    """
+
+    @functools.wraps(method)
+    async def wrapper(self: Any, tp: Any, offset_from: int, offset_to: int) -> Any:
+        from stream_app import monitoring
+
+        last = offset_to - 1
+        skipped = last - offset_from + 1
+        if skipped <= 0:
+            return None
+        monitoring.OFFSET_GAPS.labels(tp.topic).inc()
+        monitoring.OFFSET_GAP_OFFSETS.labels(tp.topic).inc(skipped)
+        if skipped > 1:
+            log.warning("%s[%d]: offsets %d..%d were not read and count as acked (a gap of %d offsets; only "
+                        "transaction markers or compaction should make one)", tp.topic, tp.partition,
+                        offset_from, last, skipped)
+        return await method(self, tp, offset_from, last)
+
+    setattr(wrapper, _APPLIED, True)
+    return wrapper
+
+
+def _patch(owner: type, name: str, fix: Callable[[Callable[..., Any]], Callable[..., Any]]) -> None:
+    method = getattr(owner, name)
+    if not getattr(method, _APPLIED, False):
+        setattr(owner, name, fix(method))
+
+
+def apply() -> None:
+    """Patch faust-streaming (idempotent)."""
+    from faust.tables.recovery import Recovery
+    from faust.transport.consumer import Consumer, ThreadDelegateConsumer
+
+    version = metadata.version("faust-streaming")
+    if version != FAUST_VERSION:
+        log.warning("faust-streaming %s is installed; stream_app.faust_fixes was written for %s: check that "
+                    "the patched methods still have the bugs it describes", version, FAUST_VERSION)
+    _patch(Recovery, "on_recovery_completed", seek_before_resume)
+    _patch(Recovery, "_resume_streams", seek_before_resume)
+    _patch(ThreadDelegateConsumer, "_getmany", fetch_active_snapshot)
+    _patch(Consumer, "_add_gap", skipped_gap_only)
