@@ -72,6 +72,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=7)
     p.add_argument("--source", choices=("synthetic", "taobao-slice"), default="synthetic")
     p.add_argument("--partitions", type=int, default=4, help="partitions of every topic (default 4)")
+    p.add_argument("--workers", type=int, default=1, help="workers per pipeline run, one consumer group (default 1); "
+                   "events/s and CPU ms/event are then the group's")
     p.add_argument("--broker", help="use this broker (kafka://host:port) instead of starting one")
     p.add_argument("--checkpoint", help="also run the pipeline serving this Transformer checkpoint on CPU")
     p.add_argument("--rate", help="latency runs at this many events/s, or 'half' (of each variant's max)")

@@ -38,6 +38,15 @@ def install(app: Any, topology: Any, *, predictor_factory: Callable[[SettingsTyp
         """A revoked partition's unacked messages are the next owner's: stop holding acks for them."""
         pipeline.ack_order.forget(revoked)
 
+    inputs = [topology.settings.topic_events] + ([topology.settings.topic_repartition]
+                                                 if topology.repartition is not None else [])
+
+    @app.on_partitions_assigned.connect
+    def count_assigned(sender: Any, assigned: Any, **kwargs: Any) -> None:  # noqa: ARG001 - signal API
+        """``nextaction_assigned_partitions{topic}``: how the group shares the input topics."""
+        for topic in inputs:
+            monitoring.ASSIGNED_PARTITIONS.labels(topic).set(sum(1 for tp in assigned if tp.topic == topic))
+
     @app.agent(topology.events, name="process_events", concurrency=1)
     async def process_events(stream):
         """Validate, update state, queue for prediction. Yields what happened to each message."""

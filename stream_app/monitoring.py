@@ -62,6 +62,8 @@ INFERENCE_PROCESS = Histogram("nextaction_inference_process_seconds",
 GC_PAUSE = Histogram("nextaction_gc_pause_seconds",
                      "Python garbage-collection pauses of the worker process, by generation (2 = full)",
                      ["generation"], buckets=_LATENCY_BUCKETS, registry=REGISTRY)
+ASSIGNED_PARTITIONS = Gauge("nextaction_assigned_partitions", "Partitions of each input topic this worker holds "
+                            "(set at every rebalance)", ["topic"], registry=REGISTRY)
 QUEUE_DEPTH = Gauge("nextaction_queue_depth", "Prediction requests waiting for a batch", registry=REGISTRY)
 METADATA_RETRIES = Counter("nextaction_metadata_retries", "Failed or timed-out metadata requests of the start-up "
                            "changelog check, retried (the broker was unreachable)", registry=REGISTRY)

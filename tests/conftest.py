@@ -38,7 +38,7 @@ import urllib.request
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import pytest
 
@@ -49,6 +49,9 @@ REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 TEST_KAFKA_PORT = 19092
 TEST_CONTROLLER_PORT = 19093
+
+# Fault-injection code loaded only by worker subprocesses (never imported by pytest, doctests included).
+collect_ignore = ["integration/slow_seek"]
 
 
 def _broker_ports() -> tuple[int, int]:
@@ -169,10 +172,12 @@ class ServiceProcess:
     READY: ClassVar[dict[str, bytes]] = {"worker": b"nextaction_events_in_total",
                                          "trainer": b"nextaction_online_examples"}
 
-    def __init__(self, kind: str, settings: SettingsType, log_path: Path) -> None:
+    def __init__(self, kind: str, settings: SettingsType, log_path: Path, *, pythonpath: Path | None = None,
+                 env: dict[str, str] | None = None) -> None:
         if kind not in self.READY:
             raise ValueError(f"kind must be one of {sorted(self.READY)} (got {kind!r})")
         self.kind, self.settings, self.log_path = kind, settings, log_path
+        self.pythonpath, self.env = pythonpath, env or {}  # a test-only folder first on PYTHONPATH, extra env
         self.port = settings.web_port if kind == "worker" else settings.trainer_port
         self.proc: subprocess.Popen | None = None
 
@@ -184,7 +189,10 @@ class ServiceProcess:
 
     def start(self, timeout: float = 120.0) -> None:
         with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(self.argv(), cwd=REPO, env=settings_env(self.settings), stdout=log,
+            env = settings_env(self.settings) | self.env
+            if self.pythonpath is not None:  # e.g. a sitecustomize.py that injects a fault
+                env["PYTHONPATH"] = os.pathsep.join([str(self.pythonpath), env["PYTHONPATH"]])
+            self.proc = subprocess.Popen(self.argv(), cwd=REPO, env=env, stdout=log,
                                          stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:  # a worker's web server starts after table recovery
@@ -233,12 +241,12 @@ class ServiceProcess:
 
 @pytest.fixture
 def service_process() -> Iterator:
-    """``make(kind, settings, log_path) -> ServiceProcess`` (not started); every one made is killed at
-    the end of the test if still running."""
+    """``make(kind, settings, log_path, **kw) -> ServiceProcess`` (not started; ``kw``: ServiceProcess's
+    ``pythonpath`` and ``env``); every one made is killed at the end of the test if still running."""
     made: list[ServiceProcess] = []
 
-    def make(kind: str, settings: SettingsType, log_path: Path) -> ServiceProcess:
-        made.append(ServiceProcess(kind, settings, log_path))
+    def make(kind: str, settings: SettingsType, log_path: Path, **kw: Any) -> ServiceProcess:
+        made.append(ServiceProcess(kind, settings, log_path, **kw))
         return made[-1]
 
     yield make

@@ -234,6 +234,38 @@ def stage_summary(metrics_text: str) -> str:
     return out
 
 
+def write_load(per_topic: dict[str, tuple[int, int]], events: int) -> str:
+    """One line: records and bytes (key + value) written per input event, per topic and in all; the
+    broker's write load per 1,000 events/s follows (docs/scaling.md).
+
+    >>> write_load({"predictions": (1000, 300_000), "histories-changelog": (400, 200_000)}, 1000)
+    'written per event: predictions 1.00 rec / 300 B, histories-changelog 0.40 rec / 200 B; all 1.40 rec / 500 B'
+    """
+    parts = [f"{name} {n / events:.2f} rec / {size / events:,.0f} B" for name, (n, size) in per_topic.items()]
+    n_all = sum(n for n, _ in per_topic.values())
+    b_all = sum(b for _, b in per_topic.values())
+    return f"written per event: {', '.join(parts)}; all {n_all / events:.2f} rec / {b_all / events:,.0f} B"
+
+
+def group_summary(metrics_texts: list[str | None], events_topic: str) -> str:
+    """One line: how a group of workers shared the work (from each worker's ``/metrics``): predictions
+    each published and partitions of the events topic each held at the end.
+
+    >>> page = lambda preds, parts: (f'nextaction_predictions_out_total{{model_version="b"}} {preds}\\n'
+    ...                              f'nextaction_assigned_partitions{{topic="ev"}} {parts}\\n')
+    >>> group_summary([page(600.0, 2.0), page(400.0, 2.0), None], "ev")
+    'workers: predictions 600 / 400 / ? ; events partitions held 2 / 2 / ?'
+    """
+    def total(text: str | None, prefix: str) -> str:
+        if text is None:
+            return "?"
+        return f"{sum(float(line.rsplit(' ', 1)[1]) for line in text.splitlines() if line.startswith(prefix)):.0f}"
+
+    preds = " / ".join(total(t, "nextaction_predictions_out_total") for t in metrics_texts)
+    parts = " / ".join(total(t, f'nextaction_assigned_partitions{{topic="{events_topic}"}}') for t in metrics_texts)
+    return f"workers: predictions {preds} ; events partitions held {parts}"
+
+
 async def scrape_metrics(port: int, timeout: float = 10.0) -> str | None:
     """The worker's ``/metrics`` page, or None if it cannot be read."""
     import urllib.request

@@ -26,7 +26,8 @@ import orjson
 
 from benchmarks.common import ROOT, TAOBAO_SLICE, BenchError, loadavg
 from benchmarks.e2e.measure import (Phase, dlq_outputs, dlq_reasons, end_offsets_sum, end_offsets_sum_once,
-                                    passthrough_outputs, pipeline_outputs, proc_cpu_s, read_topic, scrape_metrics,
+                                    group_summary, passthrough_outputs, pipeline_outputs, proc_cpu_s, read_topic,
+                                    scrape_metrics, write_load,
                                     spy_summary, stage_summary, summarise, tree_cpu_s)
 from benchmarks.e2e.worker import Worker, tail_file
 from stream_app import broker, kafka_admin
@@ -269,13 +270,21 @@ class Bench:
                    else (self.args.worker_cwd or ROOT)).absolute()
         if tag.endswith("cmp"):
             env.update(dict(kv.split("=", 1) for kv in self.args.compare_env))
-        w = Worker(s, self.work / f"worker-{tag}.log", extra_env=env, cwd=cwd,
-                   profile=profile, profiler=self.args.profiler,
-                   loglevel=(self.args.compare_loglevel or self.args.worker_loglevel) if tag.endswith("cmp")
-                   else self.args.worker_loglevel)
-        self.workers.append(w)
-        log.info("pipeline %s (%s): %s", label, mode, " ".join(shlex.quote(a) for a in w.argv))
-        w.start()
+        loglevel = ((self.args.compare_loglevel or self.args.worker_loglevel) if tag.endswith("cmp")
+                    else self.args.worker_loglevel)
+        group: list[Worker] = []  # --workers: one consumer group; the first is profiled and warmed up
+        for i in range(self.args.workers):
+            si = s if i == 0 else s.model_copy(update={"web_port": free_port(),
+                                                       "data_dir": self.work / f"worker-{tag}-{i}"})
+            group.append(Worker(si, self.work / (f"worker-{tag}.log" if i == 0 else f"worker-{tag}-{i}.log"),
+                                extra_env=env, cwd=cwd, profile=profile if i == 0 else None,
+                                profiler=self.args.profiler, loglevel=loglevel))
+        w = group[0]
+        self.workers.extend(group)
+        log.info("pipeline %s (%s)%s: %s", label, mode, f", {len(group)} workers" if len(group) > 1 else "",
+                 " ".join(shlex.quote(a) for a in w.argv))
+        for x in group:
+            x.start()
         from aiokafka import AIOKafkaConsumer
 
         mon = AIOKafkaConsumer(bootstrap_servers=s.bootstrap_servers, **client_kwargs(s), group_id=None)
@@ -299,14 +308,15 @@ class Bench:
             last_n, last_change = -1, time.monotonic()
             deadline = time.monotonic() + self.args.timeout
             while True:
-                w.check()
+                for x in group:
+                    x.check()
                 if feed is not None and feed.done() and feed.exception():
                     raise BenchError(f"producing the rate-mode events failed: {feed.exception()!r}")
                 n = await end_offsets_sum(mon, out_topics)
                 now = time.monotonic()
                 if n and first_seen is None:
                     first_seen, n0 = now, n
-                    cpu0, bcpu0 = tree_cpu_s(w.proc.pid), proc_cpu_s(self.broker_pid())
+                    cpu0, bcpu0 = sum(tree_cpu_s(x.proc.pid) for x in group), proc_cpu_s(self.broker_pid())
                     w.attach_profiler()
                 if n != last_n:
                     last_n, last_change = n, now
@@ -321,15 +331,17 @@ class Bench:
                     break
                 await asyncio.sleep(0.5)
             startup = (first_seen - w.started) if first_seen else float("nan")
-            cpu1, bcpu1 = tree_cpu_s(w.proc.pid), proc_cpu_s(self.broker_pid())
+            cpu1, bcpu1 = sum(tree_cpu_s(x.proc.pid) for x in group), proc_cpu_s(self.broker_pid())
             metrics_text = await scrape_metrics(s.web_port) if rate is not None else None
+            shares = [await scrape_metrics(x.settings.web_port) for x in group] if len(group) > 1 else []
             w.detach_profiler()
             if feed is not None:
                 await feed
         finally:
             await mon.stop()
-            rc = w.stop()
-            log.info("worker stopped (exit %s)", rc)
+            for x in group:
+                rc = x.stop()
+                log.info("worker stopped (exit %s)", rc)
         if rate is not None:
             inputs = await self.index_inputs(in_topic)
             for k in warm_keys:
@@ -342,6 +354,8 @@ class Bench:
         ph.versions = versions
         if metrics_text:
             ph.notes.append(stage_summary(metrics_text))
+        if shares:
+            ph.notes.append(group_summary(shares, s.topic_events))
         if profile is not None and self.args.profiler == "py-spy":
             raw = Path(str(profile) + ".raw")
             if raw.is_file():
@@ -353,6 +367,13 @@ class Bench:
             ph.broker_cpu_ms = (bcpu1 - bcpu0) * 1000.0 / (n - n0)
         outcome_recs = await end_offsets_sum_once(s.bootstrap_servers, [s.topic_outcomes])
         ph.outcomes = outcome_recs
+        if mode == "backlog":  # every input was processed once (missing/dup are reported): the write load
+            written = {"predictions": preds, "dlq": dlq, "outcomes": await read_topic(s.bootstrap_servers,
+                                                                                       s.topic_outcomes)}
+            for table in ("histories", "activity"):
+                written[f"{table}-changelog"] = await read_topic(s.bootstrap_servers, f"{s.app_id}-{table}-changelog")
+            ph.notes.append(write_load({k: (len(v), sum(len(r.key or b"") + len(r.value or b"") for r in v))
+                                        for k, v in written.items()}, len(inputs)))
         if dlq:
             ph.notes.append(dlq_reasons(dlq))
         if checkpoint is not None and versions and all(str(v).startswith("baseline") for v in versions):

@@ -24,15 +24,19 @@ def test_the_patched_faust_code_still_has_the_bugs_the_fixes_describe():
         assert [source.index(s) for s in resume_then_seek] == sorted(source.index(s) for s in resume_then_seek), name
     drain = inspect.getsource(Consumer._drain_messages)
     assert "await self._add_gap(tp, r_offset + 1, offset)" in drain
+    revoke = inspect.getsource(inspect.unwrap(Consumer.on_partitions_revoked))
+    assert "self._acked.pop(tp, None)" in revoke and "self.commit(" not in revoke
 
 
 def test_apply_wraps_each_method_once():
     faust_fixes.apply()
-    patched = [Recovery.on_recovery_completed, Recovery._resume_streams, ThreadDelegateConsumer._getmany,
-               Consumer._add_gap]
+    def methods():
+        return [Recovery.on_recovery_completed, Recovery._resume_streams, ThreadDelegateConsumer._getmany,
+                Consumer._add_gap, Consumer.on_partitions_revoked]
+
+    patched = methods()
     faust_fixes.apply()
-    assert [Recovery.on_recovery_completed, Recovery._resume_streams, ThreadDelegateConsumer._getmany,
-            Consumer._add_gap] == patched
+    assert methods() == patched
     for method in patched:
         assert getattr(method, "_nextaction_faust_fix") is True
         assert not hasattr(inspect.unwrap(method), "_nextaction_faust_fix")
