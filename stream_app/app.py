@@ -90,7 +90,7 @@ def create_app(settings: SettingsType | None = None, *, predictor_factory: Calla
             since ``agent.test_context()`` runs without a broker.
     """
     settings = settings or get_settings()
-    faust_fixes.apply()  # Faust rebalance/fetch bugs that lose events: stream_app/faust_fixes.py
+    faust_fixes.apply()  # Faust rebalance/fetch/commit bugs that lose or repeat events: stream_app/faust_fixes.py
     data_dir = settings.data_dir.expanduser().absolute() / settings.app_id
     app = faust.App(
         settings.app_id,

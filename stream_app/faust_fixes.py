@@ -1,4 +1,4 @@
-"""Fixes for faust-streaming bugs that lose events, applied once by :func:`apply` (from ``create_app``).
+"""Fixes for faust-streaming bugs that lose or repeat events, applied once by :func:`apply` (from ``create_app``).
 
 Written against faust-streaming 0.15.3 (the pinned version); :func:`apply` warns when another
 version is installed, since a later release may have changed the code patched here.
