@@ -332,7 +332,7 @@ def test_three_workers_one_late_one_killed(fault_settings, tmp_path, service_pro
 SLOW_SEEK = Path(__file__).parent / "slow_seek"  # sitecustomize.py: Faust's post-rebalance seek made slow
 
 
-def test_rebalances_with_a_slow_seek_skip_and_repeat_nothing(fault_settings, tmp_path, service_process):
+def test_rebalances_with_a_slow_seek_skip_nothing(fault_settings, tmp_path, service_process):
     """Workers join and one leaves gracefully mid-stream while Faust's seek after each rebalance takes
     1 s longer (tests/integration/slow_seek). Without stream_app/faust_fixes.py the stream partitions
     were resumed before that seek: Faust recorded skipped offsets as gaps, and records were processed
