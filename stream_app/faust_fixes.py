@@ -59,6 +59,8 @@ import logging
 from importlib import metadata
 from typing import Any, Awaitable, Callable
 
+from stream_app import monitoring
+
 log = logging.getLogger(__name__)
 
 #: The faust-streaming version these fixes were written against (pyproject.toml pins it).
@@ -165,8 +167,6 @@ def skipped_gap_only(method: Callable[..., Awaitable[Any]]) -> Callable[..., Awa
 
     @functools.wraps(method)
     async def wrapper(self: Any, tp: Any, offset_from: int, offset_to: int) -> Any:
-        from stream_app import monitoring
-
         last = offset_to - 1
         skipped = last - offset_from + 1
         if skipped <= 0:

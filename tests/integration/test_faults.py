@@ -232,6 +232,13 @@ def _free_port() -> int:
     return free_port()
 
 
+def _group(service_process, base, tmp_path: Path, n: int, **kw) -> list:
+    """``n`` workers of one app (one consumer group), each with its own web port and data dir (not
+    started); ``kw`` goes to each ServiceProcess (``pythonpath``, ``env``)."""
+    return [service_process("worker", base.model_copy(update={"web_port": _free_port(), "data_dir": tmp_path / f"d{i}"}),
+                            tmp_path / f"worker-{i}.log", **kw) for i in range(n)]
+
+
 # --- broker outage --------------------------------------------------------------------------------------------
 @pytest.fixture
 def private_broker(tmp_path_factory):
@@ -298,13 +305,10 @@ def test_three_workers_one_late_one_killed(fault_settings, tmp_path, service_pro
     """Three workers of one app (baseline predictor, in-process): w2 joins mid-stream, w1 is ``kill -9``\\ ed
     later; its partitions move to the others after the session timeout. Every event processed, tables
     consistent (histories count every event once, activity counts exact)."""
-    from stream_app.ports import free_port
-
     base = fault_settings
     n = 4000
     evs = _events(n, 400, seed=51)
-    ws = [service_process("worker", base.model_copy(update={"web_port": free_port(), "data_dir": tmp_path / f"d{i}"}),
-                          tmp_path / f"worker-{i}.log") for i in range(3)]
+    ws = _group(service_process, base, tmp_path, 3)
     try:
         ws[0].start()
         ws[1].start()
@@ -339,14 +343,10 @@ def test_rebalances_with_a_slow_seek_skip_nothing(fault_settings, tmp_path, serv
     twice unmarked (138-251 per run) or, when dropped on the way to the agent, lost (CI); and the
     events acked since the last periodic commit were processed again by the next owner (1,794-2,922
     marked repeats). With the fixes: no gap on any worker, nothing lost, nothing repeated unmarked."""
-    from stream_app.ports import free_port
-
     base = fault_settings
     n = 4000
     evs = _events(n, 400, seed=53)
-    ws = [service_process("worker", base.model_copy(update={"web_port": free_port(), "data_dir": tmp_path / f"d{i}"}),
-                          tmp_path / f"worker-{i}.log", pythonpath=SLOW_SEEK, env={"NX_TEST_SEEK_DELAY_S": "1.0"})
-          for i in range(3)]
+    ws = _group(service_process, base, tmp_path, 3, pythonpath=SLOW_SEEK, env={"NX_TEST_SEEK_DELAY_S": "1.0"})
     try:
         ws[0].start()
         producer, sent = _in_background(base, evs, rate=800)
