@@ -81,6 +81,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--rate-seconds", type=float, default=30.0)
     p.add_argument("--skip-passthrough", action="store_true")
     p.add_argument("--skip-baseline", action="store_true")
+    p.add_argument("--faust-floor", action="store_true",
+                   help="also run the floor of Faust's per-message path (benchmarks/e2e/faust_floor.py): an agent "
+                        "that only parses and produces one record per event, without and with one table write")
     p.add_argument("--profile", help="profile one worker into this file (pyinstrument text or py-spy raw)")
     p.add_argument("--profile-run", default="base", choices=("base", "tf", "rate-base", "rate-tf"),
                    help="which worker --profile samples: the baseline or Transformer pipeline, backlog or rate "

@@ -165,6 +165,11 @@ async def passthrough(bootstrap: str, in_topic: str, out_topic: str, n_expected:
 # the benchmark
 # ------------------------------------------------------------------------------------------------ #
 
+#: ``--faust-floor`` variants: tag → table writes per event (benchmarks/e2e/faust_floor.py).
+FLOOR_VARIANTS = {"floor0": 0, "floor1": 1}
+FLOOR_APP = "benchmarks.e2e.faust_floor:app"
+
+
 class Bench:
     """One run: its broker, work dir, workers, the load average at each step and the phases measured."""
 
@@ -263,6 +268,9 @@ class Bench:
         if not self.args.no_precreate_changelogs:
             await precreate_changelogs(s)
         env = dict(self.extra_env)
+        floor = FLOOR_VARIANTS.get(tag.removeprefix("rate-"))
+        if floor is not None:
+            env["NX_FLOOR_TABLE_WRITES"] = str(floor)
         if checkpoint is not None:
             env["NEXTACTION_CHECKPOINT"] = str(checkpoint)
             env.setdefault("NEXTACTION_DEVICE", "cpu")
@@ -278,7 +286,8 @@ class Bench:
                                                        "data_dir": self.work / f"worker-{tag}-{i}"})
             group.append(Worker(si, self.work / (f"worker-{tag}.log" if i == 0 else f"worker-{tag}-{i}.log"),
                                 extra_env=env, cwd=cwd, profile=profile if i == 0 else None,
-                                profiler=self.args.profiler, loglevel=loglevel))
+                                profiler=self.args.profiler, loglevel=loglevel,
+                                app=FLOOR_APP if floor is not None else None))
         w = group[0]
         self.workers.extend(group)
         log.info("pipeline %s (%s)%s: %s", label, mode, f", {len(group)} workers" if len(group) > 1 else "",
@@ -376,6 +385,10 @@ class Bench:
                                         for k, v in written.items()}, len(inputs)))
         if dlq:
             ph.notes.append(dlq_reasons(dlq))
+        if floor is not None:
+            ph.notes.append("Faust floor: JSON parse + one produce per event" + (f" + {floor} table write(s)"
+                                                                                if floor else "")
+                            + "; no validation, state logic, model or outcomes (benchmarks/e2e/faust_floor.py)")
         if checkpoint is not None and versions and all(str(v).startswith("baseline") for v in versions):
             ph.notes.append("!!! the worker served the baseline, not the checkpoint (see its log)")
         log.info("%s done: %.0f ev/s, %d outputs, %d DLQ, %d missing, %d duplicates", label, ph.eps, ph.outputs,
@@ -440,6 +453,9 @@ class Bench:
                                          f"-l {a.compare_loglevel}" if a.compare_loglevel else "") if x)
             variants.append(("cmp", f"pipeline, baseline predictor, {what}", None))
 
+        if a.faust_floor:
+            variants += [("floor0", "Faust floor: consume → produce", None),
+                         ("floor1", "Faust floor: + 1 table write", None)]
         if not a.skip_passthrough:
             self.note_load("before pass-through")
             self.phases.append(await self.run_passthrough(topic, dict(inputs)))

@@ -43,11 +43,14 @@ class Worker:
     """A ``faust worker`` subprocess in its own process group, with its log in a file."""
 
     def __init__(self, settings: SettingsType, log_path: Path, *, extra_env: dict[str, str], cwd: Path,
-                 profile: Path | None = None, profiler: str = "pyinstrument", loglevel: str = "info") -> None:
+                 profile: Path | None = None, profiler: str = "pyinstrument", loglevel: str = "info",
+                 app: str | None = None) -> None:
         self.settings, self.log_path, self.cwd = settings, log_path, cwd
         # NB: Faust's `-l warn`/`-l error` keep its terminal spinner, which sets the ROOT logger to DEBUG:
         # every log.debug() in aiokafka/faust/mode then builds a LogRecord (findCaller...). `info` does not.
         argv = worker_argv(settings, loglevel, settings.web_port)
+        if app is not None:  # another Faust app (benchmarks/e2e/faust_floor.py), same command line
+            argv[argv.index("-A") + 1] = app
         if profile is not None:
             if profiler == "pyinstrument":
                 # python -m faust ... -> python -m pyinstrument -o FILE -r text -m faust ...
