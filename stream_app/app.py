@@ -35,7 +35,7 @@ from typing import Any, Callable
 import faust
 
 from models.predictor import Predictor
-from stream_app import faust_fixes
+from stream_app import faust_fixes, status
 from stream_app.events import event_time_s
 from stream_app.kafka_security import faust_credentials
 from stream_app.kafka_admin import topic_config
@@ -179,6 +179,7 @@ def create_app(settings: SettingsType | None = None, *, predictor_factory: Calla
     from stream_app import agents  # noqa: PLC0415 - agents need the declarations above
 
     agents.install(app, app.topology, predictor_factory=predictor_factory, publisher=publisher)
+    status.watch_worker(app)  # /metrics says who this worker is, what it serves (stream_app/status.py)
     return app
 
 

@@ -104,6 +104,52 @@ ONLINE_REJECTED = Counter("nextaction_online_rejected_full_records", "Full recor
                           "checkpoint_unreadable, hash_mismatch)", ["reason"], registry=REGISTRY)
 ONLINE_LAG = Gauge("nextaction_online_lag_records", "outcomes records not yet read by the trainer", registry=REGISTRY)
 
+
+# --- what a worker says about itself (read at each scrape) --------------------------------------------------
+class WorkerCollector:
+    """What a worker says about itself, read at each scrape from :attr:`source` (set at start by
+    :func:`stream_app.status.watch_worker`; none in the trainer's process): ``nextaction_worker_info``
+    (who it is: app id, host, pid, its consumer-group member id), ``nextaction_model_served_info`` (the
+    version it serves now, and that version's full ``base``) and ``nextaction_consumer_lag_records`` (per
+    input partition it holds: records past its committed offset). ``nextaction status`` joins these with
+    the consumer group the broker describes."""
+
+    FAMILIES = (("nextaction_worker_info", "This worker (value 1)", ("app_id", "host", "pid", "member_id")),
+                ("nextaction_model_served_info", "The model version this worker serves now (value 1; base: its "
+                 "full version, without online deltas)", ("version", "base")),
+                ("nextaction_consumer_lag_records", "Records past the committed offset, per input partition this "
+                 "worker holds", ("topic", "partition")))
+
+    def __init__(self) -> None:
+        #: ``() -> {"info": {label: value}, "version": str | None, "lag": {(topic, partition): records}}``
+        self.source = None
+
+    def describe(self):
+        return self._families({})
+
+    def collect(self):
+        try:
+            sample = self.source() if self.source is not None else {}
+        except Exception:  # noqa: BLE001 - a scrape must not fail on a worker still starting
+            sample = {}
+        return self._families(sample)
+
+    def _families(self, sample: dict):
+        from prometheus_client.core import GaugeMetricFamily
+
+        info, version, lag = (GaugeMetricFamily(name, doc, labels=labels) for name, doc, labels in self.FAMILIES)
+        if sample.get("info"):
+            info.add_metric([str(sample["info"].get(k, "")) for k in self.FAMILIES[0][2]], 1)
+        if sample.get("version"):
+            version.add_metric([sample["version"], sample["version"].partition("+")[0]], 1)
+        for (topic, partition), n in sorted((sample.get("lag") or {}).items()):
+            lag.add_metric([topic, str(partition)], n)
+        return [info, version, lag]
+
+
+WORKER = WorkerCollector()
+REGISTRY.register(WORKER)
+
 CONTENT_TYPE = "text/plain"  # aiohttp refuses a charset inside content_type; version param is optional
 
 

@@ -6,6 +6,7 @@
 ``tail TOPIC``, ``deploy CHECKPOINT``, ``forget USER_ID...``
 ``nextaction train|evaluate|fit-transitions``          offline model commands (:mod:`stream_app.cli.offline`)
 ``nextaction settings``                                the settings table (:mod:`stream_app.cli.settings`)
+``nextaction status``                                  broker, lag, workers, versions (:mod:`stream_app.cli.status`)
 ``nextaction trainer``                                 the online trainer (:mod:`stream_app.cli.trainer`)
 ``nextaction demo``                                    broker, model, worker, replay, predictions
                                                        (:mod:`stream_app.cli.demo`)
@@ -22,7 +23,7 @@ from __future__ import annotations
 
 import typer
 
-from stream_app.cli import demo, kafka, offline, settings, stream, trainer
+from stream_app.cli import demo, kafka, offline, settings, status, stream, trainer
 
 __all__ = ["app", "main"]
 
@@ -33,6 +34,7 @@ app.add_typer(kafka.app, name="kafka")
 app.add_typer(stream.app)
 app.add_typer(offline.app)
 app.add_typer(settings.app)
+app.add_typer(status.app)
 app.add_typer(trainer.app)
 app.add_typer(demo.app)
 
