@@ -18,7 +18,7 @@ import logging
 from typing import Any, Callable
 
 from models.predictor import Predictor
-from stream_app import monitoring
+from stream_app import dashboard, monitoring
 from stream_app.health import HealthWatch, consumer_sample
 from stream_app.pipeline import Pipeline, Publisher
 from stream_app.settings import SettingsType
@@ -116,4 +116,5 @@ def install(app: Any, topology: Any, *, predictor_factory: Callable[[SettingsTyp
         await pipeline.stop_batcher()
 
     pipeline.agent = process_events
+    dashboard.install(app, pipeline, settings)  # /dashboard: live charts + user inspector (stream_app/dashboard.py)
     return pipeline
