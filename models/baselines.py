@@ -10,11 +10,22 @@ orders items whose primary score ties (integer counts) and never changes the pri
 Action baselines (:class:`MajorityAction`, :class:`LastActionMarkov`) also provide
 ``score_actions(histories) -> [B, 5]`` probabilities and ``predict_gap_s(histories) -> [B]``.
 
+Baselines that are a probability model (:class:`Popularity`, :class:`RecentPopularity`,
+:class:`Markov` and their subclasses) also provide ``item_probs(histories) -> [B, len(ds.items)]``:
+each item's probability of being the next one (rows sum to 1), in the same order as their
+``score_items`` up to ties. The popularity fallback is one pseudo-observation spread by
+popularity: ``(count(i) + P_pop(i)) / (count + 1)``, where the counts are the primary evidence
+(successors of the last item, recent events). The evaluator reports their calibration
+(:func:`models.evaluate.evaluate`, ``item/top1_ece``); the similarity baselines have none.
+
 >>> from models.datasets import synthetic, leave_one_out
 >>> ds = synthetic(n_users=50, seed=0); sp = leave_one_out(ds)
 >>> m = Markov().fit(ds, sp.train)
 >>> m.score_items([c.history for c in sp.test[:4]]).shape == (4, len(ds.items))
 True
+>>> P = m.item_probs([c.history for c in sp.test[:4]])
+>>> np.allclose(P.sum(1), 1.0), bool((P.argmax(1) == m.score_items([c.history for c in sp.test[:4]]).argmax(1)).all())
+(True, True)
 """
 
 from __future__ import annotations
@@ -52,6 +63,18 @@ def _popfrac(pop: np.ndarray) -> np.ndarray:
     return pop / (pop.max() + 1.0)
 
 
+def _popdist(pop: np.ndarray) -> np.ndarray:
+    """Popularity as a distribution (uniform when nothing was counted)."""
+    total = pop.sum()
+    return pop / total if total > 0 else np.full(len(pop), 1.0 / max(1, len(pop)))
+
+
+def _backoff(counts: np.ndarray, popdist: np.ndarray) -> np.ndarray:
+    """``(counts + popdist) / (row total + 1)``: the counts' distribution with one pseudo-observation
+    spread by popularity (rows of ``counts [B, N]`` sum to 1 after it)."""
+    return (counts + popdist) / (counts.sum(1, keepdims=True) + 1.0)
+
+
 class _Base:
     name = "base"
 
@@ -81,6 +104,9 @@ class Popularity(_Base):
     def score_items(self, histories):
         return np.broadcast_to(self.pop, (len(histories), self.n_items)).copy()
 
+    def item_probs(self, histories):
+        return np.broadcast_to(_popdist(self.pop), (len(histories), self.n_items)).copy()
+
 
 class RecentPopularity(_Base):
     """Popularity over the most recent train events: the last ``days`` of event time (datasets with
@@ -102,6 +128,9 @@ class RecentPopularity(_Base):
 
     def score_items(self, histories):
         return np.broadcast_to(self.recent + self.popf, (len(histories), self.n_items)).copy()
+
+    def item_probs(self, histories):
+        return np.broadcast_to(_backoff(self.recent[None], _popdist(self.pop))[0], (len(histories), self.n_items)).copy()
 
 
 class RecentItems(_Base):
@@ -140,12 +169,17 @@ class Markov(_Base):
         self.T = sp.csr_matrix((np.ones(ok.sum()), (src[ok], dst[ok])), shape=(n + 1, n))
         self.T.sum_duplicates()
 
-    def score_items(self, histories):
+    def _last(self, histories) -> np.ndarray:
         n = self.n_items
-        last = np.array([h[-1] if h.size and h[-1] >= 0 else n for h in self._hists(histories)], np.int64)
-        out = self.T[last].toarray()
+        return np.array([h[-1] if h.size and h[-1] >= 0 else n for h in self._hists(histories)], np.int64)
+
+    def score_items(self, histories):
+        out = self.T[self._last(histories)].toarray()
         out += self.popf
         return out
+
+    def item_probs(self, histories):
+        return _backoff(self.T[self._last(histories)].toarray(), _popdist(self.pop))
 
 
 class ItemKNN(_Base):

@@ -2,7 +2,8 @@
 
 A **scorer** is any object with ``score_items(histories: list[EventSeq]) -> [B, len(ds.items)]``
 (float, higher is better) and optionally ``score_actions(histories) -> [B, 5]`` probabilities
-(order of :data:`models.schema.ACTIONS`) and ``predict_gap_s(histories) -> [B]`` seconds.
+(order of :data:`models.schema.ACTIONS`), ``predict_gap_s(histories) -> [B]`` seconds and
+``item_probs(histories) -> [B, len(ds.items)]``, each item's probability of being the next one.
 
 Protocols
 ---------
@@ -31,10 +32,21 @@ evaluated cases* (each user once): for test cases that is train + the validation
 test target. Pass ``popularity=`` (array or train dict) to use another. ``ties="pessimistic"`` /
 ``"optimistic"`` / ``"mean"`` ignore popularity.
 
+Calibration
+-----------
+For a scorer with ``item_probs`` (``calibration=True``): the top-1 item is the most probable item
+of the *unmasked* distribution (what a prediction's first ``top_items`` entry says), correct when
+it is the target. ``item/top1_ece`` is the expected calibration error of its probability (15
+equal-width bins, :func:`models.metrics.calibration_error`), next to the mean probability
+``item/top1_confidence`` and the share correct ``item/top1_accuracy`` (confidence above accuracy:
+over-confident). ``action/ece`` is the same for the most probable action.
+
 Returns a flat dict: ``HR@k``, ``NDCG@k``, ``MRR``, ``MRR@k``, ``coverage@10``, ``novelty@10``,
-``n_cases``, ``target_in_history``; with actions ``action/accuracy``, ``action/macro_f1``,
-``action/auc/<action>``, ``action/log_loss``, ``action/ece``, ``purchase_session_auc`` (datasets
-with purchases); with time ``gap/log_mae`` (MAE of natural-log seconds).
+``n_cases``, ``target_in_history``; with item probabilities ``item/top1_ece``,
+``item/top1_confidence``, ``item/top1_accuracy``; with actions ``action/accuracy``,
+``action/macro_f1``, ``action/auc/<action>``, ``action/log_loss``, ``action/ece``,
+``purchase_session_auc`` (datasets with purchases); with time ``gap/log_mae`` (MAE of
+natural-log seconds).
 """
 
 from __future__ import annotations
@@ -85,10 +97,11 @@ def evaluate(scorer, ds: Dataset, cases: Sequence[Case], *, protocol: str = "ful
              ks: Sequence[int] = (5, 10, 20), seed: int = 0, batch_size: int = 256, ties: str = "popularity",
              popularity: np.ndarray | dict | None = None, n_negatives: int = 100, negatives: str = "uniform",
              mask_target: bool = True, session_gap_s: float = 1800.0, beyond_accuracy: bool = True,
-             progress: bool = False, return_ranks: bool = False) -> dict:
+             calibration: bool = True, progress: bool = False, return_ranks: bool = False) -> dict:
     """Score ``cases`` with ``scorer`` and compute the metrics (see the module doc).
 
     ``beyond_accuracy=False`` skips coverage / novelty (the top-10 extraction), for speed.
+    ``calibration=False`` skips the item calibration (the ``item_probs`` call).
     ``return_ranks=True`` adds ``ranks``: each case's 0-based target rank (for paired tests).
 
     Raises :class:`~models.errors.ConfigError` for a bad ``protocol`` (the CLI's ``--protocol``) and
@@ -122,7 +135,10 @@ def evaluate(scorer, ds: Dataset, cases: Sequence[Case], *, protocol: str = "ful
     unknown = 0
     do_actions = hasattr(scorer, "score_actions") and ds.has_actions
     do_gap = hasattr(scorer, "predict_gap_s") and ds.has_time
+    do_items = calibration and hasattr(scorer, "item_probs")
     act_probs, act_true, gap_pred, gap_true = [], [], [], []
+    top1_conf: list[np.ndarray] = []
+    top1_hit: list[np.ndarray] = []
     batches = range(0, len(cases), batch_size)
     if progress:
         from tqdm import tqdm
@@ -183,6 +199,13 @@ def evaluate(scorer, ds: Dataset, cases: Sequence[Case], *, protocol: str = "ful
         # top-10 for coverage / novelty (popularity as a tiny tiebreak)
         if beyond_accuracy:
             tops.append(M.top_k(S, k_cov))
+        if do_items:
+            P = np.asarray(scorer.item_probs(hists), np.float64)
+            if P.shape != (B, N):
+                raise ValueError(f"scorer.item_probs returned shape {P.shape}, expected shape {(B, N)}")
+            top1 = P.argmax(1)
+            top1_conf.append(P[np.arange(B), top1])
+            top1_hit.append(known & (top1 == tgt))
         if do_actions:
             P = np.asarray(scorer.score_actions(hists), np.float64)
             act_probs.append(P)
@@ -204,6 +227,11 @@ def evaluate(scorer, ds: Dataset, cases: Sequence[Case], *, protocol: str = "ful
         out["novelty@10"] = M.novelty(topall, item_prob)
     out["target_in_history"] = in_hist
     out["unknown_targets"] = unknown
+    if do_items:
+        conf, hit = np.concatenate(top1_conf), np.concatenate(top1_hit)
+        out["item/top1_ece"] = M.calibration_error(np.clip(conf, 0.0, 1.0), hit)
+        out["item/top1_confidence"] = float(conf.mean())
+        out["item/top1_accuracy"] = float(hit.mean())
     if do_actions:
         P = np.concatenate(act_probs)
         y = np.concatenate(act_true)
@@ -309,8 +337,8 @@ def run_evaluate(dataset: str, checkpoint: Path | None = None, baselines: Sequen
 
 
 def format_table(res: dict, metrics: Sequence[str] = ("HR@10", "NDCG@10", "MRR", "coverage@10",
-                                                       "action/log_loss", "purchase_session_auc",
-                                                       "gap/log_mae")) -> str:
+                                                       "item/top1_ece", "action/log_loss", "action/ece",
+                                                       "purchase_session_auc", "gap/log_mae")) -> str:
     """A markdown table (rows = scorers) of :func:`run_evaluate`'s result."""
     names = list(res["results"])
     cols = [m for m in metrics if any(m in res["results"][n] for n in names)]

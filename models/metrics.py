@@ -15,7 +15,7 @@ import numpy as np
 
 __all__ = [
     "target_ranks", "top_k", "hit_rate", "ndcg", "mrr", "auc", "per_class_auc", "log_loss", "accuracy",
-    "macro_f1", "expected_calibration_error", "catalog_coverage", "novelty", "log_mae",
+    "macro_f1", "calibration_error", "expected_calibration_error", "catalog_coverage", "novelty", "log_mae",
 ]
 
 
@@ -246,8 +246,43 @@ def macro_f1(y_true: np.ndarray, y_pred: np.ndarray, labels: list[int] | None = 
     return float(np.mean(f1s)) if f1s else float("nan")
 
 
+def calibration_error(confidence: np.ndarray, correct: np.ndarray, n_bins: int = 15) -> float:
+    """Expected calibration error (ECE) of predictions made with probability ``confidence`` that
+    came true (``correct``, bool or 0/1): the confidences fall into ``n_bins`` equal-width bins over
+    ``(0, 1]`` (a confidence of 0 joins the first), and ECE is the mean over bins of ``|share
+    correct - mean confidence|``, weighted by the share of predictions in the bin. 0 = calibrated;
+    it is at most 1. NaN without predictions.
+
+    Used for the top-1 item probability (``item/top1_ece`` in :func:`models.evaluate.evaluate`) and,
+    through :func:`expected_calibration_error`, for the top action.
+
+    >>> # bin (0.8, 0.867]: .85, .85 with one right -> |0.5 - 0.85| = 0.35, half the predictions;
+    >>> # bin (0.067, 0.133]: .1, .1 both wrong -> |0 - 0.1| = 0.1, the other half
+    >>> round(calibration_error(np.array([.85, .85, .1, .1]), np.array([1, 0, 0, 0])), 4)
+    0.225
+    >>> calibration_error(np.array([0.25, 0.25, 0.25, 0.25]), np.array([1, 0, 0, 0]))  # calibrated
+    0.0
+    >>> calibration_error(np.array([1.0]), np.array([False])), calibration_error(np.array([]), np.array([]))
+    (1.0, nan)
+    """
+    conf = np.asarray(confidence, np.float64).reshape(-1)
+    hit = np.asarray(correct, np.float64).reshape(-1)
+    if conf.shape != hit.shape:
+        raise ValueError(f"confidence has {conf.size} entries, correct {hit.size}")
+    if not conf.size:
+        return float("nan")
+    if np.isnan(conf).any() or conf.min() < 0 or conf.max() > 1:
+        raise ValueError("confidence must be probabilities in [0, 1]")
+    edges = np.linspace(0.0, 1.0, n_bins + 1)
+    idx = np.clip(np.searchsorted(edges, conf, side="left") - 1, 0, n_bins - 1)
+    # sum over bins of |hits - confidence| (per-bin sums), over all predictions
+    gap = np.abs(np.bincount(idx, hit, minlength=n_bins) - np.bincount(idx, conf, minlength=n_bins))
+    return float(gap.sum() / conf.size)
+
+
 def expected_calibration_error(y_true: np.ndarray, probs: np.ndarray, n_bins: int = 15) -> float:
-    """Top-label ECE: equal-width confidence bins over (0, 1], sum of |acc - conf| weighted by size.
+    """Top-label ECE of class probabilities ``probs [N, C]``: :func:`calibration_error` of each row's
+    largest probability, correct when that class is ``y_true``.
 
     >>> # confidences .9 (right), .9 (wrong) share a bin: |0.5 - 0.9| = 0.4; .6 (right): |1 - .6| = .4
     >>> p = np.array([[.9, .1], [.9, .1], [.4, .6]])
@@ -256,17 +291,7 @@ def expected_calibration_error(y_true: np.ndarray, probs: np.ndarray, n_bins: in
     """
     p = np.asarray(probs, np.float64)
     y = np.asarray(y_true)
-    conf = p.max(1)
-    pred = p.argmax(1)
-    correct = (pred == y).astype(np.float64)
-    edges = np.linspace(0.0, 1.0, n_bins + 1)
-    idx = np.clip(np.searchsorted(edges, conf, side="left") - 1, 0, n_bins - 1)
-    ece = 0.0
-    for b in range(n_bins):
-        m = idx == b
-        if m.any():
-            ece += m.mean() * abs(correct[m].mean() - conf[m].mean())
-    return float(ece)
+    return calibration_error(p.max(1), p.argmax(1) == y, n_bins)
 
 
 # ----------------------------------------------------------------------------- beyond accuracy

@@ -500,13 +500,24 @@ class NextActionModel(nn.Module):
 
     def top_items(self, h: torch.Tensor, rep: torch.Tensor | None, hist_items: torch.Tensor | None,
                   last_item: torch.Tensor | None, k: int, coarse: torch.dtype | None = None,
-                  margin: int = TOPK_MARGIN) -> tuple[torch.Tensor, torch.Tensor]:
-        """The ``k`` best known items per row: ``(scores [N, k] fp32, vocabulary indices [N, k])``.
+                  margin: int = TOPK_MARGIN) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The ``k`` best known items per row: ``(scores [N, k] fp32, vocabulary indices [N, k],
+        log_norm [N] fp32)``.
 
-        ``coarse=None``: one exact scan of the catalogue. ``coarse=torch.bfloat16``: the catalogue
-        is scanned in bf16, the best ``k + margin`` are kept and rescored exactly
-        (:meth:`rescore_items`), and the top ``k`` of those are returned: the exact top-K unless an
-        item outside the coarse top ``k + margin`` belongs in it (docs/serving.md, top-K on the device).
+        ``log_norm`` is the log-normaliser of the whole score vector over the known items (the
+        catalogue: padding, mask and hash-bucket rows excluded, as in training's softmax), repeat
+        and transition scores included, computed in the same pass as the top-K: ``exp(scores -
+        log_norm[:, None])`` are the model's probabilities that each item is the next one.
+
+        ``coarse=None``: one exact scan of the catalogue; ``log_norm`` is the fp32 log-sum-exp of
+        the same scores. ``coarse=torch.bfloat16``: the catalogue is scanned in bf16, the best
+        ``k + margin`` are kept and rescored exactly (:meth:`rescore_items`), and the top ``k`` of
+        those are returned: the exact top-K unless an item outside the coarse top ``k + margin``
+        belongs in it (docs/serving.md, top-K on the device). ``log_norm`` then sums the rescored
+        candidates' exact terms and the other items' scanned terms: if each of those scores is off
+        by at most ``delta``, ``log_norm`` is off by at most ``delta`` times the probability mass
+        outside the candidates, and every returned probability by that factor (docs/contract.md,
+        measured in tests/unit/models/test_model.py).
         """
         first = self.first_item
         exact = coarse is None or coarse == torch.float32
@@ -516,13 +527,24 @@ class NextActionModel(nn.Module):
         else:
             scores = self.item_logits(h, rep, hist_items, last_item, dtype=coarse)[:, first:]
         k = min(k, scores.shape[1])
-        if exact or k == 0:
+        if k == 0:
+            return scores.new_zeros(scores.shape[0], 0), scores.new_zeros(scores.shape[0], 0, dtype=torch.long), \
+                _log_sum_exp(scores.float())
+        # the normaliser reuses the score matrix in place once the top-K is read from it (no copy),
+        # shifted by each row's best score (the top-1: no overflow)
+        if exact:
             top_s, top_i = chunked_topk(scores, k)
-            return top_s.float(), top_i + first
-        cand = chunked_topk(scores, min(k + margin, scores.shape[1]))[1] + first  # (N, C)
+            top_s = top_s.float()
+            return top_s, top_i + first, _shifted_log_norm(scores, top_s[:, 0])
+        cand_s, cand_j = chunked_topk(scores, min(k + margin, scores.shape[1]))  # (N, C) columns
+        cand = cand_j + first
         exact_s = self.rescore_items(h, rep, hist_items, last_item, cand)
         top_s, j = torch.topk(exact_s, k, dim=1)
-        return top_s, cand.gather(1, j)
+        # the candidates' exact terms + the other items' scanned ones
+        m = cand_s[:, 0].float()
+        scores.scatter_(1, cand_j, float("-inf"))
+        cand_mass = torch.exp(exact_s - m[:, None]).sum(1)
+        return top_s, cand.gather(1, j), _shifted_log_norm(scores, m, extra=cand_mass)
 
     # ------------------------------------------------------------------------------------------
     # training
@@ -648,8 +670,11 @@ class NextActionModel(nn.Module):
         out: dict = {"hidden": h_last}
         if k is None:
             out["item_scores"] = self.item_logits(h_last, rep, hist, last_item)  # (B, V)
+            out["item_log_norm"] = _log_sum_exp(out["item_scores"][:, self.first_item:].float())  # (B,)
         else:
-            out["top_scores"], out["top_items"] = self.top_items(h_last, rep, hist, last_item, k, coarse)  # (B, k)
+            top_s, out["top_items"], log_norm = self.top_items(h_last, rep, hist, last_item, k, coarse)  # (B, k)
+            out["top_scores"], out["item_log_norm"] = top_s, log_norm
+            out["top_probs"] = torch.exp(top_s - log_norm[:, None]).clamp_(max=1.0)  # (B, k)
         if self.action_head is not None:
             logits = self.action_head(h_last).float()  # (B, 5)
             if self.action_prior is not None and last_action is not None:
@@ -671,9 +696,12 @@ class NextActionModel(nn.Module):
                    ) -> dict[str, torch.Tensor]:
         """Serving outputs for the last event of each history: ``action_probs [B, 5]``,
         ``item_scores [B, V]`` (whole vocabulary, ``-inf`` on padding/mask rows; higher = more
-        likely next), ``gap_log_s [B]`` (predicted ``log1p`` seconds to the next event).
-        With ``k``: ``top_scores [B, k]`` and ``top_items [B, k]`` (vocabulary indices of known
-        items, see :meth:`top_items`) instead of ``item_scores``."""
+        likely next), ``item_log_norm [B]`` (the log-sum-exp of ``item_scores`` over the known
+        items: ``exp(item_scores - item_log_norm)`` is the next-item distribution over the
+        catalogue), ``gap_log_s [B]`` (predicted ``log1p`` seconds to the next event).
+        With ``k``: ``top_scores [B, k]``, ``top_items [B, k]`` (vocabulary indices of known
+        items, see :meth:`top_items`), ``item_log_norm [B]`` and ``top_probs [B, k]`` (the
+        items' probabilities, ``exp(top_scores - item_log_norm)``) instead of ``item_scores``."""
         items, lengths = batch["item"], batch["lengths"]
         B, T = items.shape
         h = self.hidden(batch)  # (B, T, d)
@@ -782,6 +810,33 @@ class NextActionModel(nn.Module):
         new_state = new_state.trimmed()
         out = LastHidden(h, rep, items if rep is not None else None, tokens["action"][:, 0], tokens["item"][:, 0])
         return (self.heads(out) if heads else out), new_state
+
+
+def _log_sum_exp(scores: torch.Tensor) -> torch.Tensor:
+    """``log(sum(exp(scores), 1))`` of a 2-D fp32 score matrix, per row (``-inf`` for a row that is all
+    ``-inf``).
+
+    >>> _log_sum_exp(torch.tensor([[0.0, 0.0], [1000.0, float("-inf")]])).tolist()
+    [0.6931471824645996, 1000.0]
+    """
+    return torch.logsumexp(scores, dim=1)
+
+
+def _shifted_log_norm(scores: torch.Tensor, m: torch.Tensor, extra: torch.Tensor | None = None) -> torch.Tensor:
+    """``m + log(sum(exp(scores - m), 1) + extra)`` per row, for ``m`` at least about each row's
+    maximum (no overflow; terms more than ~87 below ``m`` underflow to 0, i.e. less than ``1e-38`` of
+    the row's mass). **Overwrites** ``scores`` (2-D fp32) with ``exp(scores - m)``: the cheapest way
+    on a CPU (one in-place subtraction and exponential, no temporary ``[N, V]`` matrix; the same as
+    ``torch.logsumexp`` otherwise).
+
+    >>> s = torch.tensor([[1.0, 1.0, float("-inf")], [0.0, -1000.0, 3.0]])
+    >>> _shifted_log_norm(s.clone(), torch.tensor([1.0, 3.0])).tolist() == _log_sum_exp(s).tolist()
+    True
+    """
+    total = scores.sub_(m[:, None]).exp_().sum(1)
+    if extra is not None:
+        total = total + extra
+    return m + torch.log(total)
 
 
 def _ranges(starts: np.ndarray, lens: np.ndarray) -> np.ndarray:

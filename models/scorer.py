@@ -12,6 +12,9 @@
 >>> p = s.predict([h, EventSeq.empty()], k=2)[0]
 >>> len(p.top_items), abs(sum(p.action_probs) - 1) < 1e-6, {i for i, _ in p.top_items} <= {"a", "b", "c"}
 (2, True, True)
+>>> probs = s.item_probs([h])  # the next-item distribution over the catalogue (here: a, b, c)
+>>> round(float(probs.sum()), 6), round(p.top_items[0][1], 6) == round(float(probs.max()), 6)
+(1.0, True)
 """
 
 from __future__ import annotations
@@ -31,9 +34,11 @@ class TransformerScorer(Predictor):
 
     * evaluator contract: ``score_items(histories) -> [B, len(items)]`` aligned to ``items``
       (default: the vocabulary's known items; pass a dataset's ``items`` to align to it — ids the
-      vocabulary does not know are scored through their hash bucket), ``score_actions`` ``[B, 5]``,
-      ``predict_gap_s`` ``[B]``;
-    * :class:`~models.predictor.Predictor`: ``version``, ``predict(histories, k)``, ``observe``.
+      vocabulary does not know are scored through their hash bucket), ``item_probs`` (the same
+      columns as probabilities: the softmax over the vocabulary's known items), ``score_actions``
+      ``[B, 5]``, ``predict_gap_s`` ``[B]``;
+    * :class:`~models.predictor.Predictor`: ``version``, ``predict(histories, k)`` (top items with
+      their probabilities, as served), ``observe``.
 
     Histories are encoded with :func:`models.encoding.encode` (the one encoding) and run in batches
     of ``batch_size`` under ``torch.inference_mode`` (bf16 autocast on CUDA).
@@ -89,14 +94,15 @@ class TransformerScorer(Predictor):
         return batch
 
     def run(self, histories: Sequence[EventSeq]) -> dict[str, np.ndarray]:
-        """``{item_scores [B, V], action_probs [B, 5], gap_log_s [B]}`` as numpy (memoised for the
-        last list of histories, so the evaluator's three calls cost one forward pass)."""
+        """``{item_scores [B, V], item_log_norm [B], action_probs [B, 5], gap_log_s [B]}`` as numpy
+        (memoised for the last list of histories, so the evaluator's calls cost one forward pass)."""
         import torch
 
         if self._cache is not None and len(self._cache[0]) == len(histories) and all(
                 a is b for a, b in zip(self._cache[0], histories)):
             return self._cache[1]
-        outs: dict[str, list[np.ndarray]] = {"item_scores": [], "action_probs": [], "gap_log_s": []}
+        outs: dict[str, list[np.ndarray]] = {"item_scores": [], "item_log_norm": [], "action_probs": [],
+                                             "gap_log_s": []}
         cuda = self.device.type == "cuda"
         # run similar lengths together (less padding), then restore the input order
         order = np.argsort([min(len(h), self.cfg.max_len) for h in histories], kind="stable")
@@ -117,6 +123,12 @@ class TransformerScorer(Predictor):
     def score_items(self, histories: Sequence[EventSeq]) -> np.ndarray:
         return self.run(histories)["item_scores"][:, self._cols]
 
+    def item_probs(self, histories: Sequence[EventSeq]) -> np.ndarray:
+        """``[B, len(items)]``: the model's probability that each item is the next one (the softmax
+        over the vocabulary's known items, as served), in the columns of :meth:`score_items`."""
+        r = self.run(histories)
+        return np.exp(r["item_scores"][:, self._cols].astype(np.float64) - r["item_log_norm"][:, None])
+
     def score_actions(self, histories: Sequence[EventSeq]) -> np.ndarray:
         return self.run(histories)["action_probs"].astype(np.float64)
 
@@ -136,6 +148,8 @@ class TransformerScorer(Predictor):
             top_s = np.take_along_axis(scores, top, 1)
             order = np.argsort(-top_s, axis=1, kind="stable")
             top, top_s = np.take_along_axis(top, order, 1), np.take_along_axis(top_s, order, 1)
+            # scores -> probabilities over the known items (the normaliser of the same forward pass)
+            top_s = np.minimum(np.exp(top_s.astype(np.float64) - r["item_log_norm"][:, None]), 1.0)
         probs = r["action_probs"].astype(np.float64)
         probs = probs / probs.sum(axis=1, keepdims=True)
         gaps = self.predict_gap_s(histories)

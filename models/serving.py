@@ -10,7 +10,9 @@ Online deltas (:meth:`~TransformerPredictor.apply_delta`) change the weights in 
 state built before them keeps being stepped for up to ``max_stale_deltas`` deltas, then is rebuilt.
 The catalogue is scanned in bf16 and the best ``k + 32`` rescored exactly where that is faster
 (``score_dtype``, :func:`~models.devices.resolve_score_dtype`). How and why, with measurements:
-docs/serving.md.
+docs/serving.md. Each top item carries the model's probability that it is the user's next item
+(a softmax over the whole catalogue, repeat and transition scores included, normalised in the
+same device pass as the top-K: :meth:`~models.model.NextActionModel.top_items`; docs/contract.md).
 
 Not thread-safe by design: the batcher calls it from one inference thread.
 
@@ -497,8 +499,9 @@ class TransformerPredictor(Predictor):
             self.cache.put(cur_keys[j], entry)
 
     def _emit(self, o: dict[str, torch.Tensor], rows: list[int], out: list) -> None:
-        """Copy only the K ids/scores (top-K ran on the device), action probs and gap back to the host."""
-        ids, vals = o["top_items"].cpu().tolist(), o["top_scores"].float().cpu().tolist()  # (B, k) each
+        """Copy only the K ids and probabilities (top-K and the catalogue's normaliser ran on the
+        device: :meth:`~models.model.NextActionModel.top_items`), action probs and gap back to the host."""
+        ids, vals = o["top_items"].cpu().tolist(), o["top_probs"].float().cpu().tolist()  # (B, k) each
         probs = o["action_probs"].float().cpu().numpy().astype(np.float64)  # (B, 5)
         probs /= probs.sum(axis=1, keepdims=True)
         gaps = np.expm1(np.clip(o["gap_log_s"].float().cpu().numpy().astype(np.float64), 0.0, _GAP_LOG_CLIP))

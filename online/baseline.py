@@ -12,7 +12,9 @@ every history the batcher shows it through :meth:`~PopularityMarkovPredictor.obs
   blended with the user's own recent gaps taken from the history itself.
 
 Top-K items blend the Markov successors of the user's last item with global popularity, weighted
-by how much evidence the successor list has. Decay is implemented by growing the increment
+by how much evidence the successor list has: ``P(i) = c * P_markov(i | last) + (1 - c) * P_pop(i)``,
+a distribution over every item it knows, so each top item's score is its probability of being the
+user's next item (docs/contract.md) and the scores of all items sum to 1. Decay is implemented by growing the increment
 (``inc *= 2 ** (1 / half_life)``) instead of shrinking every stored weight, so an update is O(1);
 weights are rescaled when the increment gets large. Memory is bounded by ``max_items`` popular
 items, ``max_sources × max_successors`` transitions and a fixed action matrix.
@@ -28,6 +30,10 @@ Not thread-safe by design: the batcher calls ``predict`` and ``observe`` from on
 ('b', 1.0, 'cart')
 >>> round(pred.next_gap_s)  # the a -> b gap it saw was 30 s
 30
+>>> p.observe(EventSeq.from_columns(["c"], ["view"], [0]))  # c is seen once, b five times
+>>> top = p.predict([EventSeq.from_columns(["a"], ["view"], [0])], k=5)[0].top_items  # probabilities
+>>> [(i, round(s, 3)) for i, s in top], round(sum(s for _, s in top), 9)  # 5/7 + 2/7 * 5/6, 2/7 * 1/6
+([('b', 0.952), ('c', 0.048)], 1.0)
 """
 
 from __future__ import annotations
@@ -153,15 +159,17 @@ class PopularityMarkovPredictor(Predictor):
 
     # --- inference --------------------------------------------------------------------------------
     def _popular(self, n: int) -> list[tuple[str, float]]:
-        """The ``n`` most popular items as (item, share of all decayed popularity)."""
+        """About the ``n`` most popular items as (item, share of all decayed popularity *now*): the
+        ranking is refreshed every 1,000 observations, the shares are always current (so that they
+        stay probabilities: shares from an older total would not sum with the current ones)."""
         stale = self._since_refresh >= 1000 or (self._since_refresh and len(self._top_cache or ()) < n)
         if self._top_cache is None or self._top_cache_n < n or stale:
             self._top_cache_n = max(n, 256)
-            top = heapq.nlargest(self._top_cache_n, self._pop.items(), key=itemgetter(1))
-            total = self._pop_sum or 1.0
-            self._top_cache = [(k, w / total) for k, w in top]
+            self._top_cache = heapq.nlargest(self._top_cache_n, self._pop.items(), key=itemgetter(1))
             self._since_refresh = 0
-        return self._top_cache[:n]
+        total = self._pop_sum or 1.0
+        pop = self._pop
+        return [(k, pop[k] / total) for k, _ in self._top_cache[:n]]
 
     def predict(self, histories: Sequence[EventSeq], k: int, users: Sequence[str] | None = None
                 ) -> list[Prediction]:
@@ -194,7 +202,7 @@ class PopularityMarkovPredictor(Predictor):
 
     def _predict_one(self, history: EventSeq, k: int, popular: list[tuple[str, float]]) -> Prediction:
         if len(history) == 0:
-            return Prediction(self._action_probs(None), [(i, float(s)) for i, s in popular[:k]],
+            return Prediction(self._action_probs(None), heapq.nlargest(k, popular, key=itemgetter(1)),
                               self._next_gap(history, None), "no history: global popularity")
         last_item, last_action = history.items[-1], int(history.actions[-1])
         succ = self._trans.get(last_item)

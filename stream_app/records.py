@@ -13,6 +13,11 @@ forget marker          topic ``outcomes`` (key: user id)             :func:`forg
 model update           topic ``model-updates`` (key: ``b"model"``)   :class:`ModelUpdate`
 =====================  ============================================  ==================================
 
+Every record on a topic that downstream teams read (``predictions``, ``outcomes``, ``events.dlq``
+and the full records on ``model-updates``) carries ``schema_version`` (:data:`SCHEMA_VERSION`) and
+is described by a JSON Schema in ``stream_app/schemas/`` (:func:`schema`); what the fields mean
+and what a version change promises: docs/contract.md.
+
 A user's state is one value: the event window (:meth:`EventSeq.to_json` columns) plus ``"p"``,
 the :class:`StoredPrediction` the user's next event turns into an outcome, and ``"seen"``, the wall
 clock (epoch ms) when the worker last read an event of the user (the idle sweep's clock; states
@@ -29,18 +34,48 @@ written before it existed lack it: :func:`last_seen`).
 (9, 5)
 >>> ModelUpdate.decode(ModelUpdate("v1", "/models/v1", "ab" * 32).encode()).path
 '/models/v1'
+>>> orjson.loads(forget_marker("u1", "request"))["schema_version"] == SCHEMA_VERSION
+True
 """
 
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
+import json
 from dataclasses import dataclass
+from importlib import resources
 
 import orjson
 
 from models.predictor import Prediction
 from models.schema import ACTION_INDEX, N_ACTIONS, EventSeq
+
+# --- the contract -------------------------------------------------------------------------------------
+#: The version of the record contract (docs/contract.md), written into every ``predictions``,
+#: ``outcomes``, ``events.dlq`` and full ``model-updates`` record as ``schema_version``. Within one
+#: version fields are only ever added; a field removed, renamed, retyped or given another meaning or
+#: unit raises it. 1: ``top_items`` scores are probabilities (issue 16); records without the field
+#: were written before it (their ``top_items`` scores are the Transformer's raw scores).
+SCHEMA_VERSION = 1
+#: The topics' JSON Schemas (draft 2020-12), files in ``stream_app/schemas/``: name -> file.
+SCHEMAS = {"predictions": "predictions.schema.json", "outcomes": "outcomes.schema.json",
+           "events.dlq": "events.dlq.schema.json", "model-updates": "model-updates.schema.json"}
+
+
+@functools.cache
+def schema(name: str) -> dict:
+    """The JSON Schema of the records of topic ``name`` (a key of :data:`SCHEMAS`, the default topic
+    names), as shipped in the package.
+
+    >>> schema("predictions")["properties"]["schema_version"]["const"] == SCHEMA_VERSION
+    True
+    """
+    if name not in SCHEMAS:
+        raise ValueError(f"no schema for {name!r}: one of {sorted(SCHEMAS)}")
+    return json.loads(resources.files("stream_app").joinpath("schemas", SCHEMAS[name]).read_text("utf-8"))
+
 
 # --- user state (table ``histories``) ----------------------------------------------------------------
 @dataclass(slots=True)
@@ -218,7 +253,7 @@ def forget_marker(user_id: str, reason: str) -> bytes:
     >>> forget_user_of(orjson.loads(forget_marker("u1", "request")))
     'u1'
     """
-    return orjson.dumps({"forget": user_id, "reason": reason})
+    return orjson.dumps({"schema_version": SCHEMA_VERSION, "forget": user_id, "reason": reason})
 
 
 def forget_user_of(rec: dict) -> str | None:
@@ -231,9 +266,10 @@ def forget_user_of(rec: dict) -> str | None:
 # --- topic records ----------------------------------------------------------------------------------
 def prediction_record(user_id: str, stored: StoredPrediction, *, latency_ms: float, history_len: int, activity: int,
                       duplicate: bool, published_ms: int) -> bytes:
-    """The ``predictions`` record (README, "A prediction")."""
+    """The ``predictions`` record (README, "A prediction"; docs/contract.md): ``top_items`` carry the
+    model's probability that each item is the user's next item, ``action_probs`` sum to 1."""
     p = stored.prediction
-    record = {"user_id": user_id, "event_ts": stored.event_ts, "model_version": stored.version,
+    record = {"schema_version": SCHEMA_VERSION, "user_id": user_id, "event_ts": stored.event_ts, "model_version": stored.version,
               "action_probs": p.action_dict(), "top_items": [[i, s] for i, s in p.top_items],
               "next_gap_s": p.next_gap_s, "latency_ms": round(latency_ms, 3), "history_len": history_len,
               "activity": activity, "partition": stored.partition, "offset": stored.offset, "duplicate": duplicate,
@@ -253,7 +289,7 @@ def outcome_record(user_id: str, last: StoredPrediction, *, served: EventSeq, ac
     p = last.prediction
     ranks = {item: n for n, (item, _) in enumerate(p.top_items, start=1)}
     return orjson.dumps({
-        "user_id": user_id,
+        "schema_version": SCHEMA_VERSION, "user_id": user_id,
         "context": {"model_version": last.version, "event_ts": last.event_ts, "action_probs": p.action_dict(),
                     "top_items": [[i, s] for i, s in p.top_items], "next_gap_s": p.next_gap_s,
                     "partition": last.partition, "offset": last.offset, "window": served.to_json()},
@@ -326,7 +362,8 @@ def dlq_record(raw: bytes | None, reason: str, detail: str, *, topic: str, parti
         original, encoding = raw.decode("utf-8"), "utf-8"
     except UnicodeDecodeError:
         original, encoding = None, "base64"
-    record = {"reason": _text(reason, _MAX_REASON_CHARS), "detail": _text(detail, _MAX_DETAIL_CHARS),
+    record = {"schema_version": SCHEMA_VERSION,
+              "reason": _text(reason, _MAX_REASON_CHARS), "detail": _text(detail, _MAX_DETAIL_CHARS),
               "original": original if original is not None else base64.b64encode(raw).decode(),
               "encoding": encoding, "key": None,
               "source": {"topic": _text(topic, _MAX_TOPIC_CHARS), "partition": int(partition), "offset": int(offset)}}
@@ -381,14 +418,15 @@ class ModelUpdate:
     KEY = b"model"
 
     def encode(self) -> bytes:
-        d = {"version": self.version, "path": self.path, "sha256": self.sha256}
+        d = {"schema_version": SCHEMA_VERSION, "version": self.version, "path": self.path, "sha256": self.sha256}
         if self.n is not None:
             d.update(n=self.n, reason=self.reason)
         return orjson.dumps(d)
 
     @classmethod
     def decode(cls, value: bytes | None) -> "ModelUpdate":
-        """Parse a record; ``ValueError`` names what is wrong with it."""
+        """Parse a record; ``ValueError`` names what is wrong with it (also a ``schema_version`` newer
+        than :data:`SCHEMA_VERSION`: a record a newer release wrote, whose meaning may have changed)."""
         try:
             rec = orjson.loads(value) if value is not None else None
         except orjson.JSONDecodeError as exc:
@@ -401,6 +439,10 @@ class ModelUpdate:
         n = rec.get("n")
         if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 0):
             raise ValueError(f"'n' must be a non-negative integer (got {n!r})")
+        sv = rec.get("schema_version")  # absent: written before the field existed
+        if sv is not None and (isinstance(sv, bool) or not isinstance(sv, int) or not 1 <= sv <= SCHEMA_VERSION):
+            raise ValueError(f"'schema_version' {sv!r} is not one this worker reads (1..{SCHEMA_VERSION}): "
+                             f"upgrade the worker")
         version = rec.get("version")
         return cls(None if version is None else str(version), rec["path"], sha, n, rec.get("reason"))
 

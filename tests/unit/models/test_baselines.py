@@ -267,3 +267,64 @@ def test_crosscheck(name):
                 problems.append(f"{base} {metric}: got {got:.4f}, reference {ref:.4f}")
     print(f"{name}: {time.perf_counter() - t0:.1f} s")
     assert not problems, f"{name}: " + "; ".join(problems)
+
+
+# ----------------------------------------------------------------------------- item probabilities, calibration
+
+@pytest.mark.parametrize("cls", [Popularity, RecentPopularity, Markov, LastActionMarkov, MajorityAction])
+def test_probability_baselines_give_a_distribution_in_their_ranking_order(cls, syn):
+    ds, sp = syn
+    b = cls().fit(ds, fit_sequences(sp))
+    hists = [c.history for c in sp.test[:40]] + [_hist(), _hist("never-seen")]
+    P, S = b.item_probs(hists), b.score_items(hists)
+    assert P.shape == S.shape and (P >= 0).all() and (P <= 1).all()  # 0: an item never counted
+    np.testing.assert_allclose(P.sum(1), 1.0, rtol=1e-12)
+    for p, s in zip(P, S):  # the same order as the scores (ties may go either way)
+        order = np.argsort(-s, kind="stable")
+        assert (np.diff(p[order]) <= 1e-15).all()
+
+
+def test_markov_probabilities_are_counts_with_one_popularity_pseudo_observation(toy):
+    ix = toy.item_index
+    m = Markov().fit(toy, toy.sequences)
+    pop = Popularity().fit(toy, toy.sequences).item_probs([_hist()])[0]  # c 5, a 3, b 2, d 1 of 11
+    np.testing.assert_allclose(pop[[ix["c"], ix["a"], ix["b"], ix["d"]]], [5 / 11, 3 / 11, 2 / 11, 1 / 11])
+    p = m.item_probs([_hist("c", "a"), _hist("zzz")])
+    # a is followed by b twice (u1, u2; u3 ends in a): (2 + P_pop(b)) / (2 + 1)
+    assert p[0, ix["b"]] == pytest.approx((2 + 2 / 11) / 3) and p[0, ix["c"]] == pytest.approx((5 / 11) / 3)
+    np.testing.assert_allclose(p[1], pop)  # unknown last item: popularity
+
+
+def test_evaluate_reports_the_calibration_of_the_top1_item_probability(syn):
+    ds, sp = syn
+    cases = sp.test[:100]
+    tgt = np.array([ds.item_index[c.target_item] for c in cases])
+
+    case_of = {id(c.history): j for j, c in enumerate(cases)}
+
+    class Fixed:
+        """Top-1 is the target in the first 30 cases (probability 0.3 each), another item in the
+        other 70 (probability 0.9 each): over-confident where wrong."""
+
+        def score_items(self, hists):
+            return self.item_probs(hists)
+
+        def item_probs(self, hists):
+            P = np.full((len(hists), len(ds.items)), 0.0)
+            for b, h in enumerate(hists):
+                j = case_of[id(h)]
+                top = tgt[j] if j < 30 else (tgt[j] + 1) % len(ds.items)
+                P[b, :] = (0.7 if j < 30 else 0.1) / (len(ds.items) - 1)
+                P[b, top] = 0.3 if j < 30 else 0.9
+            return P
+
+    r = evaluate(Fixed(), ds, cases, batch_size=100, beyond_accuracy=False)
+    # bins: 0.3 -> 30 cases all right (|1 - 0.3| = 0.7); 0.9 -> 70 cases all wrong (|0 - 0.9|)
+    assert r["item/top1_ece"] == pytest.approx(0.3 * 0.7 + 0.7 * 0.9)
+    assert r["item/top1_accuracy"] == pytest.approx(0.3) and r["item/top1_confidence"] == pytest.approx(0.72)
+    assert "item/top1_ece" not in evaluate(Fixed(), ds, cases, calibration=False, batch_size=100)
+    assert "item/top1_ece" not in evaluate(RecentItems().fit(ds, sp.train), ds, cases)  # not a probability model
+    mk = evaluate(Markov().fit(ds, fit_sequences(sp)), ds, sp.test, ks=(1, 10))
+    assert 0 <= mk["item/top1_ece"] <= 1 and mk["item/top1_accuracy"] == pytest.approx(mk["HR@1"], abs=0.05)
+    assert "item/top1_ece" in format_table({"dataset": "syn", "protocol": "full", "mask_history": False,
+                                            "split": "test", "n_cases": 1, "results": {"markov": mk}})

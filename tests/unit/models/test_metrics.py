@@ -6,6 +6,8 @@ import math
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from models import metrics as M
 
@@ -78,6 +80,34 @@ def test_ece_hand_computed():
     assert M.expected_calibration_error(y, p, n_bins=10) == pytest.approx(want)
     # perfectly calibrated one-hot predictions
     assert M.expected_calibration_error(np.array([0, 1]), np.eye(2)) == 0.0
+
+
+def test_calibration_error_of_a_calibrated_forecaster_is_small_and_of_a_liar_large():
+    rng = np.random.default_rng(0)
+    conf = rng.uniform(0, 1, 200_000)
+    hit = rng.uniform(0, 1, conf.size) < conf  # right with exactly the stated probability
+    assert M.calibration_error(conf, hit) < 0.01
+    assert M.calibration_error(conf, ~hit) > 0.3  # right with 1 - p
+    assert M.calibration_error(np.full(10, 0.9), np.zeros(10)) == pytest.approx(0.9)
+    # the top-label ECE of class probabilities is the ECE of their top class
+    p = rng.dirichlet(np.ones(4), 1000)
+    y = rng.integers(0, 4, 1000)
+    assert M.expected_calibration_error(y, p) == pytest.approx(M.calibration_error(p.max(1), p.argmax(1) == y))
+    with pytest.raises(ValueError, match="probabilities"):
+        M.calibration_error(np.array([1.5]), np.array([1]))
+    with pytest.raises(ValueError, match="entries"):
+        M.calibration_error(np.array([0.5, 0.5]), np.array([1]))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(st.floats(0, 1), st.booleans()), min_size=1, max_size=200), st.integers(1, 30))
+def test_calibration_error_is_between_0_and_1_and_at_most_the_mean_gap(pairs, n_bins):
+    conf = np.array([c for c, _ in pairs])
+    hit = np.array([h for _, h in pairs])
+    ece = M.calibration_error(conf, hit, n_bins)
+    assert 0 <= ece <= 1
+    assert ece <= np.mean(np.abs(hit - conf)) + 1e-12  # binning only averages gaps away
+    assert M.calibration_error(conf, hit, 1) == pytest.approx(abs(hit.mean() - conf.mean()))  # one bin
 
 
 def test_coverage_novelty_logmae():

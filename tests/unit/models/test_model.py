@@ -315,7 +315,7 @@ def test_a_bf16_scan_with_exact_rescoring_gives_the_fp32_top_k():
         last, _ = m.prefill(batch, heads=False)
         coarse = m.item_logits(last.h, last.rep, last.hist, last.item, dtype=torch.bfloat16)[:, first:]
         assert (coarse.float().gather(1, ref_i) != ref_s).any()  # the rescoring is what makes it exact
-        _, no_margin = m.top_items(last.h, last.rep, last.hist, last.item, 10, coarse=torch.bfloat16, margin=0)
+        _, no_margin, _ = m.top_items(last.h, last.rep, last.hist, last.item, 10, coarse=torch.bfloat16, margin=0)
         assert not torch.equal(no_margin, ref_i + first)  # and the margin: bf16 alone misorders some
         assert torch.equal(m.score_last(batch, k=10, coarse=torch.bfloat16)["top_items"], out["top_items"])
     with torch.no_grad():  # an online update changes the rows: the cached copies follow
@@ -325,3 +325,81 @@ def test_a_bf16_scan_with_exact_rescoring_gives_the_fp32_top_k():
         out = m.score_last(batch, k=10, coarse=torch.bfloat16)
         assert torch.equal(out["top_items"], torch.topk(m.score_last(batch)["item_scores"][:, first:], 10).indices + first)
         assert bool((out["top_items"] == first + 7).any())
+
+
+def _catalogue_model(n_items: int = 5000, seed: int = 3):
+    """A model over ``n_items`` known items with spread scores, repeat head and a transition table,
+    and a batch of 64 histories of 1..19 events: what the probabilities are checked on."""
+    from models.transitions import count_transitions
+
+    vocab = ItemVocab((f"it{k}" for k in range(n_items)), n_hash_buckets=16)
+    cfg = ModelConfig(n_items=len(vocab), n_hash_buckets=16, d_model=32, max_len=20, dropout=0.0,
+                      transition_weight=2.0)
+    torch.manual_seed(seed)
+    m = NextActionModel(cfg).eval()
+    rng = np.random.default_rng(seed)
+    hists = [EventSeq.from_columns([f"it{i}" for i in rng.integers(0, 60, n)], rng.integers(0, 5, n),
+                                   1_700_000_000_000 + 60_000 * np.arange(n)) for n in rng.integers(1, 20, 64)]
+    with torch.no_grad():
+        m.item_emb.weight.mul_(4.0)  # spread the scores, as training does
+        m.item_bias.normal_(0, 1.0)
+        m.rep_recency.weight.normal_(0, 1.0)  # repeat scores that matter
+    m.set_transitions(count_transitions([vocab.indices(h.items) for h in hists], len(vocab), top=20)
+                      .with_feature("log"))
+    assert m.uses_transitions
+    return m, vocab, hists, collate([encode(h, vocab, cfg) for h in hists])
+
+
+def test_top_items_carry_the_full_softmax_probability_of_the_next_item():
+    """The contract (docs/contract.md): each top item's probability is its softmax probability over
+    every known item, repeat and transition scores included, the normaliser computed in the same
+    pass; on the fp32 path it is exact (to fp32 rounding), on every serving path (full, prefill,
+    step); the items not returned hold the rest of the mass."""
+    m, vocab, hists, batch = _catalogue_model()
+    first = vocab.first_item
+    with torch.inference_mode():
+        full = m.score_last(batch)
+        known = full["item_scores"][:, first:].double()
+        ref = torch.log_softmax(known, 1)  # the distribution training's full softmax fits
+        torch.testing.assert_close(full["item_log_norm"].double(), torch.logsumexp(known, 1), rtol=0, atol=1e-4)
+        ref_p, ref_i = torch.topk(ref.exp(), 10, dim=1)
+        out = m.score_last(batch, k=10)
+        assert torch.equal(out["top_items"], ref_i + first)
+        torch.testing.assert_close(out["top_probs"].double(), ref_p, rtol=1e-5, atol=1e-9)
+        torch.testing.assert_close(out["top_probs"], torch.exp(out["top_scores"] - out["item_log_norm"][:, None]))
+        assert float(out["top_probs"].max()) <= 1.0 and bool((out["top_probs"] > 0).all())
+        assert bool((out["top_probs"].sum(1) <= 1 + 1e-6).all())
+        assert bool((out["top_probs"].diff(dim=1) <= 0).all())  # best first
+        everything = m.score_last(batch, k=len(vocab))  # every known item: the probabilities sum to 1
+        torch.testing.assert_close(everything["top_probs"].double().sum(1), torch.ones(64, dtype=torch.float64),
+                                   rtol=0, atol=1e-5)
+        longer = [j for j, h in enumerate(hists) if len(h) >= 2]  # the KV-cache path: prefill, then step
+        _, state = m.prefill(collate([encode(hists[j][:-1], vocab, m.cfg) for j in longer]))
+        step = m.step(collate([encode_last(hists[j], vocab, m.cfg) for j in longer]), state, heads=False)[0]
+        inc = m.heads(step, 10)
+        assert torch.equal(inc["top_items"], out["top_items"][longer])
+        torch.testing.assert_close(inc["top_probs"], out["top_probs"][longer], rtol=1e-4, atol=1e-6)
+
+
+def test_a_bf16_scan_normaliser_is_within_its_documented_bound():
+    """With a bf16 catalogue scan, the normaliser adds the rescored candidates' exact terms to the
+    other items' scanned terms: its error is at most (the largest scan error among the other items)
+    x (their share of the probability mass), and so is each probability's relative error."""
+    m, vocab, _, batch = _catalogue_model(seed=5)
+    first = vocab.first_item
+    with torch.inference_mode():
+        last, _ = m.prefill(batch, heads=False)
+        exact = m.item_logits(last.h, last.rep, last.hist, last.item)[:, first:].double()
+        coarse = m.item_logits(last.h, last.rep, last.hist, last.item, dtype=torch.bfloat16)[:, first:].double()
+        s, idx, log_norm = m.top_items(last.h, last.rep, last.hist, last.item, 10, coarse=torch.bfloat16)
+        true_norm = torch.logsumexp(exact, 1)
+        cand = torch.topk(coarse, 10 + 32, dim=1).indices  # the candidates it rescored
+        rest = torch.ones_like(exact, dtype=torch.bool).scatter_(1, cand, False)
+        delta = ((coarse - exact).abs() * rest).amax(1)
+        rest_mass = (torch.softmax(exact, 1) * rest).sum(1)
+        err = (log_norm.double() - true_norm).abs()
+        assert bool((err <= delta * rest_mass + 1e-5).all()), (err.max(), (delta * rest_mass).max())
+        assert float(err.max()) > 0  # the bf16 scan does leave an error (else the test proves nothing)
+        probs = torch.exp(s.double() - log_norm.double()[:, None])
+        ref = torch.exp(exact.gather(1, idx - first) - true_norm[:, None])
+        torch.testing.assert_close(probs, ref, rtol=float(err.max()) * 1.01 + 1e-6, atol=0)

@@ -59,6 +59,9 @@ def _well_formed(p: Prediction, k: int) -> None:
     assert math.isclose(sum(p.action_probs), 1.0, rel_tol=1e-6)
     assert len(p.top_items) <= k and all(isinstance(i, str) and math.isfinite(s) for i, s in p.top_items)
     assert [s for _, s in p.top_items] == sorted((s for _, s in p.top_items), reverse=True)  # best first
+    # the contract (docs/contract.md): each score is the probability that the item is the next one (0.0
+    # only where it is below float precision: the delta test's new item takes all but exp(-1000) of the mass)
+    assert all(0 <= s <= 1 for _, s in p.top_items) and sum(s for _, s in p.top_items) <= 1 + 1e-5
     assert math.isfinite(p.next_gap_s) and p.next_gap_s >= 0
 
 
@@ -78,6 +81,21 @@ def test_one_well_formed_prediction_per_history_in_order(predictor):
     alone = predictor.predict([hs[3]], K)[0]  # order-independent: the same history alone, same answer
     assert [i for i, _ in alone.top_items] == [i for i, _ in out[3].top_items]
     np.testing.assert_allclose(alone.action_probs, out[3].action_probs, atol=1e-5)
+
+
+def test_the_probabilities_of_every_item_sum_to_one(predictor):
+    """Top items carry probabilities over the whole catalogue: asked for every item it knows, a
+    predictor's item probabilities sum to 1, for an empty history, a known and an unknown last item
+    (the baseline after it learned 40 items; the Transformer's 40-item checkpoint)."""
+    for n in range(40):  # the baseline learns the 40 items the checkpoint knows
+        predictor.observe(EventSeq.from_columns([f"i{n}", f"i{(7 * n) % 40}"], ["view", "cart"], [T0 + n, T0 + n + 1]))
+    hs = [EventSeq.empty(), EventSeq.from_columns(["i3", "i5"], ["view", "view"], [T0, T0 + 9_000]),
+          EventSeq.from_columns(["never-seen"], ["cart"], [T0])]
+    for p in predictor.predict(hs, 40, users=["a", "b", "c"]):
+        _well_formed(p, 40)
+        assert all(s > 0 for _, s in p.top_items)
+        assert len(p.top_items) == 40 and len({i for i, _ in p.top_items}) == 40
+        assert math.isclose(sum(s for _, s in p.top_items), 1.0, abs_tol=1e-5)
 
 
 def test_predict_async_gives_what_predict_gives_and_suspends_only_if_it_runs_elsewhere(predictor):

@@ -29,3 +29,21 @@ def test_predictor_protocol(make_checkpoint, histories15):
     # score_items columns follow the requested item order
     full = s.run(histories15)["item_scores"]
     np.testing.assert_array_equal(s.score_items(histories15), full[:, VOCAB.indices(ITEMS[::-1])])
+
+
+def test_top_items_and_item_probs_are_the_softmax_over_the_catalogue(make_checkpoint, histories15):
+    """What the scorer predicts is what the stream serves: each top item's probability of being the
+    next item (the softmax over the known items); ``item_probs`` gives all of them, in the columns of
+    ``score_items``, summing to 1."""
+    path = make_checkpoint(0, items=len(ITEMS))
+    s = TransformerScorer.from_checkpoint(path, ITEMS[::-1], device="cpu")
+    probs = s.item_probs(histories15)
+    scores = s.score_items(histories15)
+    ref = np.exp(scores - scores.max(1, keepdims=True))
+    np.testing.assert_allclose(probs, ref / ref.sum(1, keepdims=True), rtol=1e-5)
+    np.testing.assert_allclose(probs.sum(1), 1.0, rtol=1e-6)
+    for b, p in enumerate(s.predict(histories15, k=len(ITEMS))):
+        col = {item: j for j, item in enumerate(ITEMS[::-1])}
+        np.testing.assert_allclose([sc for _, sc in p.top_items], [probs[b, col[i]] for i, _ in p.top_items],
+                                   rtol=1e-5)
+        assert abs(sum(sc for _, sc in p.top_items) - 1) < 1e-5 and all(0 < sc <= 1 for _, sc in p.top_items)

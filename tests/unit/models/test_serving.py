@@ -63,10 +63,11 @@ def ckpt2(tmp_path_factory):
 
 
 def _reference(model: NextActionModel, histories: list[EventSeq], k: int):
-    """Full recomputation: (top ids, top scores, action probs, gap log) per history."""
+    """Full recomputation: (top ids, their probabilities: the softmax over the known items, action
+    probs, gap log) per history."""
     with torch.no_grad():
         o = model.score_last(collate([encode(h, VOCAB, model.cfg) for h in histories]))
-    s, i = torch.topk(o["item_scores"][:, VOCAB.first_item:], k, dim=1)
+    s, i = torch.topk(torch.softmax(o["item_scores"][:, VOCAB.first_item:].double(), 1), k, dim=1)
     return i.numpy(), s.numpy(), o["action_probs"].numpy(), o["gap_log_s"].numpy()
 
 
@@ -297,8 +298,12 @@ def test_cpu_and_cuda_paths_agree(ckpt):
         a, b = cpu.predict([s], 5, users=["u"])[0], gpu.predict([s], 5, users=["u"])[0]
         np.testing.assert_allclose(a.action_probs, b.action_probs, atol=3e-2)
         assert len({i for i, _ in a.top_items} & {i for i, _ in b.top_items}) >= 3
+        on_gpu = dict(b.top_items)  # the same probabilities, to bf16 precision
+        assert all(abs(p - on_gpu[i]) < 3e-2 for i, p in a.top_items if i in on_gpu)
     full_c, full_g = cpu.predict_full(seqs, 5), gpu.predict_full(seqs, 5)
     for a, b in zip(full_c, full_g):
         np.testing.assert_allclose(a.action_probs, b.action_probs, atol=3e-2)
         np.testing.assert_allclose(a.next_gap_s, b.next_gap_s, rtol=0.1, atol=0.5)
+    for p in gpu.predict_full(seqs, len(ITEMS)):  # every item: the catalogue's probabilities sum to 1
+        assert abs(sum(s for _, s in p.top_items) - 1) < 1e-3
     assert gpu.stats["steps"] > 0

@@ -94,3 +94,44 @@ def test_rejects_bad_arguments():
         PopularityMarkovPredictor(max_items=0)
     with pytest.raises(ValueError, match="k must be"):
         PopularityMarkovPredictor().predict([seq()], 0)
+
+
+# --- the prediction contract (docs/contract.md): probabilities, whatever the stream ---------------------------
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+_stream = st.lists(st.tuples(st.integers(0, 3), st.sampled_from(["i0", "i1", "i2", "i3", "i4", "i5", "i6"]),
+                             st.sampled_from(ACTIONS), st.integers(0, 10 ** 7)), max_size=120)
+
+
+@settings(max_examples=200, deadline=None)
+@given(events=_stream, half_life=st.sampled_from([1.0, 5.0, 50_000.0]), max_items=st.sampled_from([2, 4, 200_000]),
+       max_successors=st.sampled_from([1, 2, 50]), k=st.integers(1, 12))
+def test_top_items_are_probabilities_and_action_probs_sum_to_one(events, half_life, max_items, max_successors, k):
+    """Any stream (4 users, 7 items, tiny bounds that prune and evict, fast decay that rescales), each
+    event predicted before it is learned, as the stream does: each top item's score is a probability,
+    best first, the top-k sum to at most 1 and all items the predictor knows (k >= their number) to
+    exactly 1; the action probabilities sum to 1."""
+    p = PopularityMarkovPredictor(half_life=half_life, max_items=max_items, max_successors=max_successors,
+                                  max_sources=3)
+    users: dict[int, EventSeq] = {}
+    t = 1_700_000_000_000
+    for user, item, action, gap in events:
+        t += gap
+        users[user] = users.get(user, EventSeq.empty()).appended(item, action, t)
+        # k=1 reads the cached popularity ranking (built up to 1,000 observations ago), k=64 rebuilds it
+        # (7 items < 2k): the same item has the same probability either way
+        (top,) = p.predict([users[user]], 1)[0].top_items or [("none", 1.0)]
+        assert 0 < top[1] <= 1
+        if top[0] != "none":
+            assert math.isclose(top[1], dict(p.predict([users[user]], 64)[0].top_items)[top[0]], rel_tol=1e-9)
+        p.observe(users[user])
+    probes = [EventSeq.empty(), seq(("i0", "view", t)), seq(("unknown", "cart", t)), *users.values()]
+    for pred, pred_all in zip(p.predict(probes, k), p.predict(probes, 64)):
+        for pr, kk in ((pred, k), (pred_all, 64)):
+            scores = [s for _, s in pr.top_items]
+            assert len(scores) <= kk and all(0 < s <= 1 for s in scores) and scores == sorted(scores, reverse=True)
+            assert sum(scores) <= 1 + 1e-9
+            assert math.isclose(sum(pr.action_probs), 1.0, abs_tol=1e-12) and min(pr.action_probs) > 0
+        if p.observed:  # every item it knows: the distribution sums to 1
+            assert math.isclose(sum(s for _, s in pred_all.top_items), 1.0, abs_tol=1e-9)

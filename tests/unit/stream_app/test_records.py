@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
+import math
+import time
+from pathlib import Path
 
+import jsonschema
 import numpy as np
 import orjson
 import pytest
@@ -12,10 +17,11 @@ from hypothesis import event, given, settings
 from hypothesis import strategies as st
 
 from models.predictor import Prediction
-from models.schema import EventSeq
-from stream_app.records import (DLQ_MAX_BYTES, DLQ_MAX_KEY_BYTES, DLQ_MIN_BYTES, ModelUpdate, StoredPrediction,
-                                UserState, decode_state, dlq_key, dlq_record, encode_state, outcome_record,
-                                prediction_record)
+from models.schema import ACTIONS, EventSeq
+from stream_app.records import (CONTROL_HEADER, DLQ_MAX_BYTES, DLQ_MAX_KEY_BYTES, DLQ_MIN_BYTES, SCHEMA_VERSION,
+                                SCHEMAS, ForgetRequest, ModelUpdate, StoredPrediction, UserState, decode_state,
+                                dlq_key, dlq_record, encode_state, forget_marker, forget_user_of, outcome_record,
+                                prediction_record, schema)
 
 
 def history() -> EventSeq:
@@ -174,3 +180,160 @@ def test_decode_state_only_raises_value_error(value):
         return
     n = len(state.history)
     assert len(state.history.ts) == len(state.history.categories) == n
+
+
+# --- the contract: schema_version and the JSON Schemas (stream_app/schemas/, docs/contract.md) ---------------
+def _valid(topic: str, record: bytes | dict) -> dict:
+    """``record`` decoded and validated against ``topic``'s schema (raises naming the failure)."""
+    rec = orjson.loads(record) if isinstance(record, bytes) else record
+    jsonschema.Draft202012Validator(schema(topic), format_checker=jsonschema.FormatChecker()).validate(rec)
+    return rec
+
+
+def test_the_schemas_are_valid_draft_2020_12_files_shipped_with_the_package():
+    import tomllib
+
+    root = Path(__file__).resolve().parents[3]
+    for name, file in SCHEMAS.items():
+        s = schema(name)
+        jsonschema.Draft202012Validator.check_schema(s)
+        assert s["$schema"] == "https://json-schema.org/draft/2020-12/schema"
+        assert (root / "stream_app" / "schemas" / file).is_file()
+        consts = [d["properties"]["schema_version"]["const"] for d in (s, *s.get("$defs", {}).values())
+                  if "schema_version" in d.get("properties", {})]
+        assert consts and set(consts) == {SCHEMA_VERSION}, name
+    data = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]
+    assert "schemas/*.json" in data["stream_app"]  # installed with the package, not only in the checkout
+    with pytest.raises(ValueError, match="no schema for 'events'"):
+        schema("events")
+
+
+def test_records_built_by_the_codecs_carry_schema_version_and_validate():
+    pred = _valid("predictions", prediction_record("u1", stored(), latency_ms=3.0, history_len=2, activity=5,
+                                                   duplicate=False, published_ms=9))
+    out = _valid("outcomes", outcome_record("u1", stored(), served=history(), action="purchase", item_id="x",
+                                            category="c1", event_ts=1_700_000_090_000, partition=1, offset=9))
+    marker = _valid("outcomes", forget_marker("u1", "idle"))
+    dlq = _valid("events.dlq", dlq_record(b"\xff", "not_json", "bad", topic="events", partition=0, offset=1, key=b"k"))
+    big = _valid("events.dlq", dlq_record(b"x" * 300_000, "too_large", "big", topic="events", partition=0, offset=2,
+                                          key=b"k" * 5000))
+    update = _valid("model-updates", ModelUpdate("0123456789ab", "/m/v1", "0123456789abcdef" * 4).encode())
+    online = _valid("model-updates", ModelUpdate("0123456789ab", "/m/v2", "ab" * 32, 3, "rollback").encode())
+    for rec in (pred, out, marker, dlq, big, update, online):
+        assert rec["schema_version"] == SCHEMA_VERSION == 1
+    assert big["truncated"] and "key_sha256" in big
+
+
+def _set(path: str, value):
+    """A change to a decoded record: set the field at the dotted ``path`` to ``value``."""
+    def change(rec: dict) -> None:
+        *parents, last = path.split(".")
+        for key in parents:
+            rec = rec[key]
+        rec[last] = value
+    return change
+
+
+@pytest.mark.parametrize("topic, change, why", [
+    ("predictions", _set("top_items", [["a", 1.5]]), "1.5 is greater than the maximum of 1"),
+    ("predictions", _set("top_items", [["a", -0.1]]), "-0.1 is less than the minimum of 0"),
+    ("predictions", _set("action_probs", {"view": 1.0}), "'click' is a required property"),
+    ("predictions", _set("schema_version", 2), "1 was expected"),
+    ("predictions", _set("surprise", 1), "Additional properties are not allowed"),
+    ("outcomes", _set("happened.action", "teleport"), "is not valid under any of the given schemas"),
+    ("outcomes", _set("context.top_items", [["a", 2]]), "is not valid under any of the given schemas"),
+    ("events.dlq", _set("reason", "because"), "'because' is not one of"),
+    ("model-updates", _set("sha256", "abc"), "does not match"),
+])
+def test_the_schemas_reject_what_breaks_the_contract(topic, change, why):
+    """A schema that accepted anything would prove nothing: each field the contract fixes is checked."""
+    good = {"predictions": prediction_record("u1", stored(), latency_ms=3.0, history_len=2, activity=5,
+                                             duplicate=False, published_ms=9),
+            "outcomes": outcome_record("u1", stored(), served=history(), action="purchase", item_id="x",
+                                       category="c1", event_ts=1_700_000_090_000, partition=1, offset=9),
+            "events.dlq": dlq_record(b"{", "not_json", "bad", topic="events", partition=0, offset=1),
+            "model-updates": ModelUpdate("v", "/m/v1", "ab" * 32).encode()}[topic]
+    rec = _valid(topic, good)
+    change(rec)
+    with pytest.raises(jsonschema.ValidationError, match=why):
+        _valid(topic, rec)
+
+
+def test_the_dead_letter_schema_names_every_reason_the_worker_writes():
+    from stream_app.batcher import PREDICT_FAILED
+    from stream_app.events import REASONS
+    from stream_app.pipeline import PROCESSING_FAILED, STATE_RESET
+
+    assert set(schema("events.dlq")["properties"]["reason"]["enum"]) == {*REASONS, PROCESSING_FAILED, STATE_RESET,
+                                                                        PREDICT_FAILED}
+
+
+_probability = st.floats(0, 1, allow_nan=False)
+_ids = st.text(st.characters(codec="utf-8"), max_size=20)
+
+
+@settings(max_examples=300, deadline=None)
+@given(probs=st.lists(st.floats(0.001, 10), min_size=5, max_size=5),
+       tops=st.lists(st.tuples(_ids, _probability), max_size=10), gap=st.floats(0, 1e9), explanation=_ids,
+       user=_ids.filter(bool), duplicate=st.booleans(), action=st.sampled_from(ACTIONS))
+def test_any_prediction_a_predictor_may_make_gives_valid_records(probs, tops, gap, explanation, user, duplicate,
+                                                                 action):
+    """What the batcher lets through (``stream_app.batcher.check_prediction``: action probabilities
+    normalised) with probabilities as scores always makes valid prediction and outcome records."""
+    from stream_app.batcher import check_prediction
+
+    tops = sorted(tops, key=lambda t: -t[1])
+    p = check_prediction(Prediction(probs, tops, gap, explanation), k=10)
+    last = StoredPrediction("v1", 1_700_000_000_000, 2, 3, p)
+    rec = _valid("predictions", prediction_record(user, last, latency_ms=1.5, history_len=1, activity=1,
+                                                  duplicate=duplicate, published_ms=1))
+    assert math.isclose(sum(rec["action_probs"].values()), 1.0, rel_tol=1e-9)
+    _valid("outcomes", outcome_record(user, last, served=history(), action=action, item_id=tops[0][0] if tops else "i",
+                                      category="", event_ts=1_700_000_001_000, partition=2, offset=4))
+
+
+@settings(max_examples=200, deadline=None)
+@given(raw=st.none() | st.binary(max_size=3000) | st.text(max_size=3000).map(str.encode),
+       key=st.none() | st.binary(max_size=2000), detail=st.text(max_size=2000),
+       reason=st.sampled_from(sorted(schema("events.dlq")["properties"]["reason"]["enum"])))
+def test_any_dead_letter_is_a_valid_record(raw, key, detail, reason):
+    _valid("events.dlq", dlq_record(raw, reason, detail, topic="events", partition=1, offset=2, key=key,
+                                    max_bytes=DLQ_MIN_BYTES))
+
+
+def test_a_model_update_from_a_newer_contract_is_refused_and_one_from_before_it_read():
+    assert ModelUpdate.decode(b'{"path": "/m", "sha256": "' + b"ab" * 32 + b'"}').path == "/m"  # before the field
+    newer = orjson.dumps({"schema_version": SCHEMA_VERSION + 1, "path": "/m", "sha256": "ab" * 32})
+    with pytest.raises(ValueError, match="'schema_version' 2 is not one this worker reads"):
+        ModelUpdate.decode(newer)
+    with pytest.raises(ValueError, match="schema_version"):
+        ModelUpdate.decode(b'{"schema_version": true, "path": "/m"}')
+
+
+def test_every_record_the_pipeline_publishes_validates(make_app):
+    """The real pipeline (Faust agent in ``test_context``, RocksDB tables, the baseline learning): good
+    events, bad events and a forget request; every record it sends validates against its topic's schema."""
+    app, rec = make_app()
+    t = int(time.time() * 1000) - 60_000
+
+    def ev(user, item, n, action="view"):
+        return orjson.dumps({"user_id": user, "item_id": item, "action": action, "ts": t + n * 1_000})
+
+    msgs = [(f"u{n % 3}".encode(), ev(f"u{n % 3}", f"i{n % 5}", n, ACTIONS[n % 5]), None) for n in range(30)]
+    msgs += [(b"u1", b"{broken", None), (b"u2", ev("u1", "i1", 40), None), (None, ev("u3", "i1", 41), None),
+             (b"u1", orjson.dumps({"user_id": "u1", "item_id": "i1", "action": "teleport", "ts": t}), None),
+             (b"u1", ForgetRequest().encode(), [(CONTROL_HEADER, b"forget")])]
+
+    async def run():
+        async with app.pipeline.agent.test_context() as agent:
+            for key, value, headers in msgs:
+                await agent.put(value, key=key, headers=headers)
+                await app.pipeline.batcher.drain()
+
+    asyncio.run(run())
+    topics = {"predictions": "predictions", "outcomes": "outcomes", "dlq": "events.dlq"}
+    seen = {kind: [_valid(topics[kind], value) for value in rec.of(kind)] for kind in topics}
+    assert len(seen["predictions"]) == 30 and len(seen["dlq"]) == 4 and len(seen["outcomes"]) == 27 + 1
+    assert any(forget_user_of(o) == "u1" for o in seen["outcomes"])
+    tops = [p["top_items"] for p in seen["predictions"] if p["top_items"]]
+    assert tops and all(sum(s for _, s in top) <= 1 + 1e-9 for top in tops)

@@ -9,6 +9,7 @@ import orjson
 import pytest
 
 from models.errors import CheckpointError
+from stream_app.records import SCHEMA_VERSION
 from stream_app.updates import UpdateRejected, admit, checkpoint_roots, update_record
 
 
@@ -18,7 +19,7 @@ def test_update_record_names_the_verified_checkpoint(make_checkpoint):
     path = make_checkpoint(0, items=30)
     rec = orjson.loads(update_record(path).encode())
     sha = read_manifest(path)["content_hash"]
-    assert rec == {"version": sha[:12], "path": str(path.absolute()), "sha256": sha}
+    assert rec == {"schema_version": SCHEMA_VERSION, "version": sha[:12], "path": str(path.absolute()), "sha256": sha}
     assert update_record(path, version="canary-7").version == "canary-7"
 
 
