@@ -290,6 +290,7 @@ def train(ds, model_cfg: ModelConfig | None, train_cfg: TrainConfig, out_dir: st
 
     from models.checkpoint import save_checkpoint
     from models.model import NextActionModel
+    from models.progress import progress
     from models.scorer import TransformerScorer
 
     t_start = time.perf_counter()
@@ -362,7 +363,7 @@ def train(ds, model_cfg: ModelConfig | None, train_cfg: TrainConfig, out_dir: st
             model.train()
             t0 = time.perf_counter()
             groups = _batches(packed["lengths"], train_cfg.batch_size, rng)
-            bar = tqdm(groups, desc=f"{phase} epoch {ep + 1}", leave=False, disable=not train_cfg.progress)
+            bar = progress(groups, desc=f"{phase} epoch {ep + 1}", leave=False, enabled=train_cfg.progress)
             tot, n_seq, n_tok = 0.0, 0, 0
             out_of_time = False
             for g in bar:

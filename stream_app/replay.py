@@ -291,7 +291,8 @@ async def produce(settings, events: Iterable[dict], rate: float | None = None, p
     """
     from aiokafka import AIOKafkaProducer
     from aiokafka.errors import KafkaError
-    from tqdm import tqdm
+
+    from models.progress import progress as progress_bar
 
     if rate is not None and not rate > 0:
         raise DatasetError(f"rate must be > 0 events/s or None (got {rate!r})")
@@ -305,7 +306,7 @@ async def produce(settings, events: Iterable[dict], rate: float | None = None, p
         raise BrokerError(f"cannot reach Kafka at {settings.broker_url!r} to produce to "
                           f"{settings.topic_events!r}: {exc!r}") from exc
     total = len(events) if hasattr(events, "__len__") else None
-    bar = tqdm(total=total, unit="ev", disable=not progress, desc=f"-> {settings.topic_events}")
+    bar = progress_bar(total=total, unit="ev", enabled=progress, desc=f"-> {settings.topic_events}")
     sent, pending = 0, []
     t0 = time.monotonic()
     topic = settings.topic_events

@@ -111,9 +111,8 @@ def replay(stream: Stream, checkpoint, *, online_config=None, window_events: int
            events_per_delta: int = 1000, events_per_full: int = 50_000, baseline: bool = True,
            frozen: bool = True, progress: bool = True, device: str = "cpu") -> dict:
     """Serve and learn ``stream`` (module docstring); return per-predictor scores and the trainer's figures."""
-    from tqdm import tqdm
-
     from models.checkpoint import load_checkpoint
+    from models.progress import progress as progress_bar
     from models.serving import TransformerPredictor
     from online.baseline import PopularityMarkovPredictor
     from online.examples import example_from_outcome
@@ -139,7 +138,7 @@ def replay(stream: Stream, checkpoint, *, online_config=None, window_events: int
     since_delta = since_full = 0
     n_deltas = n_full = 0
     t0 = time.perf_counter()
-    bar = tqdm(total=len(stream.events), unit="ev", disable=not progress, desc=f"replay {stream.name}")
+    bar = progress_bar(total=len(stream.events), unit="ev", enabled=progress, desc=f"replay {stream.name}")
     def serve(requests: list) -> None:
         """Predict a micro-batch (no user twice in it: each event is served before the user's next)."""
         for s in served:

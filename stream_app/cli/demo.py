@@ -17,6 +17,8 @@ import os
 import signal
 import subprocess
 import time
+from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +45,10 @@ def demo(
     items: int | None = typer.Option(None, "--items", help="Catalogue size of both (default: the generator's, "
                                      "models.datasets.synthetic.N_ITEMS).", callback=positive("--items")),
     rate: float = typer.Option(500.0, help="Events per second.", callback=positive("--rate")),
-    show: int = typer.Option(15, help="Predictions to show in the table.", callback=positive("--show")),
+    show: int = typer.Option(3, help="Users shown side by side at the end (those with the most events).",
+                             callback=positive("--show")),
+    last: int = typer.Option(5, help="Events shown per user, each with the prediction it caused.",
+                             callback=positive("--last")),
     timeout: float = typer.Option(180.0, help="Seconds to wait for the predictions after the replay.",
                                   callback=positive("--timeout")),
     train: bool = typer.Option(True, "--train/--no-train",
@@ -83,13 +88,14 @@ def demo(
         try:
             console.rule(f"[bold]4. Replay {events:,} synthetic events (seed {seed}, {n_items:,} items) "
                          f"at {rate:,.0f}/s")
-            predictions, sent, elapsed = asyncio.run(_demo_stream(
+            run = asyncio.run(_demo_stream(
                 settings, replay.synthetic(events, users, seed, n_items=n_items), rate, timeout, proc, log_path))
+            dlq = worker_dead_letters(f"http://127.0.0.1:{web_port}/metrics")
         finally:
             with console.status("stopping the worker..."):
                 code = _stop_process(proc)
             console.print(f"worker stopped (exit {code})")
-        _show_predictions(predictions, sent, elapsed, show)
+        show_run(run, dlq, show, last)
         if points_at_embedded(settings):
             console.print("\nThe broker is still running: [bold]nextaction kafka stop[/] stops it "
                           "([bold]nextaction tail predictions --from-beginning --max 5[/] shows more).")
@@ -141,9 +147,22 @@ def _log_tail(path: Path, lines: int = 30) -> str:
         return f"(no log at {path})"
 
 
+@dataclass
+class DemoRun:
+    """What the demo's replay produced: the events sent (in order), the predictions they caused, seconds."""
+
+    events: list[dict]
+    predictions: list[dict]
+    elapsed: float
+
+    @property
+    def sent(self) -> int:
+        return len(self.events)
+
+
 async def _demo_stream(settings: SettingsType, events, rate: float, timeout: float, proc: subprocess.Popen,
-                       log_path: Path) -> tuple[list[dict], int, float]:
-    """Replay ``events`` while collecting the predictions they cause; return (predictions, sent, seconds)."""
+                       log_path: Path) -> DemoRun:
+    """Replay ``events`` while collecting the predictions they cause."""
     import orjson
 
     from stream_app import replay
@@ -166,10 +185,12 @@ async def _demo_stream(settings: SettingsType, events, rate: float, timeout: flo
             check_worker()
 
     expected: set[tuple[Any, Any]] = set()  # (user_id, ts) of the events this demo sends
+    sent_events: list[dict] = []
 
     def tracked():
         for event in events:
             expected.add((event.get("user_id"), event.get("ts")))
+            sent_events.append(event)
             yield event
 
     def answered() -> int:
@@ -183,7 +204,7 @@ async def _demo_stream(settings: SettingsType, events, rate: float, timeout: flo
         if collector in done:  # the worker died (or the consumer failed) while we were producing
             producer.cancel()
             collector.result()
-        sent = producer.result()
+        producer.result()
         deadline = time.monotonic() + timeout
         last_n, last_change = -1, time.monotonic()
         with console.status("") as status:
@@ -204,7 +225,7 @@ async def _demo_stream(settings: SettingsType, events, rate: float, timeout: flo
         ours = [p for p in predictions if (p.get("user_id"), p.get("event_ts")) in expected]
         if len(ours) < len(predictions):
             console.print(f"[dim]({len(predictions) - len(ours):,} predictions were for events of an earlier run)[/]")
-        return ours, sent, time.monotonic() - t0
+        return DemoRun(sent_events, ours, time.monotonic() - t0)
     finally:
         collector.cancel()
         with contextlib.suppress(asyncio.CancelledError, Exception):
@@ -212,32 +233,129 @@ async def _demo_stream(settings: SettingsType, events, rate: float, timeout: flo
         await consumer.stop()
 
 
-def _show_predictions(predictions: list[dict], sent: int, elapsed: float, show: int) -> None:
-    console.rule("[bold]5. Predictions")
-    table = Table(title=f"last {min(show, len(predictions))} of {len(predictions):,} predictions", show_lines=False)
-    for col, kw in (("user", {}), ("event time", {}), ("model", {}), ("next action", {}), ("top items", {}),
-                    ("next gap", {"justify": "right"}), ("latency", {"justify": "right"})):
-        table.add_column(col, **kw)
-    for p in predictions[-show:]:
-        probs = p.get("action_probs") or {}
-        best = max(probs.items(), key=lambda kv: kv[1]) if probs else ("?", 0.0)
-        items = ", ".join(str(i[0]) for i in (p.get("top_items") or [])[:3])
-        ts = p.get("event_ts")
-        when = time.strftime("%m-%d %H:%M:%S", time.localtime(ts / 1000)) if isinstance(ts, (int, float)) else "?"
-        gap = p.get("next_gap_s")
-        gap_s = f"{gap:,.0f} s" if isinstance(gap, (int, float)) else escape(str(gap))
-        lat = p.get("latency_ms")
-        lat_s = f"{lat:.1f} ms" if isinstance(lat, (int, float)) else "?"
-        table.add_row(escape(str(p.get("user_id"))), when, escape(str(p.get("model_version", "?"))),
-                      f"{best[0]} ({best[1]:.2f})", escape(items), gap_s, lat_s)
-    console.print(table)
+# --- the final view: pure functions of the run (tests/unit/stream_app/cli/test_demo.py) --------------------
+
+def busiest_users(events: list[dict], n: int) -> list[str]:
+    """The ``n`` users with the most events (ties: the one seen first).
+
+    >>> busiest_users([{"user_id": u} for u in "abcbcc"], 2)
+    ['c', 'b']
+    """
+    counts = Counter(str(e.get("user_id")) for e in events)
+    return [u for u, _ in sorted(counts.items(), key=lambda kv: -kv[1])[:n]]
+
+
+@dataclass
+class Step:
+    """One event of a user, the prediction it caused (None: none arrived) and whether the event's item was
+    among the items the user's previous prediction named (None: no previous prediction)."""
+
+    event: dict
+    prediction: dict | None
+    hit: bool | None
+
+
+def timelines(events: list[dict], predictions: list[dict], users: list[str], last: int) -> dict[str, list[Step]]:
+    """Each user's ``last`` events, oldest first, each with its prediction and whether it was foreseen.
+
+    >>> evs = [{"user_id": "u", "item_id": i, "action": "view", "ts": t} for t, i in enumerate("abc")]
+    >>> preds = [{"user_id": "u", "event_ts": 0, "top_items": [["b", 0.5]]}, {"user_id": "u", "event_ts": 1,
+    ...          "top_items": [["a", 0.4]]}]
+    >>> [(s.event["item_id"], s.prediction is not None, s.hit) for s in timelines(evs, preds, ["u"], 3)["u"]]
+    [('a', True, None), ('b', True, True), ('c', False, False)]
+    """
+    by_event = {(str(p.get("user_id")), p.get("event_ts")): p for p in predictions}
+    out: dict[str, list[Step]] = {}
+    for user in users:
+        steps: list[Step] = []
+        previous: dict | None = None
+        for e in sorted((e for e in events if str(e.get("user_id")) == user), key=lambda e: e.get("ts") or 0):
+            hit = None if previous is None else \
+                str(e.get("item_id")) in {str(i[0]) for i in previous.get("top_items") or []}
+            p = by_event.get((user, e.get("ts")))
+            steps.append(Step(e, p, hit))
+            previous = p
+        out[user] = steps[-last:]
+    return out
+
+
+def step_text(step: Step) -> str:
+    """A step as rich markup: the event (UTC time, action, item, ✓ when foreseen), then the prediction it
+    caused: the most likely next action and the two most likely next items, with their probabilities.
+
+    >>> print(step_text(Step({"ts": 0, "action": "cart", "item_id": "i7"}, {"action_probs": {"view": 0.6,
+    ...       "purchase": 0.3}, "top_items": [["i7", 0.31], ["i2", 0.12], ["i9", 0.1]]}, True)))
+    00:00:00 cart [bold]i7[/] [green]✓[/]
+    → view 0.60
+      i7 0.31 · i2 0.12
+    """
+    e = step.event
+    ts = e.get("ts")
+    when = time.strftime("%H:%M:%S", time.gmtime(ts / 1000)) if isinstance(ts, (int, float)) else "?"
+    mark = {True: " [green]✓[/]", False: "", None: ""}[step.hit]
+    head = f"{when} {escape(str(e.get('action')))} [bold]{escape(str(e.get('item_id')))}[/]{mark}"
+    p = step.prediction
+    if p is None:
+        return head + "\n[yellow]→ no prediction[/]"
+    probs = p.get("action_probs") or {}
+    action, prob = max(probs.items(), key=lambda kv: kv[1]) if probs else ("?", 0.0)
+    items = " · ".join(f"{escape(str(i))} {sc:.2f}" for i, sc in (p.get("top_items") or [])[:2])
+    return head + f"\n→ {escape(str(action))} {prob:.2f}" + (f"\n  {items}" if items else "")
+
+
+def users_table(lines: dict[str, list[Step]], events_per_user: Counter) -> Table:
+    """The users side by side: one column each, one row per step."""
+    table = Table(show_lines=True, title_justify="left",
+                  title="busiest users: last events (UTC) → the prediction after each (✓: item foreseen)")
+    for user in lines:
+        table.add_column(f"{escape(user)} ({events_per_user[user]:,} events)")
+    depth = max((len(s) for s in lines.values()), default=0)
+    for row in range(depth):
+        cells = []
+        for steps in lines.values():
+            k = row - (depth - len(steps))  # align the newest events on the last row
+            cells.append(step_text(steps[k]) if k >= 0 else "")
+        table.add_row(*cells)
+    return table
+
+
+def summary_line(sent: int, predictions: list[dict], dead_letters: int | None, elapsed: float) -> str:
+    """One line: events sent, predictions, dead letters, latency p50/p99 (event → prediction, as the
+    prediction records say) and the seconds from the first event sent to the last prediction read.
+
+    >>> summary_line(4, [{"user_id": "u", "event_ts": t, "latency_ms": float(t)} for t in range(1, 4)], 1, 2.0)
+    '4 events → 3 predictions, 1 dead-lettered, p50 2.0 ms, p99 3.0 ms (2.0 s)'
+    """
     lats = sorted(p["latency_ms"] for p in predictions if isinstance(p.get("latency_ms"), (int, float)))
     answered = len({(p.get("user_id"), p.get("event_ts")) for p in predictions})
-    summary = f"{answered:,} of {sent:,} events got a prediction in {elapsed:.1f} s"
+    line = (f"{sent:,} events → {answered:,} predictions, "
+            f"{'?' if dead_letters is None else f'{dead_letters:,}'} dead-lettered")
     if lats:
-        summary += (f"; latency p50 {lats[len(lats) // 2]:.1f} ms, "
-                    f"p99 {lats[min(len(lats) - 1, int(len(lats) * 0.99))]:.1f} ms")
-    console.print(summary)
-    if answered < sent:
-        console.print(f"[yellow]{sent - answered:,} events have no prediction yet[/] (invalid ones go to "
+        line += f", p50 {lats[len(lats) // 2]:.1f} ms, p99 {lats[min(len(lats) - 1, int(len(lats) * 0.99))]:.1f} ms"
+    return line + f" ({elapsed:.1f} s)"
+
+
+def worker_dead_letters(url: str) -> int | None:
+    """Messages the worker dead-lettered, from its ``/metrics`` (None if it does not answer)."""
+    import urllib.request
+
+    from stream_app.status import parse_metrics
+
+    try:
+        with urllib.request.urlopen(url, timeout=5) as resp:
+            samples = parse_metrics(resp.read().decode())
+    except (OSError, ValueError):
+        return None
+    return int(sum(v for _, v in samples.get("nextaction_events_rejected_total", [])))
+
+
+def show_run(run: DemoRun, dead_letters: int | None, users: int, last: int) -> None:
+    console.rule("[bold]5. Predictions")
+    picked = busiest_users(run.events, users)
+    console.print(users_table(timelines(run.events, run.predictions, picked, last),
+                              Counter(str(e.get("user_id")) for e in run.events)))
+    console.print(summary_line(run.sent, run.predictions, dead_letters, run.elapsed), soft_wrap=True)
+    answered = len({(p.get("user_id"), p.get("event_ts")) for p in run.predictions})
+    if answered < run.sent:
+        console.print(f"[yellow]{run.sent - answered:,} events have no prediction yet[/] (invalid ones go to "
                       "the DLQ: nextaction tail events.dlq --from-beginning --timeout 5)")

@@ -21,6 +21,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from models.progress import interactive
 from stream_app.cli.common import errors
 
 app = typer.Typer()
@@ -118,7 +119,7 @@ def evaluate(
 
         names = [b.strip() for b in baselines.split(",") if b.strip()]
         res = run_evaluate(dataset, checkpoint, names, protocol, mask_history, split=split, max_cases=max_cases,
-                           progress=True)
+                           progress=interactive())  # its tqdm bar only on a terminal (models.progress)
     typer.echo(format_table(res))
     if json_out is not None:
         json_out.write_text(json.dumps(res, indent=2, default=str))
