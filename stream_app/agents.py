@@ -19,7 +19,7 @@ from typing import Any, Callable
 
 from models.predictor import Predictor
 from stream_app import dashboard, monitoring
-from stream_app.health import HealthWatch, consumer_sample
+from stream_app.health import HealthWatch, PartitionWatch, consumer_sample, partition_state
 from stream_app.pipeline import Pipeline, Publisher
 from stream_app.settings import SettingsType
 from stream_app.updates import ModelUpdateListener
@@ -106,10 +106,24 @@ def install(app: Any, topology: Any, *, predictor_factory: Callable[[SettingsTyp
         state = health.check(lag, committed)
         return web.json(state, status=200 if state["ok"] else 503)
 
+    watch = PartitionWatch(topology.settings.health_stall_s)
+
     @app.timer(5.0)
     async def _sample_commits():  # commits are noticed even when nobody asks /healthz
+        topic = topology.settings.topic_events
         with contextlib.suppress(Exception):
-            health.observe(consumer_sample(app.consumer, topology.settings.topic_events)[1])
+            health.observe(consumer_sample(app.consumer, topic)[1])
+        try:
+            state = partition_state(app.consumer, topic)
+        except Exception as exc:  # noqa: BLE001 - no consumer yet (starting)
+            log.debug("partition watch: no consumer state (%s)", exc)
+            return
+        for p in watch.update(state):
+            s = state[p]
+            log.warning("%s[%d]: %s records wait and its committed offset has not moved for %.0f s; consumer "
+                        "state: %s, flow %s", topic, p, (s["highwater"] or 0) - (s["committed"] or 0),
+                        watch.stall_s, s, getattr(app.consumer, "flow_active", None))
+        monitoring.PARTITIONS_STALLED.labels(topic).set(len(watch.stalled))
 
     @app.on_before_shutdown.connect
     async def _stop_batcher(app_, **kwargs):  # after Faust waited for in-flight events (stream_wait_empty)

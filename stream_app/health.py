@@ -83,3 +83,85 @@ def consumer_sample(consumer: Any, topic: str) -> tuple[int, dict[Any, int]]:
         if high is not None and high > 0:
             lag += max(0, high - (done if done is not None else 0))
     return lag, committed
+
+
+# --- per partition: which one waits, and why (the log line a stalled worker leaves) -------------------------
+def partition_state(consumer: Any, topic: str) -> dict[int, dict[str, Any]]:
+    """What the Faust consumer knows of each assigned partition of ``topic``: ``committed`` and
+    ``read`` offsets, ``highwater``, whether Faust asks the fetcher for it (``active``; ``paused`` by a
+    rebalance, ``buffered``: its stream buffer was full) and aiokafka's fetch ``position``. Private
+    attributes of both libraries (no public getters), read defensively: a missing one is ``None``."""
+    def tps(name: str) -> set:
+        return {tp.partition for tp in (getattr(consumer, name, None) or ()) if tp.topic == topic}
+
+    active, paused, buffered = tps("_active_partitions"), tps("_paused_partitions"), tps("_buffered_partitions")
+    assignment = None
+    try:
+        assignment = consumer._thread._consumer._subscription.subscription.assignment  # noqa: SLF001
+    except AttributeError:
+        pass
+    out: dict[int, dict[str, Any]] = {}
+    for tp in consumer.assignment():
+        if tp.topic != topic:
+            continue
+        try:
+            high = consumer.highwater(tp)
+        except Exception:  # noqa: BLE001 - not fetched yet
+            high = None
+        position = None
+        if assignment is not None:
+            try:
+                st = assignment.state_value(tp)
+                position = st.position if st is not None and st.has_valid_position else None
+            except Exception:  # noqa: BLE001 - aiokafka internals: diagnostics only
+                position = None
+        out[tp.partition] = {"committed": consumer._committed_offset.get(tp),  # noqa: SLF001
+                             "read": consumer._read_offset.get(tp), "highwater": high,  # noqa: SLF001
+                             "position": position, "active": tp.partition in active,
+                             "paused": tp.partition in paused, "buffered": tp.partition in buffered}
+    return out
+
+
+class PartitionWatch:
+    """Finds the partitions whose records wait while their committed offset stays put for ``stall_s``
+    seconds, and names each once per episode (:meth:`update` returns the newly stalled ones), so the
+    worker's log says which partition stopped and in what state (``/healthz`` says only *that* the
+    worker is stalled).
+
+    >>> clock = iter([0, 10, 40, 41, 50]).__next__
+    >>> w = PartitionWatch(30, clock)
+    >>> w.update({2: {"committed": 98, "highwater": 128}, 3: {"committed": 60, "highwater": 60}})
+    []
+    >>> w.update({2: {"committed": 98, "highwater": 128}, 3: {"committed": 60, "highwater": 70}})
+    []
+    >>> w.update({2: {"committed": 98, "highwater": 128}, 3: {"committed": 70, "highwater": 70}})  # 40 s
+    [2]
+    >>> w.update({2: {"committed": 98, "highwater": 128}, 3: {"committed": 70, "highwater": 70}})  # named once
+    []
+    >>> w.update({2: {"committed": 128, "highwater": 128}}), w.stalled  # it moved: the episode ends
+    ([], set())
+    """
+
+    def __init__(self, stall_s: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.stall_s, self.clock = stall_s, clock
+        self._since: dict[Any, tuple[int | None, float]] = {}  # partition -> (committed, when it was last seen moving)
+        self.stalled: set = set()
+
+    def update(self, state: dict[Any, dict[str, Any]]) -> list:
+        now = self.clock()
+        newly = []
+        for p, s in state.items():
+            committed, high = s.get("committed"), s.get("highwater")
+            waiting = high is not None and high > (committed or 0)
+            seen = self._since.get(p)
+            if not waiting or seen is None or seen[0] != committed:
+                self._since[p] = (committed, now)
+                self.stalled.discard(p)
+                continue
+            if now - seen[1] > self.stall_s and p not in self.stalled:
+                self.stalled.add(p)
+                newly.append(p)
+        for p in set(self._since) - set(state):  # no longer assigned
+            del self._since[p]
+            self.stalled.discard(p)
+        return sorted(newly)

@@ -64,6 +64,9 @@ GC_PAUSE = Histogram("nextaction_gc_pause_seconds",
                      ["generation"], buckets=_LATENCY_BUCKETS, registry=REGISTRY)
 ASSIGNED_PARTITIONS = Gauge("nextaction_assigned_partitions", "Partitions of each input topic this worker holds "
                             "(set at every rebalance)", ["topic"], registry=REGISTRY)
+PARTITIONS_STALLED = Gauge("nextaction_partitions_stalled", "Assigned input partitions whose records wait while "
+                           "their committed offset has not moved for HEALTH_STALL_S (each is logged with the "
+                           "consumer's state: stream_app.health.PartitionWatch)", ["topic"], registry=REGISTRY)
 QUEUE_DEPTH = Gauge("nextaction_queue_depth", "Prediction requests waiting for a batch", registry=REGISTRY)
 METADATA_RETRIES = Counter("nextaction_metadata_retries", "Failed or timed-out metadata requests of the start-up "
                            "changelog check, retried (the broker was unreachable)", registry=REGISTRY)

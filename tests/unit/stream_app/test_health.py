@@ -79,3 +79,29 @@ def test_consumer_sample_counts_records_past_the_committed_offsets_of_the_events
     assert consumer_sample(c, "events") == (10 + 7, {e0: 90})
     c = FakeConsumer({e0: "boom"}, {})
     assert consumer_sample(c, "events") == (0, {})
+
+
+def test_partition_state_names_what_faust_and_aiokafka_know_of_each_partition():
+    """The per-partition line a stalled worker logs (agents._sample_commits): offsets, whether Faust
+    fetches it, aiokafka's position; an attribute a library version lacks reads as ``None``/absent."""
+    from types import SimpleNamespace
+
+    from stream_app.health import partition_state
+
+    p2, p3, other = TP("events", 2), TP("events", 3), TP("histories-changelog", 2)
+    states = {p2: SimpleNamespace(position=98, has_valid_position=True),
+              p3: SimpleNamespace(position=None, has_valid_position=False)}
+    assignment = SimpleNamespace(state_value=states.get)
+    consumer = SimpleNamespace(
+        assignment=lambda: {p2, p3, other}, highwater={p2: 128, p3: 60}.get,
+        _committed_offset={p2: 98, p3: 60}, _read_offset={p2: 97}, _active_partitions={p3, other},
+        _paused_partitions={p2}, _buffered_partitions=set(),
+        _thread=SimpleNamespace(_consumer=SimpleNamespace(_subscription=SimpleNamespace(
+            subscription=SimpleNamespace(assignment=assignment)))))
+    state = partition_state(consumer, "events")
+    assert state == {2: {"committed": 98, "read": 97, "highwater": 128, "position": 98, "active": False,
+                         "paused": True, "buffered": False},
+                     3: {"committed": 60, "read": None, "highwater": 60, "position": None, "active": True,
+                         "paused": False, "buffered": False}}
+    del consumer._thread  # another aiokafka/Faust layout: no position, the rest still reported
+    assert partition_state(consumer, "events")[2]["position"] is None
