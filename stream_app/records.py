@@ -88,14 +88,18 @@ class StoredPrediction:
     partition: int  # ... and that event's source partition and offset
     offset: int
     prediction: Prediction
+    #: The contract its scores follow (:data:`SCHEMA_VERSION`); 0: stored by a release before the
+    #: contract, whose Transformer scores were not probabilities (:func:`outcome_record` leaves them out).
+    schema_version: int = SCHEMA_VERSION
 
     def to_json(self) -> dict:
         return {"v": self.version, "event_ts": self.event_ts, "partition": self.partition, "offset": self.offset,
-                **self.prediction.to_json()}
+                "sv": self.schema_version, **self.prediction.to_json()}
 
     @classmethod
     def from_json(cls, d: dict) -> "StoredPrediction":
-        return cls(str(d["v"]), int(d["event_ts"]), int(d["partition"]), int(d["offset"]), Prediction.from_json(d))
+        return cls(str(d["v"]), int(d["event_ts"]), int(d["partition"]), int(d["offset"]), Prediction.from_json(d),
+                   int(d.get("sv", 0)))
 
     def covers(self, partition: int, offset: int) -> bool:
         """Was the event at ``partition``/``offset`` already processed when this was stored (a redelivery)?"""
@@ -285,13 +289,18 @@ def outcome_record(user_id: str, last: StoredPrediction, *, served: EventSeq, ac
     the user's window as of that prediction's event, exactly what the model encoded), and what the
     user did next (the target). The online trainer's examples are these records
     (:func:`online.examples.example_from_outcome`): the window is carried whole, so an example is the
-    served input and never needs state the trainer does not have."""
+    served input and never needs state the trainer does not have.
+
+    A prediction stored before the contract (``last.schema_version`` 0: the user's first event after
+    the upgrade) has no probabilities to report: its ``top_items`` are left out (``[]``), its
+    ``item_rank`` still says where the item was in them."""
     p = last.prediction
     ranks = {item: n for n, (item, _) in enumerate(p.top_items, start=1)}
+    tops = [[i, s] for i, s in p.top_items] if last.schema_version >= 1 else []
     return orjson.dumps({
         "schema_version": SCHEMA_VERSION, "user_id": user_id,
         "context": {"model_version": last.version, "event_ts": last.event_ts, "action_probs": p.action_dict(),
-                    "top_items": [[i, s] for i, s in p.top_items], "next_gap_s": p.next_gap_s,
+                    "top_items": tops, "next_gap_s": p.next_gap_s,
                     "partition": last.partition, "offset": last.offset, "window": served.to_json()},
         "happened": {"action": action, "item_id": item_id, "category": category, "ts": event_ts,
                      "gap_s": (event_ts - last.event_ts) / 1000.0, "item_rank": ranks.get(item_id),

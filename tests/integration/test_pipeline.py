@@ -109,12 +109,15 @@ def account(settings, out) -> dict:
 
 
 def check_prediction_record(p: dict, k: int) -> None:
+    assert p["schema_version"] == 1  # the contract (docs/contract.md; validated in full by test_contract.py)
     assert isinstance(p["model_version"], str) and p["model_version"]
     assert list(p["action_probs"]) == list(ACTIONS)
     assert all(0 <= x <= 1 for x in p["action_probs"].values())
     assert math.isclose(sum(p["action_probs"].values()), 1.0, abs_tol=1e-9)
     assert isinstance(p["top_items"], list) and len(p["top_items"]) <= k
     assert all(isinstance(i, str) and isinstance(sc, float) and math.isfinite(sc) for i, sc in p["top_items"])
+    scores = [sc for _, sc in p["top_items"]]  # probabilities of the next item, best first
+    assert all(0 < sc <= 1 for sc in scores) and scores == sorted(scores, reverse=True) and sum(scores) <= 1 + 1e-6
     assert math.isfinite(p["next_gap_s"]) and p["next_gap_s"] >= 0
     assert p["latency_ms"] >= 0 and p["history_len"] >= 1 and p["activity"] >= 1
 

@@ -52,6 +52,27 @@ def test_a_state_written_by_earlier_versions_still_decodes():
     last = decode_state(orjson.dumps(old)).last
     assert last.version == "m1" and last.prediction.top_items == [("a", 0.5)] and last.covers(0, 3)
     assert not last.covers(0, 4) and not last.covers(1, 3)
+    assert last.schema_version == 0 and stored().schema_version == SCHEMA_VERSION  # before the contract / now
+
+
+def test_an_outcome_of_a_prediction_stored_before_the_contract_reports_no_scores():
+    """The user's first event after the upgrade pairs with a prediction whose Transformer scores were
+    raw (3.16, 1.72, ...): its outcome leaves them out rather than break the contract, and still
+    says where the item ranked."""
+    h = history()
+    old = h.to_json() | {"p": {"v": "m1", "event_ts": 5, "partition": 0, "offset": 3, "p": [0.2, 0.8, 0, 0, 0],
+                              "top": [["a", 3.16], ["b", 1.72]], "gap": 60.0}}
+    last = decode_state(orjson.dumps(old)).last
+    out = _valid("outcomes", outcome_record("u1", last, served=h, action="cart", item_id="b", category="", event_ts=9,
+                                            partition=0, offset=4))
+    assert out["context"]["top_items"] == [] and out["happened"]["item_rank"] == 2
+    now = decode_state(encode_state(UserState(h, stored()))).last  # stored by this release: kept
+    assert outcome_record("u1", now, served=h, action="cart", item_id="x", category="", event_ts=9, partition=0,
+                          offset=4) == outcome_record("u1", stored(), served=h, action="cart", item_id="x",
+                                                      category="", event_ts=9, partition=0, offset=4)
+    assert orjson.loads(outcome_record("u1", now, served=h, action="cart", item_id="x", category="", event_ts=9,
+                                       partition=0, offset=4))["context"]["top_items"] == [["商品-1 🍵", 0.5],
+                                                                                         ["x", 0.25]]
 
 
 def test_prediction_and_outcome_records_carry_the_contract_fields():
