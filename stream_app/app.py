@@ -9,16 +9,17 @@ that owns a user line up), all RocksDB with a changelog topic (recovered after a
 rebalance):
 
 ``histories``        user → :class:`~stream_app.records.UserState`: the last ``window_events`` events
-                     within ``window_ttl_s`` (:mod:`stream_app.history`) and the latest prediction,
-                     which the user's next event turns into an ``outcomes`` record.
-``activity``         (user, tumbling window) → event count, windows on *event time*
-                     (``activity_window_s``; kept for :data:`ACTIVITY_WINDOWS_KEPT` windows).
+                     within ``window_ttl_s`` (:mod:`stream_app.history`), the latest prediction,
+                     which the user's next event turns into an ``outcomes`` record, and the user's
+                     activity: events per tumbling window of *event time* (``activity_window_s``; the
+                     newest :data:`~stream_app.records.ACTIVITY_WINDOWS_KEPT` windows).
+
+One table, one record per user: an event's whole effect on the state is one table write and one
+changelog record (a windowed ``activity`` table of its own cost one more of each per event:
+benchmarks/RESULTS.md, "Throughput per worker").
 
 Privacy (docs/privacy.md): the per-user topics get ``retention.ms`` (``topic_retention_s``) and the
-changelogs ``max.compaction.lag.ms`` (``changelog_compaction_lag_s``) where Faust creates them. Faust
-expires old activity windows locally without a changelog tombstone, so the ``activity`` changelog
-also deletes records older than twice the kept span (``compact,delete``): otherwise every window of
-every user would come back with each restore, forever.
+changelogs ``max.compaction.lag.ms`` (``changelog_compaction_lag_s``) where Faust creates them.
 
 A user's partition is the one the Java/murmur2 rule gives the user id (:mod:`stream_app.partitioning`);
 an event that arrives elsewhere goes there through the repartition topic first.
@@ -29,20 +30,15 @@ from __future__ import annotations
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from datetime import timedelta
 from typing import Any, Callable
 
 import faust
 
 from models.predictor import Predictor
 from stream_app import faust_fixes, status
-from stream_app.events import event_time_s
 from stream_app.kafka_security import faust_credentials
 from stream_app.kafka_admin import topic_config
 from stream_app.settings import SettingsType, get_settings
-
-#: Activity windows kept per user (older windows expire, on event time).
-ACTIVITY_WINDOWS_KEPT = 24
 
 
 @dataclass
@@ -55,7 +51,6 @@ class Topology:
     predictions: faust.TopicT
     outcomes: faust.TopicT
     histories: Any  # faust.Table[str, bytes]
-    activity: Any  # windowed faust.Table[str, int] (a WindowWrapper)
     repartition: faust.TopicT | None = None  # None: reroute_mispartitioned is off
 
 
@@ -151,18 +146,9 @@ def create_app(settings: SettingsType | None = None, *, predictor_factory: Calla
         if settings.changelog_compaction_lag_s else {}
     store_options = rocksdb_options(settings)
     histories = app.Table("histories", partitions=settings.partitions, key_type=bytes, value_type=bytes,
-                          help="user -> UserState: bounded event window + latest prediction", extra_topic_configs=lag,
+                          help="user -> UserState: bounded event window, latest prediction, activity counts",
+                          extra_topic_configs=lag,
                           options=store_options)
-    kept_ms = settings.activity_window_s * ACTIVITY_WINDOWS_KEPT * 1000
-    activity = (
-        app.Table("activity", default=int, partitions=settings.partitions, options=store_options,
-                  help="per-user event count per tumbling window (event time)",
-                  extra_topic_configs={**lag, "cleanup.policy": "compact,delete", "retention.ms": str(2 * kept_ms),
-                                       "segment.ms": str(kept_ms)})
-        .tumbling(timedelta(seconds=settings.activity_window_s),
-                  expires=timedelta(seconds=settings.activity_window_s * ACTIVITY_WINDOWS_KEPT))
-        .relative_to(event_time_s)
-    )
 
     @app.on_worker_init.connect
     def _make_data_dir(sender, **kwargs):  # Faust creates the datadir itself, but not its parents
@@ -173,7 +159,7 @@ def create_app(settings: SettingsType | None = None, *, predictor_factory: Calla
             # changelog only (measured restore: docs/reliability.md, exactly-once).
             shutil.rmtree(Path(app.conf.tabledir), ignore_errors=True)
 
-    app.topology = Topology(settings, events, dlq, predictions, outcomes, histories, activity, repartition)
+    app.topology = Topology(settings, events, dlq, predictions, outcomes, histories, repartition)
 
     # --- behaviour ---------------------------------------------------------------------------------
     from stream_app import agents  # noqa: PLC0415 - agents need the declarations above

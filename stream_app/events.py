@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, fields
-from typing import Any
 
 import orjson
 
@@ -57,8 +56,6 @@ MIN_TS_MS = 946_684_800_000  # 2000-01-01: smaller values are seconds, not milli
 MAX_ID_LEN = 256
 MAX_TEXT_LEN = 2048
 _OPTIONAL_STR = ("session_id", "device", "location", "category")
-#: Attribute set on each validated Faust event: its event time in seconds (:func:`event_time_s`).
-EVENT_TS_ATTR = "nextaction_ts_s"
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,19 +81,6 @@ class Event:
 FIELDS: tuple[str, ...] = tuple(f.name for f in fields(Event))
 #: Fields every event must have.
 REQUIRED_FIELDS: tuple[str, ...] = ("user_id", "item_id", "action", "ts")
-
-
-def event_time_s(event: Any) -> float:
-    """Event time (seconds) of a *validated* Faust event: the activity windows' time-relativity.
-
-    The ``events`` topic carries raw bytes (validation must see the original message), so Faust's
-    ``relative_to_field`` (an attribute of a Record value) cannot be used; the agent stamps
-    :data:`EVENT_TS_ATTR` on each event it validated, and this falls back to parsing ``ts``.
-    """
-    ts = getattr(event, EVENT_TS_ATTR, None)
-    if ts is not None:
-        return ts
-    return orjson.loads(event.value)["ts"] / 1000.0
 
 
 def parse_event(raw: bytes, *, now_ms: int, key: bytes | None = None, max_bytes: int = 16_384,

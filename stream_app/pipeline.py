@@ -9,9 +9,8 @@ Per message, in the agent (:meth:`Pipeline.handle`, concurrency 1, manual acks):
    there through the repartition topic instead, and acked once the broker has it
    (:meth:`Pipeline.reroute`); it comes back through ``process_rerouted`` and continues here, its
    records naming its original topic, partition and offset (:class:`Origin`).
-2. State, per event (never inside ``take()``, Faust issue #497): the user's window and the activity
-   count of the event-time window. An event already in the window (a redelivery) is not added or
-   counted again.
+2. State, per event (never inside ``take()``, Faust issue #497): the user's window. An event already
+   in the window (a redelivery) is not added again, nor counted in the user's activity at delivery.
 3. A :class:`~stream_app.batcher.Request` with the window *as of that event* goes to the
    micro-batcher; the agent awaits while its queue is full (backpressure).
 
@@ -40,7 +39,7 @@ import logging
 import sys
 import time
 import weakref
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Awaitable, Callable, Protocol
 
@@ -56,10 +55,10 @@ from stream_app import monitoring, partitioning, predictors, runtime
 from stream_app.ackorder import AckOrder
 from stream_app.batcher import PREDICT_FAILED, Batcher, Request, Result
 from stream_app.errors import EventRejected
-from stream_app.events import EVENT_TS_ATTR, Event, parse_event
+from stream_app.events import Event, parse_event
 from stream_app.records import (CONTROL_HEADER, DELTA, FORGET, IDLE, REQUEST, ForgetRequest, ModelUpdate,
-                                StoredPrediction, UserState, control_kind, decode_state, dlq_key, dlq_record, encode_state,
-                                forget_marker, last_seen, outcome_record, prediction_record)
+                                StoredPrediction, UserState, control_kind, count_activity, decode_state, dlq_key,
+                                dlq_record, encode_state, forget_marker, last_seen, outcome_record, prediction_record)
 from stream_app.remote import RemotePredictor
 from stream_app.settings import SettingsType
 from stream_app.updates import UpdateRejected, admit, checkpoint_roots
@@ -144,7 +143,6 @@ class Pending:
     state: UserState
     inflight: int = 0  # the user's events submitted and not yet written to the tables
     dirty: bool = False  # changed since the last snapshot for the table
-    added: dict[int, int] = field(default_factory=dict)  # activity window → events not yet counted in the table
 
 
 @dataclass(slots=True, eq=False)
@@ -156,7 +154,6 @@ class Write:
     src: "Source"
     pending: Pending
     state: bytes | None  # the user's encoded state after this event (None: unchanged)
-    window: int | None  # the activity window the event counts in (None: a redelivery, not counted)
 
 
 @dataclass(slots=True, eq=False)
@@ -430,7 +427,6 @@ class Pipeline:
         except EventRejected as exc:
             await self._reject(raw, key, exc.reason, str(exc), at, stream, event)
             return f"rejected:{exc.reason}"
-        setattr(event, EVENT_TS_ATTR, ev.ts / 1000.0)  # the activity window's event time, parsed once
         if msg.topic not in self._verified_topics:
             await self._wait_for_changelogs(msg.topic)
         if self.t.repartition is not None and not rerouted:
@@ -534,7 +530,7 @@ class Pipeline:
         """One try of :meth:`_wait_for_changelogs`: each metadata request within ``timeout`` seconds."""
         from faust.exceptions import PartitionsMismatch
 
-        tables = (self.t.histories, self.t.activity.table)
+        tables = (self.t.histories,)
         producer = self.app.producer._ensure_producer()  # the aiokafka producer: public partitions_for()
         source_n = len(await asyncio.wait_for(producer.partitions_for(source_topic), timeout))
         self._partition_counts[source_topic] = source_n  # the modulus of the partition rule
@@ -616,12 +612,11 @@ class Pipeline:
             return "control:invalid"
         if msg.topic not in self._verified_topics:
             await self._wait_for_changelogs(msg.topic)
-        result = await self.forget(user, request.reason, request.idle_before_ms, partition=msg.partition)
+        result = await self.forget(user, request.reason, request.idle_before_ms)
         await self._ack(stream, event)
         return f"forget:{result}"
 
-    async def forget(self, user: str, reason: str = REQUEST, idle_before_ms: int | None = None, *,
-                     partition: int = 0) -> str:
+    async def forget(self, user: str, reason: str = REQUEST, idle_before_ms: int | None = None) -> str:
         """Delete ``user`` from this worker; must run in the agent, with the control record as the
         current event (table deletes go to its partition). Returns ``forgotten``, ``absent`` (no state
         here) or ``kept`` (an idle request for a user seen since ``idle_before_ms``).
@@ -629,8 +624,8 @@ class Pipeline:
         1. The user's events in flight are delivered first (:meth:`Batcher.drain`: their outcome, their
            prediction, their state write), so nothing recreates what is deleted below; the agent waits
            meanwhile, so no later event of the user overtakes the request.
-        2. ``histories``: ``del`` writes a tombstone to the changelog; ``activity``: every window of the
-           user in this partition's store (:meth:`_activity_keys`), each with its tombstone.
+        2. ``histories``: ``del`` writes a tombstone to the changelog (the window, the latest
+           prediction and the activity counts are all in that one record).
         3. The predictor's per-user state (the KV cache, in the inference process or in this one).
         4. A forget marker on ``outcomes`` (key: the user): the trainer drops the user's pending and
            replayed examples. Sent for every request (idempotent), since a trainer may hold examples
@@ -642,11 +637,8 @@ class Pipeline:
         if idle_before_ms is not None and (value is None or last_seen(decode_state(value)) >= idle_before_ms):
             monitoring.FORGETS.labels(reason, "kept" if value is not None else "absent").inc()
             return "kept" if value is not None else "absent"
-        windows = self._activity_keys(user, partition)
         if value is not None:
             del self.t.histories[user]
-        for k in windows:
-            del self.t.activity.table[k]
         self.pending.pop(user, None)
         if self.batcher is not None:
             predictor = self.batcher.predictor
@@ -654,40 +646,12 @@ class Pipeline:
                 await predictor.forget_users_async([user])
             else:  # the inference thread owns the model's cache: run it there, between batches
                 await self.batcher.run_in_executor(predictor.forget_users, [user])
-        result = "forgotten" if value is not None or windows else "absent"
+        result = "forgotten" if value is not None else "absent"
         if result == "forgotten" or reason == REQUEST:
             await self.publisher.send("outcomes", user.encode(), forget_marker(user, reason))
         monitoring.FORGETS.labels(reason, result).inc()
-        log.debug("forget %r (%s): %s, %d activity windows", user, reason, result, len(windows))
+        log.debug("forget %r (%s): %s", user, reason, result)
         return result
-
-    def _activity_keys(self, user: str, partition: int) -> list:
-        """The user's ``activity`` keys, ``(user, (start, end))``, in ``partition``'s store.
-
-        A prefix scan of that partition's RocksDB (keys are JSON ``["user",[start,end]]``, so one
-        user's windows are adjacent): it finds every window still stored, including windows Faust
-        restored from the changelog and never expires again, which computing ranges from the
-        history's timestamps would miss (the window keeps only the last ``window_events`` events).
-        Any other store (tests with ``memory://``): a full scan.
-        """
-        table = self.t.activity.table
-        store = table.data
-        db_for = getattr(store, "_db_for_partition", None)
-        if db_for is None:
-            return [k for k in list(table.keys()) if k[0] == user]
-        encoded = store._encode_key((user, (0, 0)))
-        prefix = encoded[:encoded.rfind(b"[")]  # '["user",'
-        out = []
-        it = db_for(partition).iter()
-        it.seek(prefix)
-        while it.valid():
-            raw = it.key()
-            if not raw.startswith(prefix):
-                break
-            k = orjson.loads(raw)
-            out.append((k[0], tuple(k[1])))
-            it.next()
-        return out
 
     async def idle_users(self, now_ms: int | None = None) -> tuple[int, list[tuple[int, str]]]:
         """The users of this worker's active ``histories`` partitions not seen for ``state_idle_ttl_s``:
@@ -824,21 +788,13 @@ class Pipeline:
             await self._ack(stream, event)
 
     def _write(self, writes: list[Write]) -> None:
-        """The tables' part of delivered events: per user, the activity counts and the newest state
-        (one ``histories`` write, one changelog record per user and batch). Synchronous: a crash
-        leaves all of it or none of it in the local store."""
+        """The table's part of delivered events: per user, the newest state (window, prediction and
+        activity counts: one ``histories`` write, one changelog record per user and batch).
+        Synchronous: a crash leaves all of it or none of it in the local store."""
         last = {w.user: n for n, w in enumerate(writes) if w.state is not None}
         for n, w in enumerate(writes):
-            with current_event(w.src.event):
-                if w.window is not None:
-                    counts = self.t.activity[w.user]  # the window of this event's time (current_event)
-                    counts += 1
-                    left = w.pending.added[w.window] - 1
-                    if left:
-                        w.pending.added[w.window] = left
-                    else:
-                        del w.pending.added[w.window]
-                if last.get(w.user) == n:
+            if last.get(w.user) == n:
+                with current_event(w.src.event):  # the event's partition: the store and changelog partition
                     self.t.histories[w.user] = w.state
             self._delivered(w.user)
 
@@ -859,18 +815,17 @@ class Pipeline:
                 p = self.pending.get(user)
                 if p is None:  # not from handle() (tests, or a bug): the table has the state
                     p = self.pending[user] = Pending(decode_state(self.t.histories.get(user)), inflight=1)
-                win = int(r.request.event_ts // 1000) // size  # Faust's tumbling window of the event time
-                activity = int(self.t.activity[user].value()) + p.added.get(win, 0)
-                w = None
-                if not src.duplicate:
-                    w, activity = win, activity + 1
-                    p.added[win] = p.added.get(win, 0) + 1
+                win = int(r.request.event_ts // 1000) // size  # the tumbling window of the event time
+                if src.duplicate:  # a redelivery is not counted again
+                    activity = p.state.activity.get(win, 0)
+                else:
+                    activity, p.dirty = count_activity(p.state.activity, win), True
                 await self._deliver_one(r, src, p, activity, sent)
             state = None
-            if p.dirty:  # the window as of this event (not of events read since) and its prediction
-                state = encode_state(UserState(src.after, p.state.last, p.state.seen))
+            if p.dirty:  # the window as of this event (not of events read since), its prediction, the counts
+                state = encode_state(UserState(src.after, p.state.last, p.state.seen, p.state.activity))
                 p.dirty = src.after is not p.state.history  # events read since still to be written
-            writes.append(Write(user, src, p, state, w))
+            writes.append(Write(user, src, p, state))
             acks.append((src.stream, src.event))
         await self._ack_when_sent(sent, acks, writes)
 

@@ -19,9 +19,12 @@ is described by a JSON Schema in ``stream_app/schemas/`` (:func:`schema`); what 
 and what a version change promises: docs/contract.md.
 
 A user's state is one value: the event window (:meth:`EventSeq.to_json` columns) plus ``"p"``,
-the :class:`StoredPrediction` the user's next event turns into an outcome, and ``"seen"``, the wall
+the :class:`StoredPrediction` the user's next event turns into an outcome, ``"seen"``, the wall
 clock (epoch ms) when the worker last read an event of the user (the idle sweep's clock; states
-written before it existed lack it: :func:`last_seen`).
+written before it existed lack it: :func:`last_seen`), and ``"w"``, the user's activity: events per
+event-time window (:func:`count_activity`; the newest :data:`ACTIVITY_WINDOWS_KEPT` windows). One
+record per user holds all of it, so one table write and one changelog record carry an event's whole
+effect on the state (the activity once had a windowed table of its own: one more record per event).
 
 >>> h = EventSeq.from_columns(["a"], ["cart"], [5])
 >>> last = StoredPrediction("m1", 5, 0, 7, Prediction([0.2, 0.8, 0, 0, 0], [("b", 0.5)], 60.0))
@@ -32,6 +35,8 @@ written before it existed lack it: :func:`last_seen`).
 (True, True)
 >>> last_seen(decode_state(encode_state(UserState(h, seen=9)))), last_seen(decode_state(h.pack()))  # else: newest event
 (9, 5)
+>>> decode_state(encode_state(UserState(h, activity={3: 2}))).activity
+{3: 2}
 >>> ModelUpdate.decode(ModelUpdate("v1", "/models/v1", "ab" * 32).encode()).path
 '/models/v1'
 >>> orjson.loads(forget_marker("u1", "request"))["schema_version"] == SCHEMA_VERSION
@@ -44,7 +49,7 @@ import base64
 import functools
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import resources
 
 import orjson
@@ -115,6 +120,31 @@ class UserState:
     history: EventSeq
     last: StoredPrediction | None = None
     seen: int | None = None
+    activity: dict[int, int] = field(default_factory=dict)  # event-time window index -> events counted
+
+
+#: Activity windows kept per user: the newest ones by window index (older ones are dropped).
+ACTIVITY_WINDOWS_KEPT = 24
+
+
+def count_activity(activity: dict[int, int], window: int) -> int:
+    """Count one event in ``window`` (an index: event time // window size) and return that window's
+    count; keeps the newest :data:`ACTIVITY_WINDOWS_KEPT` windows. An event older than all of them
+    is counted (its own count is returned) but not kept.
+
+    >>> a = {}
+    >>> count_activity(a, 7), count_activity(a, 7), count_activity(a, 8), a
+    (1, 2, 1, {7: 2, 8: 1})
+    >>> a = {w: 1 for w in range(100, 124)}
+    >>> count_activity(a, 124), 100 in a, count_activity(a, 50), 50 in a, len(a)
+    (1, False, 1, False, 24)
+    """
+    n = activity.get(window, 0) + 1
+    activity[window] = n
+    if len(activity) > ACTIVITY_WINDOWS_KEPT:
+        for w in sorted(activity)[:len(activity) - ACTIVITY_WINDOWS_KEPT]:
+            del activity[w]
+    return n
 
 
 def encode_state(state: UserState) -> bytes:
@@ -124,6 +154,8 @@ def encode_state(state: UserState) -> bytes:
         d["p"] = state.last.to_json()
     if state.seen is not None:
         d["seen"] = state.seen
+    if state.activity:
+        d["w"] = [[w, n] for w, n in state.activity.items()]
     return orjson.dumps(d)
 
 
@@ -154,6 +186,7 @@ def decode_state(value: bytes | None) -> UserState:
         seen = d.pop("seen", None)
         if seen is not None and (isinstance(seen, bool) or not isinstance(seen, int)):
             raise ValueError("'seen' must be an integer")
+        activity = {int(w): int(c) for w, c in d.pop("w", ())}
         h = EventSeq.from_json(d)
         n = len(h.items)
         if not (len(h.actions) == len(h.ts) == len(h.devices) == len(h.locations) == len(h.categories) == n):
@@ -170,7 +203,7 @@ def decode_state(value: bytes | None) -> UserState:
         stored = StoredPrediction.from_json(last) if last is not None else None
         if stored is not None and len(stored.prediction.action_probs) != N_ACTIONS:
             raise ValueError("prediction has the wrong number of action probabilities")
-        return UserState(h, stored, seen)
+        return UserState(h, stored, seen, activity)
     except ValueError as exc:
         raise ValueError(f"stored state unreadable: {exc}") from None
     except (TypeError, KeyError, AttributeError, IndexError, OverflowError) as exc:

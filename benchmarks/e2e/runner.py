@@ -74,6 +74,8 @@ async def produce_events(settings: SettingsType, events: Iterable[dict], rate: f
 
 
 #: The Faust tables of the app (stream_app/app.py): their changelog topics are ``<app_id>-<table>-changelog``.
+#: (``activity``: the table of the code before 2026-12-06, for ``--compare-cwd`` runs against such a tree;
+#: today's app does not use it.)
 TABLES = ("histories", "activity")
 
 

@@ -93,9 +93,8 @@ def _exact(acc, what: str) -> None:
     whose first copy never reached its topic) and unbroken histories (the tables learn of an event
     only once its outputs are safe: stream_app/pipeline.py). Repeated outputs are allowed and
     counted: every output names its event (partition, offset) and the trainer learns each outcome
-    once. Activity counts are reported, not asserted: the ``activity`` and ``histories`` changelogs
-    are two topics, and a ``kill -9`` between their records leaves a few counts one too high
-    (docs/reliability.md)."""
+    once. Activity counts are reported (``activity_mismatches``): they are stored in the same
+    ``histories`` record as the window (docs/reliability.md)."""
     problems = {k: v for k, v in acc.summary().items() if k in ("first_copy_lost", "history_breaks") and v}
     assert not problems, f"{what}: {problems}"
 

@@ -29,7 +29,7 @@ def test_every_table_store_gets_the_bounded_rocksdb_options(make_app):
     """Faust's defaults (64 MiB × 3 memtables, a 2 GiB block cache per table partition) would let a
     worker's memory grow by gigabytes; the settings reach the real RocksDB store of every table."""
     app, _ = make_app(rocksdb_write_buffer_mb=4, rocksdb_write_buffers=2, rocksdb_block_cache_mb=16)
-    stores = [t.data for t in (app.topology.histories, app.topology.activity.table)]
+    stores = [app.topology.histories.data]
     for store in stores:
         o = store.rocksdb_options
         assert (o.write_buffer_size, o.max_write_buffer_number, o.block_cache_size) == (4 << 20, 2, 16 << 20)

@@ -74,6 +74,22 @@ def test_valid_event_yields_prediction_and_updates_history(make_app):
     assert rec.of("outcomes") == [] and rec.of("dlq") == []
 
 
+def test_activity_counts_the_users_events_per_event_time_window_in_the_state_record(make_app):
+    """The activity count of each prediction is the user's events in the event's tumbling window so far
+    (a redelivered event is not counted again), stored in the user's one ``histories`` record."""
+    app, rec = make_app(activity_window_s=3600)
+    t = (int(time.time() * 1000) // 3_600_000 - 5) * 3_600_000  # the start of a window, 5 hours ago
+    first = ev(ts=t + 1000, item="i1")
+    msgs = [(b"u1", first), (b"u1", ev(ts=t + 2000, item="i2")), (b"u1", ev(ts=t + 3_600_000, item="i3")),
+            (b"u1", first, 0), (b"u1", ev(ts=t + 3_700_000, item="i4")), (b"u2", ev(user="u2", ts=t))]
+    asyncio.run(put_all(app, msgs))
+    preds = rec.of("predictions")
+    assert [(p["activity"], p["duplicate"]) for p in preds if p["user_id"] == "u1"] == [
+        (1, False), (2, False), (1, False), (2, True), (2, False)]
+    w = t // 3_600_000
+    assert app.states["u1"].activity == {w: 2, w + 1: 2} and app.states["u2"].activity == {w: 1}
+
+
 def test_invalid_events_go_to_dlq_with_reason_and_source(make_app):
     app, rec = make_app()
     msgs = [(b"u1", b"{broken"), (b"u1", ev(action="teleport")), (b"u2", ev(user="u1")), (None, ev()),
@@ -404,8 +420,7 @@ def _changelog_checker(sizes: dict, failures: list):
     p = Pipeline.__new__(Pipeline)
     p.app = SimpleNamespace(consumer=SimpleNamespace(topic_partitions=lambda t: {0}),
                             producer=SimpleNamespace(_ensure_producer=Producer), crash=crash, crashes=crashes)
-    p.t = SimpleNamespace(histories=table("histories"), activity=SimpleNamespace(table=table("activity")),
-                          repartition=None)
+    p.t = SimpleNamespace(histories=table("histories"), repartition=None)
     p.topics = {"predictions": "predictions", "outcomes": "outcomes", "dlq": "dlq"}
     p._verified_topics = set()
     p._partition_counts = {}

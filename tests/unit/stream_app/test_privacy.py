@@ -1,6 +1,6 @@
 """Privacy in the pipeline (stream_app.pipeline.Pipeline.forget / sweep, docs/privacy.md), through
 the Faust agent in ``agent.test_context()`` with real RocksDB tables: a forget control record on
-``events`` deletes the user from ``histories``, ``activity``, the pending state and the predictor's
+``events`` deletes the user from ``histories`` (window, prediction, activity counts), the pending state and the predictor's
 per-user state, sends a forget marker to the trainer, and is never dead-lettered or predicted."""
 
 from __future__ import annotations
@@ -54,14 +54,10 @@ async def run(app, messages, one_at_a_time=True):
         return list(agent.results.values())
 
 
-def activity_keys(app):
-    """The ``activity`` keys in partition 0's store (``table.keys()`` lists only assigned partitions:
+def stored_users(app):
+    """The users in partition 0's ``histories`` store (``table.keys()`` lists only assigned partitions:
     none in ``test_context``)."""
-    return [orjson.loads(k) for k in app.topology.activity.table.data._db_for_partition(0).keys()]
-
-
-def activity_users(app):
-    return sorted({k[0] for k in activity_keys(app)})
+    return sorted(k.decode() for k in app.topology.histories.data._db_for_partition(0).keys())
 
 
 def spy_changelog(table):
@@ -79,7 +75,7 @@ def spy_changelog(table):
 def test_forget_deletes_the_users_state_and_later_events_start_afresh(make_app):
     pred = Forgetful()
     app, rec = make_app(predictor_factory=lambda s: pred)
-    histories, activity = spy_changelog(app.topology.histories), spy_changelog(app.topology.activity.table)
+    histories = spy_changelog(app.topology.histories)
     t = int(time.time() * 1000) - 10 * HOUR_MS
     before = monitoring.FORGETS.labels("request", "forgotten")._value.get()
     msgs = [(b"u1", ev(ts=t + n * HOUR_MS, item=f"i{n}")) for n in range(4)]  # 4 activity windows
@@ -94,12 +90,13 @@ def test_forget_deletes_the_users_state_and_later_events_start_afresh(make_app):
     assert [forget_user_of(o) for o in outs] == [None, None, None, "u1"]  # the marker; no outcome after it
     state = decode_state(app.topology.histories.get("u1"))
     assert state.history.items == ["late"] and state.seen is not None
-    assert activity_users(app) == ["u1", "u2"] and len([k for k in activity_keys(app) if k[0] == "u1"]) == 1
+    assert list(state.activity.values()) == [1]  # the 4 windows counted before the forget are gone with it
+    assert stored_users(app) == ["u1", "u2"]
     assert pred.forgotten == ["u1"]
-    # the tombstones: one for the state, one per activity window (4), then the new event's writes
+    # one tombstone (the state: window, prediction and activity in one record), then the new event's write
     assert [v for k, v in histories if k == "u1"][-2:] == [None, histories[-1][1]] and histories[-1][1] is not None
-    assert sum(v is None for k, v in activity if k[0] == "u1") == 4
-    assert not any(v is None for k, v in activity + histories if k != "u1" and k[0] != "u1")
+    assert sum(v is None for k, v in histories if k == "u1") == 1
+    assert not any(v is None for k, v in histories if k != "u1")
     assert monitoring.FORGETS.labels("request", "forgotten")._value.get() == before + 1
 
 
@@ -143,7 +140,7 @@ def test_idle_users_and_the_conditional_forget_of_the_sweep(make_app):
     results = asyncio.run(main())
     assert results[1:] == ["forget:forgotten", "forget:kept"]
     assert app.topology.histories.get("u1") is None and app.topology.histories.get("u2") is not None
-    assert activity_users(app) == ["u2"]
+    assert stored_users(app) == ["u2"]
     assert [(forget_user_of(o), o.get("reason")) for o in rec.of("outcomes") if forget_user_of(o)] == [("u1", IDLE)]
 
 
