@@ -492,41 +492,52 @@ async def gather(settings: SettingsType, worker_urls: list[str], interval_s: flo
 def render(report: Mapping[str, Any]) -> list[Any]:
     """The report as rich renderables: a heading line and aligned tables (topics, lag per partition, the
     group's members, the workers, dead letters by reason) and the last model update."""
+    from functools import partial
+
+    from rich import box
     from rich.markup import escape
-    from rich.table import Table
+    from rich.table import Table as RichTable
     from rich.text import Text
 
+    Table = partial(RichTable, box=box.SIMPLE_HEAD, show_edge=False, title_justify="left",  # noqa: N806
+                    title_style="bold")
     out: list[Any] = []
     g = report["group"]
+    n_brokers, n_members = report["broker"]["brokers"], len(g["members"])
     out.append(Text.from_markup(
-        f"[bold]Kafka[/] {escape(report['broker']['url'])} ({report['broker']['brokers']} broker(s))   "
-        f"[bold]group[/] {escape(g['id'])}: {escape(str(g['state']))}, {len(g['members'])} member(s)   "
-        f"[bold]lag[/] {report['lag_total']:,}   [dim]{report['generated_at']}[/]"))
+        f"[bold]Kafka[/] {escape(report['broker']['url'])} ({n_brokers} broker{'s' * (n_brokers != 1)}) · "
+        f"[bold]group[/] {escape(g['id'])}: {escape(str(g['state']))}, {n_members} member{'s' * (n_members != 1)}\n"
+        f"[bold]lag[/] {report['lag_total']:,} · [dim]{report['generated_at']}[/]"))
 
-    t = Table(title="topics", title_justify="left")
+    t = Table(title="topics")
     for col, kw in (("topic", {}), ("role", {}), ("partitions", {"justify": "right"}),
                     ("messages", {"justify": "right"})):
         t.add_column(col, **kw)
     for row in report["topics"]:
         t.add_row(escape(row["name"]), row["role"], str(row["partitions"]), f"{row['messages']:,}")
-    out.append(t)
+    out += [Text(""), t]
 
     holder = {m["member_id"]: worker_name(m["worker"]) if m.get("worker") else short_member(m["member_id"])
               for m in g["members"]}
-    t = Table(title="consumer lag (broker: end offset - committed offset)", title_justify="left")
-    for col, kw in (("topic", {"no_wrap": True}), ("partition", {"justify": "right"}), ("end", {"justify": "right"}),
-                    ("committed", {"justify": "right"}), ("lag", {"justify": "right"}), ("held by", {"no_wrap": True})):
+    t = Table(title="consumer lag (broker: end offset - committed offset)")
+    num = {"justify": "right", "no_wrap": True}
+    owners = {r["member_id"] for r in report["lag"]}
+    held_by = len(owners) > 1 or None in owners  # one member holds them all: the members table says who
+    for col, kw in (("topic", {"no_wrap": True, "overflow": "ellipsis", "max_width": 30}), ("partition", num),
+                    ("end", num), ("committed", num), ("lag", num)) + ((("held by", {"no_wrap": True}),) if held_by
+                                                                       else ()):
         t.add_column(col, **kw)
     for r in report["lag"]:
         who = r["member_id"]
         t.add_row(escape(r["topic"]), str(r["partition"]), f"{r['end']:,}",
                   "-" if r["committed"] is None else f"{r['committed']:,}",
                   f"[bold red]{r['lag']:,}[/]" if r["lag"] else "0",
-                  "[yellow]nobody[/]" if who is None else escape(holder.get(who, short_member(who))))
-    out.append(t)
+                  *(("[yellow]nobody[/]" if who is None else escape(holder.get(who, short_member(who))),)
+                    if held_by else ()))
+    out += [Text(""), t]
 
     inputs = {r["topic"] for r in report["lag"]}
-    t = Table(title="group members (broker)", title_justify="left")
+    t = Table(title="group members (broker)")
     for col, kw in (("member", {"no_wrap": True}), ("host", {}), ("input partitions held", {}),
                     ("worker", {"no_wrap": True})):
         t.add_column(col, **kw)
@@ -535,9 +546,9 @@ def render(report: Mapping[str, Any]) -> list[Any]:
                          if topic in inputs) or "none"
         t.add_row(escape(short_member(m["member_id"])), escape(m["host"]), held,
                   escape(worker_name(m["worker"]) if m["worker"] else "-"))
-    out.append(t)
+    out += [Text(""), t]
 
-    t = Table(title="workers (/metrics)", title_justify="left")
+    t = Table(title="workers (/metrics)")
     for col, kw in (("worker", {"no_wrap": True}), ("model", {"no_wrap": True}),
                     ("events/s", {"justify": "right"}), ("pred/s", {"justify": "right"}),
                     ("p50 / p99 ms", {"justify": "right"}), ("DLQ", {"justify": "right"})):
@@ -554,18 +565,19 @@ def render(report: Mapping[str, Any]) -> list[Any]:
         t.add_row(escape(worker_name(w["url"])), escape(w["model_version"] or "-"),
                   f"{w['events_per_s']:,.1f}", f"{w['predictions_per_s']:,.1f}", lat_s,
                   f"{sum(w['dlq'].values()):,}")
-    out.append(t)
+    out += [Text(""), t]
     if any(w["ok"] and w["latency_ms"]["window"] == "since_start" for w in report["workers"]):
         out.append(Text("* no prediction in the interval: latency since the worker started", style="dim"))
 
     if report["dlq"]:
-        t = Table(title="dead-lettered by reason (workers, since they started)", title_justify="left")
+        t = Table(title="dead-lettered by reason (workers, since they started)")
         t.add_column("reason")
         t.add_column("messages", justify="right")
         for reason, n in report["dlq"].items():
             t.add_row(escape(reason), f"{n:,}")
-        out.append(t)
+        out += [Text(""), t]
 
+    out.append(Text(""))
     u = report["last_model_update"]
     if u is None:
         out.append(Text("last model update: none on the model-updates topic"))
