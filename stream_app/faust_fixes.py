@@ -48,6 +48,19 @@ producer first) went to the next owner again, 1,794–2,922 repeats (marked) in 
 and a graceful leave. Not a loss, but every deploy or scale-out paid for it. The fix
 (:func:`keep_acks_through_revoke`) puts the bookkeeping back for the handler and drops it after.
 
+**A partition without a committed offset is read again from its start.** Faust's recovery seeks every
+assigned partition to its committed offset (``perform_seek``), and it drops records it fetched while
+the flow was stopped or the generation changed, counting on that seek to read them again. But
+aiokafka's ``seek_to_committed`` does not seek a partition whose committed offset is ``None`` (no
+commit yet: a new group, or the first seconds of a stream) or ``0``: its fetch position stays past
+the dropped records, and they are never read. Seen in the two-worker test
+(tests/integration/test_pipeline.py): a worker joined while the first 400 events streamed in, the
+other worker's dropped records of its two kept partitions (offsets 39…97 and 13…52) were skipped for
+good; the same inputs were missing in a clean-clone CI run. The fix
+(:func:`seek_uncommitted_to_start`) seeks such partitions to their beginning when the consumer's
+``auto_offset_reset`` is ``earliest`` (Faust's default, and this app's): what a new consumer of the
+partition would read. Records it read again are redeliveries, which the pipeline marks.
+
 The other Faust commit bug that loses events (acks out of order; ``Consumer._new_offset``) is worked
 around in the pipeline instead: :mod:`stream_app.ackorder`.
 """
@@ -55,6 +68,7 @@ around in the pipeline instead: :mod:`stream_app.ackorder`.
 from __future__ import annotations
 
 import functools
+import inspect
 import logging
 from importlib import metadata
 from typing import Any, Awaitable, Callable
@@ -183,6 +197,46 @@ def skipped_gap_only(method: Callable[..., Awaitable[Any]]) -> Callable[..., Awa
     return wrapper
 
 
+def seek_uncommitted_to_start(method: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+    """Wrap ``AIOKafkaConsumerThread.seek_to_committed()`` (it returns ``{tp: committed offset}``): the
+    partitions whose committed offset is ``None`` or ``0``, which aiokafka leaves where they are, are
+    sought to their beginning (only with ``auto_offset_reset="earliest"``).
+
+    >>> import asyncio
+    >>> from types import SimpleNamespace
+    >>> class Thread:
+    ...     app = SimpleNamespace(conf=SimpleNamespace(consumer_auto_offset_reset="earliest"))
+    ...     def _ensure_consumer(self):
+    ...         return SimpleNamespace(seek_to_beginning=lambda *tps: print("to the beginning:", sorted(tps)))
+    ...     async def call_thread(self, fn, *args):
+    ...         return fn(*args)
+    ...     @seek_uncommitted_to_start
+    ...     async def seek_to_committed(self):
+    ...         return {"events-0": 157, "events-2": None, "events-3": 0}
+    >>> asyncio.run(Thread().seek_to_committed())
+    to the beginning: ['events-2', 'events-3']
+    {'events-0': 157, 'events-2': None, 'events-3': 0}
+    """
+
+    @functools.wraps(method)
+    async def wrapper(self: Any) -> Any:
+        committed = await method(self)
+        if self.app.conf.consumer_auto_offset_reset == "earliest":
+            uncommitted = [tp for tp, offset in committed.items() if not offset]
+            if uncommitted:
+                consumer = self._ensure_consumer()
+                result = self.call_thread(consumer.seek_to_beginning, *uncommitted)
+                if inspect.isawaitable(result):
+                    await result
+                log.info("no committed offset for %s: read from the beginning",
+                         ", ".join(f"{tp.topic}[{tp.partition}]" if hasattr(tp, "topic") else str(tp)
+                                   for tp in sorted(uncommitted, key=str)))
+        return committed
+
+    setattr(wrapper, _APPLIED, True)
+    return wrapper
+
+
 _ACK_STATE = ("_acked", "_acked_index", "_committed_offset", "_gap")
 
 
@@ -245,6 +299,7 @@ def apply() -> None:
     """Patch faust-streaming (idempotent)."""
     from faust.tables.recovery import Recovery
     from faust.transport.consumer import Consumer, ThreadDelegateConsumer
+    from faust.transport.drivers.aiokafka import AIOKafkaConsumerThread
 
     version = metadata.version("faust-streaming")
     if version != FAUST_VERSION:
@@ -255,3 +310,4 @@ def apply() -> None:
     _patch(ThreadDelegateConsumer, "_getmany", fetch_active_snapshot)
     _patch(Consumer, "_add_gap", skipped_gap_only)
     _patch(Consumer, "on_partitions_revoked", keep_acks_through_revoke)
+    _patch(AIOKafkaConsumerThread, "seek_to_committed", seek_uncommitted_to_start)

@@ -5,7 +5,9 @@ import inspect
 from importlib import metadata
 
 from faust.tables.recovery import Recovery
+from aiokafka import AIOKafkaConsumer
 from faust.transport.consumer import Consumer, ThreadDelegateConsumer
+from faust.transport.drivers.aiokafka import AIOKafkaConsumerThread
 
 from stream_app import faust_fixes
 
@@ -26,13 +28,17 @@ def test_the_patched_faust_code_still_has_the_bugs_the_fixes_describe():
     assert "await self._add_gap(tp, r_offset + 1, offset)" in drain
     revoke = inspect.getsource(inspect.unwrap(Consumer.on_partitions_revoked))
     assert "self._acked.pop(tp, None)" in revoke and "self.commit(" not in revoke
+    seek = inspect.getsource(AIOKafkaConsumer.seek_to_committed)  # leaves a None/0 offset where it is
+    assert "if offset and offset > 0:" in seek
+    getmany = inspect.getsource(Consumer.getmany)  # drops fetched records, counting on a later seek
+    assert "Seek back to committed offsets" in getmany and "Cancelling getmany" in getmany
 
 
 def test_apply_wraps_each_method_once():
     faust_fixes.apply()
     def methods():
         return [Recovery.on_recovery_completed, Recovery._resume_streams, ThreadDelegateConsumer._getmany,
-                Consumer._add_gap, Consumer.on_partitions_revoked]
+                Consumer._add_gap, Consumer.on_partitions_revoked, AIOKafkaConsumerThread.seek_to_committed]
 
     patched = methods()
     faust_fixes.apply()
