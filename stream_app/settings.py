@@ -2,8 +2,9 @@
 
 Every field can be set with an environment variable ``NEXTACTION_<FIELD>`` (upper case), e.g.
 ``NEXTACTION_BROKER_URL=kafka://broker:9092``; nothing else reads the environment. Each field's
-``description`` is its one-line meaning: :func:`settings_table` renders them, with the defaults, as
-README.md's settings table.
+``description`` is its one-line meaning: :func:`settings_table` renders them, with the defaults, as a
+markdown table (``nextaction settings --markdown``); the reference docs/settings.md adds each one's
+type and group (``nextaction settings --write-docs``, stream_app/cli/settings.py).
 
 >>> s = Settings(window_events=20)
 >>> s.window_events, s.topic_events, s.broker_url
@@ -315,8 +316,8 @@ def _default_text(value: object) -> str:
 
 
 def settings_table() -> str:
-    """The settings as a markdown table (env name without the prefix, default, meaning): README.md's,
-    between ``<!-- BEGIN settings -->`` and ``<!-- END settings -->`` (``nextaction settings --write-readme``)."""
+    """The settings as a markdown table (env name without the prefix, default, meaning):
+    ``nextaction settings --markdown``."""
     rows = ["| setting | default | meaning |", "|---|---|---|"]
     for name, info in _Settings.model_fields.items():
         meaning = (info.description or "").replace("|", "\\|")

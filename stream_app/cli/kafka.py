@@ -1,5 +1,6 @@
 """``nextaction kafka start|stop|status|logs|install``: the embedded single-node broker
-(:mod:`stream_app.broker`) on 127.0.0.1, and whether ``broker_url`` points at it.
+(:mod:`stream_app.broker`) on 127.0.0.1, and whether ``broker_url`` points at it;
+``nextaction kafka create-topics``: the app's topics on any cluster (``broker_url``).
 
 >>> from stream_app.settings import Settings
 >>> points_at_embedded(Settings(kafka_port=9092)), points_at_embedded(Settings(broker_url="kafka://kafka:9092"))
@@ -17,7 +18,8 @@ from rich.table import Table
 from stream_app.cli.common import console, current_settings, err_console, errors, positive
 from stream_app.settings import SettingsType
 
-app = typer.Typer(no_args_is_help=True, help="The embedded Apache Kafka broker (single KRaft node on 127.0.0.1).")
+app = typer.Typer(no_args_is_help=True, help="The embedded Apache Kafka broker (single KRaft node on 127.0.0.1), "
+                                             "and the app's topics on any cluster (create-topics).")
 
 
 @app.command("start")
@@ -89,6 +91,33 @@ def kafka_status() -> None:
     warn_if_broker_url_elsewhere(settings)
     if not st.answering:
         raise typer.Exit(1)
+
+
+@app.command("create-topics")
+def kafka_create_topics(
+    partitions: int | None = typer.Option(None, help="Partitions of each new topic (default: PARTITIONS). The most "
+                                          "workers that can share the work; it cannot shrink later.",
+                                          callback=positive("--partitions")),
+    replication: int | None = typer.Option(None, help="Replication factor of each new topic (default: 3, or the "
+                                           "number of brokers if fewer).", callback=positive("--replication")),
+) -> None:
+    """Create the app's topics that are missing on BROKER_URL (any cluster), with the product's configs
+    (retention of the per-user topics: TOPIC_RETENTION_S). Existing topics are left as they are."""
+    from stream_app import kafka_admin
+
+    with errors():
+        settings = current_settings()
+        brokers = kafka_admin.require_broker(settings)
+        factor = replication or min(3, brokers)
+        counts = kafka_admin.ensure_topics(settings, partitions=partitions, replication=factor)
+    table = Table(title=f"topics on {escape(settings.bootstrap_servers)} ({brokers} broker{'s' * (brokers != 1)})",
+                  title_justify="left")
+    table.add_column("topic")
+    table.add_column("partitions", justify="right")
+    for topic, n in counts.items():
+        table.add_row(escape(topic), str(n))
+    console.print(table)
+    console.print(f"[dim]new topics: replication factor {factor}; existing ones kept their settings[/]")
 
 
 @app.command("logs")

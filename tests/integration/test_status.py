@@ -134,3 +134,39 @@ def test_status_reports_lag_members_version_and_dead_letters(app_settings, make_
         rc = worker.stop()
     assert rc == 0, worker.tail()
 
+
+
+def test_kafka_create_topics_makes_the_app_s_topics_with_the_product_s_configs(app_settings):
+    """``nextaction kafka create-topics`` on a cluster the product did not start (here: the test broker,
+    through BROKER_URL): every app topic with ``--partitions``, the per-user ones with their retention."""
+    from aiokafka.admin import AIOKafkaAdminClient
+    from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
+
+    s = app_settings.model_copy(update={"topic_retention_s": 3600})
+    run = subprocess.run([NEXTACTION, "kafka", "create-topics", "--partitions", "3"], cwd=REPO, env=settings_env(s),
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    topics = kafka_admin.app_topics(s)
+    assert "replication factor 1" in run.stdout  # one broker
+
+    async def describe():
+        admin = AIOKafkaAdminClient(bootstrap_servers=s.bootstrap_servers)
+        await admin.start()
+        try:
+            parts = {d["topic"]: len(d["partitions"]) for d in await admin.describe_topics(topics)}
+            resp = await admin.describe_configs([ConfigResource(ConfigResourceType.TOPIC, t) for t in topics])
+            configs = {}
+            for r in resp:
+                for _err, _msg, _type, name, entries in r.resources:
+                    configs[name] = {e[0]: e[1] for e in entries}
+            return parts, configs
+        finally:
+            await admin.close()
+
+    parts, configs = asyncio.run(describe())
+    assert parts == {t: 3 for t in topics}
+    assert {t: configs[t]["retention.ms"] for t in kafka_admin.user_topics(s)} == \
+        {t: "3600000" for t in kafka_admin.user_topics(s)}
+    again = subprocess.run([NEXTACTION, "kafka", "create-topics", "--partitions", "5"], cwd=REPO, env=settings_env(s),
+                           capture_output=True, text=True, timeout=120)
+    assert again.returncode == 0 and asyncio.run(describe())[0] == {t: 3 for t in topics}  # existing ones kept

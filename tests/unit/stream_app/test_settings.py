@@ -1,16 +1,9 @@
-"""stream_app.settings: every setting is documented, and README.md's settings table is generated from them."""
+"""stream_app.settings: every setting is documented (the reference docs/settings.md generated from them:
+tests/unit/stream_app/cli/test_settings.py)."""
 
 from __future__ import annotations
 
-from stream_app.cli.settings import README, splice
 from stream_app.settings import CACHE_ROOT, SettingsType, settings_table
-
-
-def test_readme_settings_table_is_generated_from_settings():
-    text = README.read_text(encoding="utf-8")
-    assert splice(text, settings_table()) == text, (
-        "README.md's settings table differs from stream_app/settings.py: regenerate it with "
-        "`nextaction settings --write-readme`")
 
 
 def test_every_setting_has_a_row_with_its_default_and_meaning():
