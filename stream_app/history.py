@@ -16,8 +16,6 @@ keep their history.
 
 from __future__ import annotations
 
-import numpy as np
-
 from models.schema import ACTION_INDEX, EventSeq
 
 
@@ -33,9 +31,8 @@ def bound(history: EventSeq, *, max_events: int, ttl_ms: int) -> EventSeq:
     if len(history) == 0:
         return history
     cutoff = int(history.ts[-1]) - ttl_ms
-    first = int(np.searchsorted(history.ts, cutoff, side="left"))
-    if first:
-        history = history[first:]
+    if history.ts[0] < cutoff:  # (the array method: np.searchsorted's dispatch costs more than the search)
+        history = history[int(history.ts.searchsorted(cutoff, side="left")):]
     return history.tail(max_events)
 
 
@@ -46,8 +43,10 @@ def contains(history: EventSeq, item: str, action: str, ts: int) -> bool:
     >>> contains(h, "b", "cart", 2), contains(h, "b", "view", 2)
     (True, False)
     """
-    lo = int(np.searchsorted(history.ts, ts, side="left"))
-    hi = int(np.searchsorted(history.ts, ts, side="right"))
+    if not len(history) or ts > history.ts[-1]:  # the usual case: a new event, after every stored one
+        return False
+    lo = int(history.ts.searchsorted(ts, side="left"))
+    hi = int(history.ts.searchsorted(ts, side="right"))
     a = ACTION_INDEX[action]
     return any(history.items[i] == item and int(history.actions[i]) == a for i in range(lo, hi))
 
@@ -58,5 +57,7 @@ def as_of(history: EventSeq, ts: int) -> EventSeq:
     >>> as_of(EventSeq.from_columns(["a", "b", "c"], ["view"] * 3, [1, 2, 3]), 2).items
     ['a', 'b']
     """
-    end = int(np.searchsorted(history.ts, ts, side="right"))
+    if not len(history) or ts >= history.ts[-1]:  # the usual case: the window's newest event
+        return history
+    end = int(history.ts.searchsorted(ts, side="right"))
     return history if end == len(history) else history[:end]
