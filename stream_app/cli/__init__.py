@@ -1,11 +1,12 @@
 """The ``nextaction`` command line: one module per command group, registered here.
 
 =====================================================  =====================================================
-``nextaction kafka start|stop|status|logs|install``    the embedded broker (:mod:`stream_app.cli.kafka`)
+``nextaction kafka start|stop|status|logs|install``    the embedded broker; ``create-topics`` on any cluster
+                                                       (:mod:`stream_app.cli.kafka`)
 ``nextaction worker``, ``replay taobao|csv|synthetic``, the stream (:mod:`stream_app.cli.stream`)
 ``tail TOPIC``, ``deploy CHECKPOINT``, ``forget USER_ID...``
 ``nextaction train|evaluate|fit-transitions``          offline model commands (:mod:`stream_app.cli.offline`)
-``nextaction settings``                                the settings table (:mod:`stream_app.cli.settings`)
+``nextaction settings``                                the settings; docs/settings.md (:mod:`stream_app.cli.settings`)
 ``nextaction status``                                  broker, lag, workers, versions (:mod:`stream_app.cli.status`)
 ``nextaction trainer``                                 the online trainer (:mod:`stream_app.cli.trainer`)
 ``nextaction demo``                                    broker, model, worker, replay, predictions
