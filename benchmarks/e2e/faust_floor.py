@@ -22,6 +22,7 @@ import orjson
 
 from stream_app import faust_fixes
 from stream_app.app import rocksdb_options
+from stream_app.kafka_security import faust_credentials
 from stream_app.settings import get_settings
 
 settings = get_settings()
@@ -46,6 +47,7 @@ app = faust.App(
     web_tables_enabled=False,
     web_graph_enabled=False,
     web_stats_enabled=False,
+    broker_credentials=faust_credentials(settings),  # SASL / TLS like the worker (stream_app/kafka_security.py)
     autodiscover=False,
     table_standby_replicas=0,
     broker_commit_interval=settings.commit_interval_s,
