@@ -16,6 +16,7 @@ import pytest
 
 from stream_app import kafka_admin, status
 from stream_app.errors import EventRejected
+from stream_app.kafka_security import client_kwargs
 from stream_app.events import parse_event
 from stream_app.ports import free_port
 from stream_app.replay import encode, produce, synthetic
@@ -150,7 +151,7 @@ def test_kafka_create_topics_makes_the_app_s_topics_with_the_product_s_configs(a
     assert "replication factor 1" in run.stdout  # one broker
 
     async def describe():
-        admin = AIOKafkaAdminClient(bootstrap_servers=s.bootstrap_servers)
+        admin = AIOKafkaAdminClient(bootstrap_servers=s.bootstrap_servers, **client_kwargs(s))
         await admin.start()
         try:
             parts = {d["topic"]: len(d["partitions"]) for d in await admin.describe_topics(topics)}
