@@ -204,33 +204,38 @@ def seek_uncommitted_to_start(method: Callable[..., Awaitable[Any]]) -> Callable
 
     >>> import asyncio
     >>> from types import SimpleNamespace
-    >>> class Thread:
-    ...     app = SimpleNamespace(conf=SimpleNamespace(consumer_auto_offset_reset="earliest"))
+    >>> from collections import namedtuple
+    >>> TP = namedtuple("TP", "topic partition")
+    >>> class Thread:  # the table changelogs are left alone: the recovery reads them from its own offsets
+    ...     app = SimpleNamespace(conf=SimpleNamespace(consumer_auto_offset_reset="earliest"),
+    ...                           tables=SimpleNamespace(changelog_topics={"app-histories-changelog"}))
     ...     def _ensure_consumer(self):
     ...         return SimpleNamespace(seek_to_beginning=lambda *tps: print("to the beginning:", sorted(tps)))
     ...     async def call_thread(self, fn, *args):
     ...         return fn(*args)
     ...     @seek_uncommitted_to_start
     ...     async def seek_to_committed(self):
-    ...         return {"events-0": 157, "events-2": None, "events-3": 0}
-    >>> asyncio.run(Thread().seek_to_committed())
-    to the beginning: ['events-2', 'events-3']
-    {'events-0': 157, 'events-2': None, 'events-3': 0}
+    ...         return {TP("events", 0): 157, TP("events", 2): None, TP("events", 3): 0,
+    ...                 TP("app-histories-changelog", 2): None}
+    >>> committed = asyncio.run(Thread().seek_to_committed())
+    to the beginning: [TP(topic='events', partition=2), TP(topic='events', partition=3)]
+    >>> len(committed)
+    4
     """
 
     @functools.wraps(method)
     async def wrapper(self: Any) -> Any:
         committed = await method(self)
         if self.app.conf.consumer_auto_offset_reset == "earliest":
-            uncommitted = [tp for tp, offset in committed.items() if not offset]
+            changelogs = self.app.tables.changelog_topics  # read by the recovery from its own offsets
+            uncommitted = [tp for tp, offset in committed.items() if not offset and tp.topic not in changelogs]
             if uncommitted:
                 consumer = self._ensure_consumer()
                 result = self.call_thread(consumer.seek_to_beginning, *uncommitted)
                 if inspect.isawaitable(result):
                     await result
                 log.info("no committed offset for %s: read from the beginning",
-                         ", ".join(f"{tp.topic}[{tp.partition}]" if hasattr(tp, "topic") else str(tp)
-                                   for tp in sorted(uncommitted, key=str)))
+                         ", ".join(f"{tp.topic}[{tp.partition}]" for tp in sorted(uncommitted)))
         return committed
 
     setattr(wrapper, _APPLIED, True)
