@@ -28,6 +28,7 @@ from models.errors import CheckpointError, ConfigError
 FORMAT = "nextaction-checkpoint/1"
 FILES = ("model.safetensors", "config.json", "vocab.json")
 MANIFEST = "manifest.json"
+TEXT_FILE = "text_projection.safetensors"  # optional: models.text.TextProjection (models.text.PROJECTION_FILE)
 
 
 @dataclass
@@ -41,6 +42,7 @@ class Checkpoint:
     metadata: dict = field(default_factory=dict)
     content_hash: str = ""
     path: Path | None = None
+    text_projection: Any = None  # models.text.TextProjection when the checkpoint has one (cold-start items)
 
     @property
     def version(self) -> str:
@@ -73,9 +75,11 @@ def code_version() -> str:
 
 
 def save_checkpoint(path: str | Path, model, vocab: ItemVocab, train_config: TrainConfig | None = None,
-                    metadata: dict | None = None) -> Path:
+                    metadata: dict | None = None, text_projection=None) -> Path:
     """Write ``model`` (a :class:`~models.model.NextActionModel`) and its vocabulary to directory
-    ``path`` atomically; an existing checkpoint there is replaced. Returns ``path``."""
+    ``path`` atomically; an existing checkpoint there is replaced. Returns ``path``.
+    ``text_projection`` (a :class:`models.text.TextProjection`): also written, as
+    :data:`TEXT_FILE`, and hashed like the other files (cold-start items from text)."""
     from safetensors.torch import save_file
 
     path = Path(path)
@@ -94,10 +98,19 @@ def save_checkpoint(path: str | Path, model, vocab: ItemVocab, train_config: Tra
                   "train": train_config.to_dict() if train_config is not None else None, "metadata": meta}
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True, default=_json_default))
         (tmp / "vocab.json").write_text(vocab.to_json())
-        hashes = {name: _sha256(tmp / name) for name in FILES}
+        files = FILES
+        if text_projection is not None:
+            from models.text import save_projection
+
+            if text_projection.d_model != cfg.d_model:
+                raise CheckpointError(f"text projection outputs rows of width {text_projection.d_model}, the model "
+                                      f"d_model={cfg.d_model}")
+            save_projection(tmp / TEXT_FILE, text_projection)
+            files = (*FILES, TEXT_FILE)
+        hashes = {name: _sha256(tmp / name) for name in files}
         manifest = {"format": FORMAT, "files": hashes, "content_hash": content_hash(hashes)}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
-        for name in (*FILES, MANIFEST):
+        for name in (*files, MANIFEST):
             with open(tmp / name, "rb") as f:
                 os.fsync(f.fileno())
         if path.exists():
@@ -149,7 +162,8 @@ def verify_checkpoint(path: str | Path) -> str:
     path = Path(path)
     manifest = read_manifest(path)
     hashes = manifest["files"]
-    for name in FILES:
+    names = (*FILES, TEXT_FILE) if TEXT_FILE in hashes else FILES
+    for name in names:
         if not (path / name).is_file():
             raise CheckpointError(f"checkpoint {str(path)!r} is missing {name}")
         if name not in hashes:
@@ -158,7 +172,7 @@ def verify_checkpoint(path: str | Path) -> str:
         if actual != hashes[name]:
             raise CheckpointError(f"hash mismatch for {path / name}: expected sha256 {hashes[name]}, "
                                   f"got {actual} (file corrupt or modified)")
-    expected = content_hash({n: hashes[n] for n in FILES})
+    expected = content_hash({n: hashes[n] for n in names})
     if manifest["content_hash"] != expected:
         raise CheckpointError(f"{path / MANIFEST}: content_hash {manifest['content_hash']} does not match the "
                               f"file hashes (expected {expected})")
@@ -234,4 +248,9 @@ def load_checkpoint(path: str | Path, device: str = "cpu", expect: dict[str, Any
                                   f"config.json implies {tuple(v.shape)}")
     model.load_state_dict(state, strict=True)
     model.to(torch.device(device)).eval()
-    return Checkpoint(model, vocab, mcfg, tcfg, config.get("metadata") or {}, digest, path)
+    proj = None
+    if (path / TEXT_FILE).is_file() and TEXT_FILE in read_manifest(path)["files"]:
+        from models.text import load_projection
+
+        proj = load_projection(path / TEXT_FILE, mcfg.d_model)
+    return Checkpoint(model, vocab, mcfg, tcfg, config.get("metadata") or {}, digest, path, proj)

@@ -33,6 +33,10 @@ class DatasetError(NextActionError, ValueError):
     """A dataset file is missing or does not have the expected format."""
 
 
+class MissingDependencyError(NextActionError, ImportError):
+    """An optional feature was asked for but the package it needs is not installed (the message names it)."""
+
+
 class PredictorError(NextActionError, RuntimeError):
     """A predictor failed on a batch or broke its contract (the batch is retried, then dead-lettered)."""
 

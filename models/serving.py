@@ -113,7 +113,8 @@ class TransformerPredictor(Predictor):
                  cache_users: int = 100_000, cache_bytes: int = 1 << 30, overflow: str = "exact",
                  refresh_every: int = 16, max_rounds: int = 4, score_budget: int | None = None,
                  buckets: Sequence[int] | None = None, score_dtype: str = "auto", max_stale_deltas: int = 10,
-                 path: str | Path | None = None) -> None:
+                 path: str | Path | None = None, text_projection=None, text_items: bool = True,
+                 text_catalogue: str | Path | None = None) -> None:
         cfg = model.cfg
         if len(vocab) != cfg.n_items:
             raise CheckpointError(f"vocabulary has {len(vocab)} entries but the model has n_items={cfg.n_items}")
@@ -162,7 +163,9 @@ class TransformerPredictor(Predictor):
         self._options = dict(device=device, num_threads=num_threads, compile=compile, incremental=incremental,
                              cache_users=cache_users, cache_bytes=cache_bytes, overflow=overflow,
                              refresh_every=refresh_every, max_rounds=max_rounds, score_budget=score_budget,
-                             buckets=buckets, score_dtype=score_dtype, max_stale_deltas=max_stale_deltas)
+                             buckets=buckets, score_dtype=score_dtype, max_stale_deltas=max_stale_deltas,
+                             text_items=text_items, text_catalogue=text_catalogue)
+        self._init_text(text_projection, text_items, text_catalogue)
         self.compiled = bool(compile)
         self._score_last = torch.compile(model.score_last, dynamic=True) if compile else model.score_last
         p = next(model.parameters())
@@ -184,7 +187,7 @@ class TransformerPredictor(Predictor):
 
         dev = resolve_device(options.get("device", "auto"))
         ck = load_checkpoint(path, device=dev)
-        return cls(ck.model, ck.vocab, version=ck.version, path=path, **options)
+        return cls(ck.model, ck.vocab, version=ck.version, path=path, text_projection=ck.text_projection, **options)
 
     def successor(self, path: str | Path, sha256: str | None = None) -> "TransformerPredictor":
         """The next model version with the same serving options and an empty cache (cached
@@ -222,6 +225,8 @@ class TransformerPredictor(Predictor):
 
         if not delta.follows(self.version):
             return False
+        if self._text_added:  # the trainer now sends a row for an item we gave a text row: retire ours
+            self._retire_text_rows([i for i in delta.item_ids if i in self._text_added])
         known = self.vocab.__contains__
         buckets = {self.vocab.bucket(i) for i in delta.item_ids if not known(i)}  # ids that become known
         moved = apply_delta(self.model, self.vocab, delta) + sorted(buckets)
@@ -233,7 +238,74 @@ class TransformerPredictor(Predictor):
             self._moved[row] = self.deltas
         if self._moved:  # older states are stale anyway: forget what only they could hold
             self._moved = {r: c for r, c in self._moved.items() if c > self.deltas - self.max_stale_deltas}
+        if self._text_added:  # text rows the delta's rows took over: append them again (cached rows)
+            self.add_item_texts({i: None for i in self._text_added if i not in self.vocab})
         return True
+
+    # ------------------------------------------------------------------ cold-start items from text
+    def _init_text(self, proj, enabled: bool, catalogue) -> None:
+        """The serving side of :mod:`models.text` (a checkpoint with a text projection)."""
+        self.text = None
+        self._text_added: set[str] = set()
+        if proj is None or not enabled:
+            return
+        from models.text import TextEncoder, TextRows, read_catalogue
+
+        self.text = TextRows(proj, read_catalogue(catalogue) if catalogue else None,
+                             TextEncoder(device=self.device.type))
+
+    def add_item_texts(self, texts) -> list[str]:
+        """Give the items of ``texts`` (item id → text; ``None``/``""``: the catalogue's text) that the
+        vocabulary does not know a row projected from their text, appended to the catalogue scan so
+        they can be recommended at once; ids without any text are skipped. Each item's row is computed
+        once (cached; :class:`models.text.TextRows`) and survives online deltas (a delta that takes
+        its row over is followed by appending it again). The version does not change: the rows follow
+        from the checkpoint's projection and the texts. Without a text projection, a no-op. Returns
+        the ids added.
+
+        A cached user state that holds such an item from before (it read its hash bucket) keeps that
+        until it is rebuilt; the item's new events read its text row."""
+        if self.text is None:
+            return []
+        items = [i for i in dict.fromkeys(texts) if i not in self.vocab]
+        if not items:
+            return []
+        ids, rows, bias = self.text.rows(items, [texts[i] for i in items])
+        if not ids:
+            return []
+        from models.delta import ModelDelta, apply_delta
+
+        n = len(self.vocab)
+        delta = ModelDelta(self.version or "local", 1, 0, np.arange(n, n + len(ids)), ids, rows, bias,
+                           np.zeros(len(ids), np.int64))
+        apply_delta(self.model, self.vocab, delta)
+        self.cfg = self.model.cfg
+        self.max_rows = max(1, self._score_budget // self.cfg.n_items)
+        self._text_added.update(ids)
+        return ids
+
+    def _retire_text_rows(self, ids: list[str]) -> None:
+        """Give the text rows of ``ids`` to placeholder ids that are never ranked (bias -1e4), so a
+        delta can hold those ids at its own rows."""
+        if not ids:
+            return
+        rows = [self.vocab.index(i) for i in ids]
+        self.vocab.set_items(rows, [f"\x00retired-text-row-{r}" for r in rows])
+        with torch.no_grad():
+            self.model.item_bias[torch.as_tensor(rows, device=self.model.item_bias.device)] = -1e4
+            self.model._rows_cache = self.model._table_cache = None
+        self._text_added.difference_update(ids)
+        for r in rows:
+            self._moved[r] = self.deltas + 1  # the delta about to be applied counts it
+
+    def _text_new_items(self, histories: Sequence[EventSeq]) -> None:
+        """Items first seen now (each history's last event) that the catalogue has text for."""
+        if self.text is None or not self.text.catalogue:
+            return
+        known, cat = self.vocab.__contains__, self.text.catalogue
+        new = {h.items[-1]: None for h in histories if len(h) and not known(h.items[-1]) and h.items[-1] in cat}
+        if new:
+            self.add_item_texts(new)
 
     def __repr__(self) -> str:
         return (f"TransformerPredictor({self.version} on {self.device}, threads={self.num_threads}, "
@@ -275,6 +347,7 @@ class TransformerPredictor(Predictor):
         if n == 0:
             return []
         self.stats["requests"] += n
+        self._text_new_items(histories)
         if not self.cache.enabled:
             return self.predict_full(histories, k)
         self._ensure_threads()
@@ -328,6 +401,7 @@ class TransformerPredictor(Predictor):
         n = len(histories)
         if n == 0:
             return []
+        self._text_new_items(histories)
         self._ensure_threads()
         out: list[Prediction | None] = [None] * n
         enc = [encode(h, self.vocab, self.cfg) for h in histories]

