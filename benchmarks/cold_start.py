@@ -148,6 +148,7 @@ def main(argv: list[str] | None = None) -> int:
         train(wds, None, tcfg, out, split=split, eval_test=False)
     train_s = time.perf_counter() - t0
     ck = load_checkpoint(out, device=args.device)
+    train_s = float(ck.metadata.get("train_seconds", train_s))  # --reuse: the time the training took
     model, vocab = ck.model, ck.vocab
     train_seqs = training_sequences(split, set())
     counts = training_counts(vocab, train_seqs.values())
@@ -272,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{np.median(b1):.1f} ms (p90 {np.percentile(b1, 90):.1f} ms), batch 64 {np.median(bb):.2f} ms/item; "
         f"the projection adds {proj_us:.1f} µs per item ({r0.shape[0]}×{r0.shape[1]} matrix).",
     ])
-    publish(SECTION, text, write=args.write, heading=HEADING)
+    publish(SECTION, text, write=args.write)
     return 0
 
 
