@@ -54,6 +54,8 @@ class Prediction:
     top_items: list[tuple[str, float]]  # (item_id, score), best first, len <= k
     next_gap_s: float  # expected seconds to the next action
     explanation: str = ""
+    #: Optional attribution of the prediction (models.explain ``Explanation.to_json()``), when explanations are on.
+    why: dict | None = None
 
     def action_dict(self) -> dict[str, float]:
         return dict(zip(ACTIONS, self.action_probs))
@@ -67,13 +69,15 @@ class Prediction:
         d = {"p": self.action_probs, "top": [[i, s] for i, s in self.top_items], "gap": self.next_gap_s}
         if self.explanation:
             d["x"] = self.explanation
+        if self.why is not None:
+            d["w"] = self.why
         return d
 
     @classmethod
     def from_json(cls, d: dict) -> "Prediction":
         """Inverse of :meth:`to_json`."""
         return cls([float(x) for x in d["p"]], [(str(i), float(s)) for i, s in d["top"]], float(d["gap"]),
-                   d.get("x", ""))
+                   d.get("x", ""), d.get("w"))
 
 
 class Predictor(ABC):

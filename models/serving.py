@@ -113,7 +113,7 @@ class TransformerPredictor(Predictor):
                  cache_users: int = 100_000, cache_bytes: int = 1 << 30, overflow: str = "exact",
                  refresh_every: int = 16, max_rounds: int = 4, score_budget: int | None = None,
                  buckets: Sequence[int] | None = None, score_dtype: str = "auto", max_stale_deltas: int = 10,
-                 path: str | Path | None = None, text_projection=None, text_items: bool = True,
+                 explain_top: int = 0, path: str | Path | None = None, text_projection=None, text_items: bool = True,
                  text_catalogue: str | Path | None = None) -> None:
         cfg = model.cfg
         if len(vocab) != cfg.n_items:
@@ -127,6 +127,9 @@ class TransformerPredictor(Predictor):
             raise ConfigError("kv_refresh_every", refresh_every, "must be an integer >= 1")
         if isinstance(max_stale_deltas, bool) or not isinstance(max_stale_deltas, int) or max_stale_deltas < 0:
             raise ConfigError("kv_max_stale_deltas", max_stale_deltas, "must be an integer >= 0")
+        if isinstance(explain_top, bool) or not isinstance(explain_top, int) or explain_top < 0:
+            raise ConfigError("explain_top", explain_top, "must be an integer >= 0 (0 = no explanations)")
+        self.explain_top = explain_top
         if not isinstance(max_rounds, int) or max_rounds < 1:
             raise ValueError(f"max_rounds must be an integer >= 1, got {max_rounds!r}")
         self.device = torch.device(resolve_device(device))
@@ -164,6 +167,7 @@ class TransformerPredictor(Predictor):
                              cache_users=cache_users, cache_bytes=cache_bytes, overflow=overflow,
                              refresh_every=refresh_every, max_rounds=max_rounds, score_budget=score_budget,
                              buckets=buckets, score_dtype=score_dtype, max_stale_deltas=max_stale_deltas,
+                             explain_top=explain_top,
                              text_items=text_items, text_catalogue=text_catalogue)
         self._init_text(text_projection, text_items, text_catalogue)
         self.compiled = bool(compile)
@@ -393,7 +397,7 @@ class TransformerPredictor(Predictor):
             for s in range(0, len(rows), self.max_rows):  # bounded [rows, V] score matrices
                 o = self.model.heads(last.rows(s, s + self.max_rows), k, self.score_dtype)
                 self._emit(o, rows[s: s + self.max_rows], out)
-        return out  # type: ignore[return-value]
+        return self._explained(histories, out)  # type: ignore[arg-type]
 
     def predict_full(self, histories: Sequence[EventSeq], k: int) -> list[Prediction]:
         """Full recomputation (no cache): encode every window, ``score_last``, device top-K."""
@@ -414,7 +418,18 @@ class TransformerPredictor(Predictor):
                     self.stats["full"] += len(chunk)
                     self.stats["model_calls"] += 1
                     self._emit(o, chunk, out)
-        return out  # type: ignore[return-value]
+        return self._explained(histories, out)  # type: ignore[arg-type]
+
+    def _explained(self, histories: Sequence[EventSeq], out: list[Prediction]) -> list[Prediction]:
+        """With ``explain_top > 0``: each prediction's ``why`` (:mod:`models.explain`: occlusion of the
+        window's events and of the newest event's context, batched over the whole batch)."""
+        if self.explain_top > 0:
+            from models.explain import explain_batch  # noqa: PLC0415 - only when explanations are on
+
+            with self._autocast():
+                for p, e in zip(out, explain_batch(self.model, self.vocab, histories, top=self.explain_top)):
+                    p.why = e.to_json()
+        return out
 
     # ------------------------------------------------------------------ cache management
     def forget_user(self, user: str) -> bool:

@@ -123,7 +123,7 @@ def check_prediction(p: Prediction, k: int) -> Prediction:
     gap = float(p.next_gap_s)
     if not math.isfinite(gap) or gap < 0:
         raise PredictorError(f"next_gap_s must be finite and >= 0 (got {gap})")
-    return Prediction(probs, items, gap, p.explanation)
+    return Prediction(probs, items, gap, p.explanation, p.why)
 
 
 class Batcher:

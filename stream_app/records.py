@@ -313,6 +313,8 @@ def prediction_record(user_id: str, stored: StoredPrediction, *, latency_ms: flo
               "published_ms": published_ms}
     if p.explanation:
         record["explanation"] = p.explanation
+    if p.why is not None:  # setting explain_top > 0 (models/explain.py, docs/explanations.md)
+        record["why"] = p.why
     return orjson.dumps(record)
 
 

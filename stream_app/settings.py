@@ -143,6 +143,10 @@ class _Settings(BaseSettings):
     predict_queue: int = Field(4096, description="bound of the prediction queue (backpressure beyond it)")
     serve_threads: int = Field(0, description="CPU intra-op threads for inference (0 = cores − 1; the event loop "
                                               "keeps a core)")
+    explain_top: int = Field(0, ge=0, description="explanations: each Transformer prediction carries a `why` naming "
+                             "at most this many past events that drove it (attribution by occlusion, "
+                             "docs/explanations.md); 0 = off (the default: it costs a batched forward pass "
+                             "over every window event)")
     serve_compile: bool = Field(False, description="`torch.compile` the model (GPU nodes)")
     serve_score_dtype: Literal[SCORE_DTYPES] = Field(
         "auto", description="catalogue scan precision: `bfloat16` scans in bf16 and rescores the best K + 32 "
