@@ -16,7 +16,8 @@ if [ ! -f "$venv/.complete" ]; then
   mkdir -p "$cache"
   "$py" -m venv "$venv"
   "$venv/bin/python" -m pip install -q --upgrade pip setuptools==84.2.1 wheel==0.48.0 >&2
-  "$venv/bin/python" -m pip install -q --progress-bar off -r "$here/requirements.lock" >&2
+  # --no-deps: the lock is the whole resolved set (one package declares a dependency we do not use)
+  "$venv/bin/python" -m pip install -q --progress-bar off --no-deps -r "$here/requirements.lock" >&2
   touch "$venv/.complete"
 fi
 # Point the editable install at this checkout (cheap; a clone elsewhere re-points it).
