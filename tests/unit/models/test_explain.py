@@ -159,6 +159,7 @@ def cart_model() -> NextActionModel:
     return _train_cart_rule()
 
 
+@pytest.mark.slow
 def test_the_event_that_drives_the_prediction_is_named_first(cart_model):
     rng = np.random.default_rng(11)
     for at in range(LEN):
@@ -200,6 +201,7 @@ def test_gradient_weight_is_the_derivative_of_the_probability_in_the_token_input
     assert max(abs(x) for x in fd) > 1e-3
 
 
+@pytest.mark.slow
 def test_removing_the_named_event_changes_the_probability_more_than_a_random_one(cart_model):
     """Faithfulness as the benchmark measures it (benchmarks/explain_faithfulness.py), on histories
     with and without a cart: the drop of the explained target's probability when the top-named
