@@ -79,7 +79,8 @@ def test_every_record_of_the_four_topics_validates_against_its_schema(app_settin
     v1, v2 = make_checkpoint(0, items=40), make_checkpoint(1, items=40)
     ver1, ver2 = (read_manifest(v)["content_hash"][:12] for v in (v1, v2))
     s = app_settings.model_copy(update={"checkpoint": v1, "device": "cpu", "serve_threads": 1,
-                                        "window_events": 1000, "window_ttl_s": 10 * 365 * 86400})
+                                        "window_events": 1000, "window_ttl_s": 10 * 365 * 86400,
+                                        "explain_top": 2})  # every prediction carries its `why` (docs/explanations.md)
     kafka_admin.ensure_topics(s)
     first = list(synthetic(400, 40, seed=31, bad_fraction=0.05))
     shift = max(e["ts"] for e in first if isinstance(e, dict) and isinstance(e.get("ts"), int)) + 1000 - min(
@@ -125,6 +126,8 @@ def test_every_record_of_the_four_topics_validates_against_its_schema(app_settin
     for p in preds:
         _check_probabilities(p["top_items"], p["action_probs"])
         assert p["top_items"], p  # a Transformer always ranks its catalogue
+        assert p["why"]["label"] == max(p["action_probs"], key=p["action_probs"].get), p  # explains the served action
+        assert len(p["why"]["events"]) <= 2 and p["why"]["text"].startswith("likely to "), p
     assert {p["model_version"] for p in preds} == {ver1, ver2}  # both checkpoints served, both validated
     outcomes = [_json(m) for m in out[s.topic_outcomes]]
     for o in outcomes:
