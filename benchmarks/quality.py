@@ -15,6 +15,12 @@ fitted on train + history (every event but the test targets; see ``models.datase
 
 Writes the ``quality`` section ("## Quality") of ``benchmarks/RESULTS.md`` (other sections are left
 alone; ``--no-write``/``--dry-run``: print only): one row per (dataset, protocol, metric).
+
+Calibration (issue 16), on the first protocol of each dataset: ``item/top1_ece``, the expected
+calibration error (15 equal-width bins) of the probability each scorer gives its top-1 item, next to
+that probability's mean (``item/top1_confidence``) and how often the top-1 item is the next one
+(``item/top1_accuracy``), for the scorers that are probability models (ours, popularity, markov;
+``models.evaluate``); with actions also ``action/ece`` of the most probable action.
 """
 
 from __future__ import annotations
@@ -182,6 +188,7 @@ def run_dataset(name: str, args) -> list[dict]:
     if gru is not None:
         scorers = {**{k: v for k, v in scorers.items() if k in ("ours", NO_TRANSITIONS)}, "gru4rec": gru,
                    **{k: v for k, v in scorers.items() if k not in ("ours", NO_TRANSITIONS)}}
+    calibration = ("item/top1_ece", "item/top1_confidence", "item/top1_accuracy")
     rows = []
     info = _training_row(name, ours, Path(args.checkpoints or ".") / name)
     if info is not None:
@@ -190,9 +197,11 @@ def run_dataset(name: str, args) -> list[dict]:
     if info is not None:
         rows.append({"training": info})
     for key, protocol, masked in protos:
+        first = key == protos[0][0]  # calibration does not depend on the protocol: measured once
         res = {n: evaluate(s, ds, cases, protocol=protocol, mask_history=masked, seed=0, beyond_accuracy=False,
-                           return_ranks=True) for n, s in scorers.items()}
+                           calibration=first, return_ranks=True) for n, s in scorers.items()}
         extra = ("action/log_loss", "purchase_session_auc") if key == "full/allowed" and ds.has_actions else ()
+        extra += (calibration + (("action/ece",) if ds.has_actions else ())) if first else ()
         for m in metrics + extra:
             pub = PUBLISHED.get((name, key), {}).get(m)
             rows.append({"dataset": name, "protocol": key, "metric": m, "n": len(cases),
@@ -217,7 +226,11 @@ def render(rows: list[dict], seconds: float) -> str:
            "Leave-one-out test split (users with >= 3 events; YOOCHOOSE: session-rec next-click on the test "
            "file), full ranking over all items with history items allowed / masked, and 100 sampled "
            "negatives as an extra. Ties broken by popularity. Baselines fitted on train + history. "
-           f"Produced by `benchmarks/quality.py` in {seconds:.0f} s.", "",
+           "Calibration rows (first protocol only): `item/top1_ece` is the expected calibration error (15 "
+           "equal-width bins) of the probability a scorer gives its top-1 item, `item/top1_confidence` that "
+           "probability's mean and `item/top1_accuracy` how often the top-1 item is the next one (blank: not a "
+           f"probability model); `action/ece` the same for the top action. Produced by `benchmarks/quality.py` "
+           f"in {seconds:.0f} s.", "",
            f"- date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; machine: {machine('cpu')}",
            f"- command: `{command_line()}`", "",
            "| dataset | protocol | metric | cases | ours | " + " | ".join(cols) + " | published |",

@@ -672,9 +672,8 @@ class NextActionModel(nn.Module):
             out["item_scores"] = self.item_logits(h_last, rep, hist, last_item)  # (B, V)
             out["item_log_norm"] = _log_sum_exp(out["item_scores"][:, self.first_item:].float())  # (B,)
         else:
-            top_s, out["top_items"], log_norm = self.top_items(h_last, rep, hist, last_item, k, coarse)  # (B, k)
-            out["top_scores"], out["item_log_norm"] = top_s, log_norm
-            out["top_probs"] = torch.exp(top_s - log_norm[:, None]).clamp_(max=1.0)  # (B, k)
+            out["top_scores"], out["top_items"], out["item_log_norm"] = self.top_items(h_last, rep, hist, last_item,
+                                                                                    k, coarse)  # (B, k), (B,)
         if self.action_head is not None:
             logits = self.action_head(h_last).float()  # (B, 5)
             if self.action_prior is not None and last_action is not None:
@@ -700,8 +699,8 @@ class NextActionModel(nn.Module):
         items: ``exp(item_scores - item_log_norm)`` is the next-item distribution over the
         catalogue), ``gap_log_s [B]`` (predicted ``log1p`` seconds to the next event).
         With ``k``: ``top_scores [B, k]``, ``top_items [B, k]`` (vocabulary indices of known
-        items, see :meth:`top_items`), ``item_log_norm [B]`` and ``top_probs [B, k]`` (the
-        items' probabilities, ``exp(top_scores - item_log_norm)``) instead of ``item_scores``."""
+        items, see :meth:`top_items`) and ``item_log_norm [B]`` instead of ``item_scores``: the
+        items' probabilities are ``exp(top_scores - item_log_norm[:, None])`` (:func:`top_probs`)."""
         items, lengths = batch["item"], batch["lengths"]
         B, T = items.shape
         h = self.hidden(batch)  # (B, T, d)
@@ -810,6 +809,19 @@ class NextActionModel(nn.Module):
         new_state = new_state.trimmed()
         out = LastHidden(h, rep, items if rep is not None else None, tokens["action"][:, 0], tokens["item"][:, 0])
         return (self.heads(out) if heads else out), new_state
+
+
+def top_probs(top_scores, log_norm) -> np.ndarray:
+    """The probabilities ``[B, k]`` (float64, at most 1) of top-K scores ``[B, k]`` under their rows'
+    log-normalisers ``[B]`` (:meth:`NextActionModel.top_items`), computed on the host: K numbers per
+    row, cheaper there than K more device kernels.
+
+    >>> top_probs(torch.tensor([[0.0, -1.0]]), torch.tensor([math.log(2.0)])).round(4).tolist()
+    [[0.5, 0.1839]]
+    """
+    s = np.asarray(top_scores.float().cpu() if torch.is_tensor(top_scores) else top_scores, np.float64)
+    z = np.asarray(log_norm.float().cpu() if torch.is_tensor(log_norm) else log_norm, np.float64)
+    return np.minimum(np.exp(s - z[:, None]), 1.0)
 
 
 def _log_sum_exp(scores: torch.Tensor) -> torch.Tensor:

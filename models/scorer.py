@@ -125,7 +125,9 @@ class TransformerScorer(Predictor):
 
     def item_probs(self, histories: Sequence[EventSeq]) -> np.ndarray:
         """``[B, len(items)]``: the model's probability that each item is the next one (the softmax
-        over the vocabulary's known items, as served), in the columns of :meth:`score_items`."""
+        over the vocabulary's known items, as served), in the columns of :meth:`score_items`. An id
+        the vocabulary does not know reads its hash bucket's score, which the normaliser leaves out
+        (buckets are not items): ``exp(score - normaliser)`` is then only a relative weight."""
         r = self.run(histories)
         return np.exp(r["item_scores"][:, self._cols].astype(np.float64) - r["item_log_norm"][:, None])
 

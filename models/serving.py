@@ -46,7 +46,7 @@ from models.encoding import ItemVocab, collate, encode, encode_last
 from models.errors import CheckpointError, ConfigError
 from models.kv_cache import CacheEntry, KVCache, flatten_state, window_key
 from models.kv_state import KVState, LastHidden
-from models.model import NextActionModel
+from models.model import NextActionModel, top_probs
 from models.predictor import Prediction, Predictor
 from models.schema import EventSeq
 
@@ -590,7 +590,10 @@ class TransformerPredictor(Predictor):
     def _emit(self, o: dict[str, torch.Tensor], rows: list[int], out: list) -> None:
         """Copy only the K ids and probabilities (top-K and the catalogue's normaliser ran on the
         device: :meth:`~models.model.NextActionModel.top_items`), action probs and gap back to the host."""
-        ids, vals = o["top_items"].cpu().tolist(), o["top_probs"].float().cpu().tolist()  # (B, k) each
+        k = o["top_scores"].shape[1]
+        # the K scores and the row's log-normaliser in one device -> host copy
+        host = torch.cat([o["top_scores"].float(), o["item_log_norm"].float()[:, None]], 1).cpu().numpy()
+        ids, vals = o["top_items"].cpu().tolist(), top_probs(host[:, :k], host[:, k]).tolist()  # (B, k) each
         probs = o["action_probs"].float().cpu().numpy().astype(np.float64)  # (B, 5)
         probs /= probs.sum(axis=1, keepdims=True)
         gaps = np.expm1(np.clip(o["gap_log_s"].float().cpu().numpy().astype(np.float64), 0.0, _GAP_LOG_CLIP))
