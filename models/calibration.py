@@ -32,7 +32,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-__all__ = ["fit_action_calibration", "apply_action_calibration", "log_loss"]
+__all__ = ["fit_action_calibration", "apply_action_calibration", "log_loss", "ItemTemperatureFit"]
 
 _EPS = 1e-9
 
@@ -74,3 +74,83 @@ def fit_action_calibration(probs: np.ndarray, y: np.ndarray, *, l2: float = 1e-3
     opt.step(closure)
     b = bias.detach() - bias.detach().mean()  # softmax is shift-invariant: centre the biases
     return float(log_t.detach().exp()), tuple(round(float(v), 6) for v in b)
+
+
+class ItemTemperatureFit:
+    """The temperature ``T`` of the next-item distribution, ``p = softmax(scores / T)`` over the
+    catalogue, that minimises the validation log loss of the true next items (temperature scaling,
+    Guo et al. 2017). The ranking does not change; the probabilities do: a repeat or transition
+    score that ranks well can be far too sharp as a probability (Taobao: mean top-1 probability
+    0.66 for a top-1 hit rate of 0.05 at ``T = 1``).
+
+    Feed it validation cases a chunk at a time (:meth:`add`: full-catalogue scores ``[n, V]`` and
+    the target columns ``[n]``, ``-1`` for a target outside the catalogue), then :meth:`result`.
+    The log loss is convex in ``1 / T``: a golden-section search on ``log T`` in [0.05, 200] finds it
+    to 0.1 %. Cases are kept in float32 up to ``max_bytes`` (later ones are skipped: a few hundred
+    cases pin one number down).
+
+    >>> rng = np.random.default_rng(0)
+    >>> logits = rng.normal(size=(400, 50))
+    >>> y = np.array([rng.choice(50, p=np.exp(r) / np.exp(r).sum()) for r in logits])  # true T = 1
+    >>> fit = ItemTemperatureFit()
+    >>> fit.add(logits * 4.0, y)  # scores 4x too sharp
+    >>> t, before, after = fit.result()
+    >>> bool(3.2 < t < 5.0), bool(after < before)
+    (True, True)
+    """
+
+    LOW, HIGH = 0.05, 200.0
+
+    def __init__(self, max_bytes: int = 256 << 20) -> None:
+        self.max_bytes = max_bytes
+        self._s: list[np.ndarray] = []  # per chunk: scores minus each row's maximum (<= 0), float32
+        self._t: list[np.ndarray] = []  # ... and each row's target score (same shift)
+        self.n = self.skipped = 0
+        self._bytes = 0
+
+    def add(self, scores: np.ndarray, targets: np.ndarray) -> None:
+        scores = np.asarray(scores, np.float32)
+        targets = np.asarray(targets, np.int64)
+        keep = targets >= 0
+        s, t = scores[keep], targets[keep]
+        if not len(t):
+            return
+        room = max(0, (self.max_bytes - self._bytes) // max(1, s.shape[1] * 4))
+        if room < len(t):
+            self.skipped += len(t) - room
+            s, t = s[:room], t[:room]
+        if not len(t):
+            return
+        s = s - s.max(axis=1, keepdims=True)
+        self._s.append(s)
+        self._t.append(s[np.arange(len(t)), t].astype(np.float64))
+        self.n += len(t)
+        self._bytes += s.nbytes
+
+    def log_loss(self, temperature: float) -> float:
+        """Mean validation log loss at ``temperature``."""
+        total = 0.0
+        for s, t in zip(self._s, self._t):
+            z = np.exp(s / np.float32(temperature)).sum(axis=1, dtype=np.float64)
+            total += float((np.log(z) - t / temperature).sum())
+        return total / self.n
+
+    def result(self) -> tuple[float, float, float]:
+        """``(T, validation log loss at T = 1, at T)``; ``ValueError`` before any case."""
+        if self.n == 0:
+            raise ValueError("ItemTemperatureFit: no validation case with a target in the catalogue")
+        lo, hi = np.log(self.LOW), np.log(self.HIGH)
+        g = (np.sqrt(5.0) - 1.0) / 2.0
+        a, b = hi - g * (hi - lo), lo + g * (hi - lo)
+        fa, fb = self.log_loss(float(np.exp(a))), self.log_loss(float(np.exp(b)))
+        while hi - lo > 1e-3:
+            if fa <= fb:
+                hi, b, fb = b, a, fa
+                a = hi - g * (hi - lo)
+                fa = self.log_loss(float(np.exp(a)))
+            else:
+                lo, a, fa = a, b, fb
+                b = lo + g * (hi - lo)
+                fb = self.log_loss(float(np.exp(b)))
+        t = float(np.exp((lo + hi) / 2.0))
+        return t, self.log_loss(1.0), self.log_loss(t)

@@ -135,6 +135,7 @@ class ModelConfig(_JsonMixin):
     # --- action calibration (fitted on validation after training: models/calibration.py) ---------
     action_temperature: float = 1.0  # served action probabilities = softmax(T * logits + bias)
     action_bias: tuple[float, ...] = ()  # () = none, else one bias per action
+    item_temperature: float = 1.0  # served item probabilities = softmax(item scores / T) (calibration.py)
     # --- item transitions (models/transitions.py; table counted and weight fitted after training) -
     transition_top: int = 100  # successors kept per item (0 = no table)
     transition_feature: str = "log"  # a models.transitions.TRANSITION_SCORES kind (fitted choice)
@@ -180,6 +181,9 @@ class ModelConfig(_JsonMixin):
         _check(isinstance(self.action_bias, tuple) and len(self.action_bias) in (0, N_ACTIONS)
                and all(isinstance(b, (int, float)) and math.isfinite(b) for b in self.action_bias),
                "action_bias", self.action_bias, f"must be () or {N_ACTIONS} finite numbers")
+        _num("item_temperature", self.item_temperature)
+        _check(0.0 < self.item_temperature < 1000.0, "item_temperature", self.item_temperature,
+               "must be in (0, 1000)")
         _int("transition_top", self.transition_top, 0)
         _check(self.transition_feature in TRANSITION_SCORES, "transition_feature", self.transition_feature,
                f"must be one of {TRANSITION_SCORES}")
@@ -223,6 +227,8 @@ class TrainConfig(_JsonMixin):
     fit_unvalidated: bool = True
     # after training, fit the action head's temperature + biases on the validation cases (calibration.py)
     calibrate_actions: bool = True
+    # ... and the item scores' temperature (the next-item probabilities; ranking unchanged)
+    calibrate_items: bool = True
     progress: bool = True
 
     def __post_init__(self) -> None:

@@ -520,6 +520,7 @@ class NextActionModel(nn.Module):
         measured in tests/unit/models/test_model.py).
         """
         first = self.first_item
+        inv_t = 1.0 / self.cfg.item_temperature  # the calibrated probabilities: softmax(scores / T)
         exact = coarse is None or coarse == torch.float32
         if exact:  # fp32 even under CUDA autocast
             with torch.autocast(h.device.type, enabled=False):
@@ -529,12 +530,15 @@ class NextActionModel(nn.Module):
         k = min(k, scores.shape[1])
         if k == 0:
             return scores.new_zeros(scores.shape[0], 0), scores.new_zeros(scores.shape[0], 0, dtype=torch.long), \
-                _log_sum_exp(scores.float())
+                _log_sum_exp(scores.float() * inv_t)
         # the normaliser reuses the score matrix in place once the top-K is read from it (no copy),
         # shifted by each row's best score (the top-1: no overflow)
         if exact:
             top_s, top_i = chunked_topk(scores, k)
             top_s = top_s.float()
+            if inv_t != 1.0:  # after the top-K (same ranking): one in-place scaling of the matrix
+                scores.mul_(inv_t)
+                top_s = top_s * inv_t
             return top_s, top_i + first, _shifted_log_norm(scores, top_s[:, 0])
         cand_s, cand_j = chunked_topk(scores, min(k + margin, scores.shape[1]))  # (N, C) columns
         cand = cand_j + first
@@ -543,6 +547,9 @@ class NextActionModel(nn.Module):
         # the candidates' exact terms + the other items' scanned ones
         m = cand_s[:, 0].float()
         scores.scatter_(1, cand_j, float("-inf"))
+        if inv_t != 1.0:
+            scores.mul_(inv_t)
+            exact_s, top_s, m = exact_s * inv_t, top_s * inv_t, m * inv_t
         cand_mass = torch.exp(exact_s - m[:, None]).sum(1)
         return top_s, cand.gather(1, j), _shifted_log_norm(scores, m, extra=cand_mass)
 
@@ -670,6 +677,8 @@ class NextActionModel(nn.Module):
         out: dict = {"hidden": h_last}
         if k is None:
             out["item_scores"] = self.item_logits(h_last, rep, hist, last_item)  # (B, V)
+            if self.cfg.item_temperature != 1.0:  # fitted on validation (calibration.py)
+                out["item_scores"] = out["item_scores"] / self.cfg.item_temperature
             out["item_log_norm"] = _log_sum_exp(out["item_scores"][:, self.first_item:].float())  # (B,)
         else:
             out["top_scores"], out["top_items"], out["item_log_norm"] = self.top_items(h_last, rep, hist, last_item,

@@ -455,6 +455,10 @@ def train(ds, model_cfg: ModelConfig | None, train_cfg: TrainConfig, out_dir: st
                 ck, ds, valid, train_seqs, training_sequences(split, set()), mask_history, str(device))
             if train_cfg.progress:
                 tqdm.write(f"transitions: {meta_extra['transitions']}")
+        if train_cfg.calibrate_items:  # last: on the final scores (transitions included)
+            meta_extra["item_calibration"] = calibrate_items(ck, ds, valid, str(device))
+            if train_cfg.progress:
+                tqdm.write(f"item calibration: {meta_extra['item_calibration']}")
         if eval_test and split.test:
             s2 = TransformerScorer(ck.model, ck.vocab, ds.items, version=ck.version, device=str(device))
             res = evaluate_cases(s2, ds, list(split.test), mask_history)
@@ -490,6 +494,37 @@ def calibrate_actions(ck, ds, cases, device: str = "cpu", min_cases: int = 50) -
     return {"temperature": round(temperature, 4), "bias": list(bias), "n_cases": int(len(y)),
             "valid_log_loss_before": round(log_loss(y, probs), 4),
             "valid_log_loss_after": round(log_loss(y, apply_action_calibration(probs, temperature, bias)), 4)}
+
+
+def calibrate_items(ck, ds, cases, device: str = "cpu", min_cases: int = 50, chunk: int = 128) -> dict[str, Any]:
+    """Fit the temperature of the next-item probabilities of the loaded checkpoint ``ck`` on
+    ``cases`` (validation; :class:`models.calibration.ItemTemperatureFit`) and set it on
+    ``ck.model.cfg`` (the caller saves the checkpoint). The ranking does not change.
+
+    Returns the fitted ``temperature`` with the validation log loss before and after, or
+    ``{"skipped": reason}`` (too few cases whose target is in the catalogue)."""
+    import dataclasses
+
+    from models.calibration import ItemTemperatureFit
+    from models.scorer import TransformerScorer
+
+    ck.model.cfg = dataclasses.replace(ck.model.cfg, item_temperature=1.0)  # fit on raw scores
+    scorer = TransformerScorer(ck.model, ck.vocab, ds.items, version=ck.version, device=device)
+    vocab, first = ck.vocab, ck.vocab.first_item
+    fit = ItemTemperatureFit()
+    for start in range(0, len(cases), chunk):
+        batch = cases[start: start + chunk]
+        scores = scorer.run([c.history for c in batch])["item_scores"][:, first:]
+        targets = np.array([vocab.index(c.target_item) if c.target_item in vocab else -1 for c in batch], np.int64)
+        fit.add(scores, np.where(targets >= first, targets - first, -1))
+        if fit.skipped:
+            break
+    if fit.n < min_cases:
+        return {"skipped": f"{fit.n} validation cases with a target in the catalogue"}
+    temperature, before, after = fit.result()
+    ck.model.cfg = dataclasses.replace(ck.model.cfg, item_temperature=temperature)
+    return {"temperature": round(temperature, 4), "n_cases": fit.n, "valid_log_loss_before": round(before, 4),
+            "valid_log_loss_after": round(after, 4)}
 
 
 #: Transition weights tried on validation (0 = no table is always a candidate).

@@ -403,3 +403,34 @@ def test_a_bf16_scan_normaliser_is_within_its_documented_bound():
         probs = torch.exp(s.double() - log_norm.double()[:, None])
         ref = torch.exp(exact.gather(1, idx - first) - true_norm[:, None])
         torch.testing.assert_close(probs, ref, rtol=float(err.max()) * 1.01 + 1e-6, atol=0)
+
+
+def test_an_item_temperature_flattens_the_probabilities_and_keeps_the_ranking():
+    """``item_temperature`` (fitted on validation: models.calibration.ItemTemperatureFit) serves
+    ``softmax(scores / T)`` on every path: the full scores, the fp32 and the bf16-scan top-K, the KV
+    cache's step; the top items and their order do not change."""
+    import dataclasses
+
+    m, vocab, hists, batch = _catalogue_model(seed=3)
+    first = vocab.first_item
+    with torch.inference_mode():
+        raw = m.score_last(batch)["item_scores"][:, first:].double()
+        before = m.score_last(batch, k=10)
+        m.cfg = dataclasses.replace(m.cfg, item_temperature=3.0)
+        ref_p, ref_i = torch.topk(torch.softmax(raw / 3.0, 1), 10, dim=1)
+        full = m.score_last(batch)
+        torch.testing.assert_close(full["item_scores"][:, first:].double(), raw / 3.0, rtol=1e-5, atol=1e-5)
+        out = m.score_last(batch, k=10)
+        assert torch.equal(out["top_items"], before["top_items"]) and torch.equal(out["top_items"], ref_i + first)
+        probs = top_probs(out["top_scores"], out["item_log_norm"])
+        np.testing.assert_allclose(probs, ref_p.numpy(), rtol=1e-5, atol=1e-9)
+        assert probs[:, 0].mean() < top_probs(before["top_scores"], before["item_log_norm"])[:, 0].mean()
+        coarse = m.score_last(batch, k=10, coarse=torch.bfloat16)
+        np.testing.assert_allclose(top_probs(coarse["top_scores"], coarse["item_log_norm"]), ref_p.numpy(),
+                                   rtol=2e-2, atol=1e-6)
+        longer = [j for j, h in enumerate(hists) if len(h) >= 2]
+        _, state = m.prefill(collate([encode(hists[j][:-1], vocab, m.cfg) for j in longer]))
+        step = m.step(collate([encode_last(hists[j], vocab, m.cfg) for j in longer]), state, heads=False)[0]
+        inc = m.heads(step, 10)
+        np.testing.assert_allclose(top_probs(inc["top_scores"], inc["item_log_norm"]), probs[longer], rtol=1e-4,
+                                   atol=1e-6)

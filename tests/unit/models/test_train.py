@@ -56,6 +56,12 @@ def test_train_calibrates_the_action_head_on_validation_and_serves_it(tmp_path):
                                atol=1e-5)
     with pytest.raises(ConfigError, match="action_bias"):
         dataclasses.replace(cfg, action_bias=(1.0, 2.0))
+    # the next-item probabilities' temperature, fitted last (the same checkpoint)
+    item_cal = ck.metadata["item_calibration"]
+    assert item_cal["n_cases"] >= 50 and item_cal["valid_log_loss_after"] <= item_cal["valid_log_loss_before"] + 1e-6
+    assert cfg.item_temperature == pytest.approx(item_cal["temperature"], abs=1e-4)
+    with pytest.raises(ConfigError, match="item_temperature"):
+        dataclasses.replace(cfg, item_temperature=0.0)
 
 
 def test_items_never_seen_in_training_read_their_hash_bucket_as_input(tmp_path):
