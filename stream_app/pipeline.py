@@ -622,8 +622,9 @@ class Pipeline:
         here) or ``kept`` (an idle request for a user seen since ``idle_before_ms``).
 
         1. The user's events in flight are delivered first (:meth:`Batcher.drain`: their outcome, their
-           prediction, their state write), so nothing recreates what is deleted below; the agent waits
-           meanwhile, so no later event of the user overtakes the request.
+           prediction) and their state written (after the broker acknowledged those outputs:
+           :meth:`_ack_after`), so nothing recreates what is deleted below; the agent waits meanwhile,
+           so no later event of the user overtakes the request.
         2. ``histories``: ``del`` writes a tombstone to the changelog (the window, the latest
            prediction and the activity counts are all in that one record).
         3. The predictor's per-user state (the KV cache, in the inference process or in this one).
@@ -633,6 +634,8 @@ class Pipeline:
         """
         if self.batcher is not None and user in self.pending:
             await self.batcher.drain()
+        while user in self.pending and self._last_ack is not None:  # delivered; its state write waits for
+            await asyncio.wait([self._last_ack])  # the broker's acks (:meth:`_ack_after`, in delivery order)
         value = self.t.histories.get(user)  # this partition's store only (the current event's)
         if idle_before_ms is not None and (value is None or last_seen(decode_state(value)) >= idle_before_ms):
             monitoring.FORGETS.labels(reason, "kept" if value is not None else "absent").inc()

@@ -171,3 +171,54 @@ def test_a_control_header_is_recognised_in_both_header_forms(make_app, headers):
     app, rec = make_app()
     results = asyncio.run(run(app, [(b"u1", ev()), (b"u1", b"", headers)]))
     assert results == ["queued", "forget:forgotten"] and app.topology.histories.get("u1") is None
+
+
+class SlowAcks:
+    """A publisher whose records reach 'the broker' 50 ms after they are sent (the pipeline writes a
+    user's state only then): the window in which a forget must not let the write bring the user back."""
+
+    def __init__(self):
+        from tests.unit.stream_app.conftest import Recorder
+
+        self.rec = Recorder()
+
+    async def send(self, kind, key, value):
+        await self.rec.send(kind, key, value)
+        fut = asyncio.get_running_loop().create_future()
+        asyncio.get_running_loop().call_later(0.05, fut.set_result, None)
+        return fut
+
+    def of(self, kind):
+        return self.rec.of(kind)
+
+
+def test_forget_waits_for_the_state_write_of_events_delivered_but_not_yet_acknowledged(tmp_path):
+    """A forget that arrives after the user's events were delivered (predictions sent) but before the
+    broker acknowledged them, so before their state write: the write happens first, then the delete
+    (a CI run once saw the user come back with history_len 4)."""
+    from stream_app.app import create_app
+    from stream_app.settings import Settings
+
+    pub = SlowAcks()
+    app = create_app(Settings(app_id="test-forget-slow-acks", data_dir=tmp_path, window_events=5, partitions=1,
+                              max_wait_ms=1, gc_freeze=False), publisher=pub)
+    app.finalize()
+    app.flow_control.resume()
+    t = int(time.time() * 1000) - 60_000
+    msgs = [(b"u1", ev(ts=t + n, item=f"i{n}")) for n in range(3)] + [forget("u1"), (b"u1", ev(ts=t + 10))]
+
+    async def main():
+        async with app.pipeline.agent.test_context() as agent:
+            for key, value, *headers in msgs:
+                await agent.put(value, key=key, headers=headers[0] if headers else None)
+                if not headers:
+                    await app.pipeline.batcher.drain()  # delivered, not yet acknowledged
+            await app.pipeline.batcher.drain()
+            while app.pipeline.pending:
+                await asyncio.sleep(0.01)
+            return list(agent.results.values())
+
+    results = asyncio.run(main())
+    assert results[3] == "forget:forgotten"
+    assert [p["history_len"] for p in pub.of("predictions")] == [1, 2, 3, 1]
+    assert len(decode_state(app.topology.histories.get("u1")).history) == 1
