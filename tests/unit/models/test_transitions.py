@@ -175,9 +175,9 @@ def test_rescore_items_equals_the_full_scan_at_those_columns():
         torch.testing.assert_close(m.rescore_items(last.h, last.rep, last.hist, last.item, cand),
                                    full.gather(1, cand), rtol=0, atol=1e-5)
         for k in (1, 5, len(ITEMS)):
-            exact_s, exact_i = m.top_items(last.h, last.rep, last.hist, last.item, k)
+            exact_s, exact_i, _ = m.top_items(last.h, last.rep, last.hist, last.item, k)
             ref_s, ref_i = torch.topk(full[:, F:], k, dim=1)
             assert torch.equal(exact_i, ref_i + F) and torch.equal(exact_s, ref_s)
-            s, i = m.top_items(last.h, last.rep, last.hist, last.item, k, coarse=torch.bfloat16, margin=len(ITEMS))
+            s, i, _ = m.top_items(last.h, last.rep, last.hist, last.item, k, coarse=torch.bfloat16, margin=len(ITEMS))
             assert torch.equal(i, exact_i)  # every item is a candidate: the exact order
             torch.testing.assert_close(s, exact_s, rtol=0, atol=1e-5)
