@@ -271,11 +271,13 @@ class Sampler:
         def counter_rate(name: str) -> float | None:
             return per_s(total(snap, name), total(prev[1], name) if prev else None)
 
+        # quantiles and means over the window only: the first sample has none (the registry's totals
+        # since the process started are not "the last few seconds")
         latency = bucket_diff(buckets(snap, "nextaction_event_to_prediction_latency_seconds"),
-                              buckets(base[1], "nextaction_event_to_prediction_latency_seconds") if base else [])
+                              buckets(base[1], "nextaction_event_to_prediction_latency_seconds")) if base else []
         batch_name = "nextaction_batch_size"
-        batch = bucket_diff(buckets(snap, batch_name), buckets(base[1], batch_name) if base else [])
-        batch_sum = total(snap, batch_name + "_sum") - (total(base[1], batch_name + "_sum") if base else 0.0)
+        batch = bucket_diff(buckets(snap, batch_name), buckets(base[1], batch_name)) if base else []
+        batch_sum = total(snap, batch_name + "_sum") - total(base[1], batch_name + "_sum") if base else 0.0
         p50, p99 = bucket_quantile(0.5, latency), bucket_quantile(0.99, latency)
         versions_now = by_label(snap, "nextaction_predictions_out_total", "model_version")
         versions_before = by_label(prev[1], "nextaction_predictions_out_total", "model_version") if prev else {}
