@@ -54,8 +54,9 @@ def exposed() -> dict[str, set[str]]:
 def selectors(expr: str) -> tuple[list[tuple[str, set[str]]], set[str]]:
     """``([(metric name, label names matched)], grouping label names)`` of a PromQL expression.
 
-    >>> selectors('sum by (le) (rate(x_bucket{job="w", le!=""}[5m])) / on() y')
-    ([('x_bucket', {'job', 'le'}), ('y', set())], {'le'})
+    >>> found, grouping = selectors('sum by (le) (rate(x_bucket{job="w", le!=""}[5m])) / on() y')
+    >>> [(name, sorted(labels)) for name, labels in found], grouping  # (sorted: a set prints in hash order)
+    ([('x_bucket', ['job', 'le']), ('y', [])], {'le'})
     """
     found: list[tuple[int, str, set[str]]] = []
     grouping: set[str] = set()
