@@ -64,6 +64,9 @@ GC_PAUSE = Histogram("nextaction_gc_pause_seconds",
                      ["generation"], buckets=_LATENCY_BUCKETS, registry=REGISTRY)
 ASSIGNED_PARTITIONS = Gauge("nextaction_assigned_partitions", "Partitions of each input topic this worker holds "
                             "(set at every rebalance)", ["topic"], registry=REGISTRY)
+STALE_FETCHES = Counter("nextaction_stale_fetches", "Fetches overtaken by a rebalance's seek: their records were "
+                        "dropped and the partitions sought again to their committed offsets "
+                        "(stream_app.faust_fixes.fetch_active_snapshot)", registry=REGISTRY)
 PARTITIONS_STALLED = Gauge("nextaction_partitions_stalled", "Assigned input partitions whose records wait while "
                            "their committed offset has not moved for HEALTH_STALL_S (each is logged with the "
                            "consumer's state: stream_app.health.PartitionWatch)", ["topic"], registry=REGISTRY)

@@ -38,7 +38,8 @@ def test_apply_wraps_each_method_once():
     faust_fixes.apply()
     def methods():
         return [Recovery.on_recovery_completed, Recovery._resume_streams, ThreadDelegateConsumer._getmany,
-                Consumer._add_gap, Consumer.on_partitions_revoked, AIOKafkaConsumerThread.seek_to_committed]
+                Consumer._add_gap, Consumer.on_partitions_revoked, AIOKafkaConsumerThread.seek_to_committed,
+                Consumer.perform_seek]
 
     patched = methods()
     faust_fixes.apply()
