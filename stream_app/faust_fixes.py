@@ -247,6 +247,12 @@ def skipped_gap_only(method: Callable[..., Awaitable[Any]]) -> Callable[..., Awa
     return wrapper
 
 
+async def _seek_to_start(consumer: Any, tps: list) -> None:
+    """Seek the aiokafka ``consumer``'s ``tps`` to their log-start offsets (in its thread)."""
+    for tp, offset in (await consumer.beginning_offsets(tps)).items():
+        consumer.seek(tp, offset)
+
+
 def seek_uncommitted_to_start(method: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
     """Wrap ``AIOKafkaConsumerThread.seek_to_committed()`` (it returns ``{tp: committed offset}``): the
     partitions whose committed offset is ``None`` or ``0``, which aiokafka leaves where they are, are
@@ -260,15 +266,18 @@ def seek_uncommitted_to_start(method: Callable[..., Awaitable[Any]]) -> Callable
     ...     app = SimpleNamespace(conf=SimpleNamespace(consumer_auto_offset_reset="earliest"),
     ...                           tables=SimpleNamespace(changelog_topics={"app-histories-changelog"}))
     ...     def _ensure_consumer(self):
-    ...         return SimpleNamespace(seek_to_beginning=lambda *tps: print("to the beginning:", sorted(tps)))
+    ...         async def beginning_offsets(tps): return {tp: 0 for tp in tps}
+    ...         return SimpleNamespace(beginning_offsets=beginning_offsets,
+    ...                                seek=lambda tp, offset: print("seek", tp.topic, tp.partition, offset))
     ...     async def call_thread(self, fn, *args):
-    ...         return fn(*args)
+    ...         return await fn(*args)
     ...     @seek_uncommitted_to_start
     ...     async def seek_to_committed(self):
     ...         return {TP("events", 0): 157, TP("events", 2): None, TP("events", 3): 0,
     ...                 TP("app-histories-changelog", 2): None}
     >>> committed = asyncio.run(Thread().seek_to_committed())
-    to the beginning: [TP(topic='events', partition=2), TP(topic='events', partition=3)]
+    seek events 2 0
+    seek events 3 0
     >>> len(committed)
     4
     """
@@ -280,8 +289,9 @@ def seek_uncommitted_to_start(method: Callable[..., Awaitable[Any]]) -> Callable
             changelogs = self.app.tables.changelog_topics  # read by the recovery from its own offsets
             uncommitted = [tp for tp, offset in committed.items() if not offset and tp.topic not in changelogs]
             if uncommitted:
-                consumer = self._ensure_consumer()
-                result = self.call_thread(consumer.seek_to_beginning, *uncommitted)
+                # the log-start offsets, then a plain seek: never an "awaiting reset" state, whose
+                # position is None (Faust's livelock detector reads positions and crashed on one)
+                result = self.call_thread(_seek_to_start, self._ensure_consumer(), uncommitted)
                 if inspect.isawaitable(result):
                     await result
                 log.info("no committed offset for %s: read from the beginning",
