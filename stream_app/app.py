@@ -72,22 +72,14 @@ def rocksdb_options(settings: SettingsType) -> dict[str, int]:
             "block_cache_compressed_size": 0}  # python-rocksdb only; rocksdict has none
 
 
-def create_app(settings: SettingsType | None = None, *, predictor_factory: Callable[[SettingsType], Predictor]
-               | None = None, store: str = "rocksdb://", publisher: Any = None) -> faust.App:
-    """Build the Faust app, its topics and tables, and register the agents.
-
-    Arguments:
-        settings: defaults to :func:`~stream_app.settings.get_settings`.
-        predictor_factory: builds the predictor served at start (default:
-            :func:`stream_app.pipeline.start_predictor`).
-        store: Faust table store (``rocksdb://`` in production and in tests).
-        publisher: where outputs go (default: the app's Kafka producer); tests pass a recorder,
-            since ``agent.test_context()`` runs without a broker.
-    """
-    settings = settings or get_settings()
+def faust_app(settings: SettingsType, *, store: str = "rocksdb://") -> faust.App:
+    """The Faust app of ``settings`` with the worker's configuration and no topics, tables or agents
+    (:func:`create_app` declares those; benchmarks/e2e/faust_floor.py runs a bare agent on it), after
+    :func:`stream_app.faust_fixes.apply`. The data dir is ``data_dir/app_id`` (its parents are
+    created at worker start)."""
     faust_fixes.apply()  # Faust rebalance/fetch/commit bugs that lose or repeat events: stream_app/faust_fixes.py
     data_dir = settings.data_dir.expanduser().absolute() / settings.app_id
-    app = faust.App(
+    return faust.App(
         settings.app_id,
         broker=settings.broker_url,
         store=store,
@@ -122,6 +114,23 @@ def create_app(settings: SettingsType | None = None, *, predictor_factory: Calla
         processing_guarantee=settings.processing_guarantee,
         **({"broker_max_poll_records": settings.max_poll_records} if settings.max_poll_records else {}),
     )
+
+
+def create_app(settings: SettingsType | None = None, *, predictor_factory: Callable[[SettingsType], Predictor]
+               | None = None, store: str = "rocksdb://", publisher: Any = None) -> faust.App:
+    """Build the Faust app, its topics and tables, and register the agents.
+
+    Arguments:
+        settings: defaults to :func:`~stream_app.settings.get_settings`.
+        predictor_factory: builds the predictor served at start (default:
+            :func:`stream_app.pipeline.start_predictor`).
+        store: Faust table store (``rocksdb://`` in production and in tests).
+        publisher: where outputs go (default: the app's Kafka producer); tests pass a recorder,
+            since ``agent.test_context()`` runs without a broker.
+    """
+    settings = settings or get_settings()
+    data_dir = settings.data_dir.expanduser().absolute() / settings.app_id
+    app = faust_app(settings, store=store)
 
     # --- topics (names from settings; JSON bodies are encoded/decoded with orjson by hand) -------
     events = app.topic(settings.topic_events, key_serializer="raw", value_serializer="raw",

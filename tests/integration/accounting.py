@@ -105,6 +105,20 @@ def metric(text: str, name: str) -> float:
                if line.startswith(name) and not line.startswith("#"))
 
 
+def wait_for_metric(worker, name: str, at_least: float, timeout: float) -> None:
+    """Poll the worker's ``/metrics`` until ``name`` reaches ``at_least`` (a slow answer is retried:
+    the worker may be busy loading a model on a loaded machine)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if metric(worker.metrics(), name) >= at_least:
+                return
+        except OSError:
+            pass
+        assert time.monotonic() < deadline, f"{name} < {at_least} after {timeout} s:\n{worker.tail()}"
+        time.sleep(0.2)
+
+
 def source(kind: str, record: dict) -> tuple[int, int]:
     """The (partition, offset) of the input behind a ``predictions``, ``outcomes`` or ``dlq`` record."""
     if kind == "dlq":

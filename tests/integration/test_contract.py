@@ -12,7 +12,6 @@ import asyncio
 import math
 import subprocess
 import sys
-import time
 from collections import Counter
 from pathlib import Path
 
@@ -24,25 +23,12 @@ from stream_app import kafka_admin
 from stream_app.records import DELTA, SCHEMA_VERSION, control_kind, forget_user_of, schema, update_kind
 from stream_app.replay import produce, synthetic
 from tests.conftest import settings_env
-from tests.integration.accounting import metric, read_topics
+from tests.integration.accounting import metric, read_topics, wait_for_metric
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(600)]
 
 REPO = Path(__file__).resolve().parents[2]
 NEXTACTION = str(Path(sys.executable).parent / "nextaction")
-
-
-def _wait_for_metric(worker, name: str, at_least: float, timeout: float) -> None:
-    """Poll the worker's /metrics until ``name`` reaches ``at_least`` (a slow answer is retried)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            if metric(worker.metrics(), name) >= at_least:
-                return
-        except OSError:  # busy loading a model on a loaded machine: ask again
-            pass
-        assert time.monotonic() < deadline, f"{name} < {at_least} after {timeout} s:\n{worker.tail()}"
-        time.sleep(0.2)
 
 
 def _cli(settings, *args: str) -> None:
@@ -94,7 +80,7 @@ def test_every_record_of_the_four_topics_validates_against_its_schema(app_settin
         assert asyncio.run(produce(s, first, progress=False)) == len(first)
         asyncio.run(read_topics(s, [s.topic_predictions, s.topic_dlq], _outputs_cover(s, len(first)), 180))
         _cli(s, "deploy", str(v2))  # the real CLI writes the model-updates record
-        _wait_for_metric(worker, 'nextaction_model_updates_total{result="applied"}', 1, timeout=120)
+        wait_for_metric(worker, 'nextaction_model_updates_total{result="applied"}', 1, timeout=120)
         assert asyncio.run(produce(s, second, progress=False)) == len(second)
         asyncio.run(read_topics(s, [s.topic_predictions, s.topic_dlq], _outputs_cover(s, n_inputs), 180))
         _cli(s, "forget", "u01")  # a forget marker on outcomes

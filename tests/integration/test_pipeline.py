@@ -29,7 +29,7 @@ from stream_app.errors import EventRejected
 from stream_app.events import parse_event
 from stream_app.replay import encode, produce, synthetic
 from tests.conftest import settings_env
-from tests.integration.accounting import metric, read_topics
+from tests.integration.accounting import metric, read_topics, wait_for_metric
 
 # slow: every test runs Faust worker processes
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(600)]
@@ -269,19 +269,6 @@ def test_model_update_through_the_topic_hot_swaps(pipeline_settings, make_checkp
     assert rc == 0, worker.tail()
 
 
-def _wait_for_metric(worker, name: str, at_least: float, timeout: float) -> None:
-    """Poll the worker's /metrics until ``name`` reaches ``at_least`` (a slow answer is retried)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            if metric(worker.metrics(), name) >= at_least:
-                return
-        except OSError:  # the worker is busy (loading a model on a loaded machine): ask again
-            pass
-        assert time.monotonic() < deadline, f"{name} < {at_least} after {timeout} s:\n{worker.tail()}"
-        time.sleep(0.2)
-
-
 def test_model_update_reaches_every_worker_and_a_restarted_one_catches_up(pipeline_settings, make_checkpoint,
                                                                         service_process,
                                                                           tmp_path):
@@ -304,7 +291,7 @@ def test_model_update_reaches_every_worker_and_a_restarted_one_catches_up(pipeli
                                 env=settings_env(base), capture_output=True, text=True, timeout=60)
         assert deploy.returncode == 0, deploy.stderr
         for w in workers:
-            _wait_for_metric(w, 'nextaction_model_updates_total{result="applied"}', 1, timeout=120)
+            wait_for_metric(w, 'nextaction_model_updates_total{result="applied"}', 1, timeout=120)
         evs = list(synthetic(400, 100, seed=9))
         assert replay(base, evs) == 400
         out = read_outputs(base, 400)
@@ -315,7 +302,7 @@ def test_model_update_reaches_every_worker_and_a_restarted_one_catches_up(pipeli
 
         assert workers[1].stop() == 0
         workers[1].start()  # no new record: the catch-up applies the newest one
-        _wait_for_metric(workers[1], 'nextaction_model_updates_total{result="applied"}', 1, timeout=60)
+        wait_for_metric(workers[1], 'nextaction_model_updates_total{result="applied"}', 1, timeout=60)
         shift = max(e["ts"] for e in evs) + 1000 - min(e["ts"] for e in synthetic(200, 50, seed=10))
         more = [{**e, "ts": e["ts"] + shift} for e in synthetic(200, 50, seed=10)]
         assert replay(base, more) == 200
