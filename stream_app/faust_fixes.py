@@ -28,6 +28,9 @@ the set can turn empty under it, and the fetch returns records of paused stream 
 their old position; if those partitions are resumed before Faust iterates the batch, they are
 delivered after the seek, the same gap as above. The fix (:func:`fetch_active_snapshot`): the fetch
 gets a frozen copy of the set taken when it starts, and returns nothing when that copy is empty.
+And a fetch that a seek overtook (the thread read records from the positions before a rebalance's
+seek, the event loop takes them after it) is dropped and the partitions sought again to their
+committed offsets (:func:`count_seeks`): the same gap otherwise, seen in the three-worker test.
 
 **A gap is only what was not read, and it is counted.** Faust records a gap whenever a partition's
 next record is more than one offset past the last one read, and counts the gap as acked; but its
