@@ -47,6 +47,7 @@ from typing import Any, Iterable
 from models.delta import label_parts
 from models.schema import ACTIONS
 from stream_app import monitoring, partitioning
+from stream_app.ports import local_url
 from stream_app.records import DELTA, ModelUpdate, UserState, decode_state
 from stream_app.settings import SettingsType
 
@@ -397,9 +398,7 @@ def trainer_metrics_url(settings: SettingsType) -> str:
     >>> trainer_metrics_url(Settings(web_bind="0.0.0.0", trainer_port=7001))
     'http://127.0.0.1:7001/metrics'
     """
-    host = settings.web_bind if settings.web_bind not in ("0.0.0.0", "::", "") else "127.0.0.1"
-    host = f"[{host}]" if ":" in host else host
-    return f"http://{host}:{settings.trainer_port}/metrics"
+    return local_url(settings.web_bind, settings.trainer_port, "/metrics")
 
 
 def partition_lags(consumer: Any, topics: dict[str, str]) -> dict[str, int]:

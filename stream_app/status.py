@@ -60,6 +60,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from stream_app import monitoring
+from stream_app.ports import local_url
 from stream_app.settings import SettingsType
 
 STATUS_VERSION = 1
@@ -370,8 +371,7 @@ def worker_url(text: str) -> str:
 
 def default_worker(settings: SettingsType) -> str:
     """The local worker's ``/metrics`` (``WEB_BIND``/``WEB_PORT``; a wildcard bind is asked on loopback)."""
-    host = settings.web_bind if settings.web_bind not in ("", "0.0.0.0", "::") else "127.0.0.1"
-    return worker_url(f"[{host}]:{settings.web_port}" if ":" in host else f"{host}:{settings.web_port}")
+    return worker_url(local_url(settings.web_bind, settings.web_port))
 
 
 async def scrape(session: Any, url: str) -> str:

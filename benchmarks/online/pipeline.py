@@ -47,6 +47,7 @@ from benchmarks.e2e.worker import Worker, settings_env, tail_file
 from benchmarks.online.harness import EPS, Stream
 from models.schema import ACTIONS
 from stream_app.kafka_security import client_kwargs
+from stream_app.ports import local_url
 from stream_app.settings import Settings
 
 
@@ -127,7 +128,7 @@ class Trainer:
         raise BenchError(f"the trainer did not log {pattern!r} within {timeout:.0f} s:\n{tail_file(self.log_path)}")
 
     def metrics(self) -> str:
-        url = f"http://{self.settings.web_bind}:{self.settings.trainer_port}/metrics"
+        url = local_url(self.settings.web_bind, self.settings.trainer_port, "/metrics")
         with urllib.request.urlopen(url, timeout=5) as resp:
             return resp.read().decode()
 
