@@ -46,7 +46,7 @@ from typing import Any, Iterable
 
 from models.delta import label_parts
 from models.schema import ACTIONS
-from stream_app import monitoring, partitioning
+from stream_app import health, monitoring, partitioning
 from stream_app.ports import local_url
 from stream_app.records import DELTA, ModelUpdate, UserState, decode_state
 from stream_app.settings import SettingsType
@@ -402,23 +402,11 @@ def trainer_metrics_url(settings: SettingsType) -> str:
 
 
 def partition_lags(consumer: Any, topics: dict[str, str]) -> dict[str, int]:
-    """Lag per assigned partition of ``topics`` (topic name → the label's prefix, e.g. ``events``):
-    the records past the committed offset, ``{"events[0]": 12}``. Partitions whose end offset the
-    consumer has not fetched yet are left out."""
-    out: dict[str, int] = {}
-    committed = getattr(consumer, "_committed_offset", {})  # Faust exposes no public getter (stream_app.health)
-    for tp in sorted(consumer.assignment(), key=lambda x: (x.topic, x.partition)):
-        role = topics.get(tp.topic)
-        if role is None:
-            continue
-        try:
-            high = consumer.highwater(tp)
-        except Exception:  # noqa: BLE001 - not fetched yet
-            continue
-        if high is None:
-            continue
-        out[f"{role}[{tp.partition}]"] = max(0, int(high) - int(committed.get(tp) or 0))
-    return out
+    """Lag per assigned partition of ``topics`` (topic name → the label's prefix, e.g. ``events``),
+    ``{"events[0]": 12}`` (:func:`stream_app.health.partition_lags`)."""
+    lags = health.partition_lags(consumer, topics)
+    return {f"{topics[tp.topic]}[{tp.partition}]": n
+            for tp, n in sorted(lags.items(), key=lambda x: (x[0].topic, x[0].partition))}
 
 
 class Dashboard:

@@ -66,23 +66,31 @@ class HealthWatch:
                 "since_commit_s": round(since_commit, 1), "stall_s": self.stall_s}
 
 
-def consumer_sample(consumer: Any, topic: str) -> tuple[int, dict[Any, int]]:
-    """``(lag, committed)`` of the Faust consumer's assigned partitions of ``topic``: the records past
-    the committed offset (the next offset to read, as Kafka keeps it) and those offsets."""
-    lag, committed = 0, {}
+def partition_lags(consumer: Any, topics: Any) -> dict[Any, int]:
+    """The records past the committed offset (the next offset to read, as Kafka keeps it) of each
+    partition of ``topics`` the Faust consumer holds; a partition whose end offset it has not fetched
+    yet is left out (nothing known to wait). What ``/healthz``, ``/metrics`` (``nextaction status``)
+    and the dashboard report."""
+    committed = consumer._committed_offset  # noqa: SLF001 - Faust exposes no public getter
+    out: dict[Any, int] = {}
     for tp in consumer.assignment():
-        if tp.topic != topic:
+        if tp.topic not in topics:
             continue
-        done = consumer._committed_offset.get(tp)  # noqa: SLF001 - Faust exposes no public getter
-        if done is not None:
-            committed[tp] = done
         try:
             high = consumer.highwater(tp)
-        except Exception:  # noqa: BLE001 - not fetched yet (no highwater known): nothing known to wait
-            high = None
-        if high is not None and high > 0:
-            lag += max(0, high - (done if done is not None else 0))
-    return lag, committed
+        except Exception:  # noqa: BLE001 - not fetched yet
+            continue
+        if high is not None:
+            out[tp] = max(0, int(high) - int(committed.get(tp) or 0))
+    return out
+
+
+def consumer_sample(consumer: Any, topic: str) -> tuple[int, dict[Any, int]]:
+    """``(lag, committed)`` of the Faust consumer's assigned partitions of ``topic``: the records past
+    the committed offsets (:func:`partition_lags`) and those offsets."""
+    committed = {tp: off for tp, off in consumer._committed_offset.items()  # noqa: SLF001
+                 if tp.topic == topic and off is not None and tp in consumer.assignment()}
+    return sum(partition_lags(consumer, (topic,)).values()), committed
 
 
 # --- per partition: which one waits, and why (the log line a stalled worker leaves) -------------------------

@@ -59,7 +59,7 @@ import time
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from stream_app import monitoring
+from stream_app import health, monitoring
 from stream_app.ports import local_url
 from stream_app.settings import SettingsType
 
@@ -88,22 +88,11 @@ def worker_sample(app: Any) -> dict[str, Any]:
     batcher = getattr(getattr(app, "pipeline", None), "batcher", None)
     version = str(batcher.predictor.version) if batcher is not None else None
     inputs = {settings.topic_events, settings.topic_repartition}
-    lag: dict[tuple[str, int], int] = {}
     try:
-        assigned = consumer.assignment() if consumer is not None else set()
+        lags = health.partition_lags(consumer, inputs) if consumer is not None else {}
     except Exception:  # noqa: BLE001 - the consumer thread has not started (yet)
-        assigned = set()
-    for tp in assigned:
-        if tp.topic not in inputs:
-            continue
-        done = consumer._committed_offset.get(tp)  # noqa: SLF001 - Faust exposes no public getter
-        try:
-            high = consumer.highwater(tp)
-        except Exception:  # noqa: BLE001 - nothing fetched yet: unknown, not shown
-            continue
-        if high is not None:
-            lag[(tp.topic, tp.partition)] = max(0, high - (done or 0))
-    return {"info": info, "version": version, "lag": lag}
+        lags = {}
+    return {"info": info, "version": version, "lag": {(tp.topic, tp.partition): n for tp, n in lags.items()}}
 
 
 def _member_id(consumer: Any) -> str | None:
