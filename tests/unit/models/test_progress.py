@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import os
+import select
 import subprocess
 import sys
 from pathlib import Path
@@ -56,7 +57,11 @@ def test_on_a_terminal_it_is_a_tqdm_bar():
             assert isinstance(bar, tqdm)
             list(bar)
             tty.flush()
-        drawn = os.read(master, 4096)
+        # A pty read returns what has arrived so far (tqdm writes each redraw on its own): read until the
+        # final frame is there or nothing more comes.
+        drawn = b""
+        while b"3/3" not in drawn and select.select([master], [], [], 5.0)[0]:
+            drawn += os.read(master, 4096)
         assert b"\r" in drawn and b"3/3" in drawn
     finally:
         os.close(master)
