@@ -76,12 +76,15 @@ PAIRED = "NDCG@10 ours better/worse, sign test"
 
 def _train_child(name: str, root, model_overrides: dict, train_overrides: dict, out: str) -> None:
     """Train one dataset's checkpoint in a fresh process, so its time and peak memory are its own."""
-    from models.config import ModelConfig, TrainConfig
+    from models.auto import auto_configs
     from models.train import train
 
     ds, sp = load_split(name, root)
-    train(ds, ModelConfig.from_dict(model_overrides), TrainConfig.from_dict(train_overrides), out, split=sp,
-          eval_test=False)
+    base = {k: train_overrides[k] for k in ("budget_min", "num_threads", "progress") if k in train_overrides}
+    given = {k: v for k, v in train_overrides.items() if k not in base}
+    mcfg, tcfg, profile, why = auto_configs(ds, sp, model_overrides, given, base_train=base)  # as `nextaction train`
+    print(f"  {name} auto ({profile.summary()}):\n    " + "\n    ".join(why), file=sys.stderr, flush=True)
+    train(ds, mcfg, tcfg, out, split=sp, eval_test=False)
 
 
 def _checkpoint_scorer(name: str, ds, args, ck: Path, model_overrides: dict, budget_min: float, label: str):
@@ -264,11 +267,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-cases", type=int, default=None, help="evaluate only the first N test cases")
     ap.add_argument("--checkpoints", type=Path, default=None,
                     help="folder with one Transformer checkpoint per dataset (DIR/<dataset>)")
-    ap.add_argument("--train", action="store_true", help="train missing checkpoints with default configs")
+    ap.add_argument("--train", action="store_true",
+                    help="train missing checkpoints with the defaults (models.auto), as `nextaction train` does")
     ap.add_argument("--budget-min", type=float, default=10.0, help="training budget per dataset (minutes)")
     ap.add_argument("--threads", type=int, default=1, help="CPU intra-op threads for training")
-    ap.add_argument("--model-config", default='{"n_negatives": 2048}',
-                    help="JSON ModelConfig overrides (default: the CPU recipe, sampled softmax with 2048 negatives)")
+    ap.add_argument("--model-config", default="{}",
+                    help="JSON ModelConfig settings (default: none; every choice is models.auto's, as for "
+                         "`nextaction train`)")
     ap.add_argument("--train-config", default=None, help="JSON TrainConfig overrides, e.g. '{\"lr\": 0.002}'")
     ap.add_argument("--gru", action="store_true",
                     help="add the GRU4Rec-style baseline (DIR/<dataset>.gru4rec; trained when missing with --train)")

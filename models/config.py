@@ -219,7 +219,9 @@ class TrainConfig(_JsonMixin):
     device: str = "auto"
     budget_min: float = 0.0
     num_threads: int = 0  # CPU intra-op threads (0 = leave torch's default)
-    eval_protocol: str = "masked"  # passed to models.evaluate (history 'masked' or 'allowed')
+    # validation ranking, passed to models.evaluate: history 'allowed' (as served; the default since issue 17)
+    # or 'masked' (history items removed, the SASRec-paper protocol)
+    eval_protocol: str = "allowed"
     max_eval_users: int = 3000  # validate on a fixed sample of this many users (0 = all)
     window_stride: int = 0  # long histories: extra training windows every stride events (0 = last only)
     # leave-one-out: train on every user's events but the test target (as the baselines are fitted),

@@ -16,8 +16,9 @@
   "Transformer training", session 4, Beauty recipe).
 * ``objective='masked_then_causal'``: BERT4Rec-style masked pretraining first, then causal.
 * After training, on the best checkpoint: action calibration (:func:`calibrate_actions`), the
-  item-transition table (:func:`fit_transitions`) and, with ``eval_test``, the test metrics, all
-  saved in the checkpoint's metadata.
+  item-transition table (:func:`fit_transitions`), the copy strength (:func:`fit_copy`), the item
+  temperature (:func:`calibrate_items`) and, with ``eval_test``, the test metrics, all saved in the
+  checkpoint's metadata. Which settings suit a log: :mod:`models.auto`.
 
 >>> import tempfile
 >>> from models.checkpoint import load_checkpoint
@@ -450,12 +451,16 @@ def train(ds, model_cfg: ModelConfig | None, train_cfg: TrainConfig, out_dir: st
             meta_extra["action_calibration"] = calibrate_actions(ck, ds, valid, str(device))
             if train_cfg.progress:
                 tqdm.write(f"action calibration: {meta_extra['action_calibration']}")
+        if cfg.repeat_head:  # before the table: the table fitted last is counted on the validation targets too
+            meta_extra["copy"] = fit_copy(ck, ds, valid, mask_history, str(device))
+            if train_cfg.progress:
+                tqdm.write(f"copy strength: { {k: v for k, v in meta_extra['copy'].items() if k != 'tried'} }")
         if cfg.transition_top > 0:
             meta_extra["transitions"] = fit_transitions(
                 ck, ds, valid, train_seqs, training_sequences(split, set()), mask_history, str(device))
             if train_cfg.progress:
                 tqdm.write(f"transitions: {meta_extra['transitions']}")
-        if train_cfg.calibrate_items:  # last: on the final scores (transitions included)
+        if train_cfg.calibrate_items:  # last: on the final scores (transitions and copy included)
             meta_extra["item_calibration"] = calibrate_items(ck, ds, valid, str(device))
             if train_cfg.progress:
                 tqdm.write(f"item calibration: {meta_extra['item_calibration']}")
@@ -607,6 +612,95 @@ def fit_transitions(ck, ds, cases, fit_seqs: dict[str, EventSeq], final_seqs: di
     return {"feature": feat, "weight": w, "valid_ndcg10_before": round(before, 4),
             "valid_ndcg10_after": round(best[0], 4), "n_cases": len(cases), "nnz": final.nnz if w > 0 else 0,
             "tried": tried}
+
+
+#: Copy strengths tried on validation (0 = the model's own repeat scores only).
+COPY_WEIGHTS = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0)
+
+
+def copy_feature(distance: np.ndarray) -> np.ndarray:
+    """The copy score of a history event ``distance`` events before the last one (0 = the last):
+    ``1 / (1 + distance)``, summed over an item's occurrences in the window, so the most recent and
+    most repeated items rank first (the recent-items baseline's order, with a frequency bonus).
+
+    >>> copy_feature(np.arange(4)).tolist()
+    [1.0, 0.5, 0.3333333333333333, 0.25]
+    """
+    return 1.0 / (1.0 + np.asarray(distance, np.float64))
+
+
+def fit_copy(ck, ds, cases, mask_history: bool, device: str = "cpu", weights=COPY_WEIGHTS) -> dict[str, Any]:
+    """Fit the copy strength of the loaded checkpoint ``ck`` on the validation ``cases``: how strongly
+    items of the user's own recent history are boosted on top of the learned repeat head.
+
+    Candidates ``w`` add ``w * copy_feature(distance)`` to every history event's repeat score (the
+    model's ``rep_recency`` row for that distance), so the served model needs no new code path; the
+    one with the best validation NDCG@10 wins, ``w = 0`` included (ties keep the smaller), and the grid
+    doubles past its edge while that helps. On a log where users come back to the same items this
+    recovers (at least) the recent-items ranking; on one without repeats it picks 0. The model's scores
+    are computed once; each candidate adds a sparse matrix. Sets the winner on ``ck.model`` (the
+    caller saves)."""
+    import scipy.sparse as sp
+    import torch
+
+    from models.scorer import TransformerScorer
+
+    model = ck.model
+    if not model.cfg.repeat_head:
+        return {"skipped": "model has no repeat head"}
+    if not cases:
+        return {"skipped": "no validation cases"}
+    scorer = TransformerScorer(model, ck.vocab, ds.items, version=ck.version, device=device)
+    hists = [c.history for c in cases]
+    base = scorer.score_items(hists)
+    column = np.full(model.cfg.n_items, -1, np.int64)
+    column[scorer._cols] = np.arange(len(scorer._cols))
+    T = model.cfg.max_len
+    rows, cols, vals = [], [], []
+    for i, h in enumerate(hists):
+        idx = ck.vocab.indices(h.items[-T:])
+        col = column[idx]
+        dist = np.arange(len(idx))[::-1]
+        keep = col >= 0
+        rows.append(np.full(int(keep.sum()), i))
+        cols.append(col[keep])
+        vals.append(copy_feature(dist[keep]))
+    boost = sp.csr_matrix((np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))),
+                          shape=base.shape)  # duplicates (repeated items) are summed
+
+    row_of = {id(h): i for i, h in enumerate(hists)}
+
+    class _Plus:
+        def __init__(self, w: float):
+            self.w = w
+
+        def score_items(self, hs):
+            ix = [row_of[id(h)] for h in hs]
+            return base[ix] if self.w == 0 else base[ix] + self.w * boost[ix].toarray()
+
+    def ndcg(w: float) -> float:
+        return float(evaluate_cases(_Plus(w), ds, cases, mask_history)["NDCG@10"])
+
+    before = ndcg(0.0)
+    best, tried = (before, 0.0), {}
+    for w in weights:
+        m = ndcg(w)
+        tried[f"{w:g}"] = round(m, 4)
+        if m > best[0] + 1e-9:
+            best = (m, float(w))
+    while weights and best[1] >= max(weights) and best[1] < 1e4:  # best at the grid's edge: go further
+        m = ndcg(2 * best[1])
+        tried[f"{2 * best[1]:g}"] = round(m, 4)
+        if m <= best[0] + 1e-9:
+            break
+        best = (m, 2 * best[1])
+    if best[1] > 0:
+        with torch.no_grad():
+            w_rec = model.rep_recency.weight
+            add = torch.from_numpy(best[1] * copy_feature(np.arange(w_rec.shape[0]))).to(w_rec)
+            w_rec.add_(add[:, None])
+    return {"weight": best[1], "valid_ndcg10_before": round(before, 4), "valid_ndcg10_after": round(best[0], 4),
+            "n_cases": len(cases), "tried": tried}
 
 
 def _peak_rss_mib() -> float | None:

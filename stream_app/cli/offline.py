@@ -35,8 +35,8 @@ def train(
     device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
     epochs: Annotated[int, typer.Option(help="Maximum epochs (early stopping usually ends sooner).")] = 200,
     budget_min: Annotated[float, typer.Option(help="Wall-clock budget in minutes (0 = none).")] = 10.0,
-    batch_size: Annotated[int, typer.Option()] = 256,
-    lr: Annotated[float, typer.Option()] = 5e-3,
+    batch_size: Annotated[Optional[int], typer.Option(help="[default: auto]")] = None,
+    lr: Annotated[Optional[float], typer.Option(help="Peak learning rate. [default: auto]")] = None,
     weight_decay: Annotated[float, typer.Option()] = 0.01,
     warmup_steps: Annotated[int, typer.Option()] = 100,
     patience: Annotated[int, typer.Option(help="Validations without NDCG@10 gain before stopping.")] = 5,
@@ -46,8 +46,8 @@ def train(
     d_model: Annotated[int, typer.Option()] = 64,
     layers: Annotated[int, typer.Option()] = 2,
     heads: Annotated[int, typer.Option()] = 2,
-    max_len: Annotated[int, typer.Option(help="Events per window.")] = 50,
-    dropout: Annotated[float, typer.Option()] = 0.3,
+    max_len: Annotated[Optional[int], typer.Option(help="Events per window. [default: auto]")] = None,
+    dropout: Annotated[Optional[float], typer.Option(help="[default: auto]")] = None,
     backbone: Annotated[str, typer.Option(help="llama | gpt2 | bert")] = "llama",
     objective: Annotated[str, typer.Option(help="causal | masked_then_causal")] = "causal",
     features: Annotated[Optional[str], typer.Option(
@@ -56,13 +56,22 @@ def train(
     repeat_head: Annotated[bool, typer.Option("--repeat-head/--no-repeat-head")] = True,
     transitions: Annotated[int, typer.Option(help="Item-transition table: successors kept per item, weight "
                                                   "fitted on validation after training (0 = no table).")] = 100,
-    negatives: Annotated[int, typer.Option(help="0 = full softmax; >0 = sampled softmax with this many "
-                                                "shared negatives (2048 is the CPU recipe).")] = 0,
-    eval_protocol: Annotated[str, typer.Option(help="Validation ranking: 'masked' (history items removed) "
-                                                    "or 'allowed'.")] = "masked",
+    negatives: Annotated[Optional[int], typer.Option(help="0 = full softmax; >0 = sampled softmax with this "
+                                                          "many shared negatives. [default: auto]")] = None,
+    eval_protocol: Annotated[Optional[str], typer.Option(help="Validation ranking: 'allowed' (as served) or "
+                                                              "'masked' (history items removed). [default: auto]")]
+    = None,
+    item_categories: Annotated[Optional[bool], typer.Option("--item-categories/--no-item-categories",
+                                                            help="[default: auto]")] = None,
+    action_prior: Annotated[Optional[bool], typer.Option("--action-prior/--no-action-prior",
+                                                         help="[default: auto]")] = None,
+    auto: Annotated[bool, typer.Option("--auto/--no-auto", help="Choose the settings marked [default: auto] "
+                                       "from the log (models/auto.py; printed with the reasons); "
+                                       "--no-auto: the library defaults.")] = True,
     max_eval_users: Annotated[int, typer.Option(help="Validation users sampled per evaluation (0 = all).")] = 3000,
-    window_stride: Annotated[int, typer.Option(help="Long histories: a training window every this many events "
-                                                    "(0 = every max_len events).")] = 0,
+    window_stride: Annotated[Optional[int], typer.Option(help="Long histories: a training window every this "
+                                                              "many events (0 = every max_len events). "
+                                                              "[default: auto]")] = None,
     config: Annotated[Optional[Path], typer.Option(help="A ModelConfig JSON file (overrides the model "
                                                         "options above).")] = None,
     progress: Annotated[bool, typer.Option("--progress/--no-progress")] = True,
@@ -72,33 +81,78 @@ def train(
 
     with errors():
         from models.checkpoint import load_checkpoint
+        from models.auto import auto_configs
         from models.config import FEATURES, ModelConfig, TrainConfig
         from models.datasets import load_split
         from models.train import train as run_train
 
         console = Console(stderr=True)
-        if config is not None:
-            mcfg = ModelConfig.from_json(config.read_text())
-        else:
-            feats = tuple(f.strip() for f in features.split(",") if f.strip()) if features else FEATURES
-            mcfg = ModelConfig(d_model=d_model, n_layers=layers, n_heads=heads, max_len=max_len, dropout=dropout,
-                               backbone=backbone, objective=objective, features=feats, repeat_head=repeat_head,
-                               n_negatives=negatives, transition_top=transitions)
-        tcfg = TrainConfig(lr=lr, warmup_steps=warmup_steps, weight_decay=weight_decay, epochs=epochs,
-                           batch_size=batch_size, patience=patience, seed=seed, device=device, budget_min=budget_min,
-                           num_threads=threads, eval_protocol=eval_protocol, max_eval_users=max_eval_users,
-                           window_stride=window_stride, progress=progress)
         ds, split = load_split(dataset)  # yoochoose: the session-rec split, else leave-one-out
         console.print(f"[bold]{ds.name}[/]: {ds.summary()}")
+        chosen_model = {"max_len": max_len, "dropout": dropout, "n_negatives": negatives,
+                        "item_categories": item_categories, "action_prior": action_prior}
+        chosen_train = {"batch_size": batch_size, "lr": lr, "eval_protocol": eval_protocol,
+                        "window_stride": window_stride}
+        if config is not None:  # the file's model fields count as set explicitly
+            given_model = ModelConfig.from_json(config.read_text()).to_dict()
+        else:
+            feats = tuple(f.strip() for f in features.split(",") if f.strip()) if features else FEATURES
+            given_model = {"d_model": d_model, "n_layers": layers, "n_heads": heads, "backbone": backbone,
+                           "objective": objective, "features": feats, "repeat_head": repeat_head,
+                           "transition_top": transitions,
+                           **{k: v for k, v in chosen_model.items() if v is not None}}
+        given_train = {k: v for k, v in chosen_train.items() if v is not None}
+        base_train = {"warmup_steps": warmup_steps, "weight_decay": weight_decay, "epochs": epochs,
+                      "patience": patience, "seed": seed, "device": device, "budget_min": budget_min,
+                      "num_threads": threads, "max_eval_users": max_eval_users, "progress": progress}
+        if auto:
+            mcfg, tcfg, profile, why = auto_configs(ds, split, given_model, given_train, base_train=base_train)
+            console.print(f"[bold]auto[/] ({profile.summary()}):")
+            for line in why:
+                console.print(f"  {line}")
+        else:
+            mcfg = ModelConfig.from_dict(given_model)
+            tcfg = TrainConfig.from_dict({**base_train, **given_train})
         path, _ = run_train(ds, mcfg, tcfg, out, split=split)
         ck = load_checkpoint(path)
     meta = ck.metadata
     console.print(f"[green]checkpoint[/] {path} version {ck.version} (best epoch {meta.get('best_epoch')}, "
                   f"{meta.get('train_seconds')} s)")
+    for line in fitted_after_training(meta):
+        console.print(f"  {line}")
     if "test" in meta:
         t = meta["test"]
         console.print(f"test ({meta.get('test_protocol')}): NDCG@10 {t.get('NDCG@10', float('nan')):.4f} "
                       f"HR@10 {t.get('HR@10', float('nan')):.4f}")
+
+
+def fitted_after_training(meta: dict) -> list[str]:
+    """What training fitted on the validation cases after the last epoch, one line each (from the
+    checkpoint's metadata).
+
+    >>> fitted_after_training({"transitions": {"feature": "log", "weight": 2.0, "valid_ndcg10_before": 0.1,
+    ...                        "valid_ndcg10_after": 0.12}, "copy": {"weight": 0.0, "valid_ndcg10_before": 0.12,
+    ...                        "valid_ndcg10_after": 0.12}, "item_calibration": {"skipped": "10 cases"}})
+    ['item transitions: log x2 (validation NDCG@10 0.1 -> 0.12)', 'copy strength: 0 (validation NDCG@10 0.12 -> 0.12)', 'item temperature: skipped (10 cases)']
+    """
+    out = []
+    for key, label in (("transitions", "item transitions"), ("copy", "copy strength"),
+                       ("action_calibration", "action calibration"), ("item_calibration", "item temperature")):
+        r = meta.get(key)
+        if not r:
+            continue
+        if "skipped" in r:
+            out.append(f"{label}: skipped ({r['skipped']})")
+        elif key == "transitions":
+            out.append(f"{label}: {r['feature']} x{r['weight']:g} (validation NDCG@10 {r['valid_ndcg10_before']} -> "
+                       f"{r['valid_ndcg10_after']})" if r["weight"] else f"{label}: off (no validation gain)")
+        elif key == "copy":
+            out.append(f"{label}: {r['weight']:g} (validation NDCG@10 {r['valid_ndcg10_before']} -> "
+                       f"{r['valid_ndcg10_after']})")
+        else:
+            out.append(f"{label}: T = {r['temperature']} (validation log loss {r['valid_log_loss_before']} -> "
+                       f"{r['valid_log_loss_after']})")
+    return out
 
 
 @app.command()
