@@ -19,6 +19,8 @@ else. Subclasses implement :meth:`~Predictor.predict` and inherit defaults for t
 * online deltas: :meth:`~Predictor.apply_delta` updates the served weights in place between two
   batches (a :class:`~models.delta.ModelDelta` that follows ``version``; ``version`` then becomes
   the delta's label), or returns ``False`` when it does not apply (another version, or no model).
+* cold-start items from text: ``predict(..., texts={item id: text})`` hands over the ``item_text``
+  of the batch's events (docs/cold-start.md); a predictor without a text projection ignores it.
 * privacy: :meth:`~Predictor.forget_users` drops whatever per-user state the predictor keeps (a KV
   cache); :meth:`~Predictor.forget_users_async` is what the worker awaits (by default the same).
 
@@ -38,7 +40,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, ClassVar, Sequence
+from typing import TYPE_CHECKING, ClassVar, Mapping, Sequence
 
 from models.schema import ACTIONS, EventSeq
 
@@ -95,15 +97,21 @@ class Predictor(ABC):
     runs_elsewhere: ClassVar[bool] = False
 
     @abstractmethod
-    def predict(self, histories: Sequence[EventSeq], k: int, users: Sequence[str] | None = None
-                ) -> list[Prediction]:
+    def predict(self, histories: Sequence[EventSeq], k: int, users: Sequence[str] | None = None,
+                texts: Mapping[str, str] | None = None) -> list[Prediction]:
         """One prediction per history, in input order, each with at most ``k`` items. ``users``
-        (optional, one id per history) lets a predictor keep per-user state (a KV cache)."""
+        (optional, one id per history) lets a predictor keep per-user state (a KV cache).
+        ``texts`` (optional): item id -> text for the items of this batch whose event carried an
+        ``item_text``; a predictor that can rank an item it does not know from its text (a
+        checkpoint with a text projection: docs/cold-start.md) does so from this call on, the
+        others ignore it. Callers pass it only when there is text (never an empty mapping)."""
 
-    async def predict_async(self, histories: Sequence[EventSeq], k: int, users: Sequence[str] | None = None
-                            ) -> list[Prediction]:
+    async def predict_async(self, histories: Sequence[EventSeq], k: int, users: Sequence[str] | None = None,
+                            texts: Mapping[str, str] | None = None) -> list[Prediction]:
         """:meth:`predict` for the batcher to await; it never suspends unless ``runs_elsewhere``."""
-        return self.predict(histories, k, users)
+        if texts is None:  # a subclass written before ``texts`` existed keeps working
+            return self.predict(histories, k, users)
+        return self.predict(histories, k, users, texts)
 
     def observe(self, history: EventSeq) -> None:
         """Learn from a user's updated history (its last event is new); only called if ``learns``."""

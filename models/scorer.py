@@ -20,7 +20,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 
@@ -138,9 +138,9 @@ class TransformerScorer(Predictor):
         return np.expm1(np.clip(self.run(histories)["gap_log_s"].astype(np.float64), 0.0, 30.0))
 
     # ------------------------------------------------------------------ Predictor protocol
-    def predict(self, histories: Sequence[EventSeq], k: int, users: Sequence[str] | None = None
-                ) -> list[Prediction]:
-        r = self.run(histories)
+    def predict(self, histories: Sequence[EventSeq], k: int, users: Sequence[str] | None = None,
+                texts: Mapping[str, str] | None = None) -> list[Prediction]:
+        r = self.run(histories)  # ``texts``: unused (no text rows here: models.text.apply_text_rows does it offline)
         first = self.vocab.first_item
         scores = r["item_scores"][:, first:]  # known items only (no padding / mask / hash buckets)
         k_eff = min(int(k), scores.shape[1])

@@ -33,7 +33,7 @@ from __future__ import annotations
 import logging
 import math
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -250,6 +250,7 @@ class TransformerPredictor(Predictor):
     def _init_text(self, proj, enabled: bool, catalogue) -> None:
         """The serving side of :mod:`models.text` (a checkpoint with a text projection)."""
         self.text = None
+        self.text_errors = 0  # text rows that could not be made (logged; the items keep their buckets)
         self._text_added: set[str] = set()
         if proj is None or not enabled:
             return
@@ -302,14 +303,28 @@ class TransformerPredictor(Predictor):
         for r in rows:
             self._moved[r] = self.deltas + 1  # the delta about to be applied counts it
 
-    def _text_new_items(self, histories: Sequence[EventSeq]) -> None:
-        """Items first seen now (each history's last event) that the catalogue has text for."""
-        if self.text is None or not self.text.catalogue:
+    def _text_new_items(self, histories: Sequence[EventSeq], texts: Mapping[str, str] | None = None) -> None:
+        """Items first seen now: those of ``texts`` (the events' own ``item_text``) and each history's
+        last item that the catalogue has text for. A failure here (the encoder's package missing, say)
+        is logged and the batch is served without those rows: they are an improvement, not a need."""
+        if self.text is None:
             return
-        known, cat = self.vocab.__contains__, self.text.catalogue
-        new = {h.items[-1]: None for h in histories if len(h) and not known(h.items[-1]) and h.items[-1] in cat}
-        if new:
+        known = self.vocab.__contains__
+        new = {i: t for i, t in texts.items() if t and not known(i)} if texts else {}
+        cat = self.text.catalogue
+        if cat:
+            for h in histories:
+                if len(h) and not known(h.items[-1]) and h.items[-1] in cat:
+                    new.setdefault(h.items[-1], None)
+        if not new:
+            return
+        try:
             self.add_item_texts(new)
+        except Exception as exc:  # noqa: BLE001 - the prediction goes on with the hash-bucket rows
+            self.text_errors += 1
+            if self.text_errors == 1 or self.text_errors % 1000 == 0:
+                log.error("!!! text rows for %d new item(s) failed (%d failures so far); those items keep their "
+                          "hash-bucket rows: %s: %s", len(new), self.text_errors, type(exc).__name__, exc)
 
     def __repr__(self) -> str:
         return (f"TransformerPredictor({self.version} on {self.device}, threads={self.num_threads}, "
@@ -337,12 +352,15 @@ class TransformerPredictor(Predictor):
         self.cache.stats = dict.fromkeys(self.cache.stats, 0)
 
     # ------------------------------------------------------------------ Predictor protocol
-    def predict(self, histories: Sequence[EventSeq], k: int, users: Sequence[str] | None = None
-                ) -> list[Prediction]:
+    def predict(self, histories: Sequence[EventSeq], k: int, users: Sequence[str] | None = None,
+                texts: Mapping[str, str] | None = None) -> list[Prediction]:
         """One prediction per history, in input order (the triggering event is each history's last).
 
         ``users`` (optional, same length): the user id of each history — keeps one cache entry
         per user and enables :meth:`forget_user`. Without it, the cache still works (content keys).
+        ``texts`` (optional): item id → text (the batch's events' ``item_text``); with a text
+        projection, the items of it that the vocabulary does not know get their text rows first
+        (:meth:`add_item_texts`), so this very call can rank them. Without one, ignored.
         """
         k = self._check_k(k)
         n = len(histories)
@@ -351,7 +369,7 @@ class TransformerPredictor(Predictor):
         if n == 0:
             return []
         self.stats["requests"] += n
-        self._text_new_items(histories)
+        self._text_new_items(histories, texts)
         if not self.cache.enabled:
             return self.predict_full(histories, k)
         self._ensure_threads()
@@ -399,13 +417,15 @@ class TransformerPredictor(Predictor):
                 self._emit(o, rows[s: s + self.max_rows], out)
         return self._explained(histories, out)  # type: ignore[arg-type]
 
-    def predict_full(self, histories: Sequence[EventSeq], k: int) -> list[Prediction]:
-        """Full recomputation (no cache): encode every window, ``score_last``, device top-K."""
+    def predict_full(self, histories: Sequence[EventSeq], k: int, texts: Mapping[str, str] | None = None
+                     ) -> list[Prediction]:
+        """Full recomputation (no cache): encode every window, ``score_last``, device top-K
+        (``texts``: as in :meth:`predict`)."""
         k = self._check_k(k)
         n = len(histories)
         if n == 0:
             return []
-        self._text_new_items(histories)
+        self._text_new_items(histories, texts)
         self._ensure_threads()
         out: list[Prediction | None] = [None] * n
         enc = [encode(h, self.vocab, self.cfg) for h in histories]

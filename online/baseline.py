@@ -42,7 +42,7 @@ import heapq
 import math
 from collections import OrderedDict
 from operator import itemgetter
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 
@@ -171,9 +171,10 @@ class PopularityMarkovPredictor(Predictor):
         pop = self._pop
         return [(k, pop[k] / total) for k, _ in self._top_cache[:n]]
 
-    def predict(self, histories: Sequence[EventSeq], k: int, users: Sequence[str] | None = None
-                ) -> list[Prediction]:
-        """One prediction per history (the triggering event is each history's last; ``users`` unused)."""
+    def predict(self, histories: Sequence[EventSeq], k: int, users: Sequence[str] | None = None,
+                texts: Mapping[str, str] | None = None) -> list[Prediction]:
+        """One prediction per history (the triggering event is each history's last; ``users`` and
+        ``texts`` unused)."""
         if k < 1:
             raise ValueError(f"k must be >= 1 (got {k!r})")
         popular = self._popular(2 * k)

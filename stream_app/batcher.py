@@ -23,6 +23,12 @@ in halves and each half retried, down to single requests; a single request is tr
 still fails comes back as a :class:`Result` with ``prediction=None`` and the error, for the
 deliverer to dead-letter with reason :data:`PREDICT_FAILED`. No request is ever dropped.
 
+Item texts: a request whose event carried an ``item_text`` holds it (:attr:`Request.item_text`); a
+batch's texts reach ``predict(..., texts={item id: text})`` (:func:`batch_texts`; a bisected half
+gets its own requests' texts), so a predictor with a text projection ranks a new item from the
+prediction of the event that introduced it on (docs/cold-start.md). Without texts, ``predict`` is
+called as before (no ``texts`` argument).
+
 Model swap: :meth:`Batcher.swap` replaces the predictor; the infer loop reads the predictor once
 per batch, so a swap takes effect atomically between batches and every :class:`Result` carries
 the ``version`` of the predictor that made it.
@@ -76,6 +82,9 @@ class Request:
     observe: bool = True  # let the predictor learn from this history (False for redeliveries)
     ref: Any = None  # opaque for the deliverer: source event, offsets, raw bytes ...
     enqueued: float = 0.0  # monotonic, set by submit()
+    #: ``(item id, text)`` of the triggering event when it carries an ``item_text`` (cold-start items:
+    #: the batch's texts go to ``predict(..., texts=)``, docs/cold-start.md); None without.
+    item_text: tuple[str, str] | None = None
 
 
 @dataclass(slots=True, eq=False)
@@ -124,6 +133,25 @@ def check_prediction(p: Prediction, k: int) -> Prediction:
     if not math.isfinite(gap) or gap < 0:
         raise PredictorError(f"next_gap_s must be finite and >= 0 (got {gap})")
     return Prediction(probs, items, gap, p.explanation, p.why)
+
+
+def batch_texts(requests: list[Request]) -> dict[str, str] | None:
+    """``{item id: text}`` of the requests whose event carried an ``item_text`` (the latest text of
+    an item wins), or None when none did (then ``predict`` is called without ``texts``).
+
+    >>> h = EventSeq.from_columns(["a"], ["view"], [0])
+    >>> batch_texts([Request("u", h, 0), Request("v", h, 0, item_text=("a", "A title"))])
+    {'a': 'A title'}
+    >>> batch_texts([Request("u", h, 0)]) is None
+    True
+    """
+    texts = None
+    for r in requests:
+        if r.item_text is not None:
+            if texts is None:
+                texts = {}
+            texts[r.item_text[0]] = r.item_text[1]
+    return texts
 
 
 class Batcher:
@@ -388,8 +416,13 @@ class Batcher:
 
         async def attempt(ids: list[int], tries: int) -> None:
             try:
-                got = await predictor.predict_async([batch[i].history for i in ids], self.k,
-                                                    [batch[i].user_id for i in ids])
+                texts = batch_texts([batch[i] for i in ids])
+                if texts is None:
+                    got = await predictor.predict_async([batch[i].history for i in ids], self.k,
+                                                        [batch[i].user_id for i in ids])
+                else:
+                    got = await predictor.predict_async([batch[i].history for i in ids], self.k,
+                                                        [batch[i].user_id for i in ids], texts)
                 if len(got) != len(ids):
                     raise PredictorError(f"predict() returned {len(got)} predictions for {len(ids)} histories")
             except Exception as exc:  # noqa: BLE001 - any predictor failure is isolated, then reported

@@ -444,7 +444,8 @@ class Pipeline:
         src = Source(event, stream, at.topic, at.partition, at.offset, raw, key, ev.item_id, ev.action,
                      ev.category, duplicate, before, self.pending[ev.user_id].state.history)
         try:
-            await self.batcher.submit(Request(ev.user_id, history, ev.ts, arrival, observe=not duplicate, ref=src))
+            await self.batcher.submit(Request(ev.user_id, history, ev.ts, arrival, observe=not duplicate, ref=src,
+                                              item_text=(ev.item_id, ev.item_text) if ev.item_text else None))
         except BaseException:  # never delivered: the user's pending entry must not wait for it
             self._delivered(ev.user_id)
             raise

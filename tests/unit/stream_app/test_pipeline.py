@@ -549,3 +549,21 @@ def test_rerouting_can_be_turned_off(make_app):
             return dict(agent.results)
 
     assert asyncio.run(main()) == {0: "queued"} and rec.of("predictions")[0]["partition"] == 0
+
+
+@pytest.mark.slow  # loads the sentence model
+def test_an_events_item_text_reaches_the_model_and_its_new_item_is_recommended_at_once(make_app, text_checkpoint):
+    """Cold-start items (docs/cold-start.md): the worker's Transformer has a text projection; the first
+    event of an item it does not know carries the item's text, and that event's own prediction ranks
+    it (the projection gives text items a +50 bias). The same new item without text is not ranked."""
+    app, rec = make_app(checkpoint=text_checkpoint, device="cpu", serve_threads=1, serve_process=False)
+    t = int(time.time() * 1000) - 60_000
+    msgs = [(b"u1", ev(item="i0", ts=t)),
+            (b"u1", ev(item="new-1", ts=t + 1000, item_text="Wallace & Gromit: The Wrong Trousers (1993)")),
+            (b"u2", ev(user="u2", item="new-2", ts=t + 2000))]  # a new item without text
+    asyncio.run(put_all(app, msgs))
+    preds = rec.of("predictions")
+    assert [p["user_id"] for p in preds] == ["u1", "u1", "u2"]
+    assert "new-1" not in {i for i, _ in preds[0]["top_items"]}
+    assert preds[1]["top_items"][0][0] == "new-1"  # the event that introduced it
+    assert preds[2]["top_items"][0][0] == "new-1" and "new-2" not in {i for i, _ in preds[2]["top_items"]}

@@ -245,3 +245,19 @@ def test_forget_users_drops_the_users_kv_cache_entries_in_the_child(checkpoints)
         assert asyncio.run(remote.forget_users_async(users)) == 0 and remote.forget_users([]) == 0
     finally:
         remote.close()
+
+
+def test_item_texts_travel_to_the_child_which_ranks_the_new_item_in_that_call(text_checkpoint):
+    """Cold-start items (docs/cold-start.md): the texts of a batch go in its predict message; the
+    child's model (a checkpoint with a text projection, +50 bias for text items) appends the new item
+    before predicting, so that very batch ranks it; a batch without texts sends none."""
+    remote = RemotePredictor.start(Settings(checkpoint=text_checkpoint, device="cpu", serve_threads=1))
+    try:
+        h = EventSeq.from_columns(["i0", "new-1"], ["view"] * 2, [1_700_000_000_000, 1_700_000_060_000])
+        assert "texts" not in remote._request([h], 3, ["u"])
+        assert "new-1" not in {i for i, _ in remote.predict([h], 3, ["u"])[0].top_items}
+        got = asyncio.run(remote.predict_async([h, h[:1]], 3, ["u", "v"], {"new-1": "A documentary about bees"}))
+        assert got[0].top_items[0][0] == "new-1" and got[1].top_items[0][0] == "new-1"
+        assert remote.predict([h[:1]], 3, ["w"])[0].top_items[0][0] == "new-1"  # the child keeps the row
+    finally:
+        remote.close()
