@@ -86,7 +86,7 @@ def train(
         from models.datasets import load_split
         from models.train import train as run_train
 
-        console = Console(stderr=True)
+        console = Console(stderr=True, soft_wrap=True)  # a log file keeps whole lines
         ds, split = load_split(dataset)  # yoochoose: the session-rec split, else leave-one-out
         console.print(f"[bold]{ds.name}[/]: {ds.summary()}")
         chosen_model = {"max_len": max_len, "dropout": dropout, "n_negatives": negatives,
