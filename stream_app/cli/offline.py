@@ -75,6 +75,9 @@ def train(
     config: Annotated[Optional[Path], typer.Option(help="A ModelConfig JSON file (overrides the model "
                                                         "options above).")] = None,
     progress: Annotated[bool, typer.Option("--progress/--no-progress")] = True,
+    item_text: Annotated[Optional[Path], typer.Option(
+        help="Item texts (.jsonl {item_id, item_text} lines, or CSV/TSV): after training, fit the text "
+             "projection for cold-start items into the checkpoint (docs/cold-start.md).")] = None,
 ) -> None:
     """Train the next-action Transformer on a dataset; checkpoint the best validation epoch."""
     from rich.console import Console
@@ -87,6 +90,7 @@ def train(
         from models.train import train as run_train
 
         console = Console(stderr=True, soft_wrap=True)  # a log file keeps whole lines
+        texts = _item_texts(item_text)  # before training: a bad file or a missing package fails fast
         ds, split = load_split(dataset)  # yoochoose: the session-rec split, else leave-one-out
         console.print(f"[bold]{ds.name}[/]: {ds.summary()}")
         chosen_model = {"max_len": max_len, "dropout": dropout, "n_negatives": negatives,
@@ -114,16 +118,52 @@ def train(
             mcfg = ModelConfig.from_dict(given_model)
             tcfg = TrainConfig.from_dict({**base_train, **given_train})
         path, _ = run_train(ds, mcfg, tcfg, out, split=split)
+        text_rows = _fit_text_rows(path, ds, split, texts, tcfg, console) if texts is not None else None
         ck = load_checkpoint(path)
     meta = ck.metadata
     console.print(f"[green]checkpoint[/] {path} version {ck.version} (best epoch {meta.get('best_epoch')}, "
                   f"{meta.get('train_seconds')} s)")
     for line in fitted_after_training(meta):
         console.print(f"  {line}")
+    if text_rows is not None:
+        console.print(f"  {text_rows_line(text_rows)}")
     if "test" in meta:
         t = meta["test"]
         console.print(f"test ({meta.get('test_protocol')}): NDCG@10 {t.get('NDCG@10', float('nan')):.4f} "
                       f"HR@10 {t.get('HR@10', float('nan')):.4f}")
+
+
+def _item_texts(path: Path | None) -> dict[str, str] | None:
+    """``--item-text``: the catalogue's texts (None without the option); checks that the encoder's
+    package is installed (:class:`~models.errors.MissingDependencyError`)."""
+    if path is None:
+        return None
+    from models.text import model_dir, read_catalogue
+
+    texts = read_catalogue(path)
+    model_dir()
+    return texts
+
+
+def _fit_text_rows(path: Path, ds, split, texts: dict[str, str], tcfg, console) -> dict:
+    """After training with ``--item-text``: :func:`models.text.fit_text_rows` (saves the projection in the
+    checkpoint)."""
+    from models.text import fit_text_rows
+
+    console.print(f"text projection: fitting on {len(texts)} item texts ...")
+    return fit_text_rows(path, ds, texts, split=split, seed=tcfg.seed, device=tcfg.device)
+
+
+def text_rows_line(r: dict) -> str:
+    """The ``--item-text`` report, one line.
+
+    >>> text_rows_line({"items_with_text": 90, "n_fit": 60, "min_count": 5, "ridge": 10.0, "fit_r2": 0.24,
+    ...                 "cold": 3, "few": 20, "seconds": 1.5})
+    'text projection: 90 items with text, fitted on 60 (>= 5 training events), ridge 10, fit R² 0.24; text rows for 3 items without and 20 with 1-4 training events (1.5 s)'
+    """
+    return (f"text projection: {r['items_with_text']} items with text, fitted on {r['n_fit']} (>= {r['min_count']} "
+            f"training events), ridge {r['ridge']:g}, fit R² {r['fit_r2']}; text rows for {r['cold']} items without "
+            f"and {r['few']} with 1-{r['min_count'] - 1} training events ({r['seconds']} s)")
 
 
 def fitted_after_training(meta: dict) -> list[str]:
