@@ -120,8 +120,11 @@ class OnlineTrainer:
     trainer (``base`` or ``base+seq``)."""
 
     def __init__(self, model, vocab: ItemVocab, version: str, config: OnlineConfig | None = None,
-                 device: str = "cpu") -> None:
+                 device: str = "cpu", text_projection=None) -> None:
         self.cfg = config or OnlineConfig()
+        #: the checkpoint's :class:`models.text.TextProjection` (cold-start items from text), or None: kept
+        #: so that the full versions this trainer saves keep it (the workers' text rows need it)
+        self.text_projection = text_projection
         self.device = torch.device(device)
         self._rng = np.random.default_rng(self.cfg.seed)
         self.shadow = copy.deepcopy(model).to(self.device).eval()
@@ -175,10 +178,12 @@ class OnlineTrainer:
         self.touched.clear()
         self.trans_touched.clear()
 
-    def restore(self, model, vocab: ItemVocab, version: str) -> None:
+    def restore(self, model, vocab: ItemVocab, version: str, text_projection=None) -> None:
         """Continue from ``model`` (a rollback to the last good version): weights, optimizers and
-        online rows as they were then; the shadow, the counters and the replay buffer stay."""
+        online rows as they were then (and its ``text_projection``); the shadow, the counters and the
+        replay buffer stay."""
         self._load(model, vocab, version)
+        self.text_projection = text_projection
         self.comparator.reset()
         # outcomes still in flight from the versions rolled back from do not count against this one
         self.superseded.update(self.compared_bases)

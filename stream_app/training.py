@@ -327,7 +327,8 @@ class TrainingService:
                 log.critical("!!! %s: starting a new lineage from the checkpoint setting %s", where, path)
             self.lineage = Lineage(path, read_manifest(path)["content_hash"], n, seq + 1, None, 0, 0)
             await self._announce(path, ck.content_hash, "reset" if rejected else "online")
-        self.trainer = OnlineTrainer(ck.model, ck.vocab, ck.version, online_config(s), device=device)
+        self.trainer = OnlineTrainer(ck.model, ck.vocab, ck.version, online_config(s), device=device,
+                                     text_projection=ck.text_projection)
         self.trainer.next_seq = self.lineage.next_seq
         self.last_good = (self.lineage.path, ck.content_hash)
         monitoring.ONLINE_VOCAB.set(len(ck.vocab))
@@ -494,7 +495,8 @@ class TrainingService:
         meta = {"online": {"n": n, "reason": reason, "parent": t.version, "offsets": dict(self.next_offsets),
                            "examples": self.lineage.examples, "created_ms": int(time.time() * 1000)}}
         path = await asyncio.get_running_loop().run_in_executor(
-            self.pool, lambda: save_checkpoint(self.models_dir / f"v{n:06d}", t.model, t.vocab, None, meta))
+            self.pool, lambda: save_checkpoint(self.models_dir / f"v{n:06d}", t.model, t.vocab, None, meta,
+                                               text_projection=t.text_projection))  # cold-start items keep it
         sha = read_manifest(path)["content_hash"]
         healthy = reason == "rollback" or not t.should_rollback()
         await self._announce(path, sha, reason)
@@ -517,5 +519,5 @@ class TrainingService:
                   t.comparator.shadow_mean, t.comparator.n, path)
         ck = await asyncio.get_running_loop().run_in_executor(
             self.pool, lambda: load_checkpoint(path, device=resolve_device(self.settings.device)))
-        t.restore(ck.model, ck.vocab, ck.version)
+        t.restore(ck.model, ck.vocab, ck.version, ck.text_projection)
         await self._publish_full("rollback")

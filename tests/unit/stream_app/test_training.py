@@ -132,3 +132,36 @@ def test_a_forget_marker_drops_the_users_pending_and_replayed_examples_counted_a
     info = [r.getMessage() for r in caplog.records if r.levelno >= logging.INFO]
     assert info == ["forget marker: dropped 1 pending and 2 replayed examples"]
     assert any("gone-7c1" in r.getMessage() for r in caplog.records if r.levelno == logging.DEBUG)
+
+
+def test_full_versions_and_rollbacks_keep_the_checkpoints_text_projection(text_checkpoint, tmp_path):
+    """Cold-start items (docs/cold-start.md): the workers give new items text rows only while the served
+    checkpoint has a text projection, so the trainer's full versions (and the version a rollback
+    republishes) carry the projection of the checkpoint it started from."""
+    import numpy as np
+
+    from models.checkpoint import load_checkpoint
+    from online.trainer import OnlineConfig, OnlineTrainer
+    from stream_app.settings import Settings
+    from stream_app.training import Lineage, TrainingService
+
+    ck = load_checkpoint(text_checkpoint)
+    service = TrainingService(Settings(models_dir=tmp_path / "models"))
+    service.trainer = OnlineTrainer(ck.model, ck.vocab, ck.version, OnlineConfig(),
+                                    text_projection=ck.text_projection)
+    service.lineage = Lineage(Path(text_checkpoint), ck.content_hash, 1, 1, None, 0, 0)
+    service.last_good = (Path(text_checkpoint), ck.content_hash)
+    sent = []
+
+    async def send(kind, value):
+        sent.append(kind)
+
+    service._send = send  # noqa: SLF001 - no broker
+    asyncio.run(service._publish_full("online"))  # noqa: SLF001
+    asyncio.run(service._rollback())  # noqa: SLF001
+    service.pool.shutdown()
+    assert [p["reason"] for p in service.published if p["kind"] == FULL] == ["online", "rollback"]
+    for p in service.published:
+        if p["kind"] == FULL:
+            proj = load_checkpoint(p["path"]).text_projection
+            assert proj is not None and np.array_equal(proj.weight, ck.text_projection.weight)
