@@ -142,9 +142,17 @@ def _training_row(name: str, scorer, ck_dir: Path) -> dict | None:
     softmax = f"sampled softmax {cfg.n_negatives} neg" if cfg.n_negatives else "full softmax"
     config = (f"d={cfg.d_model}, {cfg.n_layers} layers, {cfg.n_heads} heads, len {cfg.max_len}, dropout {cfg.dropout}, "
               f"{cfg.backbone}, {cfg.objective}, {softmax}, features {'+'.join(cfg.features)}")
+    extras = [name for name, on in (("item categories", cfg.item_categories), ("action prior", cfg.action_prior))
+              if on]
+    if extras:
+        config += ", " + " + ".join(extras)
     if tc:
         length = f"budget {tc.get('budget_min')} min" if tc.get("budget_min") else f"{tc.get('epochs')} epochs"
-        config += f"; batch {tc.get('batch_size')}, lr {tc.get('lr')}, {length}, {tc.get('num_threads')} thread(s)"
+        config += (f"; batch {tc.get('batch_size')}, lr {tc.get('lr')}, stride {tc.get('window_stride') or cfg.max_len}, "
+                   f"validation history {tc.get('eval_protocol')}, {length}, {tc.get('num_threads')} thread(s)")
+    copy = meta.get("copy") or {}
+    if "weight" in copy:
+        config += f"; copy x{copy['weight']:g} (valid NDCG@10 {copy['valid_ndcg10_before']} -> {copy['valid_ndcg10_after']})"
     cal = meta.get("action_calibration") or {}
     if "temperature" in cal:
         config += f"; action calibration T={cal['temperature']}"
@@ -211,12 +219,50 @@ def run_dataset(name: str, args) -> list[dict]:
                          "values": {n: r.get(m) for n, r in res.items()},
                          "published": f"{pub[0]:.4f} ({pub[1]})" if pub else ""})
         if "ours" in res:  # case by case: is the difference to each other scorer more than chance?
-            paired = {n: "{}/{} p={:.2g}".format(*paired_sign_test(res["ours"]["ranks"], r["ranks"]))
-                      for n, r in res.items() if n != "ours"}
+            raw = {n: paired_sign_test(res["ours"]["ranks"], r["ranks"]) for n, r in res.items() if n != "ours"}
+            paired = {n: "{}/{} p={:.2g}".format(*t) for n, t in raw.items()}
             rows.append({"dataset": name, "protocol": key, "metric": PAIRED, "n": len(cases), "values": paired,
-                         "published": ""})
+                         "published": "", "raw": raw})
         print(f"  {name} {key}: done ({time.perf_counter() - t0:.0f} s)", file=sys.stderr)
     return rows
+
+
+#: The action bars: ours must have a lower action log loss than these.
+ACTION_BASELINES = ("last_action_markov", "majority_action")
+#: Significance of the sign test for a bar.
+ALPHA = 0.05
+
+
+def bars(rows: list[dict]) -> list[str]:
+    """The bars (issue 17): per dataset and protocol, is ours better than every baseline case by case
+    (NDCG@10 sign test, p < :data:`ALPHA`; the ablation column is not a baseline), and on action log
+    loss lower than each of :data:`ACTION_BASELINES`? One line per dataset and protocol.
+
+    >>> rows = [{"dataset": "d", "protocol": "full/allowed", "metric": PAIRED,
+    ...          "raw": {"markov": (30, 5, 1e-5), "gru4rec": (20, 18, 0.87), NO_TRANSITIONS: (1, 2, 1.0)}},
+    ...         {"dataset": "d", "protocol": "full/allowed", "metric": "action/log_loss",
+    ...          "values": {"ours": 0.5, "last_action_markov": 0.6, "majority_action": 0.7}}]
+    >>> bars(rows)[-1]
+    '| d | full/allowed | not met: gru4rec 20/18 p=0.87 | met (0.5000 vs 0.6000 / 0.7000) |'
+    """
+    out = [f"Bars: ours better than every baseline case by case (NDCG@10, two-sided sign test p < {ALPHA}); action log "
+           "loss below " + " and ".join(ACTION_BASELINES) + ":", "",
+           "| dataset | protocol | ranking bar | action bar |", "|---|---|---|---|"]
+    loss = {(r["dataset"], r["protocol"]): r["values"] for r in rows if r.get("metric") == "action/log_loss"}
+    for r in rows:
+        if r.get("metric") != PAIRED or "raw" not in r:
+            continue
+        short = [f"{n} {w}/{lo} p={p:.2g}" for n, (w, lo, p) in r["raw"].items()
+                 if n != NO_TRANSITIONS and not (w > lo and p < ALPHA)]
+        rank = "met" if not short else "not met: " + ", ".join(short)
+        v = loss.get((r["dataset"], r["protocol"]))
+        action = ""
+        if v and isinstance(v.get("ours"), float):
+            ref = [v[b] for b in ACTION_BASELINES if isinstance(v.get(b), float)]
+            action = (("met" if all(v["ours"] < x for x in ref) else "not met")
+                      + f" ({v['ours']:.4f} vs " + " / ".join(f"{x:.4f}" for x in ref) + ")")
+        out.append(f"| {r['dataset']} | {r['protocol']} | {rank} | {action} |")
+    return out
 
 
 def render(rows: list[dict], seconds: float) -> str:
@@ -245,6 +291,7 @@ def render(rows: list[dict], seconds: float) -> str:
         ours = f"{v['ours']:.4f}" if isinstance(v.get("ours"), float) else "—"
         out.append(f"| {r['dataset']} | {r['protocol']} | {r['metric']} | {r['n']} | {ours} | "
                    + " | ".join(cell) + f" | {r['published']} |")
+    out += ["", *bars(rows)]
     if training:
         out += ["", "Transformer training runs (CPU, fp32; time = wall clock of `train` including validation; "
                 "peak memory = max RSS of the training process):", "",

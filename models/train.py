@@ -447,6 +447,7 @@ def train(ds, model_cfg: ModelConfig | None, train_cfg: TrainConfig, out_dir: st
         from models.checkpoint import load_checkpoint
 
         ck = load_checkpoint(out_dir, device=str(device))
+        t_fit = time.perf_counter()
         if train_cfg.calibrate_actions:
             meta_extra["action_calibration"] = calibrate_actions(ck, ds, valid, str(device))
             if train_cfg.progress:
@@ -464,6 +465,7 @@ def train(ds, model_cfg: ModelConfig | None, train_cfg: TrainConfig, out_dir: st
             meta_extra["item_calibration"] = calibrate_items(ck, ds, valid, str(device))
             if train_cfg.progress:
                 tqdm.write(f"item calibration: {meta_extra['item_calibration']}")
+        meta_extra["fit_after_training_s"] = round(time.perf_counter() - t_fit, 1)
         if eval_test and split.test:
             s2 = TransformerScorer(ck.model, ck.vocab, ds.items, version=ck.version, device=str(device))
             res = evaluate_cases(s2, ds, list(split.test), mask_history)

@@ -12,9 +12,12 @@ import pytest
 def test_train_and_evaluate_run_the_real_commands(cli, tmp_path):
     out = tmp_path / "ckpt"
     res = cli("train", "--dataset", "synthetic", "--out", str(out), "--epochs", "1", "--budget-min", "0.2",
-              "--threads", "1")
+              "--threads", "1", "--dropout", "0.4")
     assert res.exit_code == 0, res.output
     assert (out / "manifest.json").exists() and (out / "model.safetensors").exists()
+    said = cli.flat(res.output)  # what auto chose and why, and what was fitted after training
+    assert "auto (" in said and "validation protocol allowed:" in said and "dropout 0.4: set explicitly" in said
+    assert "copy strength:" in said and "item transitions:" in said
     res = cli("evaluate", "--help")
     assert res.exit_code == 0 and "nextaction evaluate" in res.output
 
