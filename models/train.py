@@ -731,3 +731,54 @@ def _fmt(rec: dict) -> str:
     if "valid" in rec:
         parts.append("valid " + " ".join(f"{k} {v:.4f}" for k, v in rec["valid"].items()))
     return " | ".join(parts)
+
+
+def fit_text_rows(checkpoint: str | Path, ds, texts: dict[str, str], *, split=None, min_count: int = 5,
+                  seed: int = 0, device: str = "auto", encoder=None) -> dict:
+    """Cold-start items from text (:mod:`models.text`, docs/cold-start.md), after training: fit the
+    text projection on the checkpoint's warm items, give its items with text and few training events
+    their text rows (:func:`~models.text.fit_projection`, :func:`~models.text.apply_text_rows`) and
+    save the checkpoint again in place with the projection (``text_projection.safetensors``; its
+    version changes) and ``metadata["text_rows"]`` (the report returned).
+
+    ``ds``/``split``: the dataset and split it was trained on (the training counts come from
+    :func:`training_sequences`; ``split`` None: leave-one-out). ``texts``: item id → text
+    (:func:`models.text.read_catalogue`): no dataset loader provides item texts, so they come from a
+    catalogue file. ``encoder``: a :class:`models.text.TextEncoder` (default: a new one on ``device``).
+    Raises :class:`~models.errors.MissingDependencyError` without the encoder's package and
+    :class:`~models.errors.DatasetError` when fewer than 10 items have text and ``min_count``
+    training events (the checkpoint is then left as it was).
+
+    Report: ``items_with_text`` (vocabulary items with text), ``n_fit``, ``ridge``, ``fit_r2``,
+    ``min_count``, ``cold``/``few`` (items given text rows with 0 / 1 to ``min_count - 1`` events),
+    ``seconds`` (embedding and fitting), ``version`` (the checkpoint's new one)."""
+    from models.checkpoint import load_checkpoint, read_manifest, save_checkpoint
+    from models.errors import DatasetError
+    from models.text import TextEncoder, apply_text_rows, fit_projection, model_dir, training_counts
+
+    model_dir()  # MissingDependencyError before any work
+    t0 = time.perf_counter()
+    dev = resolve_device(device)
+    ck = load_checkpoint(checkpoint, device=dev)
+    if split is None:
+        from models.datasets import leave_one_out
+
+        split = leave_one_out(ds)
+    counts = training_counts(ck.vocab, training_sequences(split, set()).values())
+    encoder = encoder or TextEncoder(device=dev)
+    cache: dict = {}
+    with_text = sum(1 for i in ck.vocab.items if i in texts)
+    try:
+        proj = fit_projection(ck.model, ck.vocab, texts, counts, encoder, min_count=min_count, seed=seed,
+                              emb_cache=cache)
+    except ValueError as exc:
+        raise DatasetError(f"no text projection fitted for {checkpoint}: {exc} ({with_text} of the {len(texts)} "
+                           f"texts name an item of the model)") from None
+    info = apply_text_rows(ck.model, ck.vocab, texts, counts, proj, encoder, emb_cache=cache)
+    report = {"items_with_text": with_text, "n_fit": proj.meta["n_fit"], "ridge": proj.meta["ridge"],
+              "fit_r2": round(proj.meta["fit_r2"], 4), "min_count": int(min_count), **info,
+              "seconds": round(time.perf_counter() - t0, 1)}
+    path = save_checkpoint(checkpoint, ck.model, ck.vocab, ck.train_config, {**ck.metadata, "text_rows": report},
+                           text_projection=proj)
+    report["version"] = read_manifest(path)["content_hash"][:12]
+    return report

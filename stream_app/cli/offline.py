@@ -146,9 +146,9 @@ def _item_texts(path: Path | None) -> dict[str, str] | None:
 
 
 def _fit_text_rows(path: Path, ds, split, texts: dict[str, str], tcfg, console) -> dict:
-    """After training with ``--item-text``: :func:`models.text.fit_text_rows` (saves the projection in the
+    """After training with ``--item-text``: :func:`models.train.fit_text_rows` (saves the projection in the
     checkpoint)."""
-    from models.text import fit_text_rows
+    from models.train import fit_text_rows
 
     console.print(f"text projection: fitting on {len(texts)} item texts ...")
     return fit_text_rows(path, ds, texts, split=split, seed=tcfg.seed, device=tcfg.device)
