@@ -456,15 +456,19 @@ def train(ds, model_cfg: ModelConfig | None, train_cfg: TrainConfig, out_dir: st
             meta_extra["copy"] = fit_copy(ck, ds, valid, mask_history, str(device))
             if train_cfg.progress:
                 tqdm.write(f"copy strength: { {k: v for k, v in meta_extra['copy'].items() if k != 'tried'} }")
-        if cfg.transition_top > 0:
-            meta_extra["transitions"] = fit_transitions(
-                ck, ds, valid, train_seqs, training_sequences(split, set()), mask_history, str(device))
+        if cfg.transition_top > 0:  # the table of what the model trained on (validation targets unseen) ...
+            meta_extra["transitions"] = fit_transitions(ck, ds, valid, train_seqs, train_seqs, mask_history,
+                                                        str(device))
             if train_cfg.progress:
                 tqdm.write(f"transitions: {meta_extra['transitions']}")
-        if train_cfg.calibrate_items:  # last: on the final scores (transitions and copy included)
+        if train_cfg.calibrate_items:  # on the final scores (transitions and copy included), targets unseen
             meta_extra["item_calibration"] = calibrate_items(ck, ds, valid, str(device))
             if train_cfg.progress:
                 tqdm.write(f"item calibration: {meta_extra['item_calibration']}")
+        if ck.model.uses_transitions:  # ... then re-counted on every event but the test targets
+            final = transition_table(ck, training_sequences(split, set()))
+            ck.model.set_transitions(final.with_feature(ck.model.cfg.transition_feature))
+            meta_extra["transitions"]["nnz"] = final.nnz
         meta_extra["fit_after_training_s"] = round(time.perf_counter() - t_fit, 1)
         if eval_test and split.test:
             s2 = TransformerScorer(ck.model, ck.vocab, ds.items, version=ck.version, device=str(device))
@@ -534,6 +538,16 @@ def calibrate_items(ck, ds, cases, device: str = "cpu", min_cases: int = 50, chu
             "valid_log_loss_after": round(after, 4)}
 
 
+def transition_table(ck, seqs: dict[str, EventSeq]):
+    """The item-transition counts of ``seqs`` in the vocabulary of the loaded checkpoint ``ck``
+    (:func:`models.transitions.count_transitions`, its ``transition_top`` successors per item)."""
+    from models.transitions import count_transitions
+
+    cfg, vocab = ck.model.cfg, ck.vocab
+    return count_transitions((vocab.indices(s.items) for s in seqs.values()), cfg.n_items, cfg.transition_top,
+                             vocab.first_item)
+
+
 #: Transition weights tried on validation (0 = no table is always a candidate).
 TRANSITION_WEIGHTS = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0)
 
@@ -554,7 +568,7 @@ def fit_transitions(ck, ds, cases, fit_seqs: dict[str, EventSeq], final_seqs: di
     import scipy.sparse as sp
 
     from models.scorer import TransformerScorer
-    from models.transitions import TRANSITION_SCORES, count_transitions
+    from models.transitions import TRANSITION_SCORES
 
     cfg = ck.model.cfg
     if cfg.transition_top == 0:
@@ -564,8 +578,7 @@ def fit_transitions(ck, ds, cases, fit_seqs: dict[str, EventSeq], final_seqs: di
     vocab = ck.vocab
 
     def table(seqs):
-        return count_transitions((vocab.indices(s.items) for s in seqs.values()), cfg.n_items, cfg.transition_top,
-                                 vocab.first_item)
+        return transition_table(ck, seqs)
 
     ck.model.cfg = dataclasses.replace(cfg, transition_weight=0.0)
     ck.model.set_transitions(None)
