@@ -264,8 +264,9 @@ def validation_and_training(split, train_cfg: TrainConfig):
 
 def refit_transitions(ds, checkpoint: str | Path, *, split=None, device: str = "cpu") -> dict[str, Any]:
     """Count and fit the transition table of an already trained checkpoint (:func:`fit_transitions`)
-    on ``ds`` with the validation cases its training used (its saved train config), and save it in
-    place. For checkpoints trained before the table existed, or to refresh the table on new data."""
+    on ``ds`` with the validation cases its training used (its saved train config), refit the item
+    temperature with it (:func:`fit_table_and_temperature`), and save it in place. For checkpoints
+    trained before the table existed, or to refresh the table on new data."""
     from models.checkpoint import load_checkpoint
 
     ck = load_checkpoint(checkpoint, device=device)
@@ -275,10 +276,30 @@ def refit_transitions(ds, checkpoint: str | Path, *, split=None, device: str = "
 
         split = leave_one_out(ds)
     split, valid, train_seqs = validation_and_training(split, tcfg)
-    res = fit_transitions(ck, ds, valid, train_seqs, training_sequences(split, set()),
-                          tcfg.eval_protocol == "masked", device)
-    _update_metadata(Path(checkpoint), ck, {"transitions": res}, tcfg)
-    return res
+    fitted = fit_table_and_temperature(ck, ds, valid, train_seqs, training_sequences(split, set()),
+                                       tcfg.eval_protocol == "masked", device, tcfg.calibrate_items)
+    _update_metadata(Path(checkpoint), ck, fitted, tcfg)
+    return fitted.get("transitions", {})
+
+
+def fit_table_and_temperature(ck, ds, valid, fit_seqs: dict[str, EventSeq], final_seqs: dict[str, EventSeq],
+                              mask_history: bool, device: str, calibrate: bool = True) -> dict[str, Any]:
+    """The item-transition table (:func:`fit_transitions`) and then the item temperature
+    (:func:`calibrate_items`) of the loaded checkpoint ``ck``, both fitted on the validation cases
+    ``valid`` with the table counted on ``fit_seqs`` (what the model trained on: the validation
+    targets unseen; a table holding them makes the temperature too sharp). Then the table is re-counted
+    on ``final_seqs`` (every event but the test targets) and installed. Returns the metadata entries
+    (``transitions``, ``item_calibration``); the caller saves."""
+    out: dict[str, Any] = {}
+    if ck.model.cfg.transition_top > 0:
+        out["transitions"] = fit_transitions(ck, ds, valid, fit_seqs, fit_seqs, mask_history, device)
+    if calibrate:  # on the final scores (copy strength and table included)
+        out["item_calibration"] = calibrate_items(ck, ds, valid, device)
+    if ck.model.uses_transitions:
+        final = transition_table(ck, final_seqs)
+        ck.model.set_transitions(final.with_feature(ck.model.cfg.transition_feature))
+        out["transitions"]["nnz"] = final.nnz
+    return out
 
 
 def train(ds, model_cfg: ModelConfig | None, train_cfg: TrainConfig, out_dir: str | Path, *, split=None,
@@ -456,19 +477,12 @@ def train(ds, model_cfg: ModelConfig | None, train_cfg: TrainConfig, out_dir: st
             meta_extra["copy"] = fit_copy(ck, ds, valid, mask_history, str(device))
             if train_cfg.progress:
                 tqdm.write(f"copy strength: { {k: v for k, v in meta_extra['copy'].items() if k != 'tried'} }")
-        if cfg.transition_top > 0:  # the table of what the model trained on (validation targets unseen) ...
-            meta_extra["transitions"] = fit_transitions(ck, ds, valid, train_seqs, train_seqs, mask_history,
-                                                        str(device))
-            if train_cfg.progress:
-                tqdm.write(f"transitions: {meta_extra['transitions']}")
-        if train_cfg.calibrate_items:  # on the final scores (transitions and copy included), targets unseen
-            meta_extra["item_calibration"] = calibrate_items(ck, ds, valid, str(device))
-            if train_cfg.progress:
-                tqdm.write(f"item calibration: {meta_extra['item_calibration']}")
-        if ck.model.uses_transitions:  # ... then re-counted on every event but the test targets
-            final = transition_table(ck, training_sequences(split, set()))
-            ck.model.set_transitions(final.with_feature(ck.model.cfg.transition_feature))
-            meta_extra["transitions"]["nnz"] = final.nnz
+        fitted = fit_table_and_temperature(ck, ds, valid, train_seqs, training_sequences(split, set()), mask_history,
+                                           str(device), train_cfg.calibrate_items)
+        meta_extra.update(fitted)
+        if train_cfg.progress:
+            for k, v in fitted.items():
+                tqdm.write(f"{k}: {v}")
         meta_extra["fit_after_training_s"] = round(time.perf_counter() - t_fit, 1)
         if eval_test and split.test:
             s2 = TransformerScorer(ck.model, ck.vocab, ds.items, version=ck.version, device=str(device))

@@ -181,3 +181,30 @@ def test_rescore_items_equals_the_full_scan_at_those_columns():
             s, i, _ = m.top_items(last.h, last.rep, last.hist, last.item, k, coarse=torch.bfloat16, margin=len(ITEMS))
             assert torch.equal(i, exact_i)  # every item is a candidate: the exact order
             torch.testing.assert_close(s, exact_s, rtol=0, atol=1e-5)
+
+
+def test_the_item_temperature_is_fitted_with_the_table_of_the_training_part(tmp_path, monkeypatch):
+    """The validation targets must not be in the table the temperature is fitted with (it would be fitted
+    on scores that already know the answer); the saved model serves the table of every event."""
+    import models.train as mt
+    from models.datasets import leave_one_out
+
+    seen = {}
+    real = mt.calibrate_items
+
+    def spy(ck, ds, cases, device="cpu", **kw):
+        seen["val"] = ck.model.trans_val.detach().clone()
+        return real(ck, ds, cases, device, **kw)
+
+    monkeypatch.setattr(mt, "calibrate_items", spy)
+    ds = _chain_dataset()
+    path, _ = mt.train(ds, ModelConfig(d_model=8, max_len=8, n_negatives=0),
+                       TrainConfig(epochs=1, batch_size=64, progress=False, warmup_steps=1, lr=1e-4), tmp_path / "ck")
+    ck = load_checkpoint(path)
+    assert ck.model.uses_transitions
+    split, _, train_seqs = mt.validation_and_training(leave_one_out(ds), ck.train_config)
+    feat = ck.model.cfg.transition_feature
+    during = mt.transition_table(ck, train_seqs).with_feature(feat)
+    final = mt.transition_table(ck, mt.training_sequences(split, set())).with_feature(feat)
+    assert not np.allclose(during.val.sum(), final.val.sum())  # the two tables differ on this log
+    assert np.allclose(seen["val"].numpy(), during.val) and np.allclose(ck.model.trans_val.numpy(), final.val)
