@@ -227,7 +227,8 @@ class PopularityMarkovPredictor(Predictor):
             if item not in scores:
                 scores[item] = pop_w * share
         top = heapq.nlargest(k, scores.items(), key=itemgetter(1))
-        return Prediction(self._action_probs(last_action), [(i, float(s)) for i, s in top],
+        # a probability: the blend of two shares can round to just above 1 (1.0000000000000002)
+        return Prediction(self._action_probs(last_action), [(i, min(float(s), 1.0)) for i, s in top],
                           self._next_gap(history, last_action), explanation)
 
     def stats(self) -> dict[str, int]:
