@@ -1,0 +1,29 @@
+"""benchmarks/quality.py: the bars summary reads the sign tests and the action log loss right."""
+
+from __future__ import annotations
+
+import doctest
+
+import benchmarks.quality as quality
+from benchmarks.quality import NO_TRANSITIONS, PAIRED, bars
+
+
+def _paired(raw: dict) -> dict:
+    return {"dataset": "d", "protocol": "full/allowed", "metric": PAIRED, "raw": raw}
+
+
+def test_a_bar_needs_more_wins_and_significance_against_every_baseline():
+    met = bars([_paired({"markov": (40, 3, 1e-9), NO_TRANSITIONS: (2, 9, 0.06)})])[-1]
+    assert "| met |" in met  # the ablation column is not a baseline
+    assert "not met: item_knn 20/12 p=0.22" in bars([_paired({"item_knn": (20, 12, 0.22)})])[-1]
+    assert "not met: gru4rec 12/40 p=1e-05" in bars([_paired({"gru4rec": (12, 40, 1e-5)})])[-1]  # significant, wrong way
+
+
+def test_the_action_bar_compares_log_loss_with_both_action_baselines():
+    loss = {"dataset": "d", "protocol": "full/allowed", "metric": "action/log_loss",
+            "values": {"ours": 0.60, "last_action_markov": 0.59, "majority_action": 0.70}}
+    assert bars([_paired({"markov": (40, 3, 1e-9)}), loss])[-1].endswith("| not met (0.6000 vs 0.5900 / 0.7000) |")
+
+
+def test_doctests():
+    assert doctest.testmod(quality).failed == 0
