@@ -112,8 +112,8 @@ async def choose_full(candidates: AsyncIterable[Any], load: Callable[[Any], Any]
     record and its load are ``None`` when it refused every one (or there was none)."""
     rejected: list[tuple[Any, UpdateRejected]] = []
     async for rec in candidates:
-        try:
-            return rec, load(rec), rejected
+        try:  # in a thread: a checkpoint load takes seconds, and the loop carries the lease's heartbeats
+            return rec, await asyncio.to_thread(load, rec), rejected
         except UpdateRejected as exc:
             rejected.append((rec, exc))
     return None, None, rejected
@@ -201,6 +201,12 @@ class Lease:
             await self.consumer.stop()
 
 
+def _import_model_code() -> None:
+    """Import torch and the model code (seconds on a busy CPU), off the event loop."""
+    import models.checkpoint  # noqa: F401, PLC0415
+    import online.trainer  # noqa: F401, PLC0415
+
+
 class TrainingService:
     """See the module docstring. ``run()`` until cancelled."""
 
@@ -221,6 +227,10 @@ class TrainingService:
     # ------------------------------------------------------------------ lifecycle
     async def run(self) -> None:
         s = self.settings
+        # torch and the model code load in a thread before the lease is joined: an import of several seconds
+        # on the event loop, which carries the lease's heartbeats, let a standby take the lease from a live
+        # trainer (its session expired) and both trainers learned for a moment
+        await asyncio.to_thread(_import_model_code)
         lease = Lease(s)
         await lease.start()
         try:
@@ -322,7 +332,7 @@ class TrainingService:
                 raise ConfigError("checkpoint", None, f"the trainer needs a Transformer checkpoint to start a lineage "
                                                       f"({where})")
             path = Path(s.checkpoint).expanduser().absolute()
-            ck = load_checkpoint(path, device=device)
+            ck = await asyncio.to_thread(load_checkpoint, path, device=device)
             if rejected:
                 log.critical("!!! %s: starting a new lineage from the checkpoint setting %s", where, path)
             self.lineage = Lineage(path, read_manifest(path)["content_hash"], n, seq + 1, None, 0, 0)
