@@ -30,7 +30,7 @@ import pytest
 from stream_app import kafka_admin
 from stream_app.replay import produce, synthetic
 from tests.integration.accounting import (account, child_pids, first_published_after, metric, pid_gone_within,
-                                          read_outputs, read_topics, report)
+                                          read_outputs, read_topics, report, wait_for_metric)
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(600)]
 
@@ -305,15 +305,17 @@ def test_three_workers_one_late_one_killed(fault_settings, tmp_path, service_pro
     later; its partitions move to the others after the session timeout. Every event processed, tables
     consistent (histories count every event once, activity counts exact)."""
     base = fault_settings
-    n = 4000
+    n = 6000
     evs = _events(n, 400, seed=51)
     ws = _group(service_process, base, tmp_path, 3)
     try:
         ws[0].start()
         ws[1].start()
-        producer, sent = _in_background(base, evs, rate=800)
+        producer, sent = _in_background(base, evs, rate=400)  # 15 s of stream
         _wait_outputs(base, n // 5)
         ws[2].start()  # joins late: a rebalance mid-stream
+        # it serves before w1 dies (its join took 9 s on a busy box once, when a shorter stream had ended by then)
+        wait_for_metric(ws[2], "nextaction_predictions_out_total", 1, timeout=60)
         _wait_outputs(base, n // 2)
         kill_wall = time.time()
         ws[1].stop(signal.SIGKILL)
