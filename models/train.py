@@ -567,6 +567,45 @@ def transition_table(ck, seqs: dict[str, EventSeq]):
                              vocab.first_item)
 
 
+def _search_weight(ds, cases, hists, base: np.ndarray, extras: dict, weights, mask_history: bool):
+    """The weight ``w`` of one extra score matrix that maximises validation NDCG@10 of ``base + w * extra``:
+    ``(NDCG@10 at w = 0, (best NDCG@10, its extra's key, its w, {tried: NDCG@10}))``. ``base`` are the
+    model's scores of ``hists`` (the ``cases``' histories), ``extras`` sparse ``[cases, items]`` matrices
+    by key; every key is tried with every weight, ``w = 0`` (key None) is the start, ties keep the
+    earlier (smaller) candidate, and the grid doubles past its edge while that helps."""
+    row_of = {id(h): i for i, h in enumerate(hists)}
+
+    class _Plus:  # the model's scores + w * extra
+        def __init__(self, extra, w: float):
+            self.extra, self.w = extra, w
+
+        def score_items(self, hs):
+            ix = [row_of[id(h)] for h in hs]
+            return base[ix] if self.w == 0 else base[ix] + self.w * self.extra[ix].toarray()
+
+    def ndcg(key, w: float) -> float:
+        return float(evaluate_cases(_Plus(extras.get(key), w), ds, cases, mask_history)["NDCG@10"])
+
+    def name(key, w: float) -> str:
+        return f"{key}:{w:g}" if key else f"{w:g}"
+
+    before = ndcg(None, 0.0)
+    best, tried = (before, None, 0.0), {}
+    for key in extras:
+        for w in weights:
+            m = ndcg(key, w)
+            tried[name(key, w)] = round(m, 4)
+            if m > best[0] + 1e-9:
+                best = (m, key, float(w))
+    while weights and best[2] >= max(weights) and best[2] < 1e4:  # best at the grid's edge: go further
+        m = ndcg(best[1], 2 * best[2])
+        tried[name(best[1], 2 * best[2])] = round(m, 4)
+        if m <= best[0] + 1e-9:
+            break
+        best = (m, best[1], 2 * best[2])
+    return before, (*best, tried)
+
+
 #: Transition weights tried on validation (0 = no table is always a candidate).
 TRANSITION_WEIGHTS = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0)
 
@@ -607,44 +646,18 @@ def fit_transitions(ck, ds, cases, fit_seqs: dict[str, EventSeq], final_seqs: di
     last = np.array([vocab.indices(h.items[-1:])[0] if len(h) else 0 for h in hists], np.int64)
     cols = scorer._cols
 
-    row_of = {id(h): i for i, h in enumerate(hists)}
-
-    class _Plus:  # the model's scores + weight * the table's rows of each case's last item
-        def __init__(self, extra):
-            self.extra = extra  # sparse [cases, items] or None
-
-        def score_items(self, hs):
-            ix = [row_of[id(h)] for h in hs]
-            return base[ix] if self.extra is None else base[ix] + self.extra[ix].toarray()
-
-    def ndcg(extra) -> float:
-        return float(evaluate_cases(_Plus(extra), ds, cases, mask_history)["NDCG@10"])
-
     counts = table(fit_seqs)
-    before = ndcg(None)
-    best = (before, cfg.transition_feature, 0.0)
-    tried = {}
     rows = {}
     for feat in TRANSITION_SCORES:
         t = counts.with_feature(feat)
         rows[feat] = sp.csr_matrix((t.val, t.idx, t.ptr), shape=(cfg.n_items, cfg.n_items))[last][:, cols].tocsr()
-        for w in weights:
-            m = ndcg(w * rows[feat])
-            tried[f"{feat}:{w:g}"] = round(m, 4)
-            if m > best[0] + 1e-9:
-                best = (m, feat, float(w))
-    while weights and best[2] >= max(weights) and best[2] < 1e4:  # best at the grid's edge: go further
-        m = ndcg(2 * best[2] * rows[best[1]])
-        tried[f"{best[1]}:{2 * best[2]:g}"] = round(m, 4)
-        if m <= best[0] + 1e-9:
-            break
-        best = (m, best[1], 2 * best[2])
-    _, feat, w = best
+    before, (after, feat, w, tried) = _search_weight(ds, cases, hists, base, rows, weights, mask_history)
+    feat = feat or cfg.transition_feature  # None: no table won (w = 0)
     final = table(final_seqs)
     ck.model.cfg = dataclasses.replace(cfg, transition_feature=feat, transition_weight=w)
     ck.model.set_transitions(final.with_feature(feat) if w > 0 else None)
     return {"feature": feat, "weight": w, "valid_ndcg10_before": round(before, 4),
-            "valid_ndcg10_after": round(best[0], 4), "n_cases": len(cases), "nnz": final.nnz if w > 0 else 0,
+            "valid_ndcg10_after": round(after, 4), "n_cases": len(cases), "nnz": final.nnz if w > 0 else 0,
             "tried": tried}
 
 
@@ -702,38 +715,13 @@ def fit_copy(ck, ds, cases, mask_history: bool, device: str = "cpu", weights=COP
     boost = sp.csr_matrix((np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))),
                           shape=base.shape)  # duplicates (repeated items) are summed
 
-    row_of = {id(h): i for i, h in enumerate(hists)}
-
-    class _Plus:
-        def __init__(self, w: float):
-            self.w = w
-
-        def score_items(self, hs):
-            ix = [row_of[id(h)] for h in hs]
-            return base[ix] if self.w == 0 else base[ix] + self.w * boost[ix].toarray()
-
-    def ndcg(w: float) -> float:
-        return float(evaluate_cases(_Plus(w), ds, cases, mask_history)["NDCG@10"])
-
-    before = ndcg(0.0)
-    best, tried = (before, 0.0), {}
-    for w in weights:
-        m = ndcg(w)
-        tried[f"{w:g}"] = round(m, 4)
-        if m > best[0] + 1e-9:
-            best = (m, float(w))
-    while weights and best[1] >= max(weights) and best[1] < 1e4:  # best at the grid's edge: go further
-        m = ndcg(2 * best[1])
-        tried[f"{2 * best[1]:g}"] = round(m, 4)
-        if m <= best[0] + 1e-9:
-            break
-        best = (m, 2 * best[1])
-    if best[1] > 0:
+    before, (after, _, weight, tried) = _search_weight(ds, cases, hists, base, {"": boost}, weights, mask_history)
+    if weight > 0:
         with torch.no_grad():
             w_rec = model.rep_recency.weight
-            add = torch.from_numpy(best[1] * copy_feature(np.arange(w_rec.shape[0]))).to(w_rec)
+            add = torch.from_numpy(weight * copy_feature(np.arange(w_rec.shape[0]))).to(w_rec)
             w_rec.add_(add[:, None])
-    return {"weight": best[1], "valid_ndcg10_before": round(before, 4), "valid_ndcg10_after": round(best[0], 4),
+    return {"weight": weight, "valid_ndcg10_before": round(before, 4), "valid_ndcg10_after": round(after, 4),
             "n_cases": len(cases), "tried": tried}
 
 
