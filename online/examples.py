@@ -45,6 +45,7 @@ class Example:
     action_prob: float  # the served probability of the target's action
     partition: int  # the outcome's source event (the ``outcomes`` record's own offset is the trainer's)
     offset: int
+    item_text: str = ""  # the event's item text, when it carried one (a new item starts at its text row)
 
     @property
     def gap_s(self) -> float:
@@ -73,7 +74,8 @@ def example_from_outcome(rec: dict) -> Example:
         rank = hap.get("item_rank")
         ex = Example(str(rec["user_id"]), window, str(hap["item_id"]), action, int(hap["ts"]),
                      str(hap.get("category") or ""), str(ctx["model_version"]),
-                     int(rank) if rank is not None else None, prob, int(rec["partition"]), int(rec["offset"]))
+                     int(rank) if rank is not None else None, prob, int(rec["partition"]), int(rec["offset"]),
+                     str(hap.get("item_text") or ""))
     except (KeyError, TypeError, ValueError) as exc:
         raise ValueError(f"not an outcomes record with a served window: {type(exc).__name__}: {exc}") from None
     if not len(window):

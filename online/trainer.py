@@ -11,8 +11,11 @@ per batch, in this order:
 2. **filters**: an out-of-order target, or a user over the per-minute cap
    (:class:`~online.guardrails.UserRateLimit`), is not learned;
 3. **new items**: a target item the vocabulary does not know gets a row (:func:`models.delta.add_items`),
-   initialised from its category (the mean row of items seen with it) and its context (the window's
-   last item), not zeros; beyond ``max_new_items`` online rows, the one seen least recently is reused;
+   not zeros: its **text row** when the checkpoint has a text projection and the item has text (the
+   outcome's ``item_text``, else the catalogue's: :class:`models.text.TextRows`, the row the workers
+   served it with), else the mean row of items seen with its category (or its hash bucket) moved a
+   quarter of the way to the window's last item; beyond ``max_new_items`` online rows, the one seen
+   least recently is reused;
 4. **transition counts** of (window's last item → target) are added to the model's table rows;
 5. **one step** on the new examples plus a replay sample (:class:`~online.replay.ReplayBuffer`),
    loss on the outcome position only (``last_only``), guarded (:class:`~online.guardrails.StepGuard`:
@@ -38,7 +41,7 @@ import time
 import zlib
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -79,6 +82,7 @@ class OnlineConfig:
     remember_every: int = 10  # good steps between snapshots of the last good weights
     transition_prior: float = 20.0  # pseudo-count total of a checkpoint row stored as probabilities
     max_delta_rows: int = 2_000  # item rows per delta record (Kafka's 1 MB default: models/delta.py)
+    text_items: bool = True  # a new item with text starts at its text row (needs a text projection)
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -103,6 +107,7 @@ class StepReport:
     skipped: dict = field(default_factory=dict)  # reason -> count (out_of_order, rate_limited)
     replayed: int = 0
     new_items: int = 0
+    text_rows: int = 0  # of the new items, those started at their text row
     reused_rows: int = 0
     loss: float | None = None
     step_refused: str | None = None  # the guard's reason, when the step was skipped
@@ -120,11 +125,18 @@ class OnlineTrainer:
     trainer (``base`` or ``base+seq``)."""
 
     def __init__(self, model, vocab: ItemVocab, version: str, config: OnlineConfig | None = None,
-                 device: str = "cpu", text_projection=None) -> None:
+                 device: str = "cpu", text_projection=None, text_catalogue: dict[str, str] | None = None,
+                 text_encoder=None) -> None:
         self.cfg = config or OnlineConfig()
         #: the checkpoint's :class:`models.text.TextProjection` (cold-start items from text), or None: kept
-        #: so that the full versions this trainer saves keep it (the workers' text rows need it)
+        #: so that the full versions this trainer saves keep it (the workers' text rows need it), and
+        #: used to start new items with text at their text rows (``text_catalogue``: item id -> text for
+        #: outcomes without ``item_text``; ``text_encoder``: a :class:`models.text.TextEncoder` to share)
         self.text_projection = text_projection
+        self.text_catalogue = dict(text_catalogue or {})
+        self._text_encoder = text_encoder
+        self._text: Any = None  # the TextRows over text_projection, built on first use
+        self._text_failed = False
         self.device = torch.device(device)
         self._rng = np.random.default_rng(self.cfg.seed)
         self.shadow = copy.deepcopy(model).to(self.device).eval()
@@ -140,7 +152,7 @@ class OnlineTrainer:
         self.compared_bases: set[str] = set()  # served bases in the comparator since the last rollback
         self.superseded: set[str] = set()  # bases rolled back from: their outcomes are not compared
         self.stats = {"examples": 0, "learned": 0, "steps": 0, "refused_steps": 0, "restores": 0, "new_items": 0,
-                      "reused_rows": 0, "drifts": 0, "deltas": 0, "rollbacks": 0}
+                      "text_rows": 0, "text_errors": 0, "reused_rows": 0, "drifts": 0, "deltas": 0, "rollbacks": 0}
         self.next_seq = 1
         self._load(model, vocab, version)
 
@@ -183,7 +195,8 @@ class OnlineTrainer:
         online rows as they were then (and its ``text_projection``); the shadow, the counters and the
         replay buffer stay."""
         self._load(model, vocab, version)
-        self.text_projection = text_projection
+        if text_projection is not self.text_projection:
+            self.text_projection, self._text = text_projection, None
         self.comparator.reset()
         # outcomes still in flight from the versions rolled back from do not count against this one
         self.superseded.update(self.compared_bases)
@@ -284,7 +297,7 @@ class OnlineTrainer:
             rows.append(row)
             rep.reused_rows += 1
             self.stats["reused_rows"] += 1
-        self._init_rows(rows, [ex for ex in append + reuse])
+        rep.text_rows += self._init_rows(rows, [ex for ex in append + reuse])
         rep.new_items += len(rows)
         self.stats["new_items"] += len(rows)
         self.guard.remember(self.model, None)  # the snapshot must have the grown shapes
@@ -300,28 +313,64 @@ class OnlineTrainer:
                 self.trans_touched.add(src)
 
     @torch.no_grad()
-    def _init_rows(self, rows: list[int], examples: Sequence[Example]) -> None:
-        """A new item's row: the mean row of items seen with its category (else what an unknown id
-        reads: its hash bucket), moved a quarter of the way to the row of the item before it."""
+    def _init_rows(self, rows: list[int], examples: Sequence[Example]) -> int:
+        """A new item's row: its text row if it has text and the model a text projection (the row
+        and bias the workers served it with, :meth:`_text_rows`); else the mean row of items seen
+        with its category (else what an unknown id reads: its hash bucket), moved a quarter of the
+        way to the row of the item before it. Returns how many started at their text rows."""
         m = self.model
+        from_text = self._text_rows(examples)
         for row, ex in zip(rows, examples):
             known = self.cat_rows.get(ex.category) if ex.category else None
-            if known:
+            if ex.item in from_text:
+                r, b = from_text[ex.item]
+                m.item_emb.weight[row] = torch.as_tensor(r, device=m.item_emb.weight.device).to(m.item_emb.weight.dtype)
+                m.item_bias[row] = float(b)
+                emb = None
+            elif known:
                 idx = torch.as_tensor(known, device=m.item_emb.weight.device)
                 emb, bias = m.item_emb.weight[idx].mean(0), m.item_bias[idx].mean()
             else:
                 b = self.vocab.bucket(ex.item)
                 emb, bias = m.item_emb.weight[b].clone(), m.item_bias[b].clone()
-            prev = self.vocab.index(ex.window.items[-1])
-            if prev >= self.first:
-                emb = 0.75 * emb + 0.25 * m.item_emb.weight[prev]
-            m.item_emb.weight[row] = emb
-            m.item_bias[row] = bias
+            if emb is not None:
+                prev = self.vocab.index(ex.window.items[-1])
+                if prev >= self.first:
+                    emb = 0.75 * emb + 0.25 * m.item_emb.weight[prev]
+                m.item_emb.weight[row] = emb
+                m.item_bias[row] = bias
             m.item_input[row] = row
             self.touched.add(row)
             self.last_seen[row] = None
             if ex.category:
                 self._note_category(ex.category, row)
+        self.stats["text_rows"] += len(from_text)
+        return len(from_text)
+
+    def _text_rows(self, examples: Sequence[Example]) -> dict[str, tuple[np.ndarray, float]]:
+        """item -> (row, bias) from the text projection, for those of ``examples`` with text (their
+        ``item_text``, else :attr:`text_catalogue`'s). Empty without a projection, with
+        ``text_items`` off, or once the encoder failed (logged once, counted in ``text_errors``):
+        those items start as without text."""
+        if self.text_projection is None or not self.cfg.text_items or self._text_failed:
+            return {}
+        items = [ex.item for ex in examples]
+        texts = [ex.item_text or None for ex in examples]
+        if not any(t or i in self.text_catalogue for i, t in zip(items, texts)):
+            return {}
+        try:
+            if self._text is None:
+                from models.text import TextRows  # noqa: PLC0415 - the sentence model loads on first use
+
+                self._text = TextRows(self.text_projection, self.text_catalogue, encoder=self._text_encoder)
+            ids, rows, bias = self._text.rows(items, texts)
+        except Exception as exc:  # noqa: BLE001 - a missing package or a broken model must not stop learning
+            self.stats["text_errors"] += 1
+            self._text_failed = True
+            log.warning("new items start without their text from now on: the text rows failed (%s: %s)",
+                        type(exc).__name__, exc)
+            return {}
+        return {i: (rows[k], float(bias[k])) for k, i in enumerate(ids)}
 
     def _note_category(self, cat: str, row: int, keep: int = 64) -> None:
         rows = self.cat_rows.setdefault(cat, [])

@@ -99,6 +99,10 @@ ONLINE_STEP_SECONDS = Histogram("nextaction_online_step_seconds", "Wall time of 
 ONLINE_PUBLISHED = Counter("nextaction_online_published", "model-updates records the trainer wrote, by kind "
                            "(delta, online, reset, rollback)", ["kind"], registry=REGISTRY)
 ONLINE_DRIFTS = Counter("nextaction_online_drifts", "Drift detections on the prequential loss", registry=REGISTRY)
+ONLINE_NEW_ITEMS = Counter("nextaction_online_new_items", "Items the trainer's vocabulary took in online, by where "
+                           "their row started (text: the text projection, the row the workers served them with; "
+                           "context: their category's mean row or hash bucket, and the previous item)", ["start"],
+                           registry=REGISTRY)
 ONLINE_VOCAB = Gauge("nextaction_online_vocabulary_items", "Items in the trainer's vocabulary", registry=REGISTRY)
 ONLINE_PENDING = Gauge("nextaction_online_pending_examples", "Examples the trainer read and has not learned yet "
                        "(a step takes TRAINER_BATCH of them, or those that waited TRAINER_MAX_WAIT_S)", registry=REGISTRY)

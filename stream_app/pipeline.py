@@ -174,6 +174,7 @@ class Source:
     before: EventSeq  # the user's window before this event joined it: the previous prediction's context
     after: EventSeq  # the user's whole window once this event joined it: what the table gets with this
     # event's outputs (the pending window may already hold events read after it)
+    item_text: str = ""  # the event's (its outcome carries it to the trainer)
 
 
 @dataclass(frozen=True, slots=True)
@@ -442,7 +443,7 @@ class Pipeline:
             await self._reject(raw, key, PROCESSING_FAILED, f"{type(exc).__name__}: {exc}", at, stream, event)
             return f"rejected:{PROCESSING_FAILED}"
         src = Source(event, stream, at.topic, at.partition, at.offset, raw, key, ev.item_id, ev.action,
-                     ev.category, duplicate, before, self.pending[ev.user_id].state.history)
+                     ev.category, duplicate, before, self.pending[ev.user_id].state.history, ev.item_text)
         try:
             await self.batcher.submit(Request(ev.user_id, history, ev.ts, arrival, observe=not duplicate, ref=src,
                                               item_text=(ev.item_id, ev.item_text) if ev.item_text else None))
@@ -848,7 +849,8 @@ class Pipeline:
         elif last is not None and not replay:
             sent.append(await self.publisher.send("outcomes", key, outcome_record(
                 user, last, served=window.as_of(src.before, last.event_ts), action=src.action, item_id=src.item_id,
-                category=src.category, event_ts=req.event_ts, partition=src.partition, offset=src.offset)))
+                category=src.category, event_ts=req.event_ts, partition=src.partition, offset=src.offset,
+                item_text=src.item_text)))
             monitoring.OUTCOMES_OUT.inc()
         if r.prediction is None:
             sent.append(await self.dead_letter(src.raw, src.key, PREDICT_FAILED, r.error or "prediction failed",

@@ -319,7 +319,7 @@ def prediction_record(user_id: str, stored: StoredPrediction, *, latency_ms: flo
 
 
 def outcome_record(user_id: str, last: StoredPrediction, *, served: EventSeq, action: str, item_id: str,
-                   category: str, event_ts: int, partition: int, offset: int) -> bytes:
+                   category: str, event_ts: int, partition: int, offset: int, item_text: str = "") -> bytes:
     """The ``outcomes`` record: the previous prediction and the window it was made from (``served``:
     the user's window as of that prediction's event, exactly what the model encoded), and what the
     user did next (the target). The online trainer's examples are these records
@@ -328,7 +328,8 @@ def outcome_record(user_id: str, last: StoredPrediction, *, served: EventSeq, ac
 
     A prediction stored before the contract (``last.schema_version`` 0: the user's first event after
     the upgrade) has no probabilities to report: its ``top_items`` are left out (``[]``), its
-    ``item_rank`` still says where the item was in them."""
+    ``item_rank`` still says where the item was in them. ``item_text``: the event's, when it had
+    one (``happened.item_text``; left out otherwise): the trainer starts an item it does not know there."""
     p = last.prediction
     ranks = {item: n for n, (item, _) in enumerate(p.top_items, start=1)}
     tops = [[i, s] for i, s in p.top_items] if last.schema_version >= 1 else []
@@ -339,7 +340,7 @@ def outcome_record(user_id: str, last: StoredPrediction, *, served: EventSeq, ac
                     "partition": last.partition, "offset": last.offset, "window": served.to_json()},
         "happened": {"action": action, "item_id": item_id, "category": category, "ts": event_ts,
                      "gap_s": (event_ts - last.event_ts) / 1000.0, "item_rank": ranks.get(item_id),
-                     "action_prob": p.action_probs[ACTION_INDEX[action]]},
+                     "action_prob": p.action_probs[ACTION_INDEX[action]], **({"item_text": item_text} if item_text else {})},
         "partition": partition, "offset": offset,
     })
 

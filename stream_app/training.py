@@ -57,7 +57,8 @@ log = logging.getLogger(__name__)
 ONLINE_OPTIONS = {"trainer_dense_lr": "dense_lr", "trainer_sparse_lr": "sparse_lr",
                   "trainer_replay_ratio": "replay_ratio", "trainer_max_new_items": "max_new_items",
                   "trainer_user_per_minute": "user_per_minute", "trainer_rollback_window": "shadow_window",
-                  "trainer_rollback_margin": "shadow_margin", "trainer_rollback_min": "shadow_min"}
+                  "trainer_rollback_margin": "shadow_margin", "trainer_rollback_min": "shadow_min",
+                  "text_items": "text_items"}
 
 
 def online_config(settings: SettingsType):
@@ -337,8 +338,13 @@ class TrainingService:
                 log.critical("!!! %s: starting a new lineage from the checkpoint setting %s", where, path)
             self.lineage = Lineage(path, read_manifest(path)["content_hash"], n, seq + 1, None, 0, 0)
             await self._announce(path, ck.content_hash, "reset" if rejected else "online")
+        catalogue = None
+        if s.item_text_catalogue is not None and s.text_items:  # the workers' catalogue: the same text rows
+            from models.text import read_catalogue  # noqa: PLC0415
+
+            catalogue = await asyncio.to_thread(read_catalogue, s.item_text_catalogue)
         self.trainer = OnlineTrainer(ck.model, ck.vocab, ck.version, online_config(s), device=device,
-                                     text_projection=ck.text_projection)
+                                     text_projection=ck.text_projection, text_catalogue=catalogue)
         self.trainer.next_seq = self.lineage.next_seq
         self.last_good = (self.lineage.path, ck.content_hash)
         monitoring.ONLINE_VOCAB.set(len(ck.vocab))
@@ -453,6 +459,8 @@ class TrainingService:
 
     def _observe(self, rep) -> None:
         monitoring.ONLINE_EXAMPLES.labels("learned").inc(rep.learned)
+        monitoring.ONLINE_NEW_ITEMS.labels("text").inc(rep.text_rows)
+        monitoring.ONLINE_NEW_ITEMS.labels("context").inc(rep.new_items - rep.text_rows)
         for why, n in rep.skipped.items():
             monitoring.ONLINE_EXAMPLES.labels(why).inc(n)
         monitoring.ONLINE_STEPS.labels(rep.step_refused or "ok").inc()

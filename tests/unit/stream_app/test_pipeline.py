@@ -567,3 +567,7 @@ def test_an_events_item_text_reaches_the_model_and_its_new_item_is_recommended_a
     assert "new-1" not in {i for i, _ in preds[0]["top_items"]}
     assert preds[1]["top_items"][0][0] == "new-1"  # the event that introduced it
     assert preds[2]["top_items"][0][0] == "new-1" and "new-2" not in {i for i, _ in preds[2]["top_items"]}
+    # the outcome of the event that carried the text carries it on to the trainer (its new-item row)
+    [out] = rec.of("outcomes")
+    assert out["happened"]["item_id"] == "new-1"
+    assert out["happened"]["item_text"] == "Wallace & Gromit: The Wrong Trousers (1993)"

@@ -89,6 +89,22 @@ def test_prediction_and_outcome_records_carry_the_contract_fields():
     assert EventSeq.from_json(out["context"]["window"]) == history()
 
 
+def test_an_outcome_carries_the_events_item_text_to_the_trainer():
+    """``happened.item_text`` (added within version 1): present when the event had text, left out
+    otherwise; the trainer's example reads it (a new item starts at its text row)."""
+    from online.examples import example_from_outcome
+
+    kw = dict(served=history(), action="view", item_id="new-1", category="", event_ts=1_700_000_090_000,
+              partition=1, offset=9)
+    with_text = _valid("outcomes", outcome_record("u1", stored(), item_text="Mulan (1998) — 動畫", **kw))
+    without = _valid("outcomes", outcome_record("u1", stored(), **kw))
+    assert with_text["happened"]["item_text"] == "Mulan (1998) — 動畫" and "item_text" not in without["happened"]
+    assert example_from_outcome(with_text).item_text == "Mulan (1998) — 動畫"
+    assert example_from_outcome(without).item_text == ""
+    with pytest.raises(jsonschema.ValidationError):
+        _valid("outcomes", orjson.dumps({**without, "happened": {**without["happened"], "item_text": ""}}))
+
+
 def test_dlq_record_keeps_bytes_that_are_not_utf8():
     rec = orjson.loads(dlq_record(b"\xff\x00", "not_json", "invalid JSON", topic="events", partition=2, offset=5,
                                   key=b"u1"))
