@@ -69,6 +69,14 @@ def movielens_texts(root: Path) -> tuple[dict[str, str], dict[str, list[int]]]:
     return texts, gen
 
 
+def held_out(items, share: float, seed: int) -> set[str]:
+    """The items held out of training: ``share`` of ``items`` drawn with ``seed`` (also the online
+    variant's new items, benchmarks/cold_start_online.py)."""
+    rng = np.random.default_rng(seed)
+    items = list(items)
+    return set(rng.choice(items, size=int(round(share * len(items))), replace=False).tolist())
+
+
 def ranks_of(scores: np.ndarray, target_cols: np.ndarray, mask: list[np.ndarray]) -> np.ndarray:
     """1-based rank of each target (ties count against it: pessimistic), masked columns excluded."""
     s = scores.astype(np.float64).copy()
@@ -122,9 +130,8 @@ def main(argv: list[str] | None = None) -> int:
     root = datasets_root() / "movielens-100k"
     texts, genres = movielens_texts(root)
     ds = load("ml-100k")
-    rng = np.random.default_rng(args.seed)
     items = list(ds.items)
-    cold = set(rng.choice(items, size=int(round(args.cold_share * len(items))), replace=False).tolist())
+    cold = held_out(items, args.cold_share, args.seed)
 
     # the warm log: every event of a held-out item removed; the vocabulary keeps all items
     warm_seqs = {}
@@ -245,14 +252,14 @@ def main(argv: list[str] | None = None) -> int:
             if name == ref:
                 st = "—"
             else:
-                w, losses, p = paired_sign_test(rows[ref], r, 10)
+                w, losses, p = paired_sign_test(rows[ref] - 1, r - 1, 10)  # it takes 0-based ranks
                 st = f"{w}/{losses}, p={p:.2g}"
             lines.append(f"| {name} | {m['HR@10']:.4f} | {m['NDCG@10']:.4f} | {st} |")
         return "\n".join(lines)
 
     d = ndcg_per_case(warm_r[tr_name]) - ndcg_per_case(warm_r["Transformer without text rows"])
     lo, hi = bootstrap_ci(d, args.seed)
-    w, losses, p = paired_sign_test(warm_r[tr_name], warm_r["Transformer without text rows"], 10)
+    w, losses, p = paired_sign_test(warm_r[tr_name] - 1, warm_r["Transformer without text rows"] - 1, 10)
     now = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     text = "\n\n".join([
         f"## {HEADING}",

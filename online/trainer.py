@@ -13,9 +13,9 @@ per batch, in this order:
 3. **new items**: a target item the vocabulary does not know gets a row (:func:`models.delta.add_items`),
    not zeros: its **text row** when the checkpoint has a text projection and the item has text (the
    outcome's ``item_text``, else the catalogue's: :class:`models.text.TextRows`, the row the workers
-   served it with), else the mean row of items seen with its category (or its hash bucket) moved a
-   quarter of the way to the window's last item; beyond ``max_new_items`` online rows, the one seen
-   least recently is reused;
+   served it with), else the mean row of items seen with its category (or its hash bucket), either
+   moved a quarter of the way to the window's last item; beyond ``max_new_items`` online rows, the one
+   seen least recently is reused;
 4. **transition counts** of (window's last item → target) are added to the model's table rows;
 5. **one step** on the new examples plus a replay sample (:class:`~online.replay.ReplayBuffer`),
    loss on the outcome position only (``last_only``), guarded (:class:`~online.guardrails.StepGuard`:
@@ -315,30 +315,29 @@ class OnlineTrainer:
     @torch.no_grad()
     def _init_rows(self, rows: list[int], examples: Sequence[Example]) -> int:
         """A new item's row: its text row if it has text and the model a text projection (the row
-        and bias the workers served it with, :meth:`_text_rows`); else the mean row of items seen
-        with its category (else what an unknown id reads: its hash bucket), moved a quarter of the
-        way to the row of the item before it. Returns how many started at their text rows."""
+        and bias the workers served it with, :meth:`_text_rows`), else the mean row of items seen
+        with its category (else what an unknown id reads: its hash bucket); either moved a quarter
+        of the way to the row of the item before it (what the item is, and what it follows:
+        benchmarks/RESULTS.md, "New items learned online"). Returns how many started from text."""
         m = self.model
+        w = m.item_emb.weight
         from_text = self._text_rows(examples)
         for row, ex in zip(rows, examples):
             known = self.cat_rows.get(ex.category) if ex.category else None
             if ex.item in from_text:
                 r, b = from_text[ex.item]
-                m.item_emb.weight[row] = torch.as_tensor(r, device=m.item_emb.weight.device).to(m.item_emb.weight.dtype)
-                m.item_bias[row] = float(b)
-                emb = None
+                emb, bias = torch.as_tensor(r, device=w.device).to(w.dtype), float(b)
             elif known:
-                idx = torch.as_tensor(known, device=m.item_emb.weight.device)
-                emb, bias = m.item_emb.weight[idx].mean(0), m.item_bias[idx].mean()
+                idx = torch.as_tensor(known, device=w.device)
+                emb, bias = w[idx].mean(0), m.item_bias[idx].mean()
             else:
                 b = self.vocab.bucket(ex.item)
-                emb, bias = m.item_emb.weight[b].clone(), m.item_bias[b].clone()
-            if emb is not None:
-                prev = self.vocab.index(ex.window.items[-1])
-                if prev >= self.first:
-                    emb = 0.75 * emb + 0.25 * m.item_emb.weight[prev]
-                m.item_emb.weight[row] = emb
-                m.item_bias[row] = bias
+                emb, bias = w[b].clone(), m.item_bias[b].clone()
+            prev = self.vocab.index(ex.window.items[-1])
+            if prev >= self.first:
+                emb = 0.75 * emb + 0.25 * w[prev]
+            w[row] = emb
+            m.item_bias[row] = bias
             m.item_input[row] = row
             self.touched.add(row)
             self.last_seen[row] = None
