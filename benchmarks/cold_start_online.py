@@ -119,6 +119,9 @@ def run_arm(path: Path, examples, scored: np.ndarray, batch: int, text: bool, en
     from models.checkpoint import load_checkpoint
     from online.trainer import OnlineConfig, OnlineTrainer
 
+    import torch
+
+    torch.manual_seed(seed)  # the step's dropout: each arm draws the same masks, and a rerun gives the same figures
     ck = load_checkpoint(path, device="cpu")
     cfg = OnlineConfig(user_per_minute=10 ** 6, seed=seed)
     t = OnlineTrainer(ck.model, ck.vocab, ck.version, cfg, text_projection=ck.text_projection if text else None,
