@@ -82,7 +82,7 @@ class OnlineConfig:
     remember_every: int = 10  # good steps between snapshots of the last good weights
     transition_prior: float = 20.0  # pseudo-count total of a checkpoint row stored as probabilities
     max_delta_rows: int = 2_000  # item rows per delta record (Kafka's 1 MB default: models/delta.py)
-    text_items: bool = True  # a new item with text starts at its text row (needs a text projection)
+    text_items: bool = True  # a new item with text starts from its text row (needs a text projection)
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -107,7 +107,7 @@ class StepReport:
     skipped: dict = field(default_factory=dict)  # reason -> count (out_of_order, rate_limited)
     replayed: int = 0
     new_items: int = 0
-    text_rows: int = 0  # of the new items, those started at their text row
+    text_rows: int = 0  # of the new items, those started from their text row
     reused_rows: int = 0
     loss: float | None = None
     step_refused: str | None = None  # the guard's reason, when the step was skipped
