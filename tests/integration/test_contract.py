@@ -73,6 +73,8 @@ def test_every_record_of_the_four_topics_validates_against_its_schema(app_settin
         e["ts"] for e in synthetic(300, 40, seed=32))
     second = [{**e, "ts": e["ts"] + shift} if isinstance(e.get("ts"), int) else e
               for e in synthetic(300, 40, seed=32, bad_fraction=0.05)]
+    second = [{**e, "item_text": f"Title of {e['item_id']}"} if k % 5 == 0 and isinstance(e.get("item_id"), str) else e
+              for k, e in enumerate(second)]  # some events carry their item's text: their outcomes pass it on
     n_inputs = len(first) + len(second)
     worker = service_process("worker", s, tmp_path / "worker.log")
     worker.start()
@@ -120,6 +122,8 @@ def test_every_record_of_the_four_topics_validates_against_its_schema(app_settin
         if forget_user_of(o) is None:
             _check_probabilities(o["context"]["top_items"], o["context"]["action_probs"])
             assert o["happened"]["item_rank"] is None or 1 <= o["happened"]["item_rank"] <= len(o["context"]["top_items"])
+    with_text = [o["happened"] for o in outcomes if "item_text" in o.get("happened", {})]
+    assert with_text and all(h["item_text"] == f"Title of {h['item_id']}" for h in with_text)
     dlq = [_json(m) for m in out[s.topic_dlq]]
     updates = [_json(m) for m in out[s.topic_model_updates]]
     assert updates == [{"schema_version": SCHEMA_VERSION, "version": ver2, "path": str(v2.absolute()),
