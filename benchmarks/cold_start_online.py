@@ -113,7 +113,7 @@ def ranks_now(trainer, examples) -> tuple[np.ndarray, np.ndarray]:
 
 
 def run_arm(path: Path, examples, scored: np.ndarray, batch: int, text: bool, encoder, seed: int
-            ) -> tuple[np.ndarray, dict]:
+            ) -> tuple[np.ndarray, np.ndarray, dict]:
     """Ranks of the ``scored`` examples (a mask) before each batch is learned (:func:`ranks_now`: over
     the catalogue, among the new items) and the trainer's stats."""
     from models.checkpoint import load_checkpoint

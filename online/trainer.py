@@ -133,7 +133,7 @@ class OnlineTrainer:
         #: used to start new items with text at their text rows (``text_catalogue``: item id -> text for
         #: outcomes without ``item_text``; ``text_encoder``: a :class:`models.text.TextEncoder` to share)
         self.text_projection = text_projection
-        self.text_catalogue = dict(text_catalogue or {})
+        self.text_catalogue = text_catalogue or {}  # TextRows keeps its own copy
         self._text_encoder = text_encoder
         self._text: Any = None  # the TextRows over text_projection, built on first use
         self._text_failed = False
@@ -353,16 +353,12 @@ class OnlineTrainer:
         those items start as without text."""
         if self.text_projection is None or not self.cfg.text_items or self._text_failed:
             return {}
-        items = [ex.item for ex in examples]
-        texts = [ex.item_text or None for ex in examples]
-        if not any(t or i in self.text_catalogue for i, t in zip(items, texts)):
-            return {}
         try:
-            if self._text is None:
-                from models.text import TextRows  # noqa: PLC0415 - the sentence model loads on first use
+            if self._text is None:  # the sentence model loads when an item first has text (TextRows.rows)
+                from models.text import TextRows  # noqa: PLC0415
 
                 self._text = TextRows(self.text_projection, self.text_catalogue, encoder=self._text_encoder)
-            ids, rows, bias = self._text.rows(items, texts)
+            ids, rows, bias = self._text.rows([ex.item for ex in examples], [ex.item_text or None for ex in examples])
         except Exception as exc:  # noqa: BLE001 - a missing package or a broken model must not stop learning
             self.stats["text_errors"] += 1
             self._text_failed = True

@@ -339,7 +339,8 @@ class TrainingService:
             self.lineage = Lineage(path, read_manifest(path)["content_hash"], n, seq + 1, None, 0, 0)
             await self._announce(path, ck.content_hash, "reset" if rejected else "online")
         catalogue = None
-        if s.item_text_catalogue is not None and s.text_items:  # the workers' catalogue: the same text rows
+        # the workers' catalogue, for the same text rows (without a projection it would go unused: not read)
+        if s.item_text_catalogue is not None and s.text_items and ck.text_projection is not None:
             from models.text import read_catalogue  # noqa: PLC0415
 
             catalogue = await asyncio.to_thread(read_catalogue, s.item_text_catalogue)
