@@ -4,15 +4,18 @@ PY = .venv/bin/python
 NX = .venv/bin/nextaction
 export NEXTACTION_DATA_DIR ?= $(CURDIR)/var
 PYTEST_ARGS ?=
+# `make test`: pytest-xdist workers (0 = one process); the integration tests stay together on one of them
+TEST_WORKERS ?= 2
 
 .PHONY: venv test test-fast test-unit test-integration lint-imports demo kafka-start kafka-stop bench quality clean
 
 venv:
 	@scripts/venv.sh >/dev/null
 
-# The whole suite: the layer contract (import-linter), then every test (unit, slow, datasets, integration).
+# The whole suite: the layer contract (import-linter), then every test (unit, slow, datasets, integration),
+# on TEST_WORKERS processes, the slowest 25 listed at the end.
 test: venv lint-imports
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest -n $(TEST_WORKERS) --durations=25 $(PYTEST_ARGS)
 
 # The fast loop (no broker, no dataset, no child process, only tiny trainings): well under a minute.
 test-fast: venv lint-imports

@@ -16,6 +16,9 @@ Kafka broker per test session, started through :mod:`stream_app.broker` on non-d
 (19092/19093, or two free ports when another session holds those) with its data in a pytest temp
 dir, and stopped when the session ends. Unit tests never request it, so they never start a broker.
 
+``make test`` runs two pytest-xdist workers: the integration tests as one group on one of them
+(:func:`pytest_xdist_make_scheduler`), so there is still one broker per session.
+
 Set ``NEXTACTION_TEST_BROKER_URL=kafka://host:port`` to run the integration tests against a broker
 you already run (it is then neither started nor stopped).
 
@@ -52,6 +55,22 @@ TEST_CONTROLLER_PORT = 19093
 
 # Fault-injection code loaded only by worker subprocesses (never imported by pytest, doctests included).
 collect_ignore = ["integration/slow_seek"]
+
+
+@pytest.hookimpl(optionalhook=True)  # a pytest-xdist hook
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    """Under pytest-xdist (``make test`` runs ``-n 2``): the tests of ``tests/integration/`` are one work
+    unit, run in order by one worker against its one broker, while the other worker takes the unit tests
+    and doctests a module at a time. Most of an integration test's time is spent waiting on the broker
+    and on the processes it starts. (Scoped by path: pytest 9 ignores the ``xdist_group`` node-id suffix
+    pytest-xdist 3.8 relies on.)"""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class IntegrationTogether(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return "tests/integration" if nodeid.startswith("tests/integration/") else super()._split_scope(nodeid)
+
+    return IntegrationTogether(config, log)
 
 
 def _broker_ports() -> tuple[int, int]:
