@@ -136,6 +136,12 @@ class Predictor(ABC):
         """:meth:`forget_users` for the worker to await (``runs_elsewhere``: the other process does it)."""
         return self.forget_users(users)
 
+    def take_text_rows(self) -> dict[str, int]:
+        """New items this predictor gave a row from their text (docs/cold-start.md) since the last
+        call, by result: ``{"added": n, "failed": m}`` (items; ``failed``: the item keeps its hash-bucket
+        row), only the non-zero ones. A predictor without text rows (the default) has none."""
+        return {}
+
     def warm_up(self) -> None:
         """Run every code path once before serving (raise if the model does not work)."""
 

@@ -251,6 +251,7 @@ class TransformerPredictor(Predictor):
         """The serving side of :mod:`models.text` (a checkpoint with a text projection)."""
         self.text = None
         self.text_errors = 0  # text rows that could not be made (logged; the items keep their buckets)
+        self._text_rows_untaken: dict[str, int] = {}  # take_text_rows: items by result since it was last called
         self._text_added: set[str] = set()
         if proj is None or not enabled:
             return
@@ -287,7 +288,18 @@ class TransformerPredictor(Predictor):
         self.cfg = self.model.cfg
         self.max_rows = max(1, self._score_budget // self.cfg.n_items)
         self._text_added.update(ids)
+        self._count_text_rows("added", len(ids))
         return ids
+
+    def _count_text_rows(self, result: str, n: int) -> None:
+        if n:
+            self._text_rows_untaken[result] = self._text_rows_untaken.get(result, 0) + n
+
+    def take_text_rows(self) -> dict[str, int]:
+        """:meth:`models.predictor.Predictor.take_text_rows`: items given a text row (``added``) or
+        not (``failed``) since the last call."""
+        out, self._text_rows_untaken = self._text_rows_untaken, {}
+        return out
 
     def _retire_text_rows(self, ids: list[str]) -> None:
         """Give the text rows of ``ids`` to placeholder ids that are never ranked (bias -1e4), so a
@@ -322,6 +334,7 @@ class TransformerPredictor(Predictor):
             self.add_item_texts(new)
         except Exception as exc:  # noqa: BLE001 - the prediction goes on with the hash-bucket rows
             self.text_errors += 1
+            self._count_text_rows("failed", len(new))
             if self.text_errors == 1 or self.text_errors % 1000 == 0:
                 log.error("!!! text rows for %d new item(s) failed (%d failures so far); those items keep their "
                           "hash-bucket rows: %s: %s", len(new), self.text_errors, type(exc).__name__, exc)

@@ -364,6 +364,8 @@ class Batcher:
         done = time.monotonic()
         monitoring.BATCH_SIZE.observe(len(batch))
         monitoring.PREDICT_LATENCY.observe(dt)
+        for result, n in predictor.take_text_rows().items():  # cold-start items (docs/cold-start.md)
+            monitoring.TEXT_ROWS.labels(result).inc(n)
         inferred = monitoring.STAGE_LATENCY.labels("infer")
         for _ in batch:
             inferred.observe(dt)

@@ -99,6 +99,9 @@ ONLINE_STEP_SECONDS = Histogram("nextaction_online_step_seconds", "Wall time of 
 ONLINE_PUBLISHED = Counter("nextaction_online_published", "model-updates records the trainer wrote, by kind "
                            "(delta, online, reset, rollback)", ["kind"], registry=REGISTRY)
 ONLINE_DRIFTS = Counter("nextaction_online_drifts", "Drift detections on the prequential loss", registry=REGISTRY)
+TEXT_ROWS = Counter("nextaction_text_rows", "New items the serving model gave a row from their text "
+                    "(docs/cold-start.md), by result: added, or failed (the encoder failed: the item keeps its "
+                    "hash-bucket row until the trainer's delta brings one)", ["result"], registry=REGISTRY)
 ONLINE_NEW_ITEMS = Counter("nextaction_online_new_items", "Items the trainer's vocabulary took in online, by where "
                            "their row started (text: the text projection, the row the workers served them with; "
                            "context: their category's mean row or hash bucket, and the previous item)", ["start"],

@@ -158,7 +158,11 @@ def _handle(msg: dict, models: dict[str, Predictor], settings: SettingsType) -> 
         texts = msg.get("texts")  # the batch's item texts (cold-start items), only when there are some
         out = pred.predict(hist, msg["k"], msg.get("users")) if not texts else \
             pred.predict(hist, msg["k"], msg.get("users"), texts)
-        return {"ok": True, "p": [p.to_json() for p in out]}
+        reply = {"ok": True, "p": [p.to_json() for p in out]}
+        text_rows = pred.take_text_rows()  # new items given text rows in this batch (the worker's metrics)
+        if text_rows:
+            reply["text_rows"] = text_rows
+        return reply
     if op == "delta":
         version = msg["v"]
         pred = models.get(version)
@@ -330,6 +334,7 @@ class RemotePredictor(Predictor):
     def __init__(self, channel: _Channel, version: str, learns: bool) -> None:
         self._channel, self.version = channel, version
         self.learns = learns  # the child model's: False, and observations are not even shipped
+        self._text_rows: dict[str, int] = {}  # the child's take_text_rows, summed over replies since ours
 
     @classmethod
     def start(cls, settings: SettingsType) -> "RemotePredictor":
@@ -370,14 +375,20 @@ class RemotePredictor(Predictor):
             msg["texts"] = dict(texts)
         return msg
 
-    @staticmethod
-    def _predictions(reply: dict, n: int) -> list[Prediction]:
+    def _predictions(self, reply: dict, n: int) -> list[Prediction]:
         wall, cpu = reply["t"]
         monitoring.INFERENCE_PROCESS.labels("wall").observe(wall)
         monitoring.INFERENCE_PROCESS.labels("cpu").observe(cpu)
+        for result, count in reply.get("text_rows", {}).items():
+            self._text_rows[result] = self._text_rows.get(result, 0) + int(count)
         out = [Prediction.from_json(p) for p in reply["p"]]
         if len(out) != n:
             raise PredictorError(f"inference process returned {len(out)} predictions for {n} histories")
+        return out
+
+    def take_text_rows(self) -> dict[str, int]:
+        """The child model's new items given text rows (or not) since the last call (from its replies)."""
+        out, self._text_rows = self._text_rows, {}
         return out
 
     def observe(self, history: EventSeq) -> None:

@@ -217,10 +217,11 @@ def test_texts_given_to_predict_make_an_unknown_item_rankable_in_that_very_call(
         got = p.predict([h, h[:2]], k=3, users=["u", "v"], texts={"new-3": "Mulan (1998). Genres: Animation"})
         assert got[0].top_items[0][0] == "new-3" and got[1].top_items[0][0] == "new-3"  # the whole batch sees it
         assert "new-3" in p.vocab and p.text.stats["encoded"] == 1
+        assert p.take_text_rows() == {"added": 1} and p.take_text_rows() == {}  # counted once (metrics)
         # a known item's text changes nothing; an empty text is skipped
         n = len(p.vocab)
         p.predict([h], k=3, texts={"k0": "another title", "new-4": ""})
-        assert len(p.vocab) == n and p.text.stats["encoded"] == 1
+        assert len(p.vocab) == n and p.text.stats["encoded"] == 1 and p.take_text_rows() == {}
 
 
 def test_failing_text_rows_do_not_fail_the_prediction(encoder, tmp_path, caplog):
@@ -238,4 +239,5 @@ def test_failing_text_rows_do_not_fail_the_prediction(encoder, tmp_path, caplog)
     h = EventSeq.from_columns(["k0", "new-5"], ["view"] * 2, [0, 60_000])
     out = p.predict([h], k=2, texts={"new-5": "A title"})
     assert len(out[0].top_items) == 2 and "new-5" not in p.vocab and p.text_errors == 1
+    assert p.take_text_rows() == {"failed": 1}
     assert "no encoder here" in caplog.text

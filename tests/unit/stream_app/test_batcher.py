@@ -13,6 +13,7 @@ import pytest
 from models.predictor import Prediction, Predictor
 from models.schema import EventSeq
 from online.baseline import PopularityMarkovPredictor
+from stream_app import monitoring
 from stream_app.batcher import Batcher, Request, check_prediction
 from models.errors import PredictorError
 
@@ -365,8 +366,10 @@ def test_a_batchs_item_texts_reach_the_predictor_and_each_bisected_half_gets_its
             Request("u2", h("i1", "i2"), 1),
             Request("u3", h("i3", "new-b"), 1, item_text=("new-b", "A cooking show")),
             Request("u4", h("i4", "i5"), 1)]
+    added = monitoring.REGISTRY.get_sample_value("nextaction_text_rows_total", {"result": "added"}) or 0.0
     batches, b = asyncio.run(run_batcher(p, reqs, max_batch=4, max_wait_ms=200))
     results = {r.request.user_id: r for batch in batches for r in batch}
+    assert monitoring.REGISTRY.get_sample_value("nextaction_text_rows_total", {"result": "added"}) == added + 2
     assert calls[0] == (["u1", "u2", "u3", "u4"], {"new-a": "A film about a dog", "new-b": "A cooking show"})
     assert calls[1:] == [(["u1", "u2"], {"new-a": "A film about a dog"}), (["u3", "u4"], {"new-b": "A cooking show"})]
     assert results["u1"].prediction.top_items[0][0] == "new-a"  # ranked in the prediction of its own event

@@ -555,8 +555,10 @@ def test_rerouting_can_be_turned_off(make_app):
 def test_an_events_item_text_reaches_the_model_and_its_new_item_is_recommended_at_once(make_app, text_checkpoint):
     """Cold-start items (docs/cold-start.md): the worker's Transformer has a text projection; the first
     event of an item it does not know carries the item's text, and that event's own prediction ranks
-    it (the projection gives text items a +50 bias). The same new item without text is not ranked."""
+    it (the projection gives text items a +50 bias). The same new item without text is not ranked.
+    The worker's metrics count the text row."""
     app, rec = make_app(checkpoint=text_checkpoint, device="cpu", serve_threads=1, serve_process=False)
+    added = monitoring.REGISTRY.get_sample_value("nextaction_text_rows_total", {"result": "added"}) or 0.0
     t = int(time.time() * 1000) - 60_000
     msgs = [(b"u1", ev(item="i0", ts=t)),
             (b"u1", ev(item="new-1", ts=t + 1000, item_text="Wallace & Gromit: The Wrong Trousers (1993)")),
@@ -567,6 +569,7 @@ def test_an_events_item_text_reaches_the_model_and_its_new_item_is_recommended_a
     assert "new-1" not in {i for i, _ in preds[0]["top_items"]}
     assert preds[1]["top_items"][0][0] == "new-1"  # the event that introduced it
     assert preds[2]["top_items"][0][0] == "new-1" and "new-2" not in {i for i, _ in preds[2]["top_items"]}
+    assert monitoring.REGISTRY.get_sample_value("nextaction_text_rows_total", {"result": "added"}) == added + 1
     # the outcome of the event that carried the text carries it on to the trainer (its new-item row)
     [out] = rec.of("outcomes")
     assert out["happened"]["item_id"] == "new-1"

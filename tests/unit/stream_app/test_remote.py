@@ -256,8 +256,11 @@ def test_item_texts_travel_to_the_child_which_ranks_the_new_item_in_that_call(te
         h = EventSeq.from_columns(["i0", "new-1"], ["view"] * 2, [1_700_000_000_000, 1_700_000_060_000])
         assert "texts" not in remote._request([h], 3, ["u"])
         assert "new-1" not in {i for i, _ in remote.predict([h], 3, ["u"])[0].top_items}
+        assert remote.take_text_rows() == {}
         got = asyncio.run(remote.predict_async([h, h[:1]], 3, ["u", "v"], {"new-1": "A documentary about bees"}))
         assert got[0].top_items[0][0] == "new-1" and got[1].top_items[0][0] == "new-1"
+        assert remote.take_text_rows() == {"added": 1}  # the child's count came back with its reply
         assert remote.predict([h[:1]], 3, ["w"])[0].top_items[0][0] == "new-1"  # the child keeps the row
+        assert remote.take_text_rows() == {}
     finally:
         remote.close()
