@@ -69,6 +69,7 @@ def test_is_a_predictor_with_a_version(predictor):
     assert isinstance(predictor, Predictor)
     assert isinstance(predictor.version, str) and predictor.version
     assert isinstance(predictor.learns, bool) and isinstance(predictor.runs_elsewhere, bool)
+    assert predictor.take_text_rows() == {}  # no item text given: no text rows to count
 
 
 def test_one_well_formed_prediction_per_history_in_order(predictor):
