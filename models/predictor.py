@@ -21,6 +21,8 @@ else. Subclasses implement :meth:`~Predictor.predict` and inherit defaults for t
   the delta's label), or returns ``False`` when it does not apply (another version, or no model).
 * cold-start items from text: ``predict(..., texts={item id: text})`` hands over the ``item_text``
   of the batch's events (docs/cold-start.md); a predictor without a text projection ignores it.
+  :meth:`~Predictor.take_text_rows` says how many new items it gave a text row since it was last
+  asked (the batcher exports the counts to Prometheus after each batch).
 * privacy: :meth:`~Predictor.forget_users` drops whatever per-user state the predictor keeps (a KV
   cache); :meth:`~Predictor.forget_users_async` is what the worker awaits (by default the same).
 
