@@ -2,8 +2,8 @@
 
 Question: on each dataset's test split, how does the Transformer ("ours") rank the next item next to
 every baseline and the published figure for that protocol? When the checkpoint has an
-item-transition table (``models/transitions.py``), the column "ours w/o transitions" scores the same
-checkpoint without it; the row "NDCG@10 ours better/worse, sign test" compares ours case by case
+item-transition or item-neighbour table (``models/transitions.py``, ``models/neighbours.py``), the
+column "ours w/o tables" scores the same checkpoint without them; the row "NDCG@10 ours better/worse, sign test" compares ours case by case
 with every column.
 
     .venv/bin/python -m benchmarks.quality                      # all datasets
@@ -68,7 +68,7 @@ CROSSCHECK = {
 #: softmax loss and training loop as ours; no repeat head, side features or transition table.
 GRU4REC = {"backbone": "gru", "features": ["item"], "repeat_head": False, "transition_top": 0}
 #: Column of the checkpoint scored without its item-transition table (models/transitions.py).
-NO_TRANSITIONS = "ours w/o transitions"
+NO_TRANSITIONS = "ours w/o tables"
 #: Row comparing ours case by case with each column: cases where ours has the higher NDCG@10 / the
 #: lower one, and the two-sided exact sign test p-value (models.metrics.paired_sign_test).
 PAIRED = "NDCG@10 ours better/worse, sign test"
@@ -160,6 +160,11 @@ def _training_row(name: str, scorer, ck_dir: Path) -> dict | None:
     if "weight" in tr:
         config += (f"; transitions {tr['feature']} x{tr['weight']:g} (valid NDCG@10 {tr['valid_ndcg10_before']} -> "
                    f"{tr['valid_ndcg10_after']})" if tr["weight"] else "; transitions off (no validation gain)")
+    nb = meta.get("neighbours") or {}
+    if "weight" in nb:
+        config += (f"; neighbours of the last {nb['window']} x{nb['weight']:g} (valid NDCG@10 "
+                   f"{nb['valid_ndcg10_before']} -> {nb['valid_ndcg10_after']})" if nb["weight"]
+                   else "; neighbours off (no validation gain)")
     return {"dataset": name, "train_s": meta.get("train_seconds"), "peak_rss_mib": meta.get("peak_rss_mib"),
             "epochs": meta.get("epochs_run"), "best_epoch": meta.get("best_epoch"),
             "valid": (meta.get("valid") or {}).get("NDCG@10"), "device": meta.get("device", "cpu"),
@@ -186,13 +191,13 @@ def run_dataset(name: str, args) -> list[dict]:
     ours = _transformer(name, ds, sp, args)
     if ours is not None:
         plain = {}
-        if ours.model.uses_transitions:  # the ablation: the same checkpoint without its transition table
+        if ours.model.uses_tables:  # the ablation: the same checkpoint without its transition and neighbour tables
             import dataclasses
 
             from models.scorer import TransformerScorer
 
             bare = TransformerScorer.from_checkpoint(Path(args.checkpoints) / name, ds, device="cpu")
-            bare.model.cfg = dataclasses.replace(bare.model.cfg, transition_weight=0.0)
+            bare.model.cfg = dataclasses.replace(bare.model.cfg, transition_weight=0.0, neighbour_weight=0.0)
             plain = {NO_TRANSITIONS: bare}
         scorers = {"ours": ours, **plain, **scorers}
     gru = _gru4rec(name, ds, args)

@@ -22,7 +22,7 @@ Before training (from the profile):
   1.0 instead of 0.5, when at least two actions each make up 1 % of the events.
 
 After training (on the validation cases, in :mod:`models.train`): the item-transition table's feature
-and weight, the copy strength (:func:`models.train.fit_copy`: how strongly recently seen items are
+and weight, the item-neighbour table's window and weight (:func:`models.train.fit_neighbours`), the copy strength (:func:`models.train.fit_copy`: how strongly recently seen items are
 boosted), the action calibration and the item temperature. The learning-rate schedule is fitted to
 the time budget after the first epoch (:func:`models.train.train`).
 

@@ -228,15 +228,17 @@ def load_checkpoint(path: str | Path, device: str = "cpu", expect: dict[str, Any
         state["item_input"] = own["item_input"]
     if "item_category" not in state and not mcfg.item_categories:  # written before item categories existed
         state["item_category"] = own["item_category"]
-    for name in ("trans_ptr", "trans_idx", "trans_val"):  # the transition table: its size is the data's
-        state.setdefault(name, own[name])  # written before models had one: no table
-        own[name] = state[name]
-        setattr(model, name, torch.empty_like(state[name]))  # the empty buffer, resized for load_state_dict
-    ptr, idx, val = state["trans_ptr"], state["trans_idx"], state["trans_val"]
-    if ptr.numel() and (ptr.numel() != mcfg.n_items + 1 or idx.numel() != val.numel()
-                        or int(ptr[-1]) != idx.numel() or (idx.numel() and int(idx.max()) >= mcfg.n_items)):
-        raise CheckpointError(f"{path / 'model.safetensors'}: transition table does not fit n_items="
-                              f"{mcfg.n_items} (ptr {tuple(ptr.shape)}, idx {tuple(idx.shape)}, val {tuple(val.shape)})")
+    for table, prefix in (("transition", "trans"), ("neighbour", "nbr")):  # the tables: their size is the data's
+        for name in (f"{prefix}_ptr", f"{prefix}_idx", f"{prefix}_val"):
+            state.setdefault(name, own[name])  # written before models had one: no table
+            own[name] = state[name]
+            setattr(model, name, torch.empty_like(state[name]))  # the empty buffer, resized for load_state_dict
+        ptr, idx, val = state[f"{prefix}_ptr"], state[f"{prefix}_idx"], state[f"{prefix}_val"]
+        if ptr.numel() and (ptr.numel() != mcfg.n_items + 1 or idx.numel() != val.numel()
+                            or int(ptr[-1]) != idx.numel() or (idx.numel() and int(idx.max()) >= mcfg.n_items)):
+            raise CheckpointError(f"{path / 'model.safetensors'}: {table} table does not fit n_items="
+                                  f"{mcfg.n_items} (ptr {tuple(ptr.shape)}, idx {tuple(idx.shape)}, "
+                                  f"val {tuple(val.shape)})")
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
     if missing or unexpected:

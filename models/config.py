@@ -140,6 +140,10 @@ class ModelConfig(_JsonMixin):
     transition_top: int = 100  # successors kept per item (0 = no table)
     transition_feature: str = "log"  # a models.transitions.TRANSITION_SCORES kind (fitted choice)
     transition_weight: float = 0.0  # item score += weight * feature(last item -> item); 0 = off
+    # --- item neighbours (models/neighbours.py; co-occurrence table built and weight fitted after training)
+    neighbour_top: int = 50  # most similar items kept per item (0 = no table)
+    neighbour_window: int = 2  # the last events whose neighbours are scored (fitted choice)
+    neighbour_weight: float = 0.0  # item score += weight * sum of cosine(recent item, item); 0 = off
 
     def __post_init__(self) -> None:
         self.validate()
@@ -190,6 +194,13 @@ class ModelConfig(_JsonMixin):
         _num("transition_weight", self.transition_weight)
         _check(math.isfinite(self.transition_weight) and self.transition_weight >= 0, "transition_weight",
                self.transition_weight, "must be finite and >= 0")
+        _int("neighbour_top", self.neighbour_top, 0)
+        _int("neighbour_window", self.neighbour_window, 1)
+        _check(self.neighbour_window <= self.max_len, "neighbour_window", self.neighbour_window,
+               f"must be <= max_len ({self.max_len})")
+        _num("neighbour_weight", self.neighbour_weight)
+        _check(math.isfinite(self.neighbour_weight) and self.neighbour_weight >= 0, "neighbour_weight",
+               self.neighbour_weight, "must be finite and >= 0")
 
     @property
     def head_dim(self) -> int:

@@ -216,6 +216,8 @@ def apply_delta(model, vocab: "ItemVocab", delta: ModelDelta) -> list[int]:
     vocab.check_items(delta.item_index, delta.item_ids)
     reused = vocab.set_items(delta.item_index, delta.item_ids)
     model.apply_delta(delta)
+    if len(reused):  # a row given to another item keeps no neighbours (as in the trainer's own model)
+        model.clear_neighbours(reused)
     return reused
 
 

@@ -41,7 +41,8 @@ class LastHidden:
 
     ``h [B, d]``; ``rep [B, T]`` repeat scores over the history positions and ``hist [B, T]`` the
     item indices there (``None`` without a repeat head); ``action [B]`` the last event's action and
-    ``item [B]`` its vocabulary index (for the transition table).
+    ``item [B, W]`` the vocabulary indices of the last ``W`` events, the last first (for the transition
+    and neighbour tables; :attr:`~models.model.NextActionModel.last_window`).
     """
 
     h: torch.Tensor

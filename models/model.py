@@ -8,7 +8,8 @@ position ``t`` (each predicts event ``t + 1``):
 * next item: ``h_t · E_item + bias`` over the vocabulary (the item table is tied to the input),
   plus a learned **repeat score** ``q(h_t) · k(h_j) / sqrt(d) + recency(t - j)`` added to the item
   of each history position ``j <= t`` and, when the checkpoint has one, a **transition score**
-  ``w * f(count(last item -> j))`` (:mod:`models.transitions`).
+  ``w * f(count(last item -> j))`` (:mod:`models.transitions`), and a **neighbour score**
+  ``w' * sum(cosine(i, j))`` over the last ``cfg.neighbour_window`` events ``i`` (:mod:`models.neighbours`).
   Trained with full-softmax cross-entropy, or a sampled softmax over ``cfg.n_negatives`` uniform
   negatives shared by the batch.
 * next action: a softmax over :data:`models.schema.ACTIONS` (optionally calibrated:
@@ -95,6 +96,11 @@ class NextActionModel(nn.Module):
         self.register_buffer("trans_ptr", torch.zeros(0, dtype=torch.long), persistent=True)
         self.register_buffer("trans_idx", torch.zeros(0, dtype=torch.int32), persistent=True)
         self.register_buffer("trans_val", torch.zeros(0), persistent=True)
+        # item neighbours (models/neighbours.py), the same CSR layout; scored for the last
+        # cfg.neighbour_window events with weight cfg.neighbour_weight (set_neighbours)
+        self.register_buffer("nbr_ptr", torch.zeros(0, dtype=torch.long), persistent=True)
+        self.register_buffer("nbr_idx", torch.zeros(0, dtype=torch.int32), persistent=True)
+        self.register_buffer("nbr_val", torch.zeros(0), persistent=True)
         self.feat_emb = nn.ModuleDict({f: nn.Embedding(n, d, padding_idx=0) for f, n in embedding_rows(cfg).items()})
         self.emb_norm = nn.LayerNorm(d)
         self.emb_drop = nn.Dropout(cfg.dropout)
@@ -209,6 +215,33 @@ class NextActionModel(nn.Module):
                              torch.as_tensor(table.val, dtype=torch.float32))
         self.trans_ptr, self.trans_idx, self.trans_val = ptr.to(dev), idx.to(dev), val.to(dev)
 
+    @torch.no_grad()
+    def set_neighbours(self, table) -> None:
+        """Install a neighbour table (:func:`models.neighbours.count_neighbours`; None: remove it),
+        scored times ``cfg.neighbour_weight`` for each of the last ``cfg.neighbour_window`` events."""
+        dev = self.item_emb.weight.device
+        if table is None:
+            ptr, idx, val = torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.int32), torch.zeros(0)
+        else:
+            if table.n_items != self.cfg.n_items:
+                raise ValueError(f"neighbour table has {table.n_items} rows, expected the model's n_items="
+                                 f"{self.cfg.n_items}")
+            ptr, idx, val = (torch.as_tensor(table.ptr, dtype=torch.long), torch.as_tensor(table.idx, dtype=torch.int32),
+                             torch.as_tensor(table.val, dtype=torch.float32))
+        self.nbr_ptr, self.nbr_idx, self.nbr_val = ptr.to(dev), idx.to(dev), val.to(dev)
+
+    @torch.no_grad()
+    def clear_neighbours(self, rows) -> None:
+        """Forget the neighbours of vocabulary ``rows`` given to other items online: their own lists
+        and their places in other items' lists score 0 from now on (the table keeps its shape)."""
+        rows = torch.as_tensor(np.asarray(rows, np.int64).reshape(-1), device=self.nbr_ptr.device)
+        if not self.nbr_ptr.numel() or not rows.numel():
+            return
+        own = torch.zeros(self.nbr_idx.numel(), dtype=torch.bool, device=rows.device)
+        for r in rows.tolist():
+            own[int(self.nbr_ptr[r]): int(self.nbr_ptr[r + 1])] = True
+        self.nbr_val[own | torch.isin(self.nbr_idx.long(), rows)] = 0.0
+
     # ------------------------------------------------------------------------------------------
     # online deltas (models/delta.py)
     # ------------------------------------------------------------------------------------------
@@ -304,6 +337,8 @@ class NextActionModel(nn.Module):
             self.item_category = torch.cat([self.item_category, self.item_category.new_zeros(n_items - n_old)])
         if self.trans_ptr.numel():
             self.trans_ptr = torch.cat([self.trans_ptr, self.trans_ptr[-1:].expand(n_items - n_old)])
+        if self.nbr_ptr.numel():
+            self.nbr_ptr = torch.cat([self.nbr_ptr, self.nbr_ptr[-1:].expand(n_items - n_old)])
 
     @torch.no_grad()
     def set_transition_rows(self, rows, ptr, idx, val) -> None:
@@ -379,20 +414,43 @@ class NextActionModel(nn.Module):
     def uses_transitions(self) -> bool:
         return self.cfg.transition_weight != 0.0 and self.trans_ptr.numel() == self.cfg.n_items + 1
 
-    def _transition_entries(self, last_item: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The table rows of ``last_item [N]`` as flat ``(row [E], successor index [E], weighted value [E])``."""
-        ptr = self.trans_ptr
-        start = ptr[last_item]  # (N,)
-        n = ptr[last_item + 1] - start  # (N,) successors per row
-        total = int(n.sum())
-        rows = torch.repeat_interleave(torch.arange(len(n), device=n.device), n, output_size=total)  # (E,)
-        first = torch.repeat_interleave(n.cumsum(0) - n, n, output_size=total)
-        pos = start[rows] + torch.arange(total, device=n.device) - first
-        return rows, self.trans_idx[pos].long(), self.trans_val[pos] * self.cfg.transition_weight
+    @property
+    def uses_neighbours(self) -> bool:
+        return self.cfg.neighbour_weight != 0.0 and self.nbr_ptr.numel() == self.cfg.n_items + 1
 
-    def _add_transitions(self, logits: torch.Tensor, last_item: torch.Tensor) -> None:
-        """``logits[b, j] += w * val(last_item[b] -> j)`` for the successors ``j`` in the table."""
-        rows, cols, vals = self._transition_entries(last_item)
+    @property
+    def uses_tables(self) -> bool:
+        """Whether scoring adds table entries (transitions or neighbours) for the last items."""
+        return self.uses_transitions or self.uses_neighbours
+
+    @property
+    def last_window(self) -> int:
+        """How many of the last events the tables read (``last_items`` columns)."""
+        return self.cfg.neighbour_window
+
+    def _table_entries(self, last_items: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The table entries for ``last_items [N, W]`` (the last event's vocabulary index first, then
+        the ones before it, padding where the history is shorter; ``[N]``: the last one only) as flat
+        ``(row [E], item index [E], weighted value [E])``: the transition rows of the last item and
+        the neighbour rows of each of the last ``cfg.neighbour_window`` events (a row may repeat)."""
+        if last_items.dim() == 1:
+            last_items = last_items[:, None]
+        parts = []
+        if self.uses_transitions:
+            parts.append(_csr_entries(self.trans_ptr, self.trans_idx, self.trans_val, last_items[:, 0],
+                                      self.cfg.transition_weight))
+        if self.uses_neighbours:
+            W = min(self.cfg.neighbour_window, last_items.shape[1])
+            r, c, v = _csr_entries(self.nbr_ptr, self.nbr_idx, self.nbr_val, last_items[:, :W].reshape(-1),
+                                   self.cfg.neighbour_weight)
+            parts.append((torch.div(r, W, rounding_mode="floor"), c, v))
+        if len(parts) == 1:
+            return parts[0]
+        return tuple(torch.cat(x) for x in zip(*parts))  # type: ignore[return-value]
+
+    def _add_tables(self, logits: torch.Tensor, last_items: torch.Tensor) -> None:
+        """``logits[b, j] += w * val(i -> j)`` for the table entries of row ``b``'s last items."""
+        rows, cols, vals = self._table_entries(last_items)
         if rows.numel():
             logits.index_put_((rows, cols), vals.to(logits.dtype), accumulate=True)
 
@@ -450,8 +508,9 @@ class NextActionModel(nn.Module):
                     hist_items: torch.Tensor | None = None, last_item: torch.Tensor | None = None,
                     dtype: torch.dtype | None = None) -> torch.Tensor:
         """Scores over the whole vocabulary ``[N, V]`` for hidden states ``h [N, d]``; ``rep [N, T]``
-        and ``hist_items [N, T]`` add the repeat scores onto the history items, ``last_item [N]`` the
-        transition scores of its successors (when the model has a table). Padding and mask rows are
+        and ``hist_items [N, T]`` add the repeat scores onto the history items, ``last_item [N, W]`` (the
+        last events' indices, the last first; ``[N]``: the last only) the transition scores of the
+        last item's successors and the neighbour scores (when the model has those tables). Padding and mask rows are
         ``-inf``. ``dtype`` (e.g. ``torch.bfloat16``): scan the item table in that precision
         (a cached copy while serving; see :meth:`top_items`); the scores come back as fp32 and the
         repeat and transition scores are added in fp32."""
@@ -461,8 +520,8 @@ class NextActionModel(nn.Module):
             logits = logits.float()
         if rep is not None:
             logits.scatter_add_(1, hist_items, rep.to(logits.dtype))
-        if last_item is not None and self.uses_transitions:
-            self._add_transitions(logits, last_item)
+        if last_item is not None and self.uses_tables:
+            self._add_tables(logits, last_item)
         logits[:, :N_SPECIAL] = float("-inf")  # padding and mask are never predicted
         return logits
 
@@ -483,7 +542,7 @@ class NextActionModel(nn.Module):
                       last_item: torch.Tensor | None, cand: torch.Tensor) -> torch.Tensor:
         """Exact fp32 scores ``[N, C]`` of the vocabulary indices ``cand [N, C]``: what
         :meth:`item_logits` gives at those columns (item row · h + bias + repeat + transition
-        scores), computed for ``C`` items instead of the whole catalogue."""
+        and neighbour scores), computed for ``C`` items instead of the whole catalogue."""
         with torch.autocast(h.device.type, enabled=False):
             h = h.float()
             W = self.item_vectors().float()[cand]  # (N, C, d)
@@ -491,8 +550,8 @@ class NextActionModel(nn.Module):
             if rep is not None:  # every history position holding the candidate adds its repeat score
                 hit = hist_items[:, None, :] == cand[:, :, None]  # (N, C, T)
                 s = s + (hit * rep.float()[:, None, :]).sum(-1)
-            if last_item is not None and self.uses_transitions:
-                rows, cols, vals = self._transition_entries(last_item)
+            if last_item is not None and self.uses_tables:
+                rows, cols, vals = self._table_entries(last_item)
                 if rows.numel():
                     match = cols[:, None] == cand[rows]  # (E, C): the successor is that candidate
                     s.index_add_(0, rows, match * vals.float()[:, None])
@@ -720,7 +779,7 @@ class NextActionModel(nn.Module):
         if self.cfg.repeat_head:
             rep = self._repeat_scores(h, lengths)[ar, last]  # (B, T)
         return self._heads_last(h_last, rep, items if rep is not None else None, batch["action"][ar, last],
-                                items[ar, last], k, coarse)
+                                _last_items(items, lengths, self.last_window), k, coarse)
 
     @torch.no_grad()
     def prefill(self, batch: dict[str, torch.Tensor], heads: bool = True
@@ -747,7 +806,7 @@ class NextActionModel(nn.Module):
         valid = torch.arange(T, device=items.device)[None, :] < lengths[:, None]
         state = KVState(keys, values, rep_k, items.masked_fill(~valid, PAD), lengths.clone(), lengths.clone())
         out = LastHidden(h[ar, last], rep, items if rep is not None else None, batch["action"][ar, last],
-                         items[ar, last])
+                         _last_items(items, lengths, self.last_window))
         return (self.heads(out) if heads else out), state
 
     @torch.no_grad()
@@ -816,7 +875,8 @@ class NextActionModel(nn.Module):
             rk = state.rep_k.new_zeros(B, T + 1, 0)
         new_state = KVState(keys, values, rk, items, lengths + 1, positions + 1)
         new_state = new_state.trimmed()
-        out = LastHidden(h, rep, items if rep is not None else None, tokens["action"][:, 0], tokens["item"][:, 0])
+        out = LastHidden(h, rep, items if rep is not None else None, tokens["action"][:, 0],
+                         _last_items(items, lengths + 1, self.last_window))
         return (self.heads(out) if heads else out), new_state
 
 
@@ -858,6 +918,36 @@ def _shifted_log_norm(scores: torch.Tensor, m: torch.Tensor, extra: torch.Tensor
     if extra is not None:
         total = total + extra
     return m + torch.log(total)
+
+
+def _csr_entries(ptr: torch.Tensor, idx: torch.Tensor, val: torch.Tensor, src: torch.Tensor, weight: float
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The rows ``src [M]`` of a CSR table as flat ``(position in src [E], column [E], weight * value [E])``.
+
+    >>> ptr, idx, val = torch.tensor([0, 0, 2, 3]), torch.tensor([2, 1], dtype=torch.int32), torch.tensor([1., 2.])
+    >>> [t.tolist() for t in _csr_entries(ptr, torch.tensor([2, 1, 0], dtype=torch.int32),
+    ...                                   torch.tensor([1., 2., 3.]), torch.tensor([1, 0, 2]), 0.5)]
+    [[0, 0, 2], [2, 1, 0], [0.5, 1.0, 1.5]]
+    """
+    start = ptr[src]  # (M,)
+    n = ptr[src + 1] - start  # (M,) entries per row
+    total = int(n.sum())
+    rows = torch.repeat_interleave(torch.arange(len(n), device=n.device), n, output_size=total)  # (E,)
+    first = torch.repeat_interleave(n.cumsum(0) - n, n, output_size=total)
+    pos = start[rows] + torch.arange(total, device=n.device) - first
+    return rows, idx[pos].long(), val[pos] * weight
+
+
+def _last_items(items: torch.Tensor, lengths: torch.Tensor, window: int) -> torch.Tensor:
+    """``[B, window]``: the vocabulary indices of each row's last ``window`` events, the last first,
+    padding where the row is shorter.
+
+    >>> _last_items(torch.tensor([[5, 6, 7], [8, 0, 0]]), torch.tensor([3, 1]), 2).tolist()
+    [[7, 6], [8, 0]]
+    """
+    pos = lengths[:, None] - 1 - torch.arange(window, device=items.device)[None, :]  # (B, window)
+    got = items.gather(1, pos.clamp(0, items.shape[1] - 1))
+    return got.masked_fill(pos < 0, PAD)
 
 
 def _ranges(starts: np.ndarray, lens: np.ndarray) -> np.ndarray:

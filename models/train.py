@@ -194,8 +194,9 @@ def evaluate_cases(scorer, ds, cases, mask_history: bool) -> dict:
 
 
 #: Share of ``budget_min`` kept for the fits after the last epoch (measured: 20-38 s of a 10-minute budget
-#: on the shipped datasets, 2-6 %; benchmarks/RESULTS.md, "Quality").
-AFTER_TRAINING_SHARE = 0.08
+#: on the shipped datasets, 2-6 %, before the neighbour table; its fit adds 4-40 s: up to ~13 %;
+#: benchmarks/RESULTS.md, "Quality").
+AFTER_TRAINING_SHARE = 0.14
 
 #: Early stopping on a plateau first anneals (see ``train``) unless the lr is already below this
 #: fraction of its peak.
@@ -267,10 +268,12 @@ def validation_and_training(split, train_cfg: TrainConfig):
 
 
 def refit_transitions(ds, checkpoint: str | Path, *, split=None, device: str = "cpu") -> dict[str, Any]:
-    """Count and fit the transition table of an already trained checkpoint (:func:`fit_transitions`)
-    on ``ds`` with the validation cases its training used (its saved train config), refit the item
-    temperature with it (:func:`fit_table_and_temperature`), and save it in place. For checkpoints
-    trained before the table existed, or to refresh the table on new data."""
+    """Count and fit the transition and neighbour tables of an already trained checkpoint
+    (:func:`fit_transitions`, :func:`fit_neighbours`) on ``ds`` with the validation cases its training
+    used (its saved train config), refit the item temperature with them
+    (:func:`fit_table_and_temperature`), and save it in place: what training fits after its epochs
+    (the copy strength excepted). For checkpoints trained before the tables existed, or to refresh
+    them on new data. Returns the ``transitions`` and ``neighbours`` fits."""
     from models.checkpoint import load_checkpoint
 
     ck = load_checkpoint(checkpoint, device=device)
@@ -283,26 +286,33 @@ def refit_transitions(ds, checkpoint: str | Path, *, split=None, device: str = "
     fitted = fit_table_and_temperature(ck, ds, valid, train_seqs, training_sequences(split, set()),
                                        tcfg.eval_protocol == "masked", device, tcfg.calibrate_items)
     _update_metadata(Path(checkpoint), ck, fitted, tcfg)
-    return fitted.get("transitions", {})
+    return {k: fitted[k] for k in ("transitions", "neighbours") if k in fitted}
 
 
 def fit_table_and_temperature(ck, ds, valid, fit_seqs: dict[str, EventSeq], final_seqs: dict[str, EventSeq],
                               mask_history: bool, device: str, calibrate: bool = True) -> dict[str, Any]:
-    """The item-transition table (:func:`fit_transitions`) and then the item temperature
-    (:func:`calibrate_items`) of the loaded checkpoint ``ck``, both fitted on the validation cases
-    ``valid`` with the table counted on ``fit_seqs`` (what the model trained on: the validation
-    targets unseen; a table holding them makes the temperature too sharp). Then the table is re-counted
-    on ``final_seqs`` (every event but the test targets) and installed. Returns the metadata entries
-    (``transitions``, ``item_calibration``); the caller saves."""
+    """The item-transition table (:func:`fit_transitions`), the item-neighbour table
+    (:func:`fit_neighbours`) and then the item temperature (:func:`calibrate_items`) of the loaded
+    checkpoint ``ck``, all fitted on the validation cases ``valid`` with the tables counted on
+    ``fit_seqs`` (what the model trained on: the validation targets unseen; a table holding them makes
+    the temperature too sharp). Then the tables are re-counted on ``final_seqs`` (every event but the
+    test targets) and installed. Returns the metadata entries (``transitions``, ``neighbours``,
+    ``item_calibration``); the caller saves."""
     out: dict[str, Any] = {}
     if ck.model.cfg.transition_top > 0:
         out["transitions"] = fit_transitions(ck, ds, valid, fit_seqs, fit_seqs, mask_history, device)
-    if calibrate:  # on the final scores (copy strength and table included)
+    if ck.model.cfg.neighbour_top > 0:  # on top of the table
+        out["neighbours"] = fit_neighbours(ck, ds, valid, fit_seqs, mask_history, device)
+    if calibrate:  # on the final scores (copy strength and tables included)
         out["item_calibration"] = calibrate_items(ck, ds, valid, device)
     if ck.model.uses_transitions:
         final = transition_table(ck, final_seqs)
         ck.model.set_transitions(final.with_feature(ck.model.cfg.transition_feature))
         out["transitions"]["nnz"] = final.nnz
+    if ck.model.uses_neighbours:
+        final = neighbour_table(ck, final_seqs)
+        ck.model.set_neighbours(final)
+        out["neighbours"]["nnz"] = final.nnz
     return out
 
 
@@ -638,7 +648,8 @@ def fit_transitions(ck, ds, cases, fit_seqs: dict[str, EventSeq], final_seqs: di
     def table(seqs):
         return transition_table(ck, seqs)
 
-    ck.model.cfg = dataclasses.replace(cfg, transition_weight=0.0)
+    # fitted on the uncalibrated scores: a temperature divides the table's terms too (and keeps the ranking)
+    ck.model.cfg = dataclasses.replace(cfg, transition_weight=0.0, item_temperature=1.0)
     ck.model.set_transitions(None)
     scorer = TransformerScorer(ck.model, vocab, ds.items, version=ck.version, device=device)
     hists = [c.history for c in cases]
@@ -658,6 +669,70 @@ def fit_transitions(ck, ds, cases, fit_seqs: dict[str, EventSeq], final_seqs: di
     ck.model.set_transitions(final.with_feature(feat) if w > 0 else None)
     return {"feature": feat, "weight": w, "valid_ndcg10_before": round(before, 4),
             "valid_ndcg10_after": round(after, 4), "n_cases": len(cases), "nnz": final.nnz if w > 0 else 0,
+            "tried": tried}
+
+
+#: Neighbour windows tried on validation: how many of the last events' neighbours are scored.
+NEIGHBOUR_WINDOWS = (1, 2, 4)
+
+
+def neighbour_table(ck, seqs: dict[str, EventSeq]):
+    """The item-neighbour table of ``seqs`` in the vocabulary of the loaded checkpoint ``ck``
+    (:func:`models.neighbours.count_neighbours`, its ``neighbour_top`` neighbours per item)."""
+    from models.neighbours import count_neighbours
+
+    cfg, vocab = ck.model.cfg, ck.vocab
+    return count_neighbours((vocab.indices(s.items) for s in seqs.values()), cfg.n_items, cfg.neighbour_top,
+                            vocab.first_item)
+
+
+def fit_neighbours(ck, ds, cases, fit_seqs: dict[str, EventSeq], mask_history: bool, device: str = "cpu",
+                   windows=NEIGHBOUR_WINDOWS, weights=TRANSITION_WEIGHTS) -> dict[str, Any]:
+    """Give the loaded checkpoint ``ck`` its item-neighbour table (:mod:`models.neighbours`).
+
+    The table is built on ``fit_seqs`` (what the model trained on: the validation ``cases``' targets
+    unseen), and the window (how many of the last events' neighbours are scored) and weight that
+    maximise validation NDCG@10 on top of the model's scores (repeat, copy and transition terms
+    included) are chosen, weight 0 (no table) included; ties keep the smaller window and weight. Sets
+    the choice on ``ck.model`` with the ``fit_seqs`` table; the caller re-builds it on the final
+    sequences (:func:`fit_table_and_temperature`) and saves."""
+    import dataclasses
+
+    import scipy.sparse as sp
+
+    from models.scorer import TransformerScorer
+
+    t0 = time.perf_counter()
+    cfg = ck.model.cfg
+    if cfg.neighbour_top == 0:
+        return {"skipped": "neighbour_top = 0"}
+    if not cases:
+        return {"skipped": "no validation cases"}
+    vocab = ck.vocab
+    ck.model.cfg = dataclasses.replace(cfg, neighbour_weight=0.0, item_temperature=1.0)  # as fit_transitions
+    scorer = TransformerScorer(ck.model, vocab, ds.items, version=ck.version, device=device)
+    hists = [c.history for c in cases]
+    base = scorer.score_items(hists)  # (cases, dataset items): the model without neighbours
+    cols = scorer._cols
+    windows = [w for w in windows if w <= cfg.max_len]
+    W = max(windows)
+    last = np.zeros((len(hists), W), np.int64)  # the last W events, the last first (padding: an empty row)
+    for i, h in enumerate(hists):
+        ix = vocab.indices(h.items[-W:])[::-1]
+        last[i, : len(ix)] = ix
+    table = neighbour_table(ck, fit_seqs)
+    N = sp.csr_matrix((table.val, table.idx, table.ptr), shape=(cfg.n_items, cfg.n_items))[:, cols].tocsr()
+    extras, acc = {}, None
+    for w in range(1, W + 1):
+        acc = N[last[:, w - 1]] if acc is None else acc + N[last[:, w - 1]]
+        if w in windows:
+            extras[w] = acc.tocsr()
+    before, (after, window, weight, tried) = _search_weight(ds, cases, hists, base, extras, weights, mask_history)
+    window = window or cfg.neighbour_window  # None: no window won (weight 0)
+    ck.model.cfg = dataclasses.replace(cfg, neighbour_window=int(window), neighbour_weight=weight)
+    ck.model.set_neighbours(table if weight > 0 else None)
+    return {"window": int(window), "weight": weight, "valid_ndcg10_before": round(before, 4),
+            "valid_ndcg10_after": round(after, 4), "n_cases": len(cases), "fit_s": round(time.perf_counter() - t0, 1),
             "tried": tried}
 
 

@@ -303,8 +303,10 @@ class OnlineTrainer:
         self.guard.remember(self.model, None)  # the snapshot must have the grown shapes
 
     def _reuse(self, row: int, item: str) -> None:
-        """Give the online ``row`` to ``item``: its old item becomes unknown, its transitions go."""
+        """Give the online ``row`` to ``item``: its old item becomes unknown, its transitions and
+        neighbours go."""
         self.vocab.set_items([row], [item])
+        self.model.clear_neighbours([row])
         self.last_seen.pop(row, None)
         self.counts.pop(row, None)
         self.trans_touched.add(row)

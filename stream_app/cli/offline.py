@@ -225,8 +225,9 @@ def fit_transitions(
     checkpoint: Annotated[Path, typer.Option(help="Checkpoint directory (updated in place, atomically).")],
     device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "cpu",
 ) -> None:
-    """Count a trained checkpoint's item-transition table on the dataset and fit its weight on the
-    validation cases its training used (models/transitions.py), then save it in place."""
+    """Count a trained checkpoint's item-transition and item-neighbour tables on the dataset and fit
+    their weights on the validation cases its training used (models/transitions.py,
+    models/neighbours.py), then save it in place."""
     with errors():
         from models.datasets import load_split
         from models.devices import resolve_device
@@ -234,4 +235,4 @@ def fit_transitions(
 
         ds, split = load_split(dataset)
         res = refit_transitions(ds, checkpoint, split=split, device=resolve_device(device))
-    typer.echo(json.dumps({k: v for k, v in res.items() if k != "tried"}))
+    typer.echo(json.dumps({name: {k: v for k, v in fit.items() if k != "tried"} for name, fit in res.items()}))

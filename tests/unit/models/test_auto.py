@@ -96,7 +96,7 @@ def _repeat_dataset():
 def _barely_trained(tmp_path, ds, **cfg):
     from models.train import train
 
-    path, _ = train(ds, ModelConfig(d_model=8, max_len=8, n_negatives=0, transition_top=0, **cfg),
+    path, _ = train(ds, ModelConfig(d_model=8, max_len=8, n_negatives=0, transition_top=0, neighbour_top=0, **cfg),
                     TrainConfig(epochs=1, batch_size=64, progress=False, warmup_steps=1, lr=1e-5,
                                 calibrate_items=False), tmp_path / "ck")
     return load_checkpoint(path)
