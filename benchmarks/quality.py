@@ -66,7 +66,7 @@ CROSSCHECK = {
 
 #: The GRU4Rec-style baseline: a GRU over item embeddings (models.model.GRUBackbone) with the same
 #: softmax loss and training loop as ours; no repeat head, side features or transition table.
-GRU4REC = {"backbone": "gru", "features": ["item"], "repeat_head": False, "transition_top": 0}
+GRU4REC = {"backbone": "gru", "features": ["item"], "repeat_head": False, "transition_top": 0, "neighbour_top": 0}
 #: Column of the checkpoint scored without its item-transition table (models/transitions.py).
 NO_TRANSITIONS = "ours w/o tables"
 #: Row comparing ours case by case with each column: cases where ours has the higher NDCG@10 / the
