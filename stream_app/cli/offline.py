@@ -56,6 +56,9 @@ def train(
     repeat_head: Annotated[bool, typer.Option("--repeat-head/--no-repeat-head")] = True,
     transitions: Annotated[int, typer.Option(help="Item-transition table: successors kept per item, weight "
                                                   "fitted on validation after training (0 = no table).")] = 100,
+    neighbours: Annotated[int, typer.Option(help="Item-neighbour (co-occurrence) table: neighbours kept per item, "
+                                                 "window and weight fitted on validation after training "
+                                                 "(0 = no table).")] = 50,
     negatives: Annotated[Optional[int], typer.Option(help="0 = full softmax; >0 = sampled softmax with this "
                                                           "many shared negatives. [default: auto]")] = None,
     eval_protocol: Annotated[Optional[str], typer.Option(help="Validation ranking: 'allowed' (as served) or "
@@ -103,7 +106,7 @@ def train(
             feats = tuple(f.strip() for f in features.split(",") if f.strip()) if features else FEATURES
             given_model = {"d_model": d_model, "n_layers": layers, "n_heads": heads, "backbone": backbone,
                            "objective": objective, "features": feats, "repeat_head": repeat_head,
-                           "transition_top": transitions,
+                           "transition_top": transitions, "neighbour_top": neighbours,
                            **{k: v for k, v in chosen_model.items() if v is not None}}
         given_train = {k: v for k, v in chosen_train.items() if v is not None}
         base_train = {"warmup_steps": warmup_steps, "weight_decay": weight_decay, "epochs": epochs,
@@ -172,11 +175,13 @@ def fitted_after_training(meta: dict) -> list[str]:
 
     >>> fitted_after_training({"transitions": {"feature": "log", "weight": 2.0, "valid_ndcg10_before": 0.1,
     ...                        "valid_ndcg10_after": 0.12}, "copy": {"weight": 0.0, "valid_ndcg10_before": 0.12,
-    ...                        "valid_ndcg10_after": 0.12}, "item_calibration": {"skipped": "10 cases"}})
-    ['item transitions: log x2 (validation NDCG@10 0.1 -> 0.12)', 'copy strength: 0 (validation NDCG@10 0.12 -> 0.12)', 'item temperature: skipped (10 cases)']
+    ...                        "valid_ndcg10_after": 0.12}, "neighbours": {"window": 2, "weight": 4.0,
+    ...                        "valid_ndcg10_before": 0.12, "valid_ndcg10_after": 0.13},
+    ...                        "item_calibration": {"skipped": "10 cases"}})[1:]
+    ['item neighbours: last 2 events x4 (validation NDCG@10 0.12 -> 0.13)', 'copy strength: 0 (validation NDCG@10 0.12 -> 0.12)', 'item temperature: skipped (10 cases)']
     """
     out = []
-    for key, label in (("transitions", "item transitions"), ("copy", "copy strength"),
+    for key, label in (("transitions", "item transitions"), ("neighbours", "item neighbours"), ("copy", "copy strength"),
                        ("action_calibration", "action calibration"), ("item_calibration", "item temperature")):
         r = meta.get(key)
         if not r:
@@ -186,6 +191,10 @@ def fitted_after_training(meta: dict) -> list[str]:
         elif key == "transitions":
             out.append(f"{label}: {r['feature']} x{r['weight']:g} (validation NDCG@10 {r['valid_ndcg10_before']} -> "
                        f"{r['valid_ndcg10_after']})" if r["weight"] else f"{label}: off (no validation gain)")
+        elif key == "neighbours":
+            out.append(f"{label}: last {r['window']} events x{r['weight']:g} (validation NDCG@10 "
+                       f"{r['valid_ndcg10_before']} -> {r['valid_ndcg10_after']})" if r["weight"]
+                       else f"{label}: off (no validation gain)")
         elif key == "copy":
             out.append(f"{label}: {r['weight']:g} (validation NDCG@10 {r['valid_ndcg10_before']} -> "
                        f"{r['valid_ndcg10_after']})")
