@@ -192,7 +192,7 @@ def fitted_after_training(meta: dict) -> list[str]:
             out.append(f"{label}: {r['feature']} x{r['weight']:g} (validation NDCG@10 {r['valid_ndcg10_before']} -> "
                        f"{r['valid_ndcg10_after']})" if r["weight"] else f"{label}: off (no validation gain)")
         elif key == "neighbours":
-            out.append(f"{label}: last {r['window']} events x{r['weight']:g} (validation NDCG@10 "
+            out.append(f"{label}: last {r['window']} event{'s' if r['window'] > 1 else ''} x{r['weight']:g} (validation NDCG@10 "
                        f"{r['valid_ndcg10_before']} -> {r['valid_ndcg10_after']})" if r["weight"]
                        else f"{label}: off (no validation gain)")
         elif key == "copy":
