@@ -181,7 +181,8 @@ def fitted_after_training(meta: dict) -> list[str]:
     ['item neighbours: last 2 events x4 (validation NDCG@10 0.12 -> 0.13)', 'copy strength: 0 (validation NDCG@10 0.12 -> 0.12)', 'item temperature: skipped (10 cases)']
     """
     out = []
-    for key, label in (("transitions", "item transitions"), ("neighbours", "item neighbours"), ("copy", "copy strength"),
+    for key, label in (("transitions", "item transitions"), ("neighbours", "item neighbours"),
+                       ("copy", "copy strength"),
                        ("action_calibration", "action calibration"), ("item_calibration", "item temperature")):
         r = meta.get(key)
         if not r:
@@ -192,9 +193,9 @@ def fitted_after_training(meta: dict) -> list[str]:
             out.append(f"{label}: {r['feature']} x{r['weight']:g} (validation NDCG@10 {r['valid_ndcg10_before']} -> "
                        f"{r['valid_ndcg10_after']})" if r["weight"] else f"{label}: off (no validation gain)")
         elif key == "neighbours":
-            out.append(f"{label}: last {r['window']} event{'s' if r['window'] > 1 else ''} x{r['weight']:g} (validation NDCG@10 "
-                       f"{r['valid_ndcg10_before']} -> {r['valid_ndcg10_after']})" if r["weight"]
-                       else f"{label}: off (no validation gain)")
+            events = f"{r['window']} event{'s' if r['window'] > 1 else ''}"
+            out.append(f"{label}: last {events} x{r['weight']:g} (validation NDCG@10 {r['valid_ndcg10_before']} -> "
+                       f"{r['valid_ndcg10_after']})" if r["weight"] else f"{label}: off (no validation gain)")
         elif key == "copy":
             out.append(f"{label}: {r['weight']:g} (validation NDCG@10 {r['valid_ndcg10_before']} -> "
                        f"{r['valid_ndcg10_after']})")
