@@ -204,31 +204,25 @@ class NextActionModel(nn.Module):
     def set_transitions(self, table) -> None:
         """Install a :class:`~models.transitions.Transitions` table (None: remove it). Its values are
         scored as they are (build them with ``with_feature``), times ``cfg.transition_weight``."""
+        self.trans_ptr, self.trans_idx, self.trans_val = self._csr_buffers(table, "table")
+
+    def _csr_buffers(self, table, what: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(ptr, idx, val)`` on the model's device for a CSR table over the vocabulary (None: empty)."""
         dev = self.item_emb.weight.device
         if table is None:
             ptr, idx, val = torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.int32), torch.zeros(0)
         else:
             if table.n_items != self.cfg.n_items:
-                raise ValueError(f"table has {table.n_items} rows, expected the model's n_items="
-                                 f"{self.cfg.n_items}")
+                raise ValueError(f"{what} has {table.n_items} rows, expected the model's n_items={self.cfg.n_items}")
             ptr, idx, val = (torch.as_tensor(table.ptr, dtype=torch.long), torch.as_tensor(table.idx, dtype=torch.int32),
                              torch.as_tensor(table.val, dtype=torch.float32))
-        self.trans_ptr, self.trans_idx, self.trans_val = ptr.to(dev), idx.to(dev), val.to(dev)
+        return ptr.to(dev), idx.to(dev), val.to(dev)
 
     @torch.no_grad()
     def set_neighbours(self, table) -> None:
         """Install a neighbour table (:func:`models.neighbours.count_neighbours`; None: remove it),
         scored times ``cfg.neighbour_weight`` for each of the last ``cfg.neighbour_window`` events."""
-        dev = self.item_emb.weight.device
-        if table is None:
-            ptr, idx, val = torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.int32), torch.zeros(0)
-        else:
-            if table.n_items != self.cfg.n_items:
-                raise ValueError(f"neighbour table has {table.n_items} rows, expected the model's n_items="
-                                 f"{self.cfg.n_items}")
-            ptr, idx, val = (torch.as_tensor(table.ptr, dtype=torch.long), torch.as_tensor(table.idx, dtype=torch.int32),
-                             torch.as_tensor(table.val, dtype=torch.float32))
-        self.nbr_ptr, self.nbr_idx, self.nbr_val = ptr.to(dev), idx.to(dev), val.to(dev)
+        self.nbr_ptr, self.nbr_idx, self.nbr_val = self._csr_buffers(table, "neighbour table")
 
     @torch.no_grad()
     def clear_neighbours(self, rows) -> None:

@@ -30,7 +30,7 @@ from typing import Iterable
 import numpy as np
 
 from models.errors import ConfigError
-from models.transitions import Transitions
+from models.transitions import Transitions, top_per_row
 
 
 def count_neighbours(seqs: Iterable[np.ndarray], n_items: int, top: int, first_item: int = 0) -> Transitions:
@@ -56,12 +56,4 @@ def count_neighbours(seqs: Iterable[np.ndarray], n_items: int, top: int, first_i
     users = np.asarray(X.sum(0), np.float64).ravel()
     keep = co.row != co.col
     a, b, n = co.row[keep].astype(np.int64), co.col[keep].astype(np.int64), co.data[keep].astype(np.float64)
-    sim = n / np.sqrt(users[a] * users[b])
-    order = np.lexsort((b, -sim, a))  # by row, then similarity descending, then index
-    a, b, sim = a[order], b[order], sim[order]
-    start = np.searchsorted(a, a, side="left")
-    first = (np.arange(len(a)) - start) < top
-    a, b, sim = a[first], b[first], sim[first]
-    ptr = np.zeros(n_items + 1, np.int64)
-    np.add.at(ptr, a + 1, 1)
-    return Transitions(np.cumsum(ptr), b.astype(np.int32), sim.astype(np.float32))
+    return top_per_row(a, b, n / np.sqrt(users[a] * users[b]), n_items, top)

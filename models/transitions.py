@@ -81,12 +81,21 @@ def count_transitions(seqs: Iterable[np.ndarray], n_items: int, top: int, first_
     a, b = np.concatenate(src), np.concatenate(dst)
     ok = (a >= first_item) & (b >= first_item) & (a < n_items) & (b < n_items)
     pairs, counts = np.unique(a[ok] * n_items + b[ok], return_counts=True)
-    a, b = pairs // n_items, pairs % n_items
-    order = np.lexsort((b, -counts, a))  # by row, then count descending, then index
-    a, b, counts = a[order], b[order], counts[order]
+    return top_per_row(pairs // n_items, pairs % n_items, counts, n_items, top)
+
+
+def top_per_row(a: np.ndarray, b: np.ndarray, val: np.ndarray, n_items: int, top: int) -> Transitions:
+    """The CSR table of the entries ``(a, b, val)`` (row, column, value; each pair at most once),
+    keeping each row's ``top`` largest values, by decreasing value (ties: smaller column first).
+
+    >>> top_per_row(np.array([1, 1, 1, 0]), np.array([2, 0, 3, 1]), np.array([5., 7., 5., 1.]), 4, 2).successors(1)
+    ([0, 2], [7.0, 5.0])
+    """
+    order = np.lexsort((b, -val, a))  # by row, then value descending, then column
+    a, b, val = a[order], b[order], val[order]
     start = np.searchsorted(a, a, side="left")
     keep = (np.arange(len(a)) - start) < top
-    a, b, counts = a[keep], b[keep], counts[keep]
+    a, b, val = a[keep], b[keep], val[keep]
     ptr = np.zeros(n_items + 1, np.int64)
     np.add.at(ptr, a + 1, 1)
-    return Transitions(np.cumsum(ptr), b.astype(np.int32), counts.astype(np.float32))
+    return Transitions(np.cumsum(ptr), b.astype(np.int32), val.astype(np.float32))
