@@ -616,6 +616,22 @@ def _search_weight(ds, cases, hists, base: np.ndarray, extras: dict, weights, ma
     return before, (*best, tried)
 
 
+def _uncalibrated_scores(ck, ds, cases, device: str, **changes) -> tuple[list[EventSeq], np.ndarray, np.ndarray]:
+    """``(histories, scores [cases, dataset items], the scores' vocabulary columns)`` of the loaded
+    checkpoint ``ck`` on ``cases`` with its model config ``changes`` applied (a table's weight 0) and
+    item temperature 1, which stay set on ``ck.model`` (the caller restores its config). A table's
+    weight is searched on uncalibrated scores: the temperature divides the table's terms as well (and
+    keeps the ranking), so adding ``w * table`` to calibrated scores is not what the model serves."""
+    import dataclasses
+
+    from models.scorer import TransformerScorer
+
+    ck.model.cfg = dataclasses.replace(ck.model.cfg, item_temperature=1.0, **changes)
+    scorer = TransformerScorer(ck.model, ck.vocab, ds.items, version=ck.version, device=device)
+    hists = [c.history for c in cases]
+    return hists, scorer.score_items(hists), scorer._cols
+
+
 #: Transition weights tried on validation (0 = no table is always a candidate).
 TRANSITION_WEIGHTS = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0)
 
@@ -635,7 +651,6 @@ def fit_transitions(ck, ds, cases, fit_seqs: dict[str, EventSeq], final_seqs: di
 
     import scipy.sparse as sp
 
-    from models.scorer import TransformerScorer
     from models.transitions import TRANSITION_SCORES
 
     cfg = ck.model.cfg
@@ -648,14 +663,9 @@ def fit_transitions(ck, ds, cases, fit_seqs: dict[str, EventSeq], final_seqs: di
     def table(seqs):
         return transition_table(ck, seqs)
 
-    # fitted on the uncalibrated scores: a temperature divides the table's terms too (and keeps the ranking)
-    ck.model.cfg = dataclasses.replace(cfg, transition_weight=0.0, item_temperature=1.0)
     ck.model.set_transitions(None)
-    scorer = TransformerScorer(ck.model, vocab, ds.items, version=ck.version, device=device)
-    hists = [c.history for c in cases]
-    base = scorer.score_items(hists)  # (cases, dataset items): the model without a table
+    hists, base, cols = _uncalibrated_scores(ck, ds, cases, device, transition_weight=0.0)  # without a table
     last = np.array([vocab.indices(h.items[-1:])[0] if len(h) else 0 for h in hists], np.int64)
-    cols = scorer._cols
 
     counts = table(fit_seqs)
     rows = {}
@@ -664,7 +674,7 @@ def fit_transitions(ck, ds, cases, fit_seqs: dict[str, EventSeq], final_seqs: di
         rows[feat] = sp.csr_matrix((t.val, t.idx, t.ptr), shape=(cfg.n_items, cfg.n_items))[last][:, cols].tocsr()
     before, (after, feat, w, tried) = _search_weight(ds, cases, hists, base, rows, weights, mask_history)
     feat = feat or cfg.transition_feature  # None: no table won (w = 0)
-    final = table(final_seqs)
+    final = counts if final_seqs is fit_seqs else table(final_seqs)
     ck.model.cfg = dataclasses.replace(cfg, transition_feature=feat, transition_weight=w)
     ck.model.set_transitions(final.with_feature(feat) if w > 0 else None)
     return {"feature": feat, "weight": w, "valid_ndcg10_before": round(before, 4),
@@ -702,8 +712,6 @@ def fit_neighbours(ck, ds, cases, fit_seqs: dict[str, EventSeq], mask_history: b
 
     import scipy.sparse as sp
 
-    from models.scorer import TransformerScorer
-
     t0 = time.perf_counter()
     cfg = ck.model.cfg
     if cfg.neighbour_top == 0:
@@ -711,11 +719,7 @@ def fit_neighbours(ck, ds, cases, fit_seqs: dict[str, EventSeq], mask_history: b
     if not cases:
         return {"skipped": "no validation cases"}
     vocab = ck.vocab
-    ck.model.cfg = dataclasses.replace(cfg, neighbour_weight=0.0, item_temperature=1.0)  # as fit_transitions
-    scorer = TransformerScorer(ck.model, vocab, ds.items, version=ck.version, device=device)
-    hists = [c.history for c in cases]
-    base = scorer.score_items(hists)  # (cases, dataset items): the model without neighbours
-    cols = scorer._cols
+    hists, base, cols = _uncalibrated_scores(ck, ds, cases, device, neighbour_weight=0.0)  # without neighbours
     windows = [w for w in windows if w <= cfg.max_len]
     W = max(windows)
     last = np.zeros((len(hists), W), np.int64)  # the last W events, the last first (padding: an empty row)
