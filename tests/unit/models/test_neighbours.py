@@ -116,32 +116,17 @@ def test_incremental_steps_and_the_top_k_paths_score_the_neighbours_as_the_full_
         torch.testing.assert_close(s, exact_s, rtol=0, atol=1e-5)
 
 
-def test_checkpoint_round_trip_an_old_checkpoint_and_a_table_that_does_not_fit(tmp_path):
-    import json
-
-    from safetensors.torch import load_file, save_file
-
-    from models.checkpoint import _sha256, content_hash
-
+def test_checkpoint_round_trip_an_old_checkpoint_and_a_table_that_does_not_fit(tmp_path, rewrite_weights):
     m = _model()
     path = save_checkpoint(tmp_path / "ck", m, VOCAB)
     ck = load_checkpoint(path)
     assert ck.model.uses_neighbours and ck.model.cfg.neighbour_window == 2
     torch.testing.assert_close(_scores(ck.model), _scores(m))
 
-    def rewrite(mutate):
-        state = load_file(str(path / "model.safetensors"))
-        mutate(state)
-        save_file(state, str(path / "model.safetensors"))
-        manifest = json.loads((path / "manifest.json").read_text())
-        manifest["files"]["model.safetensors"] = _sha256(path / "model.safetensors")
-        manifest["content_hash"] = content_hash(manifest["files"])
-        (path / "manifest.json").write_text(json.dumps(manifest))
-
-    rewrite(lambda s: s.update(nbr_idx=s["nbr_idx"][:-1]))
+    rewrite_weights(path, lambda s: s.update(nbr_idx=s["nbr_idx"][:-1]))
     with pytest.raises(CheckpointError, match="neighbour table does not fit n_items"):
         load_checkpoint(path)
-    rewrite(lambda s: [s.pop(k) for k in ("nbr_ptr", "nbr_idx", "nbr_val")])  # written before the table
+    rewrite_weights(path, lambda s: [s.pop(k) for k in ("nbr_ptr", "nbr_idx", "nbr_val")])  # before the table
     old = load_checkpoint(path)
     assert not old.model.uses_neighbours and old.model.uses_transitions
 

@@ -76,11 +76,7 @@ def test_the_model_adds_weight_times_the_last_items_row():
     torch.testing.assert_close(_scores(m), base)
 
 
-def test_checkpoint_round_trip_and_a_table_that_does_not_fit(tmp_path):
-    from safetensors.torch import load_file, save_file
-
-    from models.checkpoint import _sha256, content_hash
-
+def test_checkpoint_round_trip_and_a_table_that_does_not_fit(tmp_path, rewrite_weights):
     m, table = _model()
     m.set_transitions(table)
     path = save_checkpoint(tmp_path / "ck", m, VOCAB)
@@ -88,21 +84,11 @@ def test_checkpoint_round_trip_and_a_table_that_does_not_fit(tmp_path):
     assert ck.model.uses_transitions and ck.model.trans_idx.dtype == torch.int32
     torch.testing.assert_close(_scores(ck.model), _scores(m))
 
-    def rewrite(mutate):
-        state = load_file(str(path / "model.safetensors"))
-        mutate(state)
-        save_file(state, str(path / "model.safetensors"))
-        import json
-
-        manifest = json.loads((path / "manifest.json").read_text())
-        manifest["files"]["model.safetensors"] = _sha256(path / "model.safetensors")
-        manifest["content_hash"] = content_hash(manifest["files"])
-        (path / "manifest.json").write_text(json.dumps(manifest))
-
-    rewrite(lambda s: s.update(trans_ptr=s["trans_ptr"][:-1]))
+    rewrite_weights(path, lambda s: s.update(trans_ptr=s["trans_ptr"][:-1]))
     with pytest.raises(CheckpointError, match="transition table does not fit n_items"):
         load_checkpoint(path)
-    rewrite(lambda s: [s.pop(k) for k in ("trans_ptr", "trans_idx", "trans_val", "item_category")])  # older
+    older = ("trans_ptr", "trans_idx", "trans_val", "item_category")  # written before the table existed
+    rewrite_weights(path, lambda s: [s.pop(k) for k in older])
     old = load_checkpoint(path)
     assert not old.model.uses_transitions and old.model.trans_ptr.numel() == 0
 
