@@ -12,7 +12,9 @@ Before training (from the profile):
 * **window length** -- long enough for 90 % of histories, at least 50 and at most 200 events
   (attention cost grows with the square of the window);
 * **softmax** -- full over catalogues of up to 4,096 items, else 4,096 shared sampled negatives;
-* **dropout** -- by how often an item is seen: 0.2 at 40+ events per item, 0.5 under 5, else 0.3;
+* **dropout** -- by how often an item is seen: 0.2 at 40+ training events per item (a dense log), else
+  0.5 (sparse logs overfit their rarely seen items sooner; SASRec's own choice, 0.2 on MovieLens-1m
+  and 0.5 on its sparse logs);
 * **window stride** -- a quarter window when the log gives fewer than 10,000 windows (few, long
   histories: overlapping windows give more, differently cut training sequences), else a whole window;
 * **batch and learning rate** -- at least 32 optimiser steps per epoch (batch 256 down to 32), the
@@ -55,6 +57,12 @@ MIN_WINDOW, MAX_WINDOW = 50, 200
 #: Catalogues up to this size train with a full softmax; larger ones with this many sampled negatives.
 FULL_SOFTMAX_ITEMS = 4096
 SAMPLED_NEGATIVES = 4096
+#: Logs with at least this many training events per item are dense: DENSE_DROPOUT, else SPARSE_DROPOUT
+#: (a 0.3 middle tier lost to 0.5 on three logs of 9.5-24 events per item: benchmarks/RESULTS.md,
+#: "The defaults on every shipped dataset").
+DENSE_EVENTS_PER_ITEM = 40
+DENSE_DROPOUT = 0.2
+SPARSE_DROPOUT = 0.5
 #: Fewer training windows than this: overlapping windows (a quarter window apart).
 FEW_WINDOWS = 10_000
 #: Optimiser steps per epoch auto aims for at least (by lowering the batch to MIN_BATCH).
@@ -152,9 +160,9 @@ def choose(profile: LogProfile, sequences: dict[str, EventSeq] | None = None, *,
              f"the catalogue has {profile.n_items:,} items (> {FULL_SOFTMAX_ITEMS:,}): a full softmax per target "
              f"would cost {profile.n_items / SAMPLED_NEGATIVES:.0f}x more")
     epi = profile.events_per_item
-    dropout = 0.2 if epi >= 40 else 0.5 if epi < 5 else 0.3
-    pick(model, gm, "dropout", "dropout", dropout, f"{epi:.1f} training events per item "
-         "(0.2 at >= 40, 0.5 under 5, else 0.3: rarer items overfit sooner)")
+    dropout = DENSE_DROPOUT if epi >= DENSE_EVENTS_PER_ITEM else SPARSE_DROPOUT
+    pick(model, gm, "dropout", "dropout", dropout, f"{epi:.1f} training events per item (0.2 at >= "
+         f"{DENSE_EVENTS_PER_ITEM}, else 0.5: rarely seen items overfit sooner)")
 
     def windows(stride: int) -> int:
         if sequences is not None:
