@@ -67,6 +67,17 @@ CROSSCHECK = {
 #: The GRU4Rec-style baseline: a GRU over item embeddings (models.model.GRUBackbone) with the same
 #: softmax loss and training loop as ours; no repeat head, side features or transition table.
 GRU4REC = {"backbone": "gru", "features": ["item"], "repeat_head": False, "transition_top": 0, "neighbour_top": 0}
+#: Its per-dataset settings ``(model, train)`` — the values the earlier hand-tuned tables gave this
+#: baseline (a baseline given its tuned settings, not ours); ``auto`` chooses the rest. A dataset
+#: missing here gets ``auto`` alone.
+GRU4REC_SETTINGS = {
+    "ml-100k": ({"max_len": 200, "dropout": 0.2, "n_negatives": 0},
+                {"batch_size": 256, "lr": 0.005, "window_stride": 200}),
+    "beauty": ({"max_len": 50, "dropout": 0.3, "n_negatives": 4096}, {}),
+    "games": ({"max_len": 50, "dropout": 0.5, "n_negatives": 4096}, {}),
+    "taobao": ({"max_len": 50, "dropout": 0.5, "n_negatives": 2048}, {"batch_size": 64, "lr": 0.002}),
+    "yoochoose": ({"max_len": 50, "dropout": 0.3, "n_negatives": 2048}, {}),
+}
 #: Column of the checkpoint scored without its item-transition table (models/transitions.py).
 NO_TRANSITIONS = "ours w/o tables"
 #: Row comparing ours case by case with each column: cases where ours has the higher NDCG@10 / the
@@ -87,9 +98,11 @@ def _train_child(name: str, root, model_overrides: dict, train_overrides: dict, 
     train(ds, mcfg, tcfg, out, split=sp, eval_test=False)
 
 
-def _checkpoint_scorer(name: str, ds, args, ck: Path, model_overrides: dict, budget_min: float, label: str):
+def _checkpoint_scorer(name: str, ds, args, ck: Path, model_overrides: dict, budget_min: float, label: str,
+                       train_overrides: dict | None = None):
     """The scorer of checkpoint ``ck`` if it exists, else trained there (``model_overrides``,
-    ``--train-config``, ``budget_min``, ``--threads``) when ``--train`` is given, else None."""
+    ``train_overrides`` then ``--train-config``, ``budget_min``, ``--threads``) when ``--train`` is
+    given, else None."""
     try:
         from models.scorer import TransformerScorer
     except ImportError as e:
@@ -99,7 +112,7 @@ def _checkpoint_scorer(name: str, ds, args, ck: Path, model_overrides: dict, bud
         import multiprocessing as mp
 
         tkw = {"budget_min": budget_min, "num_threads": args.threads, "progress": False,
-               **json.loads(args.train_config or "{}")}
+               **(train_overrides or {}), **json.loads(args.train_config or "{}")}
         proc = mp.get_context("spawn").Process(target=_train_child, args=(name, args.root, model_overrides, tkw,
                                                                           str(ck)))
         proc.start()
@@ -124,13 +137,14 @@ def _transformer(name, ds, sp, args):
 
 def _gru4rec(name, ds, args):
     """The GRU4Rec-style baseline (``--gru``): ``DIR/<dataset>.gru4rec``, trained like ours with the
-    :data:`GRU4REC` model (the dataset's ``n_negatives``/``max_len``/``dropout`` kept) and
-    ``--gru-budget-min``."""
+    :data:`GRU4REC` model, the dataset's :data:`GRU4REC_SETTINGS` (``--model-config``'s
+    ``n_negatives``/``max_len``/``dropout`` over them) and ``--gru-budget-min``."""
     if not (args.checkpoints and args.gru):
         return None
+    model, train = GRU4REC_SETTINGS.get(name, ({}, {}))
     keep = {k: v for k, v in json.loads(args.model_config or "{}").items() if k in ("n_negatives", "max_len", "dropout")}
-    return _checkpoint_scorer(name, ds, args, Path(args.checkpoints) / f"{name}.gru4rec", {**keep, **GRU4REC},
-                              args.gru_budget_min, "GRU4Rec")
+    return _checkpoint_scorer(name, ds, args, Path(args.checkpoints) / f"{name}.gru4rec", {**model, **keep, **GRU4REC},
+                              args.gru_budget_min, "GRU4Rec", train)
 
 
 def _training_row(name: str, scorer, ck_dir: Path) -> dict | None:

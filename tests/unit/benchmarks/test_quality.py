@@ -27,3 +27,21 @@ def test_the_action_bar_compares_log_loss_with_both_action_baselines():
 
 def test_doctests():
     assert doctest.testmod(quality).failed == 0
+
+
+def test_the_gru4rec_baseline_trains_with_its_dataset_settings(monkeypatch, tmp_path):
+    import argparse
+
+    seen = {}
+    monkeypatch.setattr(quality, "_checkpoint_scorer",
+                        lambda name, ds, args, ck, model, budget, label, train=None: seen.update(
+                            ck=ck, model=model, train=train, budget=budget))
+    args = argparse.Namespace(checkpoints=tmp_path, gru=True, model_config='{"dropout": 0.4, "d_model": 8}',
+                              gru_budget_min=5.0)
+    quality._gru4rec("taobao", None, args)
+    assert seen["ck"] == tmp_path / "taobao.gru4rec" and seen["budget"] == 5.0
+    assert seen["model"]["backbone"] == "gru" and seen["model"]["n_negatives"] == 2048
+    assert seen["model"]["dropout"] == 0.4 and "d_model" not in seen["model"]  # --model-config: three keys only
+    assert seen["train"] == {"batch_size": 64, "lr": 0.002}
+    quality._gru4rec("a-log-of-mine", None, args)
+    assert seen["train"] == {} and seen["model"]["dropout"] == 0.4  # unknown dataset: auto, and the overrides
