@@ -297,8 +297,14 @@ def fit_table_and_temperature(ck, ds, valid, fit_seqs: dict[str, EventSeq], fina
     ``fit_seqs`` (what the model trained on: the validation targets unseen; a table holding them makes
     the temperature too sharp). Then the tables are re-counted on ``final_seqs`` (every event but the
     test targets) and installed. Returns the metadata entries (``transitions``, ``neighbours``,
-    ``item_calibration``); the caller saves."""
+    ``item_calibration``); the caller saves. Both fits start from the model without tables: a
+    checkpoint refitted after training serves tables counted on the validation targets too."""
+    import dataclasses
+
     out: dict[str, Any] = {}
+    ck.model.cfg = dataclasses.replace(ck.model.cfg, transition_weight=0.0, neighbour_weight=0.0)
+    ck.model.set_transitions(None)
+    ck.model.set_neighbours(None)
     if ck.model.cfg.transition_top > 0:
         out["transitions"] = fit_transitions(ck, ds, valid, fit_seqs, fit_seqs, mask_history, device)
     if ck.model.cfg.neighbour_top > 0:  # on top of the table

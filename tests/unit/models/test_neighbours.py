@@ -231,3 +231,22 @@ def test_a_refit_reports_what_the_served_model_scores_whatever_its_temperature(t
     assert fit["weight"] > 0 and ck.model.cfg.item_temperature == 4.0  # the calibration is kept
     served = evaluate_cases(TransformerScorer(ck.model, ck.vocab, ds.items), ds, valid, False)["NDCG@10"]
     assert served == pytest.approx(fit["valid_ndcg10_after"], abs=2e-4)
+
+
+def test_a_refit_of_a_trained_checkpoint_starts_without_its_tables(tmp_path):
+    """``nextaction fit-transitions`` on a checkpoint that already serves both tables fits them as
+    training did: from the model alone, not on top of the served neighbour table (counted on the
+    validation targets too, which would make the transition weight look better than it is)."""
+    from models.config import TrainConfig
+    from models.train import refit_transitions, train
+
+    ds = _cluster_dataset()
+    path, _ = train(ds, ModelConfig(d_model=8, max_len=8, n_negatives=0),
+                    TrainConfig(epochs=1, batch_size=64, progress=False, warmup_steps=1, lr=1e-4), tmp_path / "ck",
+                    eval_test=False)
+    trained = load_checkpoint(path).metadata
+    assert trained["neighbours"]["weight"] > 0
+    refit = refit_transitions(ds, path)
+    for table in ("transitions", "neighbours"):
+        keys = ("weight", "valid_ndcg10_before", "valid_ndcg10_after")
+        assert {k: refit[table][k] for k in keys} == {k: trained[table][k] for k in keys}, table
