@@ -161,8 +161,8 @@ def choose(profile: LogProfile, sequences: dict[str, EventSeq] | None = None, *,
              f"would cost {profile.n_items / SAMPLED_NEGATIVES:.0f}x more")
     epi = profile.events_per_item
     dropout = DENSE_DROPOUT if epi >= DENSE_EVENTS_PER_ITEM else SPARSE_DROPOUT
-    pick(model, gm, "dropout", "dropout", dropout, f"{epi:.1f} training events per item (0.2 at >= "
-         f"{DENSE_EVENTS_PER_ITEM}, else 0.5: rarely seen items overfit sooner)")
+    pick(model, gm, "dropout", "dropout", dropout, f"{epi:.1f} training events per item ({DENSE_DROPOUT:g} at >= "
+         f"{DENSE_EVENTS_PER_ITEM}, else {SPARSE_DROPOUT:g}: rarely seen items overfit sooner)")
 
     def windows(stride: int) -> int:
         if sequences is not None:
