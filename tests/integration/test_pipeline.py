@@ -41,12 +41,13 @@ BAD_FRACTION = 0.02
 
 
 # --- helpers -------------------------------------------------------------------------------------------
-def read_outputs(settings, n_inputs: int, timeout: float = 240.0) -> dict[str, list]:
-    """Inputs, predictions, DLQ records and outcomes, once every input has an output."""
+def read_outputs(settings, n_inputs: int, timeout: float = 240.0, n_outcomes: int = 0) -> dict[str, list]:
+    """Inputs, predictions, DLQ records and outcomes, once every input has an output (and, with
+    ``n_outcomes``, that many outcomes are in: the read may otherwise stop part-way through them)."""
     s = settings
 
     def done(out):
-        if len(out[s.topic_events]) < n_inputs:
+        if len(out[s.topic_events]) < n_inputs or len(out[s.topic_outcomes]) < n_outcomes:
             return False
         covered = {(m["partition"], m["offset"]) for m in map(_json, out[s.topic_predictions])}
         covered |= {(d["source"]["partition"], d["source"]["offset"]) for d in map(_json, out[s.topic_dlq])}
@@ -158,10 +159,8 @@ def test_every_event_yields_one_prediction_or_one_dlq_record(pipeline_settings, 
         assert counts["inputs"] == N_EVENTS and counts["duplicates"] == 0
         # outcomes: one per valid event of a user that already had a prediction
         n_outcomes = counts["valid"] - counts["users"]
-        if len(out[s.topic_outcomes]) < n_outcomes:  # that read stops once every input has an output:
-            # it may be part-way through `outcomes` then (it did, once in CI); read on until they are all in
-            topics = [s.topic_events, s.topic_predictions, s.topic_dlq, s.topic_outcomes]
-            out = asyncio.run(read_topics(s, topics, lambda o: len(o[s.topic_outcomes]) >= n_outcomes, 60))
+        if len(out[s.topic_outcomes]) < n_outcomes:  # that read stopped part-way through `outcomes`
+            out = read_outputs(s, N_EVENTS, timeout=60, n_outcomes=n_outcomes)
         outcomes = [_json(m) for m in out[s.topic_outcomes]]
         assert len(outcomes) == n_outcomes
         o = outcomes[-1]
