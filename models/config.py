@@ -226,6 +226,9 @@ class TrainConfig(_JsonMixin):
     # anneals: models.train.ANNEAL_BELOW)
     patience: int = 5
     eval_every: int = 1  # epochs between validation passes
+    # validate and save an exponential moving average of the weights with this half-life in epochs
+    # (models.averaging; 0 = the last step's weights)
+    ema_epochs: float = 0.0
     seed: int = 42
     device: str = "auto"
     budget_min: float = 0.0
@@ -248,12 +251,13 @@ class TrainConfig(_JsonMixin):
         self.validate()
 
     def validate(self) -> None:
-        for name in ("lr", "weight_decay", "grad_clip", "budget_min"):
+        for name in ("lr", "weight_decay", "grad_clip", "budget_min", "ema_epochs"):
             _num(name, getattr(self, name))
         _check(self.lr > 0, "lr", self.lr, "must be > 0")
         _check(self.weight_decay >= 0, "weight_decay", self.weight_decay, "must be >= 0")
         _check(self.grad_clip >= 0, "grad_clip", self.grad_clip, "must be >= 0 (0 = off)")
         _check(self.budget_min >= 0, "budget_min", self.budget_min, "must be >= 0 (0 = no budget)")
+        _check(self.ema_epochs >= 0, "ema_epochs", self.ema_epochs, "must be >= 0 (0 = off)")
         for name in ("warmup_steps", "pretrain_epochs", "num_threads", "max_eval_users", "window_stride"):
             _int(name, getattr(self, name), 0)
         for name in ("epochs", "batch_size", "patience", "eval_every"):

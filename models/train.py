@@ -36,6 +36,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from pathlib import Path
@@ -330,6 +331,7 @@ def train(ds, model_cfg: ModelConfig | None, train_cfg: TrainConfig, out_dir: st
     import torch
     from tqdm.auto import tqdm
 
+    from models.averaging import WeightAverage
     from models.checkpoint import save_checkpoint
     from models.model import NextActionModel
     from models.progress import progress
@@ -398,6 +400,8 @@ def train(ds, model_cfg: ModelConfig | None, train_cfg: TrainConfig, out_dir: st
         sched_state = {"warmup": min(train_cfg.warmup_steps, steps_per_epoch),  # warm-up: at most one epoch
                        "total": n_epochs * steps_per_epoch, "schedule": train_cfg.schedule}
         sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(sched_state))
+        avg = WeightAverage(model, train_cfg.ema_epochs * steps_per_epoch) if train_cfg.ema_epochs > 0 else None
+        averaged = avg.swapped_in if avg is not None else (lambda _m: contextlib.nullcontext())
         phase_budget = budget_s * (0.25 if phase == "masked" and len(phases) > 1 else 1.0)
         t_phase = time.perf_counter()
         bad_evals = 0
@@ -419,6 +423,8 @@ def train(ds, model_cfg: ModelConfig | None, train_cfg: TrainConfig, out_dir: st
                     torch.nn.utils.clip_grad_norm_(model.parameters(), train_cfg.grad_clip)
                 opt.step()
                 sched.step()
+                if avg is not None:
+                    avg.update(model)
                 lv = float(loss.detach())
                 if not math.isfinite(lv):
                     raise FloatingPointError(f"loss became {lv} at {phase} epoch {ep + 1}")
@@ -439,20 +445,21 @@ def train(ds, model_cfg: ModelConfig | None, train_cfg: TrainConfig, out_dir: st
                 model.eval()
                 scorer._cache = None
                 te = time.perf_counter()
-                m = evaluate_cases(scorer, ds, valid, mask_history)
-                rec["eval_s"] = round(time.perf_counter() - te, 2)
-                rec["valid"] = {k: m[k] for k in ("NDCG@10", "HR@10") if k in m}
-                score = float(m["NDCG@10"])
-                if score > best["metric"]:
-                    best = {"metric": score, "epoch": epoch_global, "metrics": rec["valid"]}
-                    bad_evals = 0
-                    fill_unknown_rows()
-                    save_checkpoint(out_dir, model, vocab, train_cfg, {
-                        "dataset": ds.name, "epoch": epoch_global, "valid": rec["valid"],
-                        "valid_protocol": f"full, history {train_cfg.eval_protocol}", "device": str(device),
-                        "n_train_examples": len(examples)})
-                else:
-                    bad_evals += 1
+                with averaged(model):  # validate and save the averaged weights (TrainConfig.ema_epochs)
+                    m = evaluate_cases(scorer, ds, valid, mask_history)
+                    rec["eval_s"] = round(time.perf_counter() - te, 2)
+                    rec["valid"] = {k: m[k] for k in ("NDCG@10", "HR@10") if k in m}
+                    score = float(m["NDCG@10"])
+                    if score > best["metric"]:
+                        best = {"metric": score, "epoch": epoch_global, "metrics": rec["valid"]}
+                        bad_evals = 0
+                        fill_unknown_rows()
+                        save_checkpoint(out_dir, model, vocab, train_cfg, {
+                            "dataset": ds.name, "epoch": epoch_global, "valid": rec["valid"],
+                            "valid_protocol": f"full, history {train_cfg.eval_protocol}", "device": str(device),
+                            "n_train_examples": len(examples)})
+                    else:
+                        bad_evals += 1
             history.append(rec)
             if train_cfg.progress:
                 tqdm.write(_fmt(rec))
@@ -480,8 +487,9 @@ def train(ds, model_cfg: ModelConfig | None, train_cfg: TrainConfig, out_dir: st
         if stop_all:
             break
     if best["epoch"] < 0:  # no causal evaluation happened (tiny budget): save what we have
-        fill_unknown_rows()
-        save_checkpoint(out_dir, model, vocab, train_cfg, {"dataset": ds.name, "epoch": epoch_global})
+        with averaged(model):
+            fill_unknown_rows()
+            save_checkpoint(out_dir, model, vocab, train_cfg, {"dataset": ds.name, "epoch": epoch_global})
     meta_extra = {"best_epoch": best["epoch"], "train_seconds": round(time.perf_counter() - t_start, 1),
                   "epochs_run": sum(1 for h in history if "loss" in h), "peak_rss_mib": _peak_rss_mib(),
                   "history": history}

@@ -41,6 +41,9 @@ def train(
     warmup_steps: Annotated[int, typer.Option()] = 100,
     patience: Annotated[int, typer.Option(help="Validations without NDCG@10 gain before stopping.")] = 5,
     seed: Annotated[int, typer.Option()] = 42,
+    ema_epochs: Annotated[Optional[float], typer.Option(
+        help="Validate and save a moving average of the weights with this half-life in epochs (0 = off). "
+             "[default: TrainConfig.ema_epochs]")] = None,
     threads: Annotated[int, typer.Option(help="CPU intra-op threads (0 = torch default). On a busy shared "
                                               "CPU, 1 is often fastest.")] = 0,
     d_model: Annotated[int, typer.Option()] = 64,
@@ -111,7 +114,8 @@ def train(
         given_train = {k: v for k, v in chosen_train.items() if v is not None}
         base_train = {"warmup_steps": warmup_steps, "weight_decay": weight_decay, "epochs": epochs,
                       "patience": patience, "seed": seed, "device": device, "budget_min": budget_min,
-                      "num_threads": threads, "max_eval_users": max_eval_users, "progress": progress}
+                      "num_threads": threads, "max_eval_users": max_eval_users, "progress": progress,
+                      **({"ema_epochs": ema_epochs} if ema_epochs is not None else {})}
         if auto:
             mcfg, tcfg, profile, why = auto_configs(ds, split, given_model, given_train, base_train=base_train)
             console.print(f"[bold]auto[/] ({profile.summary()}):")

@@ -151,3 +151,33 @@ def test_item_categories_are_tied_into_the_item_rows_and_saved(tmp_path):
         batch = collate([encode(h, v, m.cfg)])
         again = load_checkpoint(path).model.score_last(batch)["item_scores"]
         torch.testing.assert_close(m.score_last(batch)["item_scores"], again)
+
+
+def test_the_checkpoint_holds_the_averaged_weights_it_was_validated_with(tmp_path, monkeypatch):
+    """``ema_epochs > 0``: the saved weights are the bias-corrected moving average of the weights after
+    each step (recomputed here from every step's weights), not the last step's."""
+    import models.averaging
+    from models.datasets import load
+    from models.train import train
+
+    steps: list[dict[str, torch.Tensor]] = []
+
+    class Recording(models.averaging.WeightAverage):
+        def update(self, model):
+            steps.append({n: p.detach().clone() for n, p in model.named_parameters()})
+            super().update(model)
+
+    monkeypatch.setattr(models.averaging, "WeightAverage", Recording)
+    ds = load("synthetic", n_users=60, n_items=20, min_len=6, max_len=12)
+    cfg = ModelConfig(d_model=16, max_len=10)
+    path, _ = train(ds, cfg, TrainConfig(epochs=1, batch_size=16, progress=False, warmup_steps=2, ema_epochs=0.5),
+                    tmp_path / "ck")
+    saved = dict(load_checkpoint(path).model.named_parameters())
+    n = len(steps)
+    assert n >= 3
+    decay = 0.5 ** (1.0 / (0.5 * n))  # half-life: half an epoch of n steps
+    w = torch.tensor([(1 - decay) * decay ** (n - 1 - i) for i in range(n)], dtype=torch.float64)
+    name = next(k for k in saved if "layers" in k and saved[k].dim() == 2)  # a weight no fit after training touches
+    expected = sum(float(w[i]) * steps[i][name].double() for i in range(n)) / float(w.sum())
+    torch.testing.assert_close(saved[name].double(), expected, atol=1e-5, rtol=1e-4)
+    assert not torch.allclose(saved[name], steps[-1][name], atol=1e-4)  # not the last step's weights
