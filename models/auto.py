@@ -12,9 +12,9 @@ Before training (from the profile):
 * **window length** -- long enough for 90 % of histories, at least 50 and at most 200 events
   (attention cost grows with the square of the window);
 * **softmax** -- full over catalogues of up to 4,096 items, else 4,096 shared sampled negatives;
-* **dropout** -- by how often an item is seen: 0.2 at 40+ training events per item (a dense log), else
-  0.5 (sparse logs overfit their rarely seen items sooner; SASRec's own choice, 0.2 on MovieLens-1m
-  and 0.5 on its sparse logs);
+* **dropout** -- by how often an item is seen: 0.2 at 100+ training events per item (a dense log, as
+  MovieLens-1m's 270, where SASRec chose 0.2), else 0.5 (rarely seen items overfit sooner; 0.5 won on
+  every shipped log, MovieLens-100k's 58 events per item included);
 * **window stride** -- a quarter window when the log gives fewer than 10,000 windows (few, long
   histories: overlapping windows give more, differently cut training sequences), else a whole window;
 * **batch and learning rate** -- at least 32 optimiser steps per epoch (batch 256 down to 32), the
@@ -36,7 +36,7 @@ the time budget after the first epoch (:func:`models.train.train`).
 (200, 80, 53.3, 0.0)
 >>> model_kw, train_kw, why = choose(p)
 >>> model_kw["max_len"], model_kw["n_negatives"], model_kw["dropout"], train_kw["batch_size"]
-(80, 0, 0.2, 32)
+(80, 0, 0.5, 32)
 >>> print(why[1])
 window length 80: 90 % of training histories have at most 80 events (kept within 50..200)
 >>> choose(p, given_model={"max_len": 20})[2][1]
@@ -57,10 +57,11 @@ MIN_WINDOW, MAX_WINDOW = 50, 200
 #: Catalogues up to this size train with a full softmax; larger ones with this many sampled negatives.
 FULL_SOFTMAX_ITEMS = 4096
 SAMPLED_NEGATIVES = 4096
-#: Logs with at least this many training events per item are dense: DENSE_DROPOUT, else SPARSE_DROPOUT
-#: (a 0.3 middle tier lost to 0.5 on three logs of 9.5-24 events per item: benchmarks/RESULTS.md,
-#: "The defaults on every shipped dataset").
-DENSE_EVENTS_PER_ITEM = 40
+#: Logs with at least this many training events per item are dense: DENSE_DROPOUT, else SPARSE_DROPOUT.
+#: 0.5 won on every shipped log (1.5-58 events per item; a 0.3 middle tier lost on three, 0.2 on
+#: MovieLens-100k: benchmarks/RESULTS.md, "The defaults on every shipped dataset"); 0.2 is SASRec's
+#: choice for MovieLens-1m (270 events per item), so the dense tier starts between the two.
+DENSE_EVENTS_PER_ITEM = 100
 DENSE_DROPOUT = 0.2
 SPARSE_DROPOUT = 0.5
 #: Fewer training windows than this: overlapping windows (a quarter window apart).

@@ -14,7 +14,7 @@ from models.schema import EventSeq
 
 
 def _profile(**kw) -> LogProfile:
-    base = dict(n_sequences=50_000, n_events=1_000_000, n_items=20_000, p90_length=30, events_per_item=50.0,
+    base = dict(n_sequences=50_000, n_events=1_000_000, n_items=20_000, p90_length=30, events_per_item=150.0,
                 repeat_share=0.0, category_share=0.0, action_shares=(1.0, 0.0, 0.0, 0.0, 0.0))
     return LogProfile(**{**base, **kw})
 
@@ -28,9 +28,9 @@ def test_each_choice_follows_the_log_not_fixed_values():
     assert long["max_len"] == MAX_WINDOW
     mid, _, _ = choose(_profile(p90_length=121))
     assert mid["max_len"] == 130
-    assert choose(_profile(events_per_item=40.0))[0]["dropout"] == 0.2  # dense from 40 events per item
+    assert choose(_profile(events_per_item=100.0))[0]["dropout"] == 0.2  # dense from 100 events per item
     assert choose(_profile(events_per_item=2.0))[0]["dropout"] == 0.5
-    assert choose(_profile(events_per_item=39.0))[0]["dropout"] == 0.5
+    assert choose(_profile(events_per_item=99.0))[0]["dropout"] == 0.5
     rich, _, _ = choose(_profile(category_share=0.9, action_shares=(0.9, 0.0, 0.05, 0.03, 0.02)))
     assert rich["item_categories"] and rich["action_prior"] and rich["action_loss_weight"] == 1.0
     plain, _, _ = choose(_profile(category_share=0.1, action_shares=(0.995, 0.0, 0.005, 0.0, 0.0)))
