@@ -336,7 +336,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--train", action="store_true",
                     help="train missing checkpoints with the defaults (models.auto), as `nextaction train` does")
     ap.add_argument("--budget-min", type=float, default=10.0, help="training budget per dataset (minutes)")
-    ap.add_argument("--threads", type=int, default=1, help="CPU intra-op threads for training")
+    ap.add_argument("--threads", type=int, default=0,
+                    help="CPU intra-op threads for training (0 = torch's default, as `nextaction train`)")
     ap.add_argument("--model-config", default="{}",
                     help="JSON ModelConfig settings (default: none; every choice is models.auto's, as for "
                          "`nextaction train`)")
