@@ -40,11 +40,6 @@ class WeightAverage:
         self._avg = [torch.zeros_like(p, dtype=torch.float32) for p in self._params]
         self._weight = 0.0  # 1 - decay ** steps: the bias correction
 
-    @property
-    def steps_weight(self) -> float:
-        """How much of the average is made of real steps (0 before the first update)."""
-        return self._weight
-
     @torch.no_grad()
     def update(self, model: torch.nn.Module) -> None:
         """Fold the model's current weights into the average (after ``optimizer.step()``)."""
