@@ -27,6 +27,8 @@ from typing import Iterator
 
 import torch
 
+from models.errors import ConfigError
+
 
 class WeightAverage:
     """``avg <- avg + (1 - decay) * (w - avg)`` after each step, ``decay = 0.5 ** (1 / half_life_steps)``,
@@ -34,7 +36,7 @@ class WeightAverage:
 
     def __init__(self, model: torch.nn.Module, half_life_steps: float):
         if not (math.isfinite(half_life_steps) and half_life_steps > 0):
-            raise ValueError(f"half_life_steps must be finite and > 0, got {half_life_steps!r}")
+            raise ConfigError("half_life_steps", half_life_steps, "must be finite and > 0")
         self.decay = 0.5 ** (1.0 / half_life_steps)
         self._params = [p for p in model.parameters() if p.requires_grad]
         self._avg = [torch.zeros_like(p, dtype=torch.float32) for p in self._params]
