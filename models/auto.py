@@ -19,7 +19,9 @@ Before training (from the profile):
   histories: overlapping windows give more, differently cut training sequences), else a whole window;
 * **batch and learning rate** -- at least 32 optimiser steps per epoch (batch 256 down to 32), the
   learning rate scaled with the square root of the batch (5e-3 at 256);
-* **item categories** -- learned category rows when at least half the events name a category;
+* **item categories** -- learned category rows when at least half the events name a category, hashed
+  into the smallest power of two of buckets that is at least 8 per distinct category (1,024..65,536):
+  two categories sharing a bucket share a row and each other's category-recency score;
 * **action prior and action loss** -- a learned row per current action, and the action loss weighted
   1.0 instead of 0.5, when at least two actions each make up 1 % of the events.
 
@@ -64,6 +66,11 @@ SAMPLED_NEGATIVES = 4096
 DENSE_EVENTS_PER_ITEM = 100
 DENSE_DROPOUT = 0.2
 SPARSE_DROPOUT = 0.5
+#: Category buckets per distinct category (auto's n_category_buckets), and their bounds. Taobao's head
+#: (2,880 training categories) in 1,024 buckets: history-masked test NDCG@10 0.0109 with the
+#: category-recency term; in 32,768: 0.0290 (benchmarks/RESULTS.md, "Category recency").
+CATEGORY_BUCKETS_PER_CATEGORY = 8
+MIN_CATEGORY_BUCKETS, MAX_CATEGORY_BUCKETS = 1024, 65536
 #: Fewer training windows than this: overlapping windows (a quarter window apart).
 FEW_WINDOWS = 10_000
 #: Optimiser steps per epoch auto aims for at least (by lowering the batch to MIN_BATCH).
@@ -84,6 +91,7 @@ class LogProfile:
     events_per_item: float
     repeat_share: float  # share of next events whose item is among the 50 events before it
     category_share: float  # share of events that name an item category
+    n_categories: int  # distinct item categories named
     action_shares: tuple[float, ...]  # share of events per action index
 
     @classmethod
@@ -91,6 +99,7 @@ class LogProfile:
         lengths = np.fromiter((len(s) for s in sequences.values()), np.int64, len(sequences))
         n_events = int(lengths.sum())
         repeats = nexts = cats = 0
+        distinct: set[str] = set()
         actions = np.zeros(N_ACTIONS, np.int64)
         for s in sequences.values():
             items = s.items
@@ -100,12 +109,14 @@ class LogProfile:
                     nexts += 1
                     repeats += i - last_seen.get(item, -10**9) <= lookback
                 last_seen[item] = i
-            cats += sum(1 for c in s.categories if c)
+            named = [c for c in s.categories if c]
+            cats += len(named)
+            distinct.update(named)
             actions += np.bincount(np.asarray(s.actions, np.int64), minlength=N_ACTIONS)[:N_ACTIONS]
         return cls(n_sequences=len(sequences), n_events=n_events, n_items=int(n_items),
                    p90_length=int(np.percentile(lengths, 90)) if len(lengths) else 0,
                    events_per_item=n_events / max(n_items, 1), repeat_share=round(repeats / max(nexts, 1), 3),
-                   category_share=round(cats / max(n_events, 1), 3),
+                   category_share=round(cats / max(n_events, 1), 3), n_categories=len(distinct),
                    action_shares=tuple(round(float(a) / max(n_events, 1), 4) for a in actions))
 
     def windows(self, sequences: dict[str, EventSeq] | None, max_len: int, stride: int) -> int:
@@ -119,7 +130,7 @@ class LogProfile:
         return (f"{self.n_sequences:,} histories, {self.n_events:,} events, {self.n_items:,} items "
                 f"({self.events_per_item:.1f} events per item), 90th-percentile history {self.p90_length} events, "
                 f"{self.repeat_share:.0%} of next items seen in the last 50 events, {acts} action type(s), "
-                f"{self.category_share:.0%} of events with a category")
+                f"{self.category_share:.0%} of events with a category ({self.n_categories:,} categories)")
 
 
 def _round_up(n: int, to: int) -> int:
@@ -189,6 +200,12 @@ def choose(profile: LogProfile, sequences: dict[str, EventSeq] | None = None, *,
     cats = profile.category_share >= 0.5
     pick(model, gm, "item_categories", "item categories", cats,
          f"{profile.category_share:.0%} of events name a category ({'>=' if cats else '<'} 50 %)")
+    if model["item_categories"]:
+        want = CATEGORY_BUCKETS_PER_CATEGORY * max(profile.n_categories, 1)
+        buckets = min(max(1 << (want - 1).bit_length(), MIN_CATEGORY_BUCKETS), MAX_CATEGORY_BUCKETS)
+        pick(model, gm, "n_category_buckets", "category buckets", buckets,
+             f"{profile.n_categories:,} categories: at least {CATEGORY_BUCKETS_PER_CATEGORY} buckets each, a power of "
+             f"two within {MIN_CATEGORY_BUCKETS:,}..{MAX_CATEGORY_BUCKETS:,} (few categories share a bucket)")
     n_acts = sum(1 for a in profile.action_shares if a >= 0.01)
     multi = n_acts >= 2
     pick(model, gm, "action_prior", "action prior", multi,

@@ -144,6 +144,12 @@ class ModelConfig(_JsonMixin):
     neighbour_top: int = 50  # most similar items kept per item (0 = no table)
     neighbour_window: int = 2  # the last events whose neighbours are scored (fitted choice)
     neighbour_weight: float = 0.0  # item score += weight * sum of cosine(recent item, item); 0 = off
+    # --- category recency (item_categories models; window and weight fitted after training) --------
+    category_recency: bool = True  # fit the term after training (False: never; weight stays 0)
+    category_window: int = 1  # the last events whose categories are scored (fitted choice)
+    # item score += weight / (1 + distance of the last of those events in the item's category); 0 = off
+    category_weight: float = 0.0
+    category_weight_unseen: float = 0.0  # ... when the history's items are excluded (fitted on masked validation)
 
     def __post_init__(self) -> None:
         self.validate()
@@ -201,6 +207,15 @@ class ModelConfig(_JsonMixin):
         _num("neighbour_weight", self.neighbour_weight)
         _check(math.isfinite(self.neighbour_weight) and self.neighbour_weight >= 0, "neighbour_weight",
                self.neighbour_weight, "must be finite and >= 0")
+        _int("category_window", self.category_window, 1)
+        _check(self.category_window <= self.max_len, "category_window", self.category_window,
+               f"must be <= max_len ({self.max_len})")
+        for name in ("category_weight", "category_weight_unseen"):
+            w = getattr(self, name)
+            _num(name, w)
+            _check(math.isfinite(w) and w >= 0, name, w, "must be finite and >= 0")
+            _check(w == 0 or self.item_categories, name, w, "needs item_categories (the items' categories are "
+                                                              "what it scores)")
 
     @property
     def head_dim(self) -> int:

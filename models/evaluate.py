@@ -328,7 +328,8 @@ def run_evaluate(dataset: str, checkpoint: Path | None = None, baselines: Sequen
     for b in baselines:
         scorers[b] = make_baseline(b, ds, fit)
     if checkpoint is not None:
-        scorers["transformer"] = TransformerScorer.from_checkpoint(Path(checkpoint), ds)
+        # history masked: ranked as a discovery feed serves it (exclude_seen), with its fitted category weight
+        scorers["transformer"] = TransformerScorer.from_checkpoint(Path(checkpoint), ds, exclude_seen=mask_history)
     results = {name: evaluate(s, ds, cases, protocol=protocol, mask_history=mask_history, ks=ks, seed=seed,
                               progress=progress)
                for name, s in scorers.items()}

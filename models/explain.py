@@ -55,7 +55,7 @@ import numpy as np
 import torch
 
 from models.encoding import ItemVocab, _gap_buckets, collate, encode
-from models.model import NextActionModel
+from models.model import NextActionModel, _last_items
 from models.schema import ACTIONS, EventSeq
 
 #: Attribution methods (module docstring).
@@ -228,7 +228,8 @@ def target_probs(model: NextActionModel, batch: dict[str, torch.Tensor], target:
         return p if which is None else p[ar, which]
     rep = model._repeat_scores(h, batch["lengths"])[ar, last] if model.cfg.repeat_head else None
     items = batch["item"]
-    logits = model.item_logits(h_last, rep, items if rep is not None else None, items[ar, last]).float()
+    logits = model.item_logits(h_last, rep, items if rep is not None else None,
+                               _last_items(items, batch["lengths"], model.last_window)).float()
     logits[:, : model.first_item] = float("-inf")  # only known items are predicted
     logp = torch.log_softmax(logits, dim=1)
     return logp.exp() if which is None else logp[ar, which].exp()

@@ -40,7 +40,7 @@ class LastHidden:
     scored (and its ``[V, d]`` table read from memory) once per batch, not once per model call.
 
     ``h [B, d]``; ``rep [B, T]`` repeat scores over the history positions and ``hist [B, T]`` the
-    item indices there (``None`` without a repeat head); ``action [B]`` the last event's action and
+    item indices there (``None`` without a repeat head; ``hist`` also with ``exclude_seen``); ``action [B]`` the last event's action and
     ``item [B, W]`` the vocabulary indices of the last ``W`` events, the last first (for the transition
     and neighbour tables; :attr:`~models.model.NextActionModel.last_window`).
     """
@@ -58,10 +58,11 @@ class LastHidden:
         if len(parts) == 1:
             return parts[0]
         rep = hist = None
-        if parts[0].rep is not None:
-            T = max(p.rep.shape[1] for p in parts)
-            rep = torch.cat([F.pad(p.rep.float(), (0, T - p.rep.shape[1])) for p in parts])
+        if parts[0].hist is not None:  # a repeat head, or the window's items to exclude (exclude_seen)
+            T = max(p.hist.shape[1] for p in parts)
             hist = torch.cat([F.pad(p.hist, (0, T - p.hist.shape[1]), value=PAD) for p in parts])
+        if parts[0].rep is not None:
+            rep = torch.cat([F.pad(p.rep.float(), (0, T - p.rep.shape[1])) for p in parts])
         return LastHidden(torch.cat([p.h for p in parts]), rep, hist, torch.cat([p.action for p in parts]),
                           torch.cat([p.item for p in parts]))
 

@@ -9,7 +9,9 @@ position ``t`` (each predicts event ``t + 1``):
   plus a learned **repeat score** ``q(h_t) · k(h_j) / sqrt(d) + recency(t - j)`` added to the item
   of each history position ``j <= t`` and, when the checkpoint has one, a **transition score**
   ``w * f(count(last item -> j))`` (:mod:`models.transitions`), and a **neighbour score**
-  ``w' * sum(cosine(i, j))`` over the last ``cfg.neighbour_window`` events ``i`` (:mod:`models.neighbours`).
+  ``w' * sum(cosine(i, j))`` over the last ``cfg.neighbour_window`` events ``i`` (:mod:`models.neighbours`),
+  and with item categories a **category-recency score** ``w'' / (1 + d)`` for an item whose category
+  one of the last ``cfg.category_window`` events had, ``d`` events ago (:meth:`~NextActionModel.category_recency`).
   Trained with full-softmax cross-entropy, or a sampled softmax over ``cfg.n_negatives`` uniform
   negatives shared by the batch.
 * next action: a softmax over :data:`models.schema.ACTIONS` (optionally calibrated:
@@ -107,6 +109,9 @@ class NextActionModel(nn.Module):
         self.backbone = build_backbone(cfg)
         # prefill/step in eval mode run the llama backbone through llama_forward (False: `transformers`)
         self.lean_serving = True
+        # serving mode: rank only items outside the user's window (discovery surfaces); the history
+        # items score -inf and the category term uses cfg.category_weight_unseen (fitted for this mode)
+        self.exclude_seen = False
         self.out_drop = nn.Dropout(cfg.dropout)
         self.item_bias = nn.Parameter(torch.zeros(cfg.n_items))
         if cfg.repeat_head:
@@ -418,9 +423,41 @@ class NextActionModel(nn.Module):
         return self.uses_transitions or self.uses_neighbours
 
     @property
+    def category_weight(self) -> float:
+        """The category-recency weight served in the current mode (:attr:`exclude_seen`)."""
+        return self.cfg.category_weight_unseen if self.exclude_seen else self.cfg.category_weight
+
+    @property
+    def uses_category_recency(self) -> bool:
+        """Whether scoring adds the category-recency term (:meth:`category_recency`)."""
+        return self.category_weight != 0.0 and self.cat_emb is not None
+
+    @property
     def last_window(self) -> int:
-        """How many of the last events the tables read (``last_items`` columns)."""
-        return self.cfg.neighbour_window
+        """How many of the last events the tables and the category term read (``last_items`` columns)."""
+        return max(self.cfg.neighbour_window, self.cfg.category_window if self.uses_category_recency else 1)
+
+    def category_recency(self, last_items: torch.Tensor, window: int | None = None,
+                         weight: float | None = None) -> torch.Tensor:
+        """``[N, n_category_buckets + 1]``: the category-recency score of each category bucket for
+        ``last_items [N, W]`` (the last events' vocabulary indices, the last first; ``[N]``: the last
+        only): ``weight / (1 + d)`` where ``d`` is how many events before the last one the most recent
+        of the last ``window`` events in that category is (:func:`models.train.copy_feature`), 0 for a
+        category none of them is in and for bucket 0 (no category). An item's term is its category's
+        entry: next items in the categories the user is browsing rank higher, whether or not they were
+        seen in training (cold items get their category from the catalogue, ``item_category``).
+        ``window``/``weight`` default to the fitted ``category_window`` and the mode's weight
+        (:attr:`category_weight`)."""
+        if last_items.dim() == 1:
+            last_items = last_items[:, None]
+        W = min(self.cfg.category_window if window is None else window, last_items.shape[1])
+        w = self.category_weight if weight is None else weight
+        cats = self.item_category[last_items[:, :W]]  # (N, W); 0 = no category, padding, unknown item
+        rec = w / (1.0 + torch.arange(W, device=cats.device, dtype=torch.float32))  # (W,)
+        out = torch.zeros(cats.shape[0], self.cfg.n_category_buckets + 1, device=cats.device)
+        out.scatter_reduce_(1, cats, rec.expand_as(cats).contiguous(), reduce="amax")
+        out[:, 0] = 0.0
+        return out
 
     def _table_entries(self, last_items: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The table entries for ``last_items [N, W]`` (the last event's vocabulary index first, then
@@ -516,6 +553,10 @@ class NextActionModel(nn.Module):
             logits.scatter_add_(1, hist_items, rep.to(logits.dtype))
         if last_item is not None and self.uses_tables:
             self._add_tables(logits, last_item)
+        if last_item is not None and self.uses_category_recency:
+            logits += self.category_recency(last_item).index_select(1, self.item_category)
+        if self.exclude_seen and hist_items is not None:  # only items outside the window are ranked
+            logits.scatter_(1, hist_items, float("-inf"))
         logits[:, :N_SPECIAL] = float("-inf")  # padding and mask are never predicted
         return logits
 
@@ -535,8 +576,8 @@ class NextActionModel(nn.Module):
     def rescore_items(self, h: torch.Tensor, rep: torch.Tensor | None, hist_items: torch.Tensor | None,
                       last_item: torch.Tensor | None, cand: torch.Tensor) -> torch.Tensor:
         """Exact fp32 scores ``[N, C]`` of the vocabulary indices ``cand [N, C]``: what
-        :meth:`item_logits` gives at those columns (item row · h + bias + repeat + transition
-        and neighbour scores), computed for ``C`` items instead of the whole catalogue."""
+        :meth:`item_logits` gives at those columns (item row · h + bias + repeat + transition,
+        neighbour and category-recency scores), computed for ``C`` items instead of the whole catalogue."""
         with torch.autocast(h.device.type, enabled=False):
             h = h.float()
             W = self.item_vectors().float()[cand]  # (N, C, d)
@@ -549,6 +590,11 @@ class NextActionModel(nn.Module):
                 if rows.numel():
                     match = cols[:, None] == cand[rows]  # (E, C): the successor is that candidate
                     s.index_add_(0, rows, match * vals.float()[:, None])
+            if last_item is not None and self.uses_category_recency:
+                s = s + self.category_recency(last_item).gather(1, self.item_category[cand])
+            if self.exclude_seen and hist_items is not None:
+                seen = (hist_items[:, None, :] == cand[:, :, None]).any(-1)  # (N, C)
+                s = s.masked_fill(seen, float("-inf"))
         return s
 
     def top_items(self, h: torch.Tensor, rep: torch.Tensor | None, hist_items: torch.Tensor | None,
@@ -772,7 +818,8 @@ class NextActionModel(nn.Module):
         rep = None
         if self.cfg.repeat_head:
             rep = self._repeat_scores(h, lengths)[ar, last]  # (B, T)
-        return self._heads_last(h_last, rep, items if rep is not None else None, batch["action"][ar, last],
+        hist = items if rep is not None or self.exclude_seen else None
+        return self._heads_last(h_last, rep, hist, batch["action"][ar, last],
                                 _last_items(items, lengths, self.last_window), k, coarse)
 
     @torch.no_grad()
@@ -799,7 +846,8 @@ class NextActionModel(nn.Module):
             rep_k = h.new_zeros(B, T, 0)
         valid = torch.arange(T, device=items.device)[None, :] < lengths[:, None]
         state = KVState(keys, values, rep_k, items.masked_fill(~valid, PAD), lengths.clone(), lengths.clone())
-        out = LastHidden(h[ar, last], rep, items if rep is not None else None, batch["action"][ar, last],
+        hist = items if rep is not None or self.exclude_seen else None
+        out = LastHidden(h[ar, last], rep, hist, batch["action"][ar, last],
                          _last_items(items, lengths, self.last_window))
         return (self.heads(out) if heads else out), state
 
@@ -869,7 +917,8 @@ class NextActionModel(nn.Module):
             rk = state.rep_k.new_zeros(B, T + 1, 0)
         new_state = KVState(keys, values, rk, items, lengths + 1, positions + 1)
         new_state = new_state.trimmed()
-        out = LastHidden(h, rep, items if rep is not None else None, tokens["action"][:, 0],
+        hist = items if rep is not None or self.exclude_seen else None
+        out = LastHidden(h, rep, hist, tokens["action"][:, 0],
                          _last_items(items, lengths + 1, self.last_window))
         return (self.heads(out) if heads else out), new_state
 

@@ -41,13 +41,16 @@ class TransformerScorer(Predictor):
       their probabilities, as served), ``observe``.
 
     Histories are encoded with :func:`models.encoding.encode` (the one encoding) and run in batches
-    of ``batch_size`` under ``torch.inference_mode`` (bf16 autocast on CUDA).
+    of ``batch_size`` under ``torch.inference_mode`` (bf16 autocast on CUDA). ``exclude_seen=True``
+    scores as a discovery feed serves (``TransformerPredictor(exclude_seen=True)``): the window's
+    items at ``-inf``, the category term at its weight fitted for that ranking.
     """
 
     name = "transformer"
 
     def __init__(self, model, vocab: ItemVocab, items: Sequence[str] | None = None, *, version: str = "untrained",
-                 device: str | None = None, batch_size: int = 512, metadata: dict | None = None) -> None:
+                 device: str | None = None, batch_size: int = 512, metadata: dict | None = None,
+                 exclude_seen: bool = False) -> None:
         import torch
 
         self.model = model
@@ -58,6 +61,7 @@ class TransformerScorer(Predictor):
         self.metadata = dict(metadata or {})
         self.device = torch.device(device) if device else next(model.parameters()).device
         self.model.to(self.device).eval()
+        self.exclude_seen = bool(exclude_seen)
         self._cache: tuple[list[EventSeq], dict] | None = None
         self.align(items if items is not None else vocab.items)
 
@@ -106,13 +110,18 @@ class TransformerScorer(Predictor):
         cuda = self.device.type == "cuda"
         # run similar lengths together (less padding), then restore the input order
         order = np.argsort([min(len(h), self.cfg.max_len) for h in histories], kind="stable")
-        with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
-            for s in range(0, len(histories), self.batch_size):
-                batch = self.encode_batch([histories[i] for i in order[s: s + self.batch_size]])
-                batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
-                o = self.model.score_last(batch)
-                for k in outs:
-                    outs[k].append(o[k].float().cpu().numpy())
+        mode = self.model.exclude_seen
+        self.model.exclude_seen = self.exclude_seen  # the model may be shared with another scorer
+        try:
+            with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
+                for s in range(0, len(histories), self.batch_size):
+                    batch = self.encode_batch([histories[i] for i in order[s: s + self.batch_size]])
+                    batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+                    o = self.model.score_last(batch)
+                    for k in outs:
+                        outs[k].append(o[k].float().cpu().numpy())
+        finally:
+            self.model.exclude_seen = mode
         inv = np.empty(len(order), np.int64)
         inv[order] = np.arange(len(order))
         res = {k: (np.concatenate(v)[inv] if v else np.zeros((0,))) for k, v in outs.items()}

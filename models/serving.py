@@ -100,6 +100,9 @@ class TransformerPredictor(Predictor):
         max_stale_deltas: online deltas: a cached user state built this many deltas ago is still
             stepped; an older one is rebuilt from the history (0: after every delta). See
             :meth:`apply_delta`.
+        exclude_seen: rank only items outside the user's window (a discovery feed): its items are
+            never in ``top_items``, and the category-recency term uses the weight fitted for that
+            ranking (``category_weight_unseen``; :meth:`models.model.NextActionModel.category_recency`).
 
     A bad value of an argument that a setting supplies (``stream_app.predictors.SERVING_OPTIONS``:
     ``device``, ``num_threads``, ``cache_users``, ``cache_bytes``, ``overflow``, ``refresh_every``,
@@ -114,7 +117,7 @@ class TransformerPredictor(Predictor):
                  refresh_every: int = 16, max_rounds: int = 4, score_budget: int | None = None,
                  buckets: Sequence[int] | None = None, score_dtype: str = "auto", max_stale_deltas: int = 10,
                  explain_top: int = 0, path: str | Path | None = None, text_projection=None, text_items: bool = True,
-                 text_catalogue: str | Path | None = None) -> None:
+                 text_catalogue: str | Path | None = None, exclude_seen: bool = False) -> None:
         cfg = model.cfg
         if len(vocab) != cfg.n_items:
             raise CheckpointError(f"vocabulary has {len(vocab)} entries but the model has n_items={cfg.n_items}")
@@ -143,6 +146,7 @@ class TransformerPredictor(Predictor):
             self.num_threads = n
             torch.set_num_threads(n)
         self.model = model.to(self.device).eval()
+        self.model.exclude_seen = bool(exclude_seen)
         self.vocab, self.cfg, self.version = vocab, cfg, str(version)
         self.path = Path(path) if path is not None else None
         # the gru baseline has no attention cache to keep: it is served by full recomputation
@@ -167,7 +171,7 @@ class TransformerPredictor(Predictor):
                              cache_users=cache_users, cache_bytes=cache_bytes, overflow=overflow,
                              refresh_every=refresh_every, max_rounds=max_rounds, score_budget=score_budget,
                              buckets=buckets, score_dtype=score_dtype, max_stale_deltas=max_stale_deltas,
-                             explain_top=explain_top,
+                             explain_top=explain_top, exclude_seen=exclude_seen,
                              text_items=text_items, text_catalogue=text_catalogue)
         self._init_text(text_projection, text_items, text_catalogue)
         self.compiled = bool(compile)

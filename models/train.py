@@ -13,7 +13,8 @@
   early stopping with ``patience``; the best epoch is checkpointed (atomically) to ``out_dir``. A
   plateau while the lr is still >= :data:`ANNEAL_BELOW` of its peak first decays the lr to 0 over
   ``patience`` more epochs, then stops if that did not help (why: benchmarks/RESULTS.md,
-  "Transformer training", session 4, Beauty recipe).
+  "Transformer training", session 4, Beauty recipe). It is no plateau while the training loss is
+  still falling steeply (:func:`still_learning`): validation then waits.
 * ``objective='masked_then_causal'``: BERT4Rec-style masked pretraining first, then causal.
 * After training, on the best checkpoint: action calibration (:func:`calibrate_actions`), the
   item-transition table (:func:`fit_transitions`), the copy strength (:func:`fit_copy`), the item
@@ -202,6 +203,28 @@ AFTER_TRAINING_SHARE = 0.14
 #: Early stopping on a plateau first anneals (see ``train``) unless the lr is already below this
 #: fraction of its peak.
 ANNEAL_BELOW = 0.25
+#: A training loss that fell by more than this share over the patience window is still learning: a
+#: validation plateau then is the noisy early phase, not convergence (benchmarks/RESULTS.md, "Category
+#: recency": Taobao's validation dipped for 5 epochs while its loss fell 47 %; the plateaus of the
+#: shipped logs' defaults runs came at 0.5-2 %).
+STILL_LEARNING = 0.10
+
+
+def still_learning(losses, window: int, share: float | None = None) -> bool:
+    """Whether the training loss fell by more than ``share`` (default :data:`STILL_LEARNING`) over
+    the last ``window`` epochs (``losses``: one mean training loss per epoch, oldest first).
+
+    >>> still_learning([20.7, 16.5, 13.5, 11.4, 9.9, 8.7], 5), still_learning([5.29, 5.28, 5.27, 5.27, 5.26, 5.26], 5)
+    (True, False)
+    >>> still_learning([3.0, 2.0], 5)  # fewer epochs than the window: from the first
+    True
+    """
+    share = STILL_LEARNING if share is None else share
+    losses = [float(x) for x in losses]
+    if len(losses) < 2:
+        return False
+    before = losses[max(len(losses) - 1 - window, 0)]
+    return before > 0 and (before - losses[-1]) / before > share
 
 
 def _lr_lambda(state: dict):
@@ -287,29 +310,35 @@ def refit_transitions(ds, checkpoint: str | Path, *, split=None, device: str = "
     fitted = fit_table_and_temperature(ck, ds, valid, train_seqs, training_sequences(split, set()),
                                        tcfg.eval_protocol == "masked", device, tcfg.calibrate_items)
     _update_metadata(Path(checkpoint), ck, fitted, tcfg)
-    return {k: fitted[k] for k in ("transitions", "neighbours") if k in fitted}
+    return {k: fitted[k] for k in ("transitions", "neighbours", "categories", "categories_unseen") if k in fitted}
 
 
 def fit_table_and_temperature(ck, ds, valid, fit_seqs: dict[str, EventSeq], final_seqs: dict[str, EventSeq],
                               mask_history: bool, device: str, calibrate: bool = True) -> dict[str, Any]:
     """The item-transition table (:func:`fit_transitions`), the item-neighbour table
-    (:func:`fit_neighbours`) and then the item temperature (:func:`calibrate_items`) of the loaded
+    (:func:`fit_neighbours`), the category-recency term (:func:`fit_category_recency`) and then the item temperature (:func:`calibrate_items`) of the loaded
     checkpoint ``ck``, all fitted on the validation cases ``valid`` with the tables counted on
     ``fit_seqs`` (what the model trained on: the validation targets unseen; a table holding them makes
     the temperature too sharp). Then the tables are re-counted on ``final_seqs`` (every event but the
     test targets) and installed. Returns the metadata entries (``transitions``, ``neighbours``,
-    ``item_calibration``); the caller saves. Both fits start from the model without tables: a
+    ``categories``, ``item_calibration``); the caller saves. Both fits start from the model without tables: a
     checkpoint refitted after training serves tables counted on the validation targets too."""
     import dataclasses
 
     out: dict[str, Any] = {}
-    ck.model.cfg = dataclasses.replace(ck.model.cfg, transition_weight=0.0, neighbour_weight=0.0)
+    ck.model.cfg = dataclasses.replace(ck.model.cfg, transition_weight=0.0, neighbour_weight=0.0, category_weight=0.0)
     ck.model.set_transitions(None)
     ck.model.set_neighbours(None)
     if ck.model.cfg.transition_top > 0:
         out["transitions"] = fit_transitions(ck, ds, valid, fit_seqs, fit_seqs, mask_history, device)
     if ck.model.cfg.neighbour_top > 0:  # on top of the table
         out["neighbours"] = fit_neighbours(ck, ds, valid, fit_seqs, mask_history, device)
+    if ck.model.cfg.item_categories and ck.model.cfg.category_recency:  # on top of both tables
+        out["categories"] = fit_category_recency(ck, ds, valid, mask_history, device)
+        if not mask_history:  # the weight served when the history's items are excluded (exclude_seen)
+            got = out["categories"]
+            kw = {"windows": (ck.model.cfg.category_window,)} if got.get("weight") else {}
+            out["categories_unseen"] = fit_category_recency(ck, ds, valid, True, device, unseen=True, **kw)
     if calibrate:  # on the final scores (copy strength and tables included)
         out["item_calibration"] = calibrate_items(ck, ds, valid, device)
     if ck.model.uses_transitions:
@@ -473,7 +502,10 @@ def train(ds, model_cfg: ModelConfig | None, train_cfg: TrainConfig, out_dir: st
                 break
             if annealing and sched.get_last_lr()[0] <= 0.0:  # the shortened decay is over
                 break
-            if phase == "causal" and bad_evals >= train_cfg.patience:
+            if phase == "causal" and bad_evals >= train_cfg.patience and not annealing and still_learning(
+                    [h["loss"] for h in history if h.get("phase") == phase and "loss" in h], train_cfg.patience):
+                rec["plateau_wait"] = True  # the loss still falls steeply: not a plateau yet
+            elif phase == "causal" and bad_evals >= train_cfg.patience:
                 lr_frac = sched.get_last_lr()[0] / train_cfg.lr
                 if annealing or train_cfg.schedule == "constant" or lr_frac < ANNEAL_BELOW:
                     break
@@ -591,6 +623,17 @@ def transition_table(ck, seqs: dict[str, EventSeq]):
                              vocab.first_item)
 
 
+class _PlusScorer:
+    """Scores of precomputed rows: ``base + w * extra`` (``row_of``: a history's ``id`` -> its row)."""
+
+    def __init__(self, row_of: dict[int, int], base: np.ndarray, extra, w: float) -> None:
+        self.row_of, self.base, self.extra, self.w = row_of, base, extra, w
+
+    def score_items(self, hs):
+        ix = [self.row_of[id(h)] for h in hs]
+        return self.base[ix] if self.w == 0 else self.base[ix] + self.w * self.extra[ix].toarray()
+
+
 def _search_weight(ds, cases, hists, base: np.ndarray, extras: dict, weights, mask_history: bool):
     """The weight ``w`` of one extra score matrix that maximises validation NDCG@10 of ``base + w * extra``:
     ``(NDCG@10 at w = 0, (best NDCG@10, its extra's key, its w, {tried: NDCG@10}))``. ``base`` are the
@@ -599,16 +642,8 @@ def _search_weight(ds, cases, hists, base: np.ndarray, extras: dict, weights, ma
     earlier (smaller) candidate, and the grid doubles past its edge while that helps."""
     row_of = {id(h): i for i, h in enumerate(hists)}
 
-    class _Plus:  # the model's scores + w * extra
-        def __init__(self, extra, w: float):
-            self.extra, self.w = extra, w
-
-        def score_items(self, hs):
-            ix = [row_of[id(h)] for h in hs]
-            return base[ix] if self.w == 0 else base[ix] + self.w * self.extra[ix].toarray()
-
     def ndcg(key, w: float) -> float:
-        return float(evaluate_cases(_Plus(extras.get(key), w), ds, cases, mask_history)["NDCG@10"])
+        return float(evaluate_cases(_PlusScorer(row_of, base, extras.get(key), w), ds, cases, mask_history)["NDCG@10"])
 
     def name(key, w: float) -> str:
         return f"{key}:{w:g}" if key else f"{w:g}"
@@ -754,6 +789,81 @@ def fit_neighbours(ck, ds, cases, fit_seqs: dict[str, EventSeq], mask_history: b
     return {"window": int(window), "weight": weight, "valid_ndcg10_before": round(before, 4),
             "valid_ndcg10_after": round(after, 4), "n_cases": len(cases), "fit_s": round(time.perf_counter() - t0, 1),
             "tried": tried}
+
+
+#: Category-recency windows tried on validation (capped at the model's window length).
+CATEGORY_WINDOWS = (1, 10, 50)
+#: The best category-recency weight is kept only if it beats weight 0 on the validation cases by the
+#: two-sided sign test at this level (the quality table's test): the term moves a whole category at
+#: once, and a validation gain of a few cases did not carry to the test cases (benchmarks/RESULTS.md,
+#: "Category recency").
+CATEGORY_ALPHA = 0.05
+
+
+def fit_category_recency(ck, ds, cases, mask_history: bool, device: str = "cpu", windows=CATEGORY_WINDOWS,
+                         weights=TRANSITION_WEIGHTS, chunk: int = 256, unseen: bool = False) -> dict[str, Any]:
+    """Fit the category-recency term of the loaded checkpoint ``ck``
+    (:meth:`models.model.NextActionModel.category_recency`): the window (how many of the last events'
+    categories are scored) and weight that maximise validation NDCG@10 on top of the model's scores
+    (repeat, copy and table terms included), weight 0 (off) included; ties keep the smaller window and
+    weight. The candidates are the served function's own scores, so what is fitted is what is served.
+    The best weight is kept only if it also beats weight 0 case by case (sign test, p <
+    :data:`CATEGORY_ALPHA`; ``valid_sign_test``, and ``not_significant`` with what was dropped).
+    Sets the choice on ``ck.model`` (the caller saves). A log whose users browse within categories
+    (e-commerce) gets a weight; one where the next item's category says little keeps 0.
+
+    ``unseen=True`` fits ``category_weight_unseen``, the weight served when the user's window items are
+    excluded from the ranking (``exclude_seen``; pass ``mask_history=True``), and leaves
+    ``category_weight`` as it is: with repeats out of the ranking, the categories being browsed are
+    much of what is left to go on."""
+    import dataclasses
+
+    import scipy.sparse as sp
+    import torch
+
+    t0 = time.perf_counter()
+    model, cfg = ck.model, ck.model.cfg
+    if not (cfg.item_categories and cfg.category_recency):
+        return {"skipped": "no item categories" if not cfg.item_categories else "category_recency off"}
+    if not cases:
+        return {"skipped": "no validation cases"}
+    field = "category_weight_unseen" if unseen else "category_weight"
+    # the model's scores without the term (either mode's weight: the other one is not served in this mode)
+    hists, base, cols = _uncalibrated_scores(ck, ds, cases, device, category_weight=0.0, category_weight_unseen=0.0)
+    ck.model.cfg = cfg  # the other weight as it was
+    windows = [w for w in windows if w <= cfg.max_len] or [cfg.max_len]
+    W = max(windows)
+    last = np.zeros((len(hists), W), np.int64)  # the last W events, the last first (padding: an empty row)
+    for i, h in enumerate(hists):
+        ix = ck.vocab.indices(h.items[-W:])[::-1]
+        last[i, : len(ix)] = ix
+    col_cat = model.item_category[torch.as_tensor(cols, device=model.item_category.device)]  # (dataset items,)
+    extras = {}
+    with torch.no_grad():
+        for w in windows:
+            parts = []
+            for a in range(0, len(hists), chunk):
+                rec = model.category_recency(torch.as_tensor(last[a: a + chunk], device=col_cat.device), w, 1.0)
+                parts.append(sp.csr_matrix(rec.index_select(1, col_cat).cpu().numpy()))
+            extras[w] = sp.vstack(parts).tocsr()
+    before, (after, window, weight, tried) = _search_weight(ds, cases, hists, base, extras, weights, mask_history)
+    out: dict[str, Any] = {}
+    if weight > 0:  # a whole category moves at once: keep the term only where it wins case by case
+        from models.metrics import paired_sign_test
+
+        row_of = {id(h): i for i, h in enumerate(hists)}
+        ranks = [evaluate(_PlusScorer(row_of, base, extras[window], w), ds, cases, mask_history=mask_history,
+                          beyond_accuracy=False, calibration=False, return_ranks=True)["ranks"] for w in (weight, 0.0)]
+        better, worse, p = paired_sign_test(*ranks)
+        out["valid_sign_test"] = f"{better}/{worse} p={p:.2g}"
+        if p >= CATEGORY_ALPHA or better <= worse:
+            out["not_significant"] = {"window": int(window), "weight": weight, "valid_ndcg10": round(after, 4)}
+            window, weight, after = None, 0.0, before
+    window = window or cfg.category_window  # None: no window won (weight 0)
+    ck.model.cfg = dataclasses.replace(cfg, category_window=int(window), **{field: weight})
+    return {"window": int(window), "weight": weight, "valid_ndcg10_before": round(before, 4),
+            "valid_ndcg10_after": round(after, 4), "n_cases": len(cases), **out,
+            "fit_s": round(time.perf_counter() - t0, 1), "tried": tried}
 
 
 #: Copy strengths tried on validation (0 = the model's own repeat scores only).

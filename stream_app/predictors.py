@@ -37,6 +37,7 @@ SERVING_OPTIONS: dict[str, tuple[str, Callable[[Any], Any]]] = {
     "kv_max_stale_deltas": ("max_stale_deltas", int),
     "serve_score_dtype": ("score_dtype", str),
     "explain_top": ("explain_top", int),  # explanations (models/explain.py): 0 = off
+    "exclude_seen": ("exclude_seen", bool),  # rank only items outside the user's window
     "text_items": ("text_items", bool),  # cold-start items from text (models/text.py)
     "item_text_catalogue": ("text_catalogue", lambda p: str(p) if p else None),
 }

@@ -147,6 +147,9 @@ class _Settings(BaseSettings):
                              "at most this many past events that drove it (attribution by occlusion, "
                              "docs/explanations.md); 0 = off (the default: it costs a batched forward pass "
                              "over every window event)")
+    exclude_seen: bool = Field(False, description="a discovery feed: `top_items` only hold items outside the user's "
+                               "window (the Transformer; the baseline fallback ranks every item), scored with the "
+                               "category weight fitted for that ranking (docs/training.md, category recency)")
     serve_compile: bool = Field(False, description="`torch.compile` the model (GPU nodes)")
     serve_score_dtype: Literal[SCORE_DTYPES] = Field(
         "auto", description="catalogue scan precision: `bfloat16` scans in bf16 and rescores the best K + 32 "

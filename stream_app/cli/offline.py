@@ -186,6 +186,8 @@ def fitted_after_training(meta: dict) -> list[str]:
     """
     out = []
     for key, label in (("transitions", "item transitions"), ("neighbours", "item neighbours"),
+                       ("categories", "category recency"),
+                       ("categories_unseen", "category recency, history excluded (exclude_seen)"),
                        ("copy", "copy strength"),
                        ("action_calibration", "action calibration"), ("item_calibration", "item temperature")):
         r = meta.get(key)
@@ -196,7 +198,7 @@ def fitted_after_training(meta: dict) -> list[str]:
         elif key == "transitions":
             out.append(f"{label}: {r['feature']} x{r['weight']:g} (validation NDCG@10 {r['valid_ndcg10_before']} -> "
                        f"{r['valid_ndcg10_after']})" if r["weight"] else f"{label}: off (no validation gain)")
-        elif key == "neighbours":
+        elif key in ("neighbours", "categories", "categories_unseen"):
             events = f"{r['window']} event{'s' if r['window'] > 1 else ''}"
             out.append(f"{label}: last {events} x{r['weight']:g} (validation NDCG@10 {r['valid_ndcg10_before']} -> "
                        f"{r['valid_ndcg10_after']})" if r["weight"] else f"{label}: off (no validation gain)")

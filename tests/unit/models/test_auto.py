@@ -15,7 +15,7 @@ from models.schema import EventSeq
 
 def _profile(**kw) -> LogProfile:
     base = dict(n_sequences=50_000, n_events=1_000_000, n_items=20_000, p90_length=30, events_per_item=150.0,
-                repeat_share=0.0, category_share=0.0, action_shares=(1.0, 0.0, 0.0, 0.0, 0.0))
+                repeat_share=0.0, category_share=0.0, n_categories=0, action_shares=(1.0, 0.0, 0.0, 0.0, 0.0))
     return LogProfile(**{**base, **kw})
 
 
@@ -35,6 +35,19 @@ def test_each_choice_follows_the_log_not_fixed_values():
     assert rich["item_categories"] and rich["action_prior"] and rich["action_loss_weight"] == 1.0
     plain, _, _ = choose(_profile(category_share=0.1, action_shares=(0.995, 0.0, 0.005, 0.0, 0.0)))
     assert not plain["item_categories"] and not plain["action_prior"]
+    assert "n_category_buckets" not in plain  # no category rows: nothing to size
+
+
+def test_category_buckets_grow_with_the_categories_named():
+    def buckets(n: int) -> int:
+        return choose(_profile(category_share=0.9, n_categories=n))[0]["n_category_buckets"]
+
+    assert buckets(10) == 1024  # the floor
+    assert buckets(2914) == 32768  # >= 8 per category, a power of two (2914 * 8 = 23,312)
+    assert buckets(4096) == 32768 and buckets(4097) == 65536
+    assert buckets(10**6) == 65536  # the cap
+    _, _, why = choose(_profile(category_share=0.9, n_categories=2914), given_model={"n_category_buckets": 64})
+    assert "category buckets 64: set explicitly" in why
 
 
 def test_few_windows_mean_overlapping_windows_and_smaller_batches():

@@ -11,11 +11,12 @@ import torch
 
 from models.checkpoint import load_checkpoint, save_checkpoint
 from models.config import ModelConfig
-from models.encoding import ItemVocab, collate, encode, encode_last
+from models.encoding import ItemVocab, collate, encode
 from models.errors import CheckpointError, ConfigError
 from models.model import NextActionModel
 from models.neighbours import count_neighbours
 from models.schema import EventSeq
+from tests.unit.models.paths import assert_every_path_scores_as_the_full_pass
 
 ITEMS = [f"i{k}" for k in range(12)]
 VOCAB = ItemVocab(ITEMS, n_hash_buckets=4)
@@ -95,25 +96,7 @@ def test_the_model_adds_weight_times_the_rows_of_the_last_window_events(window):
 def test_incremental_steps_and_the_top_k_paths_score_the_neighbours_as_the_full_pass():
     """prefill + step (the KV state's last items), the exact and the bf16 top-K with exact rescoring
     all give what one full pass over the history gives."""
-    m = _model()
-    hists = _hists()
-    full = _scores(m)
-    with torch.no_grad():
-        _, state = m.prefill(collate([encode(h[:-1], VOCAB, m.cfg) for h in hists if len(h) > 1]))
-        inc, _ = m.step(collate([encode_last(h, VOCAB, m.cfg) for h in hists if len(h) > 1]), state, evict=True)
-        keep = [b for b, h in enumerate(hists) if 1 < len(h) <= m.cfg.max_len]  # windows not cut yet
-        torch.testing.assert_close(inc["item_scores"][[b - 1 for b in keep]], full[keep], rtol=0, atol=1e-4)
-        last, _ = m.prefill(collate([encode(h, VOCAB, m.cfg) for h in hists]), heads=False)
-        assert last.item.shape == (len(hists), m.last_window)
-        ref = m.item_logits(last.h, last.rep, last.hist, last.item)
-        torch.testing.assert_close(ref, full, rtol=0, atol=1e-5)
-        cand = torch.arange(F, len(VOCAB)).repeat(len(hists), 1)
-        torch.testing.assert_close(m.rescore_items(last.h, last.rep, last.hist, last.item, cand),
-                                   ref.gather(1, cand), rtol=0, atol=1e-5)
-        s, i, _ = m.top_items(last.h, last.rep, last.hist, last.item, 5, coarse=torch.bfloat16, margin=len(ITEMS))
-        exact_s, exact_i = torch.topk(ref[:, F:], 5, dim=1)
-        assert torch.equal(i, exact_i + F)
-        torch.testing.assert_close(s, exact_s, rtol=0, atol=1e-5)
+    assert_every_path_scores_as_the_full_pass(_model(), VOCAB, _hists())
 
 
 def test_checkpoint_round_trip_an_old_checkpoint_and_a_table_that_does_not_fit(tmp_path, rewrite_weights):

@@ -111,6 +111,7 @@ def test_a_plateau_at_a_high_lr_anneals_before_stopping(tmp_path, monkeypatch):
     from models.datasets import load
 
     monkeypatch.setattr(mt, "evaluate_cases", lambda *a, **k: {"NDCG@10": 0.1, "HR@10": 0.2})
+    monkeypatch.setattr(mt, "STILL_LEARNING", 1.0)  # however the loss falls (next test)
     ds = load("synthetic", n_users=40, n_items=20, min_len=6, max_len=12)
     _, hist = mt.train(ds, ModelConfig(d_model=8, max_len=10, transition_top=0),
                        TrainConfig(epochs=50, patience=2, batch_size=32, progress=False, warmup_steps=1),
@@ -119,6 +120,26 @@ def test_a_plateau_at_a_high_lr_anneals_before_stopping(tmp_path, monkeypatch):
     assert len(causal) == 1 + 2 + 2  # best, two flat evaluations, the anneal's two epochs
     assert "anneal_from_lr" in causal[2] and causal[2]["anneal_from_lr"] > 0.9 * TrainConfig().lr
     assert causal[-1]["lr"] == pytest.approx(0.0, abs=1e-9)
+
+
+def test_a_flat_validation_while_the_loss_still_falls_steeply_is_no_plateau(tmp_path, monkeypatch):
+    """The same flat validation, but any fall of the training loss over the patience window counts
+    as still learning: no anneal and no stop while the loss falls; the epochs that waited say so."""
+    import models.train as mt
+    from models.datasets import load
+
+    monkeypatch.setattr(mt, "evaluate_cases", lambda *a, **k: {"NDCG@10": 0.1, "HR@10": 0.2})
+    monkeypatch.setattr(mt, "STILL_LEARNING", 0.0)
+    ds = load("synthetic", n_users=40, n_items=20, min_len=6, max_len=12)
+    _, hist = mt.train(ds, ModelConfig(d_model=8, max_len=10, transition_top=0),
+                       TrainConfig(epochs=8, patience=2, batch_size=32, progress=False, warmup_steps=1, lr=3e-3),
+                       tmp_path / "ck")
+    causal = [h for h in hist if h["phase"] == "causal"]
+    waited = [i for i, h in enumerate(causal) if h.get("plateau_wait")]
+    assert waited and waited[0] == 2  # the first epoch with two flat evaluations behind it
+    for i in waited:
+        assert causal[i]["loss"] < causal[i - 2]["loss"] and "anneal_from_lr" not in causal[i]
+    assert len(causal) > 1 + 2 + 2  # it went on past where the plateau rule would have ended it
 
 
 def test_item_categories_are_tied_into_the_item_rows_and_saved(tmp_path):

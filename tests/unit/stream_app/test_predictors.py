@@ -52,6 +52,9 @@ def test_settings_map_onto_the_serving_options(make_checkpoint):
     p = predictors.load_transformer(s, make_checkpoint())
     assert (p.num_threads, p.cache.max_entries, p.cache.max_bytes, p.overflow, p.refresh_every, p.score_dtype) == (
         1, 7, 3 << 20, "evict", 5, None)
+    assert not p.model.exclude_seen  # the default: every item ranked, repeats included
+    q = predictors.load_transformer(Settings(device="cpu", serve_threads=1, exclude_seen=True), make_checkpoint())
+    assert q.model.exclude_seen and q.successor(make_checkpoint(1)).model.exclude_seen  # a hot swap keeps it
 
 
 def test_successor_is_checked_against_the_announced_hash_and_built_like_the_current(make_checkpoint):
