@@ -66,7 +66,8 @@ CROSSCHECK = {
 
 #: The GRU4Rec-style baseline: a GRU over item embeddings (models.model.GRUBackbone) with the same
 #: softmax loss and training loop as ours; no repeat head, side features or transition table.
-GRU4REC = {"backbone": "gru", "features": ["item"], "repeat_head": False, "transition_top": 0, "neighbour_top": 0}
+GRU4REC = {"backbone": "gru", "features": ["item"], "repeat_head": False, "transition_top": 0, "neighbour_top": 0,
+           "category_recency": False}
 #: Its per-dataset settings ``(model, train)`` — the values the earlier hand-tuned tables gave this
 #: baseline (a baseline given its tuned settings, not ours); ``auto`` chooses the rest. A dataset
 #: missing here gets ``auto`` alone.
@@ -78,7 +79,8 @@ GRU4REC_SETTINGS = {
     "taobao": ({"max_len": 50, "dropout": 0.5, "n_negatives": 2048}, {"batch_size": 64, "lr": 0.002}),
     "yoochoose": ({"max_len": 50, "dropout": 0.3, "n_negatives": 2048}, {}),
 }
-#: Column of the checkpoint scored without its item-transition table (models/transitions.py).
+#: Column of the checkpoint scored without its fitted tables and terms (item transitions, neighbours,
+#: category recency: models/transitions.py, models/neighbours.py, NextActionModel.category_recency).
 NO_TRANSITIONS = "ours w/o tables"
 #: Row comparing ours case by case with each column: cases where ours has the higher NDCG@10 / the
 #: lower one, and the two-sided exact sign test p-value (models.metrics.paired_sign_test).
@@ -147,6 +149,14 @@ def _gru4rec(name, ds, args):
                               args.gru_budget_min, "GRU4Rec", train)
 
 
+def _discovery(scorer):
+    """The same checkpoint scored as ``exclude_seen`` serves it (:class:`models.scorer.TransformerScorer`)."""
+    from models.scorer import TransformerScorer
+
+    return TransformerScorer(scorer.model, scorer.vocab, scorer.items, version=scorer.version, device="cpu",
+                             metadata=scorer.metadata, exclude_seen=True)
+
+
 def _training_row(name: str, scorer, ck_dir: Path) -> dict | None:
     """What the checkpoint says about its training run (time, memory, epochs, config)."""
     if scorer is None:
@@ -179,6 +189,12 @@ def _training_row(name: str, scorer, ck_dir: Path) -> dict | None:
         config += (f"; neighbours of the last {nb['window']} x{nb['weight']:g} (valid NDCG@10 "
                    f"{nb['valid_ndcg10_before']} -> {nb['valid_ndcg10_after']})" if nb["weight"]
                    else "; neighbours off (no validation gain)")
+    for key, label in (("categories", "category recency"), ("categories_unseen", "category recency, history excluded")):
+        ct = meta.get(key) or {}
+        if "weight" in ct:
+            config += (f"; {label}: the last {ct['window']} x{ct['weight']:g} (valid NDCG@10 "
+                       f"{ct['valid_ndcg10_before']} -> {ct['valid_ndcg10_after']})" if ct["weight"]
+                       else f"; {label} off (no validation gain)")
     return {"dataset": name, "train_s": meta.get("train_seconds"), "peak_rss_mib": meta.get("peak_rss_mib"),
             "epochs": meta.get("epochs_run"), "best_epoch": meta.get("best_epoch"),
             "valid": (meta.get("valid") or {}).get("NDCG@10"), "device": meta.get("device", "cpu"),
@@ -205,13 +221,15 @@ def run_dataset(name: str, args) -> list[dict]:
     ours = _transformer(name, ds, sp, args)
     if ours is not None:
         plain = {}
-        if ours.model.uses_tables:  # the ablation: the same checkpoint without its transition and neighbour tables
+        if ours.model.uses_tables or ours.model.cfg.category_weight or ours.model.cfg.category_weight_unseen:
+            # the ablation: the same checkpoint without its transition and neighbour tables and category term
             import dataclasses
 
             from models.scorer import TransformerScorer
 
             bare = TransformerScorer.from_checkpoint(Path(args.checkpoints) / name, ds, device="cpu")
-            bare.model.cfg = dataclasses.replace(bare.model.cfg, transition_weight=0.0, neighbour_weight=0.0)
+            bare.model.cfg = dataclasses.replace(bare.model.cfg, transition_weight=0.0, neighbour_weight=0.0,
+                                                 category_weight=0.0, category_weight_unseen=0.0)
             plain = {NO_TRANSITIONS: bare}
         scorers = {"ours": ours, **plain, **scorers}
     gru = _gru4rec(name, ds, args)
@@ -228,8 +246,11 @@ def run_dataset(name: str, args) -> list[dict]:
         rows.append({"training": info})
     for key, protocol, masked in protos:
         first = key == protos[0][0]  # calibration does not depend on the protocol: measured once
+        # history masked: our checkpoints rank as a discovery feed serves (exclude_seen: the category
+        # term at the weight fitted for that ranking); the others are the same scorers
+        run = {n: _discovery(s) if masked and n in ("ours", NO_TRANSITIONS) else s for n, s in scorers.items()}
         res = {n: evaluate(s, ds, cases, protocol=protocol, mask_history=masked, seed=0, beyond_accuracy=False,
-                           calibration=first, return_ranks=True) for n, s in scorers.items()}
+                           calibration=first, return_ranks=True) for n, s in run.items()}
         extra = ("action/log_loss", "purchase_session_auc") if key == "full/allowed" and ds.has_actions else ()
         extra += (calibration + (("action/ece",) if ds.has_actions else ())) if first else ()
         for m in metrics + extra:

@@ -45,3 +45,23 @@ def test_the_gru4rec_baseline_trains_with_its_dataset_settings(monkeypatch, tmp_
     assert seen["train"] == {"batch_size": 64, "lr": 0.002}
     quality._gru4rec("a-log-of-mine", None, args)
     assert seen["train"] == {} and seen["model"]["dropout"] == 0.4  # unknown dataset: auto, and the overrides
+
+
+def test_the_masked_rows_score_our_checkpoint_as_the_discovery_feed_serves_it():
+    """History masked: ``_discovery`` is the same model and vocabulary in the ``exclude_seen`` mode, and
+    scoring with it leaves the model shared with the allowed rows' scorer in the default mode."""
+    from models.config import ModelConfig
+    from models.encoding import ItemVocab
+    from models.model import NextActionModel
+    from models.schema import EventSeq
+    from models.scorer import TransformerScorer
+
+    vocab = ItemVocab(["a", "b", "c", "d"], n_hash_buckets=2)
+    ours = TransformerScorer(NextActionModel(ModelConfig(n_items=len(vocab), n_hash_buckets=2, d_model=8)), vocab,
+                             device="cpu")
+    disc = quality._discovery(ours)
+    assert disc.model is ours.model and disc.exclude_seen and not ours.exclude_seen
+    h = [EventSeq.from_columns(["a", "b"], [0, 0], [0, 1000])]
+    s = disc.score_items(h)[0]
+    assert s[0] == s[1] == float("-inf") and (s[2:] > float("-inf")).all() and not ours.model.exclude_seen
+    assert (ours.score_items(h)[0] > float("-inf")).all()
