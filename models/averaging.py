@@ -10,13 +10,13 @@ when ``TrainConfig.ema_epochs > 0`` (the average's half-life, in epochs).
 >>> avg = WeightAverage(m, half_life_steps=1.0)
 >>> _ = m.weight.data.fill_(1.0); avg.update(m)
 >>> with avg.swapped_in(m):
-...     round(float(m.weight), 3)   # the first update is bias-corrected: the average of one step
+...     round(m.weight.item(), 3)   # the first update is bias-corrected: the average of one step
 1.0
 >>> _ = m.weight.data.fill_(3.0); avg.update(m)
 >>> with avg.swapped_in(m):
-...     round(float(m.weight), 3)   # half-life of one step: the newer weights count twice the older
+...     round(m.weight.item(), 3)   # half-life of one step: the newer weights count twice the older
 2.333
->>> float(m.weight)                 # the training weights are back
+>>> m.weight.item()                   # the training weights are back
 3.0
 """
 from __future__ import annotations
