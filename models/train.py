@@ -316,17 +316,20 @@ def refit_transitions(ds, checkpoint: str | Path, *, split=None, device: str = "
 def fit_table_and_temperature(ck, ds, valid, fit_seqs: dict[str, EventSeq], final_seqs: dict[str, EventSeq],
                               mask_history: bool, device: str, calibrate: bool = True) -> dict[str, Any]:
     """The item-transition table (:func:`fit_transitions`), the item-neighbour table
-    (:func:`fit_neighbours`), the category-recency term (:func:`fit_category_recency`) and then the item temperature (:func:`calibrate_items`) of the loaded
-    checkpoint ``ck``, all fitted on the validation cases ``valid`` with the tables counted on
+    (:func:`fit_neighbours`), the category-recency term (:func:`fit_category_recency`, for the served
+    ranking and for ``exclude_seen``) and then the item temperature (:func:`calibrate_items`) of the
+    loaded checkpoint ``ck``, all fitted on the validation cases ``valid`` with the tables counted on
     ``fit_seqs`` (what the model trained on: the validation targets unseen; a table holding them makes
     the temperature too sharp). Then the tables are re-counted on ``final_seqs`` (every event but the
     test targets) and installed. Returns the metadata entries (``transitions``, ``neighbours``,
-    ``categories``, ``item_calibration``); the caller saves. Both fits start from the model without tables: a
-    checkpoint refitted after training serves tables counted on the validation targets too."""
+    ``categories``, ``categories_unseen``, ``item_calibration``); the caller saves. The fits start from
+    the model without tables: a checkpoint refitted after training serves tables counted on the
+    validation targets too."""
     import dataclasses
 
     out: dict[str, Any] = {}
-    ck.model.cfg = dataclasses.replace(ck.model.cfg, transition_weight=0.0, neighbour_weight=0.0, category_weight=0.0)
+    ck.model.cfg = dataclasses.replace(ck.model.cfg, transition_weight=0.0, neighbour_weight=0.0, category_weight=0.0,
+                                       category_weight_unseen=0.0)
     ck.model.set_transitions(None)
     ck.model.set_neighbours(None)
     if ck.model.cfg.transition_top > 0:
@@ -339,6 +342,9 @@ def fit_table_and_temperature(ck, ds, valid, fit_seqs: dict[str, EventSeq], fina
             got = out["categories"]
             kw = {"windows": (ck.model.cfg.category_window,)} if got.get("weight") else {}
             out["categories_unseen"] = fit_category_recency(ck, ds, valid, True, device, unseen=True, **kw)
+        else:  # validated with history masked: the fit was the discovery feed's already
+            ck.model.cfg = dataclasses.replace(ck.model.cfg, category_weight_unseen=ck.model.cfg.category_weight)
+            out["categories_unseen"] = {**out["categories"], "same_as": "categories (history-masked validation)"}
     if calibrate:  # on the final scores (copy strength and tables included)
         out["item_calibration"] = calibrate_items(ck, ds, valid, device)
     if ck.model.uses_transitions:

@@ -151,12 +151,13 @@ def _browsing_dataset(category_of):
     return dataset_from_columns("browse", users, items, ts, categories=cats)
 
 
-def _train(ds, tmp_path):
+def _train(ds, tmp_path, protocol: str = "allowed"):
     from models.train import train
 
     path, _ = train(ds, ModelConfig(d_model=8, max_len=8, n_negatives=0, transition_top=0, neighbour_top=0,
                                     item_categories=True, n_category_buckets=64),
-                    TrainConfig(epochs=1, batch_size=64, progress=False, warmup_steps=1, lr=1e-4), tmp_path / "ck")
+                    TrainConfig(epochs=1, batch_size=64, progress=False, warmup_steps=1, lr=1e-4,
+                                eval_protocol=protocol), tmp_path / "ck")
     return load_checkpoint(path)
 
 
@@ -167,6 +168,15 @@ def test_training_fits_both_weights_and_saves_what_it_fitted(tmp_path):
         assert getattr(ck.model_config, field) == fit["weight"] >= 0 and fit["n_cases"] == 200, key
         assert fit["valid_ndcg10_after"] >= fit["valid_ndcg10_before"]
     assert ck.model_config.category_window == ck.metadata["categories"]["window"]
+
+
+def test_a_history_masked_validation_fits_the_discovery_weight_once(tmp_path):
+    """Validated with history masked (``--eval-protocol masked``) the one fit is the discovery feed's:
+    both weights are that fit's."""
+    ck = _train(_browsing_dataset(lambda g, k: f"c{g}"), tmp_path, protocol="masked")
+    cfg = ck.model_config
+    assert cfg.category_weight_unseen == cfg.category_weight == ck.metadata["categories"]["weight"]
+    assert ck.metadata["categories_unseen"]["same_as"].startswith("categories")
 
 
 def test_the_fit_finds_the_categories_a_model_does_not_know(tmp_path, monkeypatch):
