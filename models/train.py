@@ -205,8 +205,8 @@ AFTER_TRAINING_SHARE = 0.14
 ANNEAL_BELOW = 0.25
 #: A training loss that fell by more than this share over the patience window is still learning: a
 #: validation plateau then is the noisy early phase, not convergence (benchmarks/RESULTS.md, "Category
-#: recency": Taobao's validation dipped for 5 epochs while its loss fell 47 %; the plateaus of the
-#: shipped logs' defaults runs came at 0.5-2 %).
+#: recency": Taobao's validation dipped for 5 epochs while its loss fell 58 %; the plateaus of the
+#: shipped logs' defaults runs came after a 0.3-1.4 % fall).
 STILL_LEARNING = 0.10
 
 
