@@ -582,8 +582,8 @@ class NextActionModel(nn.Module):
             h = h.float()
             W = self.item_vectors().float()[cand]  # (N, C, d)
             s = torch.bmm(W, h[:, :, None]).squeeze(-1) + self.item_bias.float()[cand]  # (N, C)
+            hit = hist_items[:, None, :] == cand[:, :, None] if hist_items is not None else None  # (N, C, T)
             if rep is not None:  # every history position holding the candidate adds its repeat score
-                hit = hist_items[:, None, :] == cand[:, :, None]  # (N, C, T)
                 s = s + (hit * rep.float()[:, None, :]).sum(-1)
             if last_item is not None and self.uses_tables:
                 rows, cols, vals = self._table_entries(last_item)
@@ -592,9 +592,8 @@ class NextActionModel(nn.Module):
                     s.index_add_(0, rows, match * vals.float()[:, None])
             if last_item is not None and self.uses_category_recency:
                 s = s + self.category_recency(last_item).gather(1, self.item_category[cand])
-            if self.exclude_seen and hist_items is not None:
-                seen = (hist_items[:, None, :] == cand[:, :, None]).any(-1)  # (N, C)
-                s = s.masked_fill(seen, float("-inf"))
+            if self.exclude_seen and hit is not None:
+                s = s.masked_fill(hit.any(-1), float("-inf"))
         return s
 
     def top_items(self, h: torch.Tensor, rep: torch.Tensor | None, hist_items: torch.Tensor | None,

@@ -687,6 +687,16 @@ def _uncalibrated_scores(ck, ds, cases, device: str, **changes) -> tuple[list[Ev
     return hists, scorer.score_items(hists), scorer._cols
 
 
+def _last_events(vocab: ItemVocab, hists: list[EventSeq], W: int) -> np.ndarray:
+    """``[len(hists), W]``: each history's last ``W`` vocabulary indices, the last first (padding 0
+    where it is shorter): the host-side ``last_items`` the model's table and category terms read."""
+    last = np.zeros((len(hists), W), np.int64)
+    for i, h in enumerate(hists):
+        ix = vocab.indices(h.items[-W:])[::-1]
+        last[i, : len(ix)] = ix
+    return last
+
+
 #: Transition weights tried on validation (0 = no table is always a candidate).
 TRANSITION_WEIGHTS = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0)
 
@@ -777,10 +787,7 @@ def fit_neighbours(ck, ds, cases, fit_seqs: dict[str, EventSeq], mask_history: b
     hists, base, cols = _uncalibrated_scores(ck, ds, cases, device, neighbour_weight=0.0)  # without neighbours
     windows = [w for w in windows if w <= cfg.max_len]
     W = max(windows)
-    last = np.zeros((len(hists), W), np.int64)  # the last W events, the last first (padding: an empty row)
-    for i, h in enumerate(hists):
-        ix = vocab.indices(h.items[-W:])[::-1]
-        last[i, : len(ix)] = ix
+    last = _last_events(vocab, hists, W)
     table = neighbour_table(ck, fit_seqs)
     N = sp.csr_matrix((table.val, table.idx, table.ptr), shape=(cfg.n_items, cfg.n_items))[:, cols].tocsr()
     extras, acc = {}, None
@@ -839,10 +846,7 @@ def fit_category_recency(ck, ds, cases, mask_history: bool, device: str = "cpu",
     ck.model.cfg = cfg  # the other weight as it was
     windows = [w for w in windows if w <= cfg.max_len] or [cfg.max_len]
     W = max(windows)
-    last = np.zeros((len(hists), W), np.int64)  # the last W events, the last first (padding: an empty row)
-    for i, h in enumerate(hists):
-        ix = ck.vocab.indices(h.items[-W:])[::-1]
-        last[i, : len(ix)] = ix
+    last = _last_events(ck.vocab, hists, W)
     col_cat = model.item_category[torch.as_tensor(cols, device=model.item_category.device)]  # (dataset items,)
     extras = {}
     with torch.no_grad():
