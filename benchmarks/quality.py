@@ -8,6 +8,10 @@ with every column.
 
     .venv/bin/python -m benchmarks.quality                      # all datasets
     .venv/bin/python -m benchmarks.quality --datasets ml-100k taobao --max-cases 2000
+    .venv/bin/python -m benchmarks.quality --datasets mylog=csv:path/to/events.csv --checkpoints runs/x --train
+
+A dataset is a name ``models.datasets.load`` knows, or ``LABEL=SPEC`` for a user's log (``SPEC`` such
+as ``csv:PATH``; ``LABEL`` names its rows and its checkpoints ``DIR/LABEL``, ``DIR/LABEL.gru4rec``).
 
 Protocols: leave-one-out test split (yoochoose: session-rec next-click), ``full`` ranking with
 history items allowed and masked, and ``sampled100`` (SASRec paper) as an extra. Baselines are
@@ -87,6 +91,20 @@ NO_TRANSITIONS = "ours w/o tables"
 PAIRED = "NDCG@10 ours better/worse, sign test"
 
 
+def label_and_spec(name: str) -> tuple[str, str]:
+    """``(label, spec)`` of a ``--datasets`` entry: ``LABEL=SPEC`` for a user's log, else the name twice.
+
+    >>> label_and_spec("mylog=csv:var/events.csv"), label_and_spec("ml-100k")
+    (('mylog', 'csv:var/events.csv'), ('ml-100k', 'ml-100k'))
+    """
+    label, sep, spec = name.partition("=")
+    if not sep:
+        return name, name
+    if not label or not spec or "/" in label:
+        raise ValueError(f"dataset {name!r}: expected LABEL=SPEC with a non-empty LABEL without '/' and a SPEC")
+    return label, spec
+
+
 def _train_child(name: str, root, model_overrides: dict, train_overrides: dict, out: str) -> None:
     """Train one dataset's checkpoint in a fresh process, so its time and peak memory are its own."""
     from models.auto import auto_configs
@@ -100,7 +118,7 @@ def _train_child(name: str, root, model_overrides: dict, train_overrides: dict, 
     train(ds, mcfg, tcfg, out, split=sp, eval_test=False)
 
 
-def _checkpoint_scorer(name: str, ds, args, ck: Path, model_overrides: dict, budget_min: float, label: str,
+def _checkpoint_scorer(spec: str, ds, args, ck: Path, model_overrides: dict, budget_min: float, label: str,
                        train_overrides: dict | None = None):
     """The scorer of checkpoint ``ck`` if it exists, else trained there (``model_overrides``,
     ``train_overrides`` then ``--train-config``, ``budget_min``, ``--threads``) when ``--train`` is
@@ -115,29 +133,29 @@ def _checkpoint_scorer(name: str, ds, args, ck: Path, model_overrides: dict, bud
 
         tkw = {"budget_min": budget_min, "num_threads": args.threads, "progress": False,
                **(train_overrides or {}), **json.loads(args.train_config or "{}")}
-        proc = mp.get_context("spawn").Process(target=_train_child, args=(name, args.root, model_overrides, tkw,
+        proc = mp.get_context("spawn").Process(target=_train_child, args=(spec, args.root, model_overrides, tkw,
                                                                           str(ck)))
         proc.start()
         proc.join()
         if proc.exitcode != 0:
-            print(f"  (training {label} on {name} failed with exit code {proc.exitcode}; skipped)", file=sys.stderr)
+            print(f"  (training {label} on {spec} failed with exit code {proc.exitcode}; skipped)", file=sys.stderr)
     if not ck.exists():
         print(f"  (no checkpoint at {ck}; {label} skipped)", file=sys.stderr)
         return None
     return TransformerScorer.from_checkpoint(ck, ds, device="cpu")
 
 
-def _transformer(name, ds, sp, args):
-    """The Transformer scorer: ``--checkpoints DIR/<dataset>`` if it exists, else trained there
-    (default configs plus ``--model-config``/``--train-config`` overrides, ``--budget-min``,
-    ``--threads``) when ``--train`` is given, else None (baselines only)."""
+def _transformer(name, ds, sp, args, spec: str | None = None):
+    """The Transformer scorer: ``--checkpoints DIR/<dataset>`` if it exists, else trained there on
+    ``spec`` (default: ``name``; default configs plus ``--model-config``/``--train-config`` overrides,
+    ``--budget-min``, ``--threads``) when ``--train`` is given, else None (baselines only)."""
     if not args.checkpoints:
         return None
-    return _checkpoint_scorer(name, ds, args, Path(args.checkpoints) / name, json.loads(args.model_config or "{}"),
+    return _checkpoint_scorer(spec or name, ds, args, Path(args.checkpoints) / name, json.loads(args.model_config or "{}"),
                               args.budget_min, "Transformer")
 
 
-def _gru4rec(name, ds, args):
+def _gru4rec(name, ds, args, spec: str | None = None):
     """The GRU4Rec-style baseline (``--gru``): ``DIR/<dataset>.gru4rec``, trained like ours with the
     :data:`GRU4REC` model, the dataset's :data:`GRU4REC_SETTINGS` (``--model-config``'s
     ``n_negatives``/``max_len``/``dropout`` over them) and ``--gru-budget-min``."""
@@ -145,7 +163,7 @@ def _gru4rec(name, ds, args):
         return None
     model, train = GRU4REC_SETTINGS.get(name, ({}, {}))
     keep = {k: v for k, v in json.loads(args.model_config or "{}").items() if k in ("n_negatives", "max_len", "dropout")}
-    return _checkpoint_scorer(name, ds, args, Path(args.checkpoints) / f"{name}.gru4rec", {**model, **keep, **GRU4REC},
+    return _checkpoint_scorer(spec or name, ds, args, Path(args.checkpoints) / f"{name}.gru4rec", {**model, **keep, **GRU4REC},
                               args.gru_budget_min, "GRU4Rec", train)
 
 
@@ -201,10 +219,16 @@ def _training_row(name: str, scorer, ck_dir: Path) -> dict | None:
             "config": config}
 
 
-def run_dataset(name: str, args) -> list[dict]:
+def _sampled100_possible(ds, cases) -> bool:
+    """Whether every test case leaves 100 items the user never interacted with to sample from."""
+    return all(len(ds.items) - len(set(c.history.items) | {c.target_item}) >= 100 for c in cases)
+
+
+def run_dataset(entry: str, args) -> list[dict]:
     t0 = time.perf_counter()
-    ds, sp = load_split(name, args.root)  # yoochoose: the session-rec split, else leave-one-out
-    if name == "yoochoose":
+    name, spec = label_and_spec(entry)
+    ds, sp = load_split(spec, args.root)  # yoochoose: the session-rec split, else leave-one-out
+    if spec == "yoochoose":
         cases, fit = sp.test, sp.train
         protos = [("session/allowed", "full", False)]
         baselines = ("popularity", "recent_items", "markov", "item_knn", "session_knn")
@@ -217,8 +241,12 @@ def run_dataset(name: str, args) -> list[dict]:
         metrics = ("HR@10", "NDCG@10")
     if args.max_cases and len(cases) > args.max_cases:
         cases = cases[: args.max_cases]
+    if any(p[1] == "sampled100" for p in protos) and not _sampled100_possible(ds, cases):
+        print(f"  {name}: sampled100 skipped (a test user has interacted with all but < 100 of "
+              f"{len(ds.items):,} items)", file=sys.stderr)
+        protos = [p for p in protos if p[1] != "sampled100"]
     scorers = {b: make_baseline(b, ds, fit) for b in baselines if b in args.baselines or not args.baselines}
-    ours = _transformer(name, ds, sp, args)
+    ours = _transformer(name, ds, sp, args, spec)
     if ours is not None:
         plain = {}
         if ours.model.uses_tables or ours.model.cfg.category_weight or ours.model.cfg.category_weight_unseen:
@@ -232,7 +260,7 @@ def run_dataset(name: str, args) -> list[dict]:
                                                  category_weight=0.0, category_weight_unseen=0.0)
             plain = {NO_TRANSITIONS: bare}
         scorers = {"ours": ours, **plain, **scorers}
-    gru = _gru4rec(name, ds, args)
+    gru = _gru4rec(name, ds, args, spec)
     if gru is not None:
         scorers = {**{k: v for k, v in scorers.items() if k in ("ours", NO_TRANSITIONS)}, "gru4rec": gru,
                    **{k: v for k, v in scorers.items() if k not in ("ours", NO_TRANSITIONS)}}
@@ -369,7 +397,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-write", "--dry-run", dest="no_write", action="store_true",
                     help="print the table, do not write RESULTS.md")
     args = ap.parse_args(argv)
-    if not datasets_root(args.root).is_dir():
+    if any(label_and_spec(n)[1] in DATASETS for n in args.datasets) and not datasets_root(args.root).is_dir():
         print(f"datasets not found at {datasets_root(args.root)}", file=sys.stderr)
         return 2
     t0 = time.perf_counter()
