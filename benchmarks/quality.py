@@ -47,7 +47,7 @@ from models.metrics import paired_sign_test  # noqa: E402
 SECTION = "quality"
 
 DATASETS = ("beauty", "games", "ml-100k", "taobao", "yoochoose")
-ITEM_BASELINES = ("popularity", "recent_popularity", "recent_items", "markov", "item_knn")
+ITEM_BASELINES = ("popularity", "recent_popularity", "recent_items", "markov", "item_knn", "session_knn")
 #: (dataset, protocol key) -> metric -> (figure, source)
 PUBLISHED = {
     ("beauty", "full/allowed"): {"NDCG@10": (0.0327, "SASRec+"), "HR@10": (0.0533, "SASRec+")},
