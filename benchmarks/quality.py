@@ -325,8 +325,8 @@ def bars(rows: list[dict]) -> list[str]:
         rank = "met" if not short else "not met: " + ", ".join(short)
         v = loss.get((r["dataset"], r["protocol"]))
         action = ""
-        if v and isinstance(v.get("ours"), float):
-            ref = [v[b] for b in ACTION_BASELINES if isinstance(v.get(b), float)]
+        ref = [v[b] for b in ACTION_BASELINES if isinstance(v.get(b), float)] if v else []
+        if ref and isinstance(v.get("ours"), float):  # (--baselines may have left both action baselines out)
             action = (("met" if all(v["ours"] < x for x in ref) else "not met")
                       + f" ({v['ours']:.4f} vs " + " / ".join(f"{x:.4f}" for x in ref) + ")")
         out.append(f"| {r['dataset']} | {r['protocol']} | {rank} | {action} |")

@@ -23,6 +23,8 @@ def test_the_action_bar_compares_log_loss_with_both_action_baselines():
     loss = {"dataset": "d", "protocol": "full/allowed", "metric": "action/log_loss",
             "values": {"ours": 0.60, "last_action_markov": 0.59, "majority_action": 0.70}}
     assert bars([_paired({"markov": (40, 3, 1e-9)}), loss])[-1].endswith("| not met (0.6000 vs 0.5900 / 0.7000) |")
+    alone = {**loss, "values": {"ours": 0.60}}  # --baselines without the action ones: no action bar to judge
+    assert bars([_paired({"markov": (40, 3, 1e-9)}), alone])[-1] == "| d | full/allowed | met |  |"
 
 
 def test_doctests():
