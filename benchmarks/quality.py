@@ -38,7 +38,7 @@ from pathlib import Path
 if str(Path(__file__).resolve().parents[1]) not in sys.path:  # run as `python benchmarks/quality.py`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import command_line, machine, publish  # noqa: E402
+from benchmarks.common import BenchError, command_line, machine, publish  # noqa: E402
 from models.baselines import make_baseline  # noqa: E402
 from models.datasets import datasets_root, fit_sequences, load_split  # noqa: E402
 from models.evaluate import evaluate  # noqa: E402
@@ -101,20 +101,21 @@ def label_and_spec(name: str) -> tuple[str, str]:
     if not sep:
         return name, name
     if not label or not spec or "/" in label:
-        raise ValueError(f"dataset {name!r}: expected LABEL=SPEC with a non-empty LABEL without '/' and a SPEC")
+        raise BenchError(f"dataset {name!r}: expected LABEL=SPEC with a non-empty LABEL without '/' and a SPEC")
     return label, spec
 
 
-def _train_child(name: str, root, model_overrides: dict, train_overrides: dict, out: str) -> None:
-    """Train one dataset's checkpoint in a fresh process, so its time and peak memory are its own."""
+def _train_child(spec: str, root, model_overrides: dict, train_overrides: dict, out: str) -> None:
+    """Train one dataset's checkpoint (``spec``: what :func:`load_split` loads) in a fresh process, so
+    its time and peak memory are its own."""
     from models.auto import auto_configs
     from models.train import train
 
-    ds, sp = load_split(name, root)
+    ds, sp = load_split(spec, root)
     base = {k: train_overrides[k] for k in ("budget_min", "num_threads", "progress") if k in train_overrides}
     given = {k: v for k, v in train_overrides.items() if k not in base}
     mcfg, tcfg, profile, why = auto_configs(ds, sp, model_overrides, given, base_train=base)  # as `nextaction train`
-    print(f"  {name} auto ({profile.summary()}):\n    " + "\n    ".join(why), file=sys.stderr, flush=True)
+    print(f"  {spec} auto ({profile.summary()}):\n    " + "\n    ".join(why), file=sys.stderr, flush=True)
     train(ds, mcfg, tcfg, out, split=sp, eval_test=False)
 
 

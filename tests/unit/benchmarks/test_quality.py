@@ -88,3 +88,13 @@ def test_a_users_log_is_benchmarked_under_its_label(tmp_path):
     assert set(rows[0]["values"]) == {"popularity", "markov"}
     # 40 items: too few for 100 sampled negatives per user, so that protocol is left out, not crashed on
     assert {p for p, _ in metrics} == {"full/allowed", "full/masked"}
+
+
+def test_a_malformed_label_is_refused_by_name():
+    import pytest
+
+    from benchmarks.common import BenchError
+
+    for bad in ("=csv:x.csv", "mine=", "a/b=csv:x.csv"):
+        with pytest.raises(BenchError, match="expected LABEL=SPEC"):
+            quality.label_and_spec(bad)
