@@ -398,7 +398,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-write", "--dry-run", dest="no_write", action="store_true",
                     help="print the table, do not write RESULTS.md")
     args = ap.parse_args(argv)
-    if any(label_and_spec(n)[1] in DATASETS for n in args.datasets) and not datasets_root(args.root).is_dir():
+    if any(":" not in label_and_spec(n)[1] for n in args.datasets) and not datasets_root(args.root).is_dir():  # a named dataset
         print(f"datasets not found at {datasets_root(args.root)}", file=sys.stderr)
         return 2
     t0 = time.perf_counter()
